@@ -1,0 +1,55 @@
+# Fashion classifier: the two commands are `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install proto lint bench train evaluate install-gpu install-train clean
+
+# The virtual environment, created and filled when missing or when pyproject.toml changed.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## make run: start the whole local stack in the foreground (Ctrl-C stops it)
+run: $(STAMP)
+	$(VENV)/bin/fashion run
+
+## make test: install and run the whole test suite
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+## make proto: regenerate clients/fashion/{v1,kserve} from protos/
+proto: $(STAMP)
+	$(PY) protos/generate.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+## make bench: benchmarks, results written to bench/results/
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+## make train: train the default model (needs torch; about 30 minutes on 2 cores)
+install-train: $(STAMP)
+	$(PIP) install --quiet -e ".[dev,train]"
+
+train: install-train
+	$(PY) -m services.inference.training
+
+evaluate: $(STAMP)
+	$(VENV)/bin/fashion model evaluate
+
+## make install-gpu: onnxruntime-gpu over the CPU wheel (both provide the `onnxruntime` module)
+install-gpu: $(STAMP)
+	$(PIP) install --quiet -e ".[gpu]"
+	$(PIP) install --quiet --force-reinstall --no-deps onnxruntime-gpu==1.32.0
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

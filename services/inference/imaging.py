@@ -1,0 +1,168 @@
+"""Image decoding and preprocessing: encoded bytes in, the model's input tensor out.
+
+One place for everything that touches pixels, used by the service, the evaluation command and
+the benchmark alike, so that what is measured is what is served.
+
+Product photos (a dark or colored item on a white background, off-centre, a few hundred pixels)
+are mapped to the model's convention (Fashion-MNIST: a light item on black filling a 28x28
+frame): background detected from the border, inverted when needed, contrast stretched, cropped
+to the item, fitted preserving the aspect ratio and centred. Images that already match the
+model's size and background pass straight through.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from services.inference.model import ModelManifest
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# Pillow's own bomb check must not fire before ours (ours names the limit in its message).
+Image.MAX_IMAGE_PIXELS = None
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+CONTENT_THRESHOLD = 0.12  # fraction of full scale above the background that counts as the item
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageRejected(ValueError):
+    """The bytes cannot be used as an image; the message says why, for the caller to read."""
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """Turns encoded image bytes into one normalized input tensor for the model."""
+
+    width: int
+    height: int
+    color_mode: str = "L"
+    layout: str = "NCHW"
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    background: str = "dark"
+    max_pixels: int = 40_000_000
+    use_draft: bool = True
+    """Decode large JPEGs at reduced scale (DCT scaling): a fraction of the cost of a full decode."""
+    draft_factor: int = 2
+    """JPEG draft target, as a multiple of the model's input size."""
+
+    @classmethod
+    def from_manifest(cls, manifest: ModelManifest, max_pixels: int = 40_000_000,
+                      use_draft: bool = True) -> Preprocessor:
+        return cls(width=manifest.width, height=manifest.height, color_mode=manifest.color_mode,
+                   layout=manifest.layout, mean=manifest.mean, std=manifest.std,
+                   background=manifest.background, max_pixels=max_pixels, use_draft=use_draft)
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        return self.normalize(self.to_model_pixels(data))
+
+    def to_model_pixels(self, data: bytes) -> np.ndarray:
+        """Decoded, mapped and fitted pixels: uint8, HxW (L) or HxWx3 (RGB)."""
+        img = self.decode(data)
+        pixels = np.asarray(img)
+        lum = pixels if pixels.ndim == 2 else pixels.max(axis=2)
+        border = _border_level(lum)
+        invert = (border > 127) == (self.background == "dark")
+        if pixels.shape[:2] == (self.height, self.width) and not invert:
+            return pixels
+        # Work as if the model wanted a light item on black; light-background models flip at the end.
+        flip = invert != (self.background == "light")
+        work = 255 - lum if flip else lum
+        bg = 255 - border if flip else border
+        span = float(work.max()) - bg
+        if span <= 8:  # nearly blank: no contrast to stretch
+            span = 255.0
+        cut = bg + CONTENT_THRESHOLD * span
+        rows = np.flatnonzero(work.max(axis=1) > cut)
+        cols = np.flatnonzero(work.max(axis=0) > cut)
+        if rows.size and cols.size:
+            img = img.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+        levels = np.arange(256, dtype=np.float32)
+        if flip:
+            levels = 255 - levels
+        lut = np.clip((levels - bg) * (255.0 / span), 0, 255).astype(np.uint8)
+        canvas = lut.take(self._fit(img, fill=round(border)))
+        return canvas if self.background == "dark" else 255 - canvas
+
+    def decode(self, data: bytes) -> Image.Image:
+        """Open, check and decode; the result is in the model's color mode, EXIF-upright."""
+        if not data:
+            raise ImageRejected("empty image: 0 bytes received")
+        try:
+            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        except UnidentifiedImageError:
+            raise ImageRejected(
+                f"not an image: {len(data)} bytes in no supported format ({', '.join(ALLOWED_FORMATS)})"
+            ) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageRejected(f"corrupt image header: {exc}") from None
+        width, height = img.size
+        if width <= 0 or height <= 0:
+            raise ImageRejected(f"invalid {img.format} image: declared size {width}x{height}")
+        if width * height > self.max_pixels:
+            raise ImageRejected(
+                f"too many pixels: {img.format} declares {width}x{height} = {width * height:,} pixels, "
+                f"over the limit of {self.max_pixels:,}"
+            )
+        try:
+            if img.format == "JPEG" and self.use_draft:
+                # DCT scaling to the smallest size still >= draft_factor x the model input: enough
+                # detail for the crop-and-fit below, at a fraction of a full decode.
+                img.draft(self.color_mode, (self.width * self.draft_factor, self.height * self.draft_factor))
+            img.load()
+            img = self._upright(img)
+            img = self._to_color_mode(img)
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageRejected(f"truncated or corrupt {img.format} data: {exc}") from None
+        return img
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        x = pixels.astype(np.float32) * np.float32(1 / 255)
+        if x.ndim == 2:
+            x = x[:, :, None]
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        if self.layout == "NCHW":
+            x = x.transpose(2, 0, 1)
+        return np.ascontiguousarray(x)
+
+    @staticmethod
+    def _upright(img: Image.Image) -> Image.Image:
+        if img.format in ("JPEG", "TIFF", "WEBP", "PNG") and img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            return ImageOps.exif_transpose(img)
+        return img
+
+    def _to_color_mode(self, img: Image.Image) -> Image.Image:
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, img.convert("RGBA"))
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            img = ImageOps.autocontrast(img.convert("I").point(lambda v: v / 256).convert("L"))
+        return img if img.mode == self.color_mode else img.convert(self.color_mode)
+
+    def _fit(self, img: Image.Image, fill: int) -> np.ndarray:
+        """Resize preserving aspect so the longer side fills the frame, centred on `fill`."""
+        w, h = img.size
+        scale = min(self.width / w, self.height / h)
+        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+        if (new_w, new_h) != (w, h):
+            resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
+            img = img.resize((new_w, new_h), resample)
+        channels = () if self.color_mode == "L" else (3,)
+        canvas = np.full((self.height, self.width, *channels), fill, np.uint8)
+        top, left = (self.height - new_h) // 2, (self.width - new_w) // 2
+        canvas[top: top + new_h, left: left + new_w] = np.asarray(img)
+        return canvas
+
+
+def _border_level(lum: np.ndarray) -> float:
+    """Median brightness of the one-pixel frame around the image: the background's level."""
+    border = np.concatenate([lum[0], lum[-1], lum[1:-1, 0], lum[1:-1, -1]])
+    k = border.size // 2
+    return float(np.partition(border, k)[k])
