@@ -74,19 +74,22 @@ class Preprocessor:
         flip = invert != (self.background == "light")
         work = 255 - lum if flip else lum
         bg = 255 - border if flip else border
-        span = float(work.max()) - bg
-        if span <= 8:  # nearly blank: no contrast to stretch
-            span = 255.0
-        cut = bg + CONTENT_THRESHOLD * span
+        cut = bg + CONTENT_THRESHOLD * max(float(work.max()) - bg, 8.0)
         rows = np.flatnonzero(work.max(axis=1) > cut)
         cols = np.flatnonzero(work.max(axis=0) > cut)
         if rows.size and cols.size:
             img = img.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
+        fitted = self._fit(img, fill=round(border))
+        # Stretch the item to full scale, measured after the downscale has averaged away JPEG
+        # speckle (a full-resolution maximum would be set by a few outlier pixels).
         levels = np.arange(256, dtype=np.float32)
         if flip:
             levels = 255 - levels
+        fitted_lum = fitted if fitted.ndim == 2 else fitted.max(axis=2)
+        top = float(levels[fitted_lum].max())
+        span = top - bg if top - bg > 8 else 255.0
         lut = np.clip((levels - bg) * (255.0 / span), 0, 255).astype(np.uint8)
-        canvas = lut.take(self._fit(img, fill=round(border)))
+        canvas = lut.take(fitted)
         return canvas if self.background == "dark" else 255 - canvas
 
     def decode(self, data: bytes) -> Image.Image:

@@ -1,0 +1,118 @@
+"""`fashion classify`, `fashion stats` and `fashion model info|evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from fashion.client import InferenceClient
+
+BATCH = 64
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="classify image files with the Inference service")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    _address(p)
+    p.set_defaults(func=classify)
+
+    p = sub.add_parser("stats", help="the Inference service's statistics (JSON)")
+    _address(p)
+    p.set_defaults(func=stats)
+
+    model = sub.add_parser("model", help="the model: info, evaluate")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    p = msub.add_parser("info", help="the served model (name, version, labels, input, provider)")
+    _address(p)
+    p.set_defaults(func=model_info)
+    p = msub.add_parser("evaluate", help="accuracy, calibration and speed of a model folder, offline",
+                        add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=evaluate)
+
+
+def _address(p: argparse.ArgumentParser) -> None:
+    from services.common.config import CommonSettings
+
+    p.add_argument("--address", default=CommonSettings().inference_address,
+                   help="Inference service host:port (FASHION_INFERENCE_ADDRESS)")
+
+
+def classify(args: argparse.Namespace) -> int:
+    failures = 0
+    rows: list[dict[str, object]] = []
+    with InferenceClient(args.address) as client:
+        paths: list[Path] = args.images
+        for start in range(0, len(paths), BATCH):
+            chunk = paths[start: start + BATCH]
+            readable: list[tuple[Path, bytes]] = []
+            for path in chunk:
+                try:
+                    readable.append((path, path.read_bytes()))
+                except OSError as exc:
+                    rows.append({"file": str(path), "error": f"cannot read: {exc.strerror}"})
+                    failures += 1
+            if not readable:
+                continue
+            try:
+                resp = client.classify_batch([data for _, data in readable], top_k=args.top_k)
+            except grpc.RpcError as exc:
+                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 2
+            for (path, _), r in zip(readable, resp.results, strict=True):
+                if r.HasField("error"):
+                    failures += 1
+                    rows.append({"file": str(path), "error": r.error.message})
+                else:
+                    rows.append({"file": str(path), "category": r.category, "confidence": round(r.confidence, 4),
+                                 "uncertain": r.uncertain,
+                                 "top_k": [{"label": c.label, "confidence": round(c.confidence, 4)} for c in r.top_k]})
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        table = Table("file", "category", "confidence", "top-k")
+        for row in rows:
+            if "error" in row:
+                table.add_row(str(row["file"]), "[red]error[/red]", "", str(row["error"]))
+            else:
+                conf = f"{100 * float(row['confidence']):.1f}%" + (" (uncertain)" if row["uncertain"] else "")
+                top = ", ".join(f"{c['label']} {100 * c['confidence']:.1f}%" for c in row["top_k"])  # type: ignore[attr-defined]
+                table.add_row(str(row["file"]), str(row["category"]), conf, top)
+        Console().print(table)
+    return 1 if failures else 0
+
+
+def stats(args: argparse.Namespace) -> int:
+    return _print_rpc(lambda c: c.stats(), args.address)
+
+
+def model_info(args: argparse.Namespace) -> int:
+    return _print_rpc(lambda c: c.model_info(), args.address)
+
+
+def _print_rpc(fn, address: str) -> int:  # type: ignore[no-untyped-def]
+    try:
+        with InferenceClient(address) as client:
+            msg = fn(client)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+    print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
+                     indent=2))
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from services.inference import evaluation
+
+    return evaluation.main(args.rest)

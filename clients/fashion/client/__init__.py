@@ -1,0 +1,11 @@
+"""Python clients of the fashion services (sync and asyncio), usable on their own:
+
+    from fashion.client import InferenceClient
+    with InferenceClient("localhost:50051") as client:
+        print(client.classify("shoe.jpg").category)
+"""
+
+from fashion.client._channel import ChannelOptions
+from fashion.client.inference import AsyncInferenceClient, InferenceClient
+
+__all__ = ["AsyncInferenceClient", "ChannelOptions", "InferenceClient"]

@@ -1,0 +1,101 @@
+"""Channels for every client: message limits, retries on UNAVAILABLE with backoff, deadlines,
+optional TLS (and mTLS) and bearer token."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ChannelOptions:
+    """How to reach a service. Defaults suit the local stack; every field has an env override
+    in `from_env` (FASHION_TLS, FASHION_TLS_CA, FASHION_TLS_CERT, FASHION_TLS_KEY,
+    FASHION_AUTH_TOKEN / FASHION_AUTH_TOKEN_FILE, FASHION_MAX_MESSAGE_BYTES)."""
+
+    address: str
+    timeout_s: float = 30.0
+    """Deadline of each call."""
+    max_message_bytes: int = 16 * MIB
+    retries: int = 5
+    """Attempts per call when the server answers UNAVAILABLE (exponential backoff 0.1 s .. 5 s)."""
+    tls: bool = False
+    root_ca: Path | None = None
+    """CA bundle that signed the server certificate (system roots when unset)."""
+    client_cert: Path | None = None
+    """Client certificate for mutual TLS."""
+    client_key: Path | None = None
+    token: str | None = field(default=None, repr=False)
+    """Bearer token sent as `authorization: Bearer <token>`."""
+
+    @classmethod
+    def from_env(cls, address: str, **overrides: object) -> ChannelOptions:
+        env = os.environ
+        token = env.get("FASHION_AUTH_TOKEN")
+        if not token and env.get("FASHION_AUTH_TOKEN_FILE"):
+            token = Path(env["FASHION_AUTH_TOKEN_FILE"]).read_text(encoding="utf-8").strip()
+        values: dict[str, object] = {
+            "address": address,
+            "tls": env.get("FASHION_TLS", "").lower() in ("1", "true", "yes"),
+            "root_ca": Path(env["FASHION_TLS_CA"]) if env.get("FASHION_TLS_CA") else None,
+            "client_cert": Path(env["FASHION_TLS_CERT"]) if env.get("FASHION_TLS_CERT") else None,
+            "client_key": Path(env["FASHION_TLS_KEY"]) if env.get("FASHION_TLS_KEY") else None,
+            "token": token or None,
+            "max_message_bytes": int(env.get("FASHION_MAX_MESSAGE_BYTES", 16 * MIB)),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def grpc_options(self) -> list[tuple[str, object]]:
+        retry = {
+            "methodConfig": [{
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": max(2, min(self.retries, 5)),
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }]
+        }
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.enable_retries", 1 if self.retries > 1 else 0),
+            ("grpc.service_config", json.dumps(retry)),
+            ("grpc.keepalive_time_ms", 30_000),
+        ]
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_ca.read_bytes() if self.root_ca else None,
+            private_key=self.client_key.read_bytes() if self.client_key else None,
+            certificate_chain=self.client_cert.read_bytes() if self.client_cert else None,
+        )
+
+
+def sync_channel(options: ChannelOptions) -> grpc.Channel:
+    creds = options.credentials()
+    if creds is None:
+        return grpc.insecure_channel(options.address, options=options.grpc_options())
+    return grpc.secure_channel(options.address, creds, options=options.grpc_options())
+
+
+def aio_channel(options: ChannelOptions) -> grpc.aio.Channel:
+    creds = options.credentials()
+    if creds is None:
+        return grpc.aio.insecure_channel(options.address, options=options.grpc_options())
+    return grpc.aio.secure_channel(options.address, creds, options=options.grpc_options())

@@ -1,0 +1,118 @@
+"""Clients of the Inference service (fashion.v1.InferenceService), sync and asyncio."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fashion.client._channel import ChannelOptions, aio_channel, sync_channel
+from fashion.v1 import inference_pb2 as pb
+from fashion.v1 import inference_pb2_grpc as pb_grpc
+
+SERVICE = "fashion.v1.InferenceService"
+
+
+def _request(image: bytes | str | Path, top_k: int = 0, request_id: str = "") -> pb.ClassifyRequest:
+    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+    return pb.ClassifyRequest(image=data, top_k=top_k, request_id=request_id)
+
+
+class InferenceClient:
+    """Blocking client. Images are bytes or file paths. Errors raise grpc.RpcError with the
+    server's status code and message (INVALID_ARGUMENT for unusable images, ...)."""
+
+    def __init__(self, address: str | ChannelOptions = "localhost:50051") -> None:
+        self.options = address if isinstance(address, ChannelOptions) else ChannelOptions.from_env(address)
+        self._channel = sync_channel(self.options)
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _kw(self, timeout_s: float | None) -> dict[str, object]:
+        return {"timeout": timeout_s or self.options.timeout_s, "metadata": self.options.metadata}
+
+    def classify(self, image: bytes | str | Path, top_k: int = 0,
+                 timeout_s: float | None = None) -> pb.ClassifyResponse:
+        return self._stub.Classify(_request(image, top_k), **self._kw(timeout_s))
+
+    def classify_batch(self, images: Iterable[bytes | str | Path], top_k: int = 0,
+                       timeout_s: float | None = None) -> pb.ClassifyBatchResponse:
+        reqs = [_request(img, request_id=str(i)) for i, img in enumerate(images)]
+        return self._stub.ClassifyBatch(pb.ClassifyBatchRequest(images=reqs, top_k=top_k), **self._kw(timeout_s))
+
+    def classify_stream(self, requests: Iterable[pb.ClassifyRequest],
+                        timeout_s: float | None = None) -> Iterator[pb.ClassifyResponse]:
+        return self._stub.ClassifyStream(iter(requests), **self._kw(timeout_s))
+
+    def model_info(self, timeout_s: float | None = None) -> pb.ModelInfo:
+        return self._stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout_s))
+
+    def stats(self, timeout_s: float | None = None) -> pb.Stats:
+        return self._stub.GetStats(pb.GetStatsRequest(), **self._kw(timeout_s))
+
+    def health(self, service: str = "", timeout_s: float | None = None) -> str:
+        """SERVING, NOT_SERVING, ... (raises grpc.RpcError when unreachable)."""
+        resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s or 5.0)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+class AsyncInferenceClient:
+    """asyncio client with the same methods as InferenceClient, awaitable."""
+
+    def __init__(self, address: str | ChannelOptions = "localhost:50051") -> None:
+        self.options = address if isinstance(address, ChannelOptions) else ChannelOptions.from_env(address)
+        self._channel = aio_channel(self.options)
+        self._stub = pb_grpc.InferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncInferenceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _kw(self, timeout_s: float | None) -> dict[str, object]:
+        return {"timeout": timeout_s or self.options.timeout_s, "metadata": self.options.metadata}
+
+    async def classify(self, image: bytes | str | Path, top_k: int = 0,
+                       timeout_s: float | None = None) -> pb.ClassifyResponse:
+        return await self._stub.Classify(_request(image, top_k), **self._kw(timeout_s))
+
+    async def classify_batch(self, images: Iterable[bytes | str | Path], top_k: int = 0,
+                             timeout_s: float | None = None) -> pb.ClassifyBatchResponse:
+        reqs = [_request(img, request_id=str(i)) for i, img in enumerate(images)]
+        return await self._stub.ClassifyBatch(pb.ClassifyBatchRequest(images=reqs, top_k=top_k),
+                                              **self._kw(timeout_s))
+
+    async def classify_stream(self, requests: AsyncIterable[pb.ClassifyRequest] | Iterable[pb.ClassifyRequest],
+                              timeout_s: float | None = None) -> AsyncIterator[pb.ClassifyResponse]:
+        call = self._stub.ClassifyStream(requests, **self._kw(timeout_s))
+        async for response in call:
+            yield response
+
+    async def model_info(self, timeout_s: float | None = None) -> pb.ModelInfo:
+        return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), **self._kw(timeout_s))
+
+    async def stats(self, timeout_s: float | None = None) -> pb.Stats:
+        return await self._stub.GetStats(pb.GetStatsRequest(), **self._kw(timeout_s))
+
+    async def health(self, service: str = "", timeout_s: float | None = None) -> str:
+        resp = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s or 5.0)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+__all__ = ["SERVICE", "AsyncInferenceClient", "InferenceClient", "grpc"]

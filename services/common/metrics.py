@@ -1,0 +1,58 @@
+"""Prometheus metrics of every service, in one registry (prometheus-client's default).
+
+Each service process exposes them on its own HTTP port (see README); names follow Prometheus
+conventions, and queue time is kept apart from compute time, as Triton does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+# --- every gRPC service --------------------------------------------------------------------
+GRPC_REQUESTS = Counter(
+    "fashion_grpc_requests", "gRPC calls handled, by service, method and status code",
+    ["service", "method", "code"],
+)
+GRPC_LATENCY = Histogram(
+    "fashion_grpc_request_duration_seconds", "Server-side gRPC call duration",
+    ["service", "method"], buckets=LATENCY_BUCKETS,
+)
+GRPC_IN_FLIGHT = Gauge("fashion_grpc_requests_in_flight", "gRPC calls being handled", ["service"])
+
+# --- Inference service ---------------------------------------------------------------------
+IMAGES_PROCESSED = Counter(
+    "fashion_inference_images", "Images classified, by outcome (success, failed)", ["outcome"],
+)
+BATCH_SIZE = Histogram(
+    "fashion_inference_batch_size", "Images per ONNX Runtime run (dynamic batching)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+QUEUE_DEPTH = Gauge("fashion_inference_queue_depth", "Images waiting for the engine")
+QUEUE_DURATION = Histogram(
+    "fashion_inference_queue_duration_seconds", "Time an image waited for its batch to start",
+    buckets=LATENCY_BUCKETS,
+)
+COMPUTE_DURATION = Histogram(
+    "fashion_inference_compute_duration_seconds", "ONNX Runtime time per batch",
+    buckets=LATENCY_BUCKETS,
+)
+DECODE_DURATION = Histogram(
+    "fashion_inference_decode_duration_seconds", "Decode and preprocessing time per image",
+    buckets=LATENCY_BUCKETS,
+)
+MODEL_LOADED = Gauge("fashion_inference_model_loaded", "1 when the model is loaded and warmed up", ["model"])
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> int:
+    """Serve /metrics on `port` (0 disables). Returns the port, or 0 when disabled."""
+    if port <= 0:
+        return 0
+    start_http_server(port, addr=addr)
+    log.info("Prometheus metrics on http://%s:%d/metrics", addr, port)
+    return port

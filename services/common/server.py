@@ -1,0 +1,219 @@
+"""What every gRPC service shares: server options, the request observer (access log and
+metrics), grpc.health.v1, reflection, and graceful shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common import metrics
+from services.common.config import CommonSettings
+
+log = logging.getLogger(__name__)
+
+_UNOBSERVED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+# Codes that mean the caller went away rather than that the call failed.
+_CALLER_CODES = {grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def channel_options(settings: CommonSettings) -> list[tuple[str, int]]:
+    """Options for servers and client channels alike: message limits on both sides, keepalive."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def server_options(settings: CommonSettings) -> list[tuple[str, int]]:
+    return [
+        *channel_options(settings),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+class RequestObserver(grpc.aio.ServerInterceptor):
+    """Logs one line per call (method, status, latency; the trace id comes from the log filter)
+    and records the request metrics. Health checks and reflection are left out."""
+
+    def __init__(self, service: str, logger: logging.Logger | None = None) -> None:
+        self._service = service
+        self._log = logger or logging.getLogger(f"{service}.access")
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._in_flight = metrics.GRPC_IN_FLIGHT.labels(service)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method = details.method
+        if handler is None or method.startswith(_UNOBSERVED_PREFIXES):
+            return handler
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = self._wrap(method, handler)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        latency = metrics.GRPC_LATENCY.labels(self._service, method)
+        observe = self._observe
+
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request, context):  # type: ignore[no-untyped-def]
+                start = time.perf_counter()
+                code, note = grpc.StatusCode.OK, ""
+                self._in_flight.inc()
+                try:
+                    return await inner_uu(request, context)
+                except BaseException as exc:
+                    code, note = _status_of(exc, context)
+                    raise
+                finally:
+                    self._in_flight.dec()
+                    observe(method, context, code, note, time.perf_counter() - start, latency, 1)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer)
+
+        inner_stream = handler.stream_stream or handler.unary_stream or handler.stream_unary
+
+        def counting(requests):  # type: ignore[no-untyped-def]
+            async def gen():  # type: ignore[no-untyped-def]
+                async for item in requests:
+                    counter[0] += 1
+                    yield item
+            counter = [0]
+            return gen(), counter
+
+        async def streaming(request, context):  # type: ignore[no-untyped-def]
+            start = time.perf_counter()
+            code, note = grpc.StatusCode.OK, ""
+            counter = [1]
+            if handler.request_streaming:
+                request, counter = counting(request)
+            self._in_flight.inc()
+            try:
+                if handler.response_streaming:
+                    async for response in inner_stream(request, context):
+                        yield response
+                else:
+                    yield await inner_stream(request, context)
+            except BaseException as exc:
+                code, note = _status_of(exc, context)
+                raise
+            finally:
+                self._in_flight.dec()
+                observe(method, context, code, note, time.perf_counter() - start, latency, counter[0])
+
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                streaming, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                streaming, handler.request_deserializer, handler.response_serializer)
+
+        async def stream_unary(request, context):  # type: ignore[no-untyped-def]
+            async for response in streaming(request, context):
+                return response
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, handler.request_deserializer, handler.response_serializer)
+
+    def _observe(self, method: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode, note: str,
+                 elapsed: float, latency: metrics.Histogram, messages: int) -> None:
+        if code == grpc.StatusCode.OK:
+            set_code = context.code()
+            if isinstance(set_code, grpc.StatusCode) and set_code != grpc.StatusCode.OK:
+                code, note = set_code, context.details() or ""
+        metrics.GRPC_REQUESTS.labels(self._service, method, code.name).inc()
+        latency.observe(elapsed)
+        level = logging.INFO
+        if code in _CALLER_CODES:
+            level = logging.WARNING
+        elif code != grpc.StatusCode.OK:
+            level = logging.ERROR
+        if self._log.isEnabledFor(level):
+            extra = f" messages={messages}" if messages != 1 else ""
+            detail = f' detail="{note}"' if note else ""
+            self._log.log(level, "method=%s status=%s latency_ms=%.2f peer=%s%s%s",
+                          method, code.name, elapsed * 1000, context.peer(), extra, detail)
+
+
+def _status_of(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED, "cancelled by the client"
+    code = context.code()
+    if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
+        return code, context.details() or ""
+    if isinstance(exc, grpc.aio.AbortError):
+        return grpc.StatusCode.UNKNOWN, str(exc)
+    return grpc.StatusCode.UNKNOWN, f"{type(exc).__name__}: {exc}"
+
+
+def create_server(settings: CommonSettings, service: str,
+                  extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
+    """A grpc.aio server with the shared options and the request observer."""
+    return grpc.aio.server(
+        interceptors=[RequestObserver(service), *extra_interceptors],
+        options=server_options(settings),
+        maximum_concurrent_rpcs=None,
+    )
+
+
+async def add_health_and_reflection(server: grpc.aio.Server,
+                                    service_names: Iterable[str]) -> health.aio.HealthServicer:
+    """Register grpc.health.v1 and server reflection. Overall ("") and every named service start
+    NOT_SERVING (the library's default for "" is SERVING): the caller says when it is ready."""
+    names = list(service_names)
+    health_servicer = health.aio.HealthServicer()
+    await set_serving(health_servicer, names, False)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    return health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, service_names: Iterable[str],
+                      serving: bool) -> None:
+    """Set the overall ("") and each named service's status together."""
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", *service_names):
+        await health_servicer.set(name, status)
+
+
+async def serve_until_signal(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                             grace_s: float, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then: NOT_SERVING, drain in-flight calls for up to
+    `grace_s`, run `on_stop`, return."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server_done = asyncio.ensure_future(server.wait_for_termination())
+    stop_wait = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({server_done, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("Shutting down: marking NOT_SERVING and draining in-flight calls (grace %.1fs)", grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(grace_s)
+    if on_stop is not None:
+        await on_stop()
+    stop_wait.cancel()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    log.info("Stopped")

@@ -1,0 +1,269 @@
+"""The Inference service's data plane: decode, batch, infer, rank, count.
+
+Transport-free: the fashion.v1 servicer, the KServe V2 servicer and the benchmarks all call
+this one object, so behaviour and statistics are the same whichever protocol a client speaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import numpy as np
+from opentelemetry import trace
+
+from services.common import metrics
+from services.common.config import InferenceSettings
+from services.inference.batcher import BatchTiming, DynamicBatcher
+from services.inference.engine import OnnxModel
+from services.inference.imaging import ImageRejected, Preprocessor
+from services.inference.model import ModelManifest
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+
+class ModelNotReady(RuntimeError):
+    """No model is loaded (yet, or it failed to load)."""
+
+
+class TensorRejected(ValueError):
+    """A raw input tensor does not fit the model's input."""
+
+
+@dataclass(frozen=True)
+class Classification:
+    """One image's result: the top-k (index, label, confidence), best first."""
+
+    top_k: tuple[tuple[int, str, float], ...]
+    uncertain: bool
+    latency_ms: float
+
+    @property
+    def category(self) -> str:
+        return self.top_k[0][1]
+
+    @property
+    def confidence(self) -> float:
+        return self.top_k[0][2]
+
+
+@dataclass
+class ServiceStats:
+    """Counters behind GetStats (the REST API's /stats)."""
+
+    started: float = field(default_factory=time.monotonic)
+    total_requests: int = 0
+    total_images_processed: int = 0
+    successful_predictions: int = 0
+    failed_predictions: int = 0
+    latency_total_s: float = 0.0
+
+    def record(self, succeeded: int, failed: int, latency_s: float, requests: int = 1) -> None:
+        self.total_requests += requests
+        self.total_images_processed += succeeded + failed
+        self.successful_predictions += succeeded
+        self.failed_predictions += failed
+        self.latency_total_s += latency_s
+        if succeeded:
+            metrics.IMAGES_PROCESSED.labels("success").inc(succeeded)
+        if failed:
+            metrics.IMAGES_PROCESSED.labels("failed").inc(failed)
+
+    def snapshot(self) -> dict[str, object]:
+        uptime = int(time.monotonic() - self.started)
+        processed = self.successful_predictions + self.failed_predictions
+        rate = 100.0 if processed == 0 else round(100.0 * self.successful_predictions / processed, 2)
+        return {
+            "uptime_seconds": uptime,
+            "uptime_human": str(timedelta(seconds=uptime)),
+            "total_requests": self.total_requests,
+            "total_images_processed": self.total_images_processed,
+            "successful_predictions": self.successful_predictions,
+            "failed_predictions": self.failed_predictions,
+            "success_rate": rate,
+            "timestamp": datetime.now().replace(microsecond=0).isoformat(),
+            "average_latency_ms": 1000 * self.latency_total_s / self.total_requests if self.total_requests else 0.0,
+        }
+
+
+class Classifier:
+    """Loads the model, then classifies encoded images and raw tensors through the batcher."""
+
+    def __init__(self, settings: InferenceSettings) -> None:
+        self.settings = settings
+        self.stats = ServiceStats()
+        self.manifest: ModelManifest | None = None
+        self.model: OnnxModel | None = None
+        self.load_error: str | None = None
+        self._pre: Preprocessor | None = None
+        self._batcher: DynamicBatcher | None = None
+        self._decode_pool = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="decode")
+        self._labels: tuple[str, ...] = ()
+        self.min_confidence = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return self._batcher is not None
+
+    async def load(self) -> None:
+        """Load the model folder and run one warm-up inference; raises on failure (and records why)."""
+        loop = asyncio.get_running_loop()
+        try:
+            manifest = await loop.run_in_executor(self._decode_pool, ModelManifest.load, self.settings.model_dir)
+            model = await loop.run_in_executor(self._decode_pool, self._open_model, manifest)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.critical("Model load failed from %s: %s", self.settings.model_dir, self.load_error)
+            raise
+        self.manifest, self.model = manifest, model
+        self._labels = manifest.labels
+        self.min_confidence = (self.settings.min_confidence if self.settings.min_confidence is not None
+                               else manifest.min_confidence)
+        self._pre = Preprocessor.from_manifest(manifest, max_pixels=self.settings.max_image_pixels)
+        self._batcher = DynamicBatcher(model.run, max_batch_size=self.settings.max_batch_size,
+                                       max_delay_s=self.settings.max_delay_ms / 1000,
+                                       max_queue_size=self.settings.max_queue_size)
+        self._batcher.start()
+        metrics.MODEL_LOADED.labels(manifest.name).set(1)
+        self.load_error = None
+
+    def _open_model(self, manifest: ModelManifest) -> OnnxModel:
+        model = OnnxModel(manifest, self.settings.execution_provider,
+                          self.settings.intra_op_threads, self.settings.inter_op_threads)
+        model.warm_up()
+        return model
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            batcher, self._batcher = self._batcher, None
+            await batcher.stop()
+        if self.manifest is not None:
+            metrics.MODEL_LOADED.labels(self.manifest.name).set(0)
+        self._decode_pool.shutdown(wait=False)
+
+    def _require(self) -> tuple[Preprocessor, DynamicBatcher]:
+        if self._batcher is None or self._pre is None:
+            raise ModelNotReady((self.load_error and f"model failed to load: {self.load_error}")
+                                or "model is loading; retry shortly")
+        return self._pre, self._batcher
+
+    def clamp_top_k(self, top_k: int) -> int:
+        """The requested k, or the default for 0, within [1, number of classes]."""
+        return max(1, min(top_k or self.settings.default_top_k, len(self._labels)))
+
+    async def classify(self, image: bytes, top_k: int = 0) -> Classification:
+        """One encoded image. Raises ImageRejected, ModelNotReady or QueueFull."""
+        pre, batcher = self._require()
+        start = time.perf_counter()
+        ok = False
+        try:
+            with tracer.start_as_current_span("decode"):
+                decode_start = time.perf_counter()
+                x = await asyncio.get_running_loop().run_in_executor(self._decode_pool, pre, image)
+                metrics.DECODE_DURATION.observe(time.perf_counter() - decode_start)
+            probs, timing = await batcher.submit(x[None])
+            _record_batch_spans(timing)
+            latency_ms = (time.perf_counter() - start) * 1000
+            result = self._rank(probs, [self.clamp_top_k(top_k)], latency_ms)[0]
+            ok = True
+            return result
+        finally:
+            self.stats.record(int(ok), int(not ok), time.perf_counter() - start)
+
+    async def classify_many(self, images: Sequence[bytes], top_k: int | Sequence[int] = 0,
+                            requests: int = 1) -> list[Classification | ImageRejected]:
+        """Many images at once; a bad image yields its ImageRejected in its slot.
+
+        `top_k` is one value for all or one per image; `requests` is how many client requests
+        the images stand for in the statistics (1 for ClassifyBatch, one per message for streams).
+        """
+        ks = [top_k] * len(images) if isinstance(top_k, int) else list(top_k)
+        pre, batcher = self._require()
+        start = time.perf_counter()
+        good: list[Classification | ImageRejected] = []
+        try:
+            with tracer.start_as_current_span("decode", attributes={"images": len(images)}):
+                decoded = await self._decode_all(pre, images)
+            rows = [i for i, d in enumerate(decoded) if not isinstance(d, ImageRejected)]
+            results: list[Classification | ImageRejected] = list(decoded)  # type: ignore[arg-type]
+            if rows:
+                probs, timing = await batcher.submit(np.stack([decoded[i] for i in rows]))  # type: ignore[misc]
+                _record_batch_spans(timing)
+                latency_ms = (time.perf_counter() - start) * 1000
+                ranked = self._rank(probs, [self.clamp_top_k(ks[i]) for i in rows], latency_ms)
+                for i, c in zip(rows, ranked, strict=True):
+                    results[i] = c
+            good = results
+            return results
+        finally:
+            succeeded = sum(isinstance(r, Classification) for r in good)
+            self.stats.record(succeeded, len(images) - succeeded, time.perf_counter() - start, requests)
+
+    async def infer_tensor(self, x: np.ndarray) -> np.ndarray:
+        """Raw preprocessed tensor (N, *input_shape) -> probabilities (N, classes) (KServe V2)."""
+        _, batcher = self._require()
+        assert self.manifest is not None
+        start = time.perf_counter()
+        ok = False
+        try:
+            if x.ndim != 4 or tuple(x.shape[1:]) != self.manifest.input_shape or x.shape[0] < 1:
+                raise TensorRejected(
+                    f"input shape {list(x.shape)} does not match the model input [-1, "
+                    f"{', '.join(map(str, self.manifest.input_shape))}]")
+            probs, timing = await batcher.submit(x)
+            _record_batch_spans(timing)
+            ok = True
+            return probs
+        finally:
+            n = len(x) if x.ndim else 1
+            self.stats.record(n if ok else 0, 0 if ok else n, time.perf_counter() - start)
+
+    async def _decode_all(self, pre: Preprocessor, images: Sequence[bytes]) -> list[np.ndarray | ImageRejected]:
+        loop = asyncio.get_running_loop()
+        workers = max(1, self.settings.decode_threads)
+        chunk = max(1, -(-len(images) // workers))
+        parts = await asyncio.gather(*(
+            loop.run_in_executor(self._decode_pool, _decode_chunk, pre, images[i: i + chunk])
+            for i in range(0, len(images), chunk)))
+        return [d for part in parts for d in part]
+
+    def _rank(self, probs: np.ndarray, ks: Sequence[int], latency_ms: float) -> list[Classification]:
+        order = np.argsort(-probs, axis=1)
+        labels = self._labels
+        out = []
+        for row, idx, k in zip(probs, order, ks, strict=True):
+            top = tuple((int(i), labels[i], float(row[i])) for i in idx[:k])
+            out.append(Classification(top, top[0][2] < self.min_confidence, latency_ms))
+        return out
+
+
+def _decode_chunk(pre: Preprocessor, images: Sequence[bytes]) -> list[np.ndarray | ImageRejected]:
+    out: list[np.ndarray | ImageRejected] = []
+    for data in images:
+        start = time.perf_counter()
+        try:
+            out.append(pre(data))
+        except ImageRejected as exc:
+            out.append(exc)
+        metrics.DECODE_DURATION.observe(time.perf_counter() - start)
+    return out
+
+
+def _record_batch_spans(timing: BatchTiming) -> None:
+    """Queue-wait and inference spans for this request, placed at the times they happened."""
+    now_ns, now_pc = time.time_ns(), time.perf_counter()
+
+    def to_ns(pc: float) -> int:
+        return now_ns - int((now_pc - pc) * 1e9)
+
+    queue = tracer.start_span("queue_wait", start_time=to_ns(timing.queued_at))
+    queue.end(end_time=to_ns(timing.started_at))
+    infer = tracer.start_span("inference", start_time=to_ns(timing.started_at),
+                              attributes={"batch_size": timing.batch_size})
+    infer.end(end_time=to_ns(timing.finished_at))

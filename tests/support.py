@@ -1,0 +1,128 @@
+"""Test helpers: fixture models, free ports, service processes on real ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def build_linear_model(folder: Path, seed: int = 0, name: str = "linear-test", version: str = "7") -> np.ndarray:
+    """A real ONNX model: softmax(flatten(x) @ W + b), W and b from `seed`. Returns W|b stacked so
+    tests can compute the exact expected output for any input."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.05, (784, 10)).astype(np.float32)
+    b = rng.normal(0, 0.1, (10,)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["image"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "W"], ["mm"]),
+            helper.make_node("Add", ["mm", "b"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
+        "linear",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, folder / "model.onnx")
+    (folder / "manifest.json").write_text(json.dumps({
+        "name": name, "version": version, "labels": LABELS,
+        "input": {"name": "image", "shape": [1, 28, 28], "layout": "NCHW"},
+        "output": {"name": "probabilities", "kind": "probabilities"},
+        "color_mode": "L", "normalization": {"mean": [0.5], "std": [0.5]},
+        "background": "dark", "min_confidence": 0.3,
+    }))
+    return np.vstack([w, b[None]])
+
+
+def linear_expected(wb: np.ndarray, x: np.ndarray) -> np.ndarray:
+    logits = x.reshape(len(x), -1) @ wb[:-1] + wb[-1]
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
+    with grpc.insecure_channel(address) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+@dataclass
+class ServiceProcess:
+    """A service running as `python -m <module>` in its own process, on real ports."""
+
+    proc: subprocess.Popen[bytes]
+    address: str
+    log_path: Path
+    env: dict[str, str]
+
+    def wait_serving(self, timeout: float = 60.0, service: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                last = health_status(self.address, service, timeout=1.0)
+                if last == "SERVING":
+                    return
+            except grpc.RpcError as exc:
+                last = exc.code().name
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.address} not SERVING after {timeout}s (last: {last}):\n{self.output()}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_service(module: str, workdir: Path, env: Mapping[str, str], address: str) -> ServiceProcess:
+    """Start `python -m module` in `workdir` with FASHION_* settings from `env`."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "FASHION_LOG_STDOUT": "true", **env}
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / f"{module.replace('.', '_')}.out"
+    out = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", module], cwd=workdir, env=full_env,
+                            stdout=out, stderr=subprocess.STDOUT)
+    return ServiceProcess(proc, address, log_path, full_env)
