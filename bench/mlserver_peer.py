@@ -1,0 +1,65 @@
+"""Start MLServer 1.7.1 (in .venv-mlserver, created on first use) on a model.onnx."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+VENV = REPO / ".venv-mlserver"
+REQUIREMENTS = ["mlserver==1.7.1", "uvloop<0.22", "onnxruntime==1.32.0"]
+
+
+def ensure_venv() -> Path:
+    python = VENV / "bin" / "python"
+    if not (VENV / "bin" / "mlserver").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *REQUIREMENTS], check=True)
+    return VENV / "bin" / "mlserver"
+
+
+def start(model_onnx: Path, workdir: Path, name: str, input_name: str, output_name: str,
+          grpc_port: int, http_port: int, metrics_port: int, max_batch_size: int = 64,
+          max_batch_time_s: float = 0.005) -> subprocess.Popen[bytes]:
+    """Write an MLServer model repository into `workdir` and start `mlserver start` on it."""
+    mlserver = ensure_venv()
+    model_dir = workdir / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model_onnx, model_dir / "model.onnx")
+    shutil.copy(BENCH / "mlserver" / "onnx_runtime.py", workdir / "onnx_runtime.py")
+    (workdir / "settings.json").write_text(json.dumps({
+        "grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port,
+        "debug": False, "load_models_at_startup": True,
+    }))
+    (model_dir / "model-settings.json").write_text(json.dumps({
+        "name": name,
+        "implementation": "onnx_runtime.OnnxRuntimeModel",
+        "max_batch_size": max_batch_size,
+        "max_batch_time": max_batch_time_s,
+        "inputs": [{"name": input_name, "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
+        "outputs": [{"name": output_name, "datatype": "FP32", "shape": [-1, 10]}],
+        "parameters": {"uri": str(model_dir / "model.onnx"), "extra": {"intra_op_threads": 2}},
+    }))
+    log = open(workdir / "mlserver.out", "ab")  # noqa: SIM115 - owned by the child
+    return subprocess.Popen([str(mlserver), "start", str(workdir)], cwd=workdir, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def wait_ready(address: str, name: str, timeout: float = 120) -> None:
+    import tritonclient.grpc as triton
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with triton.InferenceServerClient(address) as client:
+                if client.is_model_ready(name):
+                    return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"MLServer at {address} not ready after {timeout}s")
