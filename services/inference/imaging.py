@@ -27,6 +27,8 @@ Image.MAX_IMAGE_PIXELS = None
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 CONTENT_THRESHOLD = 0.12  # fraction of full scale above the background that counts as the item
+_LEVELS = np.arange(256, dtype=np.float32)
+_LEVELS_FLIPPED = 255 - _LEVELS
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -48,8 +50,16 @@ class Preprocessor:
     max_pixels: int = 40_000_000
     use_draft: bool = True
     """Decode large JPEGs at reduced scale (DCT scaling): a fraction of the cost of a full decode."""
-    draft_factor: int = 2
+    draft_factor: int = 1
     """JPEG draft target, as a multiple of the model's input size."""
+
+    def __post_init__(self) -> None:
+        # uint8 level -> normalized float, per channel: one table lookup normalizes an image.
+        channels = 1 if self.color_mode == "L" else 3
+        mean = np.broadcast_to(np.asarray(self.mean, np.float32), (channels,))
+        std = np.broadcast_to(np.asarray(self.std, np.float32), (channels,))
+        table = (_LEVELS[None, :] / 255 - mean[:, None]) / std[:, None]
+        object.__setattr__(self, "_norm_table", table.astype(np.float32))
 
     @classmethod
     def from_manifest(cls, manifest: ModelManifest, max_pixels: int = 40_000_000,
@@ -72,19 +82,21 @@ class Preprocessor:
             return pixels
         # Work as if the model wanted a light item on black; light-background models flip at the end.
         flip = invert != (self.background == "light")
-        work = 255 - lum if flip else lum
         bg = 255 - border if flip else border
-        cut = bg + CONTENT_THRESHOLD * max(float(work.max()) - bg, 8.0)
-        rows = np.flatnonzero(work.max(axis=1) > cut)
-        cols = np.flatnonzero(work.max(axis=0) > cut)
+        if flip:  # item darker than the background: threshold minima instead of flipping the array
+            cut = border - CONTENT_THRESHOLD * max(border - float(lum.min()), 8.0)
+            rows = np.flatnonzero(lum.min(axis=1) < cut)
+            cols = np.flatnonzero(lum.min(axis=0) < cut)
+        else:
+            cut = border + CONTENT_THRESHOLD * max(float(lum.max()) - border, 8.0)
+            rows = np.flatnonzero(lum.max(axis=1) > cut)
+            cols = np.flatnonzero(lum.max(axis=0) > cut)
         if rows.size and cols.size:
             img = img.crop((int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1))
         fitted = self._fit(img, fill=round(border))
         # Stretch the item to full scale, measured after the downscale has averaged away JPEG
         # speckle (a full-resolution maximum would be set by a few outlier pixels).
-        levels = np.arange(256, dtype=np.float32)
-        if flip:
-            levels = 255 - levels
+        levels = _LEVELS_FLIPPED if flip else _LEVELS
         fitted_lum = fitted if fitted.ndim == 2 else fitted.max(axis=2)
         top = float(levels[fitted_lum].max())
         span = top - bg if top - bg > 8 else 255.0
@@ -125,13 +137,13 @@ class Preprocessor:
         return img
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
-        x = pixels.astype(np.float32) * np.float32(1 / 255)
-        if x.ndim == 2:
-            x = x[:, :, None]
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        if self.layout == "NCHW":
-            x = x.transpose(2, 0, 1)
-        return np.ascontiguousarray(x)
+        """uint8 pixels (HxW or HxWxC) -> float32 tensor in the model's layout and normalization."""
+        table: np.ndarray = self._norm_table  # type: ignore[attr-defined]
+        if pixels.ndim == 2:
+            x = table[0].take(pixels)[None]  # 1xHxW
+            return x if self.layout == "NCHW" else np.ascontiguousarray(x.transpose(1, 2, 0))
+        x = np.stack([table[c].take(pixels[:, :, c]) for c in range(pixels.shape[2])])  # CxHxW
+        return x if self.layout == "NCHW" else np.ascontiguousarray(x.transpose(1, 2, 0))
 
     @staticmethod
     def _upright(img: Image.Image) -> Image.Image:
