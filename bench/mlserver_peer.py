@@ -45,7 +45,7 @@ def start(model_onnx: Path, workdir: Path, name: str, input_name: str, output_na
         "outputs": [{"name": output_name, "datatype": "FP32", "shape": [-1, 10]}],
         "parameters": {"uri": str(model_dir / "model.onnx"), "extra": {"intra_op_threads": 2}},
     }))
-    log = open(workdir / "mlserver.out", "ab")  # noqa: SIM115 - owned by the child
+    log = open(workdir / "mlserver.out", "ab")
     return subprocess.Popen([str(mlserver), "start", str(workdir)], cwd=workdir, stdout=log,
                             stderr=subprocess.STDOUT)
 

@@ -10,7 +10,6 @@ from fashion.kserve.v2 import grpc_service_pb2 as kserve_pb
 from fashion.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
-
 from services.common import server as grpc_server
 from services.common.config import InferenceSettings
 from services.common.logs import setup_logging
@@ -42,7 +41,7 @@ async def serve(settings: InferenceSettings | None = None) -> None:
     kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(classifier, settings.server_name), server)
     health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES)
     address = f"{settings.inference_host}:{settings.inference_port}"
-    server.add_insecure_port(address)
+    await grpc_server.bind(server, settings, address, health)
     await server.start()
     log.info("Inference service listening on %s (NOT_SERVING until the model is loaded)", address)
 

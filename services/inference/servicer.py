@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import grpc
+
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
-
 from services.inference.batcher import BatcherClosed, QueueFull
 from services.inference.classifier import Classification, Classifier, ModelNotReady, TensorRejected
 from services.inference.imaging import ImageRejected

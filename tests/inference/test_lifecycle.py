@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fashion.client import InferenceClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fashion.client import InferenceClient
 from tests.conftest import start_inference
 from tests.images import encode, fashion_images
 from tests.support import health_status

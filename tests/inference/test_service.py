@@ -11,10 +11,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+
 from fashion.client import InferenceClient
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
-
 from services.inference.imaging import Preprocessor
 from tests.images import encode, fashion_images, png_declaring
 from tests.support import linear_expected

@@ -8,9 +8,9 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
-from fashion.client import InferenceClient
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from fashion.client import InferenceClient
 from tests.conftest import start_inference
 from tests.images import encode, fashion_images
 from tests.support import free_port, health_status

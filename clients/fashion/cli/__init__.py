@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module registers its subcommands with `register(subparsers)`.
-_COMMAND_MODULES = ("serve", "run", "inference", "config")
+_COMMAND_MODULES = ("serve", "run", "inference", "batch", "monitor", "config")
 
 
 def build_parser() -> argparse.ArgumentParser:

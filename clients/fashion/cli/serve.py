@@ -8,6 +8,8 @@ import importlib
 # service name -> module with a main() that runs it
 SERVICES = {
     "inference": "services.inference.app",
+    "batch": "services.batch.app",
+    "monitor": "services.monitor.app",
 }
 
 

@@ -6,6 +6,11 @@
 """
 
 from fashion.client._channel import ChannelOptions
+from fashion.client.batch import AsyncBatchClient, BatchClient
 from fashion.client.inference import AsyncInferenceClient, InferenceClient
+from fashion.client.monitor import AsyncMonitorClient, MonitorClient
 
-__all__ = ["AsyncInferenceClient", "ChannelOptions", "InferenceClient"]
+__all__ = [
+    "AsyncBatchClient", "AsyncInferenceClient", "AsyncMonitorClient", "BatchClient", "ChannelOptions",
+    "InferenceClient", "MonitorClient",
+]

@@ -17,7 +17,8 @@ MIB = 1024 * 1024
 class ChannelOptions:
     """How to reach a service. Defaults suit the local stack; every field has an env override
     in `from_env` (FASHION_TLS, FASHION_TLS_CA, FASHION_TLS_CERT, FASHION_TLS_KEY,
-    FASHION_AUTH_TOKEN / FASHION_AUTH_TOKEN_FILE, FASHION_MAX_MESSAGE_BYTES)."""
+    FASHION_TLS_SERVER_NAME, FASHION_AUTH_TOKEN / FASHION_AUTH_TOKEN_FILE, FASHION_MAX_MESSAGE_BYTES,
+    FASHION_GRPC_LB_POLICY): the same variables that configure the services' server side."""
 
     address: str
     timeout_s: float = 30.0
@@ -26,6 +27,7 @@ class ChannelOptions:
     retries: int = 5
     """Attempts per call when the server answers UNAVAILABLE (exponential backoff 0.1 s .. 5 s)."""
     tls: bool = False
+    """Reach the service over TLS (implied by root_ca)."""
     root_ca: Path | None = None
     """CA bundle that signed the server certificate (system roots when unset)."""
     client_cert: Path | None = None
@@ -33,6 +35,14 @@ class ChannelOptions:
     client_key: Path | None = None
     token: str | None = field(default=None, repr=False)
     """Bearer token sent as `authorization: Bearer <token>`."""
+    server_name: str = ""
+    """Name expected in the server certificate when it differs from the address's host."""
+    lb_policy: str = "pick_first"
+    """"round_robin" spreads calls over every address the name resolves to (headless Service)."""
+
+    def __post_init__(self) -> None:
+        if self.root_ca is not None and not self.tls:
+            object.__setattr__(self, "tls", True)
 
     @classmethod
     def from_env(cls, address: str, **overrides: object) -> ChannelOptions:
@@ -42,10 +52,12 @@ class ChannelOptions:
             token = Path(env["FASHION_AUTH_TOKEN_FILE"]).read_text(encoding="utf-8").strip()
         values: dict[str, object] = {
             "address": address,
-            "tls": env.get("FASHION_TLS", "").lower() in ("1", "true", "yes"),
+            "tls": env.get("FASHION_TLS", "").lower() in ("1", "true", "yes", "on"),
             "root_ca": Path(env["FASHION_TLS_CA"]) if env.get("FASHION_TLS_CA") else None,
             "client_cert": Path(env["FASHION_TLS_CERT"]) if env.get("FASHION_TLS_CERT") else None,
             "client_key": Path(env["FASHION_TLS_KEY"]) if env.get("FASHION_TLS_KEY") else None,
+            "server_name": env.get("FASHION_TLS_SERVER_NAME", ""),
+            "lb_policy": env.get("FASHION_GRPC_LB_POLICY") or "pick_first",
             "token": token or None,
             "max_message_bytes": int(env.get("FASHION_MAX_MESSAGE_BYTES", 16 * MIB)),
         }
@@ -57,7 +69,8 @@ class ChannelOptions:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
     def grpc_options(self) -> list[tuple[str, object]]:
-        retry = {
+        retry: dict[str, object] = {
+            "loadBalancingConfig": [{self.lb_policy: {}}],
             "methodConfig": [{
                 "name": [{}],
                 "retryPolicy": {
@@ -69,13 +82,16 @@ class ChannelOptions:
                 },
             }]
         }
-        return [
+        options: list[tuple[str, object]] = [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.enable_retries", 1 if self.retries > 1 else 0),
             ("grpc.service_config", json.dumps(retry)),
             ("grpc.keepalive_time_ms", 30_000),
         ]
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        return options
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         if not self.tls:

@@ -1,0 +1,161 @@
+"""Clients of the Batch service (fashion.v1.BatchService), sync and asyncio.
+
+    from fashion.client import BatchClient
+    with BatchClient("localhost:50052") as batch:
+        job = batch.submit("inbox")
+        for event in batch.watch(job.job_id):
+            print(event.job.processed, "/", event.job.total)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fashion.client._channel import ChannelOptions, aio_channel, sync_channel
+from fashion.v1 import batch_pb2 as pb
+from fashion.v1 import batch_pb2_grpc as pb_grpc
+
+SERVICE = "fashion.v1.BatchService"
+MODES = {"": pb.TRANSFER_MODE_UNSPECIFIED, "move": pb.TRANSFER_MODE_MOVE, "copy": pb.TRANSFER_MODE_COPY}
+FINISHED = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
+
+
+def submit_request(input_dir: str, mode: str = "", min_confidence: float | None = None, recursive: bool = False,
+                   output_dir: str = "", idempotency_key: str = "") -> pb.SubmitJobRequest:
+    """`mode` is "move", "copy" or "" (the server's default); folders are relative to the server's data root."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be move or copy, got {mode!r}")
+    req = pb.SubmitJobRequest(input_dir=input_dir, mode=MODES[mode], recursive=recursive, output_dir=output_dir,
+                              idempotency_key=idempotency_key)
+    if min_confidence is not None:
+        req.min_confidence = min_confidence
+    return req
+
+
+def state_name(state: int) -> str:
+    """JOB_STATE_SUCCEEDED -> "SUCCEEDED"."""
+    return pb.JobState.Name(state).removeprefix("JOB_STATE_")
+
+
+class BatchClient:
+    """Blocking client. Errors raise grpc.RpcError with the server's status code and message
+    (INVALID_ARGUMENT for paths outside the data root, NOT_FOUND for unknown jobs, ...)."""
+
+    def __init__(self, address: str | ChannelOptions = "localhost:50052") -> None:
+        self.options = address if isinstance(address, ChannelOptions) else ChannelOptions.from_env(address)
+        self._channel = sync_channel(self.options)
+        self._stub = pb_grpc.BatchServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> BatchClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _kw(self, timeout_s: float | None) -> dict[str, object]:
+        return {"timeout": timeout_s or self.options.timeout_s, "metadata": self.options.metadata}
+
+    def submit(self, input_dir: str, mode: str = "", min_confidence: float | None = None, recursive: bool = False,
+               output_dir: str = "", idempotency_key: str = "", timeout_s: float | None = None) -> pb.Job:
+        req = submit_request(input_dir, mode, min_confidence, recursive, output_dir, idempotency_key)
+        return self._stub.SubmitJob(req, **self._kw(timeout_s))
+
+    def get(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
+        return self._stub.GetJob(pb.GetJobRequest(job_id=job_id), **self._kw(timeout_s))
+
+    def list(self, limit: int = 0, state: int = pb.JOB_STATE_UNSPECIFIED,
+             timeout_s: float | None = None) -> list[pb.Job]:
+        return list(self._stub.ListJobs(pb.ListJobsRequest(limit=limit, state=state), **self._kw(timeout_s)).jobs)
+
+    def watch(self, job_id: str, timeout_s: float | None = None) -> Iterator[pb.JobEvent]:
+        """The job's current state, then its events until it ends. No deadline unless `timeout_s`."""
+        return self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout_s,
+                                   metadata=self.options.metadata)
+
+    def cancel(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
+        return self._stub.CancelJob(pb.CancelJobRequest(job_id=job_id), **self._kw(timeout_s))
+
+    def stats(self, days: int = 0, timeout_s: float | None = None) -> pb.BatchStats:
+        return self._stub.GetBatchStats(pb.GetBatchStatsRequest(days=days), **self._kw(timeout_s))
+
+    def wait(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
+        """Block until the job ends; its final state."""
+        job = self.get(job_id)
+        for event in self.watch(job_id, timeout_s):
+            job = event.job
+            if job.state in FINISHED:
+                break
+        return job
+
+    def health(self, service: str = "", timeout_s: float | None = None) -> str:
+        resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s or 5.0)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+class AsyncBatchClient:
+    """asyncio client with the same methods as BatchClient, awaitable."""
+
+    def __init__(self, address: str | ChannelOptions = "localhost:50052") -> None:
+        self.options = address if isinstance(address, ChannelOptions) else ChannelOptions.from_env(address)
+        self._channel = aio_channel(self.options)
+        self._stub = pb_grpc.BatchServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncBatchClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    def _kw(self, timeout_s: float | None) -> dict[str, object]:
+        return {"timeout": timeout_s or self.options.timeout_s, "metadata": self.options.metadata}
+
+    async def submit(self, input_dir: str, mode: str = "", min_confidence: float | None = None,
+                     recursive: bool = False, output_dir: str = "", idempotency_key: str = "",
+                     timeout_s: float | None = None) -> pb.Job:
+        req = submit_request(input_dir, mode, min_confidence, recursive, output_dir, idempotency_key)
+        return await self._stub.SubmitJob(req, **self._kw(timeout_s))
+
+    async def get(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
+        return await self._stub.GetJob(pb.GetJobRequest(job_id=job_id), **self._kw(timeout_s))
+
+    async def list(self, limit: int = 0, state: int = pb.JOB_STATE_UNSPECIFIED,
+                   timeout_s: float | None = None) -> list[pb.Job]:
+        resp = await self._stub.ListJobs(pb.ListJobsRequest(limit=limit, state=state), **self._kw(timeout_s))
+        return list(resp.jobs)
+
+    async def watch(self, job_id: str, timeout_s: float | None = None) -> AsyncIterator[pb.JobEvent]:
+        call = self._stub.WatchJob(pb.WatchJobRequest(job_id=job_id), timeout=timeout_s,
+                                   metadata=self.options.metadata)
+        async for event in call:
+            yield event
+
+    async def cancel(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
+        return await self._stub.CancelJob(pb.CancelJobRequest(job_id=job_id), **self._kw(timeout_s))
+
+    async def stats(self, days: int = 0, timeout_s: float | None = None) -> pb.BatchStats:
+        return await self._stub.GetBatchStats(pb.GetBatchStatsRequest(days=days), **self._kw(timeout_s))
+
+    async def wait(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
+        job = await self.get(job_id)
+        async for event in self.watch(job_id, timeout_s):
+            job = event.job
+            if job.state in FINISHED:
+                break
+        return job
+
+    async def health(self, service: str = "", timeout_s: float | None = None) -> str:
+        resp = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s or 5.0)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+__all__ = ["FINISHED", "SERVICE", "AsyncBatchClient", "BatchClient", "state_name", "submit_request"]
