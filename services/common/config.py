@@ -8,10 +8,10 @@ folders, SQLite and no external server.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1024 * 1024
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "inference" / "models" / "fashion-mnist"
@@ -77,3 +77,109 @@ class InferenceSettings(CommonSettings):
     """Confidence below which a result is marked uncertain; unset: the model manifest's value."""
     server_name: str = "fashion-inference"
     """Name reported by KServe ServerMetadata."""
+
+
+def _comma_list(value: object) -> object:
+    """Lets list settings be written as "a,b,c" in the environment (JSON is not needed)."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class MonitorSettings(CommonSettings):
+    """The Monitor service: health checks, alert rules, notifications, dashboard."""
+
+    monitor_host: str = "[::]"
+    """Interface the Monitor service listens on."""
+    monitor_port: int = 50053
+    """gRPC port of the Monitor service (fashion.v1.MonitorService, health, reflection)."""
+    monitor_metrics_port: int = 9103
+    """Prometheus /metrics port of the Monitor service; 0 disables it."""
+    monitor_check_interval_s: float = Field(default=60.0, gt=0)
+    """Seconds between two health checks and alert rule evaluations."""
+    monitor_check_timeout_s: float = Field(default=5.0, gt=0)
+    """Deadline of each health-check and statistics call to the other services."""
+    monitor_state_db: Path = Path("data/monitor/monitor.db")
+    """SQLite file of the alert state, alert history and pending notifications (survives restarts)."""
+    report_dir: Path = Path("monitoring/reports")
+    """Folder of the dashboard: report_<ts>.txt, chart PNGs and dashboard_<ts>.html."""
+    report_chart_days: int = Field(default=30, ge=1, le=366)
+    """Days shown by the dashboard charts."""
+    report_folders: Annotated[list[Path], NoDecode] = [Path("results/batch_results"), Path("logs"), Path("data")]
+    """Comma-separated folders whose size the report lists and whose disks the disk-space rule watches."""
+    alert_success_rate_min: float = 95.0
+    """High error rate fires when the API's or the batch success rate (percent) is under this."""
+    alert_batch_max_age_h: float = 26.0
+    """No recent batch run fires when the last batch run finished longer ago than this (hours)."""
+    alert_disk_free_min_percent: float = 10.0
+    """Disk space low fires when a monitored disk has less free space than this (percent)."""
+    alert_response_time_max_s: float = 5.0
+    """High response time fires when the API's average latency over the window exceeds this (seconds)."""
+    alert_api_window_s: float = Field(default=900.0, gt=0)
+    """Window of the API success rate and average latency the rules judge (seconds)."""
+    alert_min_images: int = Field(default=20, ge=1)
+    """Fewest images a window needs before its success rate or category mix is judged."""
+    alert_drift_tvd_max: float = Field(default=0.25, ge=0, le=1)
+    """Drift fires when the last day's category distribution is further than this (total variation
+    distance, 0..1) from the previous 7 days'."""
+    alert_drift_confidence_drop_max: float = Field(default=0.10, ge=0, le=1)
+    """Drift also fires when the last day's mean confidence is lower than the previous 7 days' by more."""
+    alert_cooldown_s: float = Field(default=1800.0, ge=0)
+    """Least time between two fired notifications of one rule; a new incident inside it is sent when it ends."""
+    alert_confirm_checks: int = Field(default=2, ge=1)
+    """Consecutive checks a condition must hold before its alert fires (filters one-off blips)."""
+    alert_disabled_rules: Annotated[list[str], NoDecode] = []
+    """Comma-separated rule names that are not evaluated (see `fashion monitor alerts --rules`)."""
+    alert_severity: Annotated[dict[str, Literal["INFO", "WARNING", "ERROR", "CRITICAL"]], NoDecode] = {}
+    """Severity overrides as rule=SEVERITY pairs, comma-separated, e.g. "disk_space_low=CRITICAL"."""
+    smtp_host: str = ""
+    """SMTP server of alert emails; empty disables email."""
+    smtp_port: int = 587
+    """SMTP port (587 for STARTTLS, 465 for implicit TLS, 25 for plain)."""
+    smtp_starttls: bool = True
+    """Upgrade the SMTP connection with STARTTLS before logging in."""
+    smtp_ssl: bool = False
+    """Implicit TLS from the first byte (SMTPS, port 465) instead of STARTTLS."""
+    smtp_ca_file: Path | None = None
+    """CA bundle that signed the SMTP server's certificate; system roots when unset."""
+    smtp_user: str = ""
+    """SMTP login; empty: no login."""
+    smtp_password: SecretStr | None = None
+    """SMTP password (FASHION_SMTP_PASSWORD); never logged."""
+    smtp_password_file: Path | None = None
+    """File holding the SMTP password (a mounted secret); read at each send, used when smtp_password is unset."""
+    smtp_from: str = "fashion-monitor@localhost"
+    """From address of alert emails."""
+    smtp_to: Annotated[list[str], NoDecode] = []
+    """Comma-separated recipients of alert emails."""
+    slack_webhook_url: SecretStr | None = None
+    """Slack incoming-webhook URL (FASHION_SLACK_WEBHOOK_URL); a secret, never logged. Unset disables Slack."""
+    slack_webhook_url_file: Path | None = None
+    """File holding the Slack webhook URL, used when slack_webhook_url is unset."""
+    slack_username: str = "Fashion Classifier Bot"
+    """Name the Slack messages are posted under."""
+    slack_icon_emoji: str = ":robot_face:"
+    """Icon of the Slack messages."""
+    notify_timeout_s: float = Field(default=10.0, gt=0)
+    """Deadline of one email or webhook delivery."""
+    notify_retry_initial_s: float = Field(default=5.0, gt=0)
+    """Wait before retrying a failed notification; doubles per failure up to notify_retry_max_s."""
+    notify_retry_max_s: float = Field(default=300.0, gt=0)
+    """Longest wait between two delivery attempts."""
+    notify_give_up_h: float = Field(default=24.0, gt=0)
+    """A notification still undelivered after this many hours is dropped (logged as an error)."""
+
+    @field_validator("report_folders", "alert_disabled_rules", "smtp_to", mode="before")
+    @classmethod
+    def _split_lists(cls, value: object) -> object:
+        return _comma_list(value)
+
+    @field_validator("alert_severity", mode="before")
+    @classmethod
+    def _split_pairs(cls, value: object) -> object:
+        if isinstance(value, str):
+            pairs = [item.split("=", 1) for item in _comma_list(value)]  # type: ignore[union-attr]
+            if any(len(pair) != 2 for pair in pairs):
+                raise ValueError(f"expected rule=SEVERITY pairs, got {value!r}")
+            return {rule.strip(): level.strip().upper() for rule, level in pairs}
+        return value

@@ -48,6 +48,24 @@ DECODE_DURATION = Histogram(
 )
 MODEL_LOADED = Gauge("fashion_inference_model_loaded", "1 when the model is loaded and warmed up", ["model"])
 
+# --- Monitor service -----------------------------------------------------------------------
+MONITOR_CHECK_DURATION = Histogram(
+    "fashion_monitor_check_duration_seconds", "Health check of a service (grpc.health.v1 plus statistics)",
+    ["service"], buckets=LATENCY_BUCKETS,
+)
+MONITOR_SERVICE_HEALTHY = Gauge(
+    "fashion_monitor_service_healthy", "1 when the last check found the service healthy", ["service"],
+)
+MONITOR_ALERT_FIRING = Gauge("fashion_monitor_alert_firing", "1 while the alert rule is firing", ["rule", "severity"])
+MONITOR_EVALUATIONS = Counter("fashion_monitor_evaluations", "Alert rule evaluation cycles, by outcome", ["outcome"])
+MONITOR_NOTIFICATIONS = Counter(
+    "fashion_monitor_notifications", "Notification deliveries by notifier and outcome (sent, failed, dropped)",
+    ["notifier", "outcome"],
+)
+MONITOR_PENDING_NOTIFICATIONS = Gauge(
+    "fashion_monitor_pending_notifications", "Notifications waiting for delivery or a retry",
+)
+
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> int:
     """Serve /metrics on `port` (0 disables). Returns the port, or 0 when disabled."""

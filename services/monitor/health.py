@@ -1,0 +1,318 @@
+"""System checks: the Inference and Batch services through grpc.health.v1 and their statistics
+RPCs, the free space of the monitored disks, and the batch processing health of the seed's
+check_batch_health.py, computed from the Batch service's GetBatchStats (never from its files, so
+the services may run on other machines)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fashion.v1 import batch_pb2, batch_pb2_grpc
+from fashion.v1 import inference_pb2 as inference_pb
+from fashion.v1 import inference_pb2_grpc as inference_grpc
+from services.common import metrics
+from services.common.config import MonitorSettings
+from services.common.server import channel_options
+
+log = logging.getLogger(__name__)
+
+STATS_DAYS = 7
+DRIFT_DAYS = 8  # the last day plus the 7 before it
+
+
+class Health(StrEnum):
+    HEALTHY = "HEALTHY"
+    DEGRADED = "DEGRADED"
+    UNHEALTHY = "UNHEALTHY"
+
+
+def worst(*statuses: Health) -> Health:
+    order = [Health.HEALTHY, Health.DEGRADED, Health.UNHEALTHY]
+    return max(statuses, key=order.index, default=Health.HEALTHY)
+
+
+class BatchUnavailable(Exception):
+    """The Batch service did not answer GetBatchStats."""
+
+
+@dataclass(frozen=True)
+class ServiceCheck:
+    """One service as the last check found it."""
+
+    name: str
+    address: str
+    status: Health
+    serving_status: str
+    """grpc.health.v1 answer, or the gRPC code of the failed call."""
+    message: str
+    latency_ms: float
+    checked_at: datetime
+    reachable: bool
+    inference_stats: inference_pb.Stats | None = None
+    batch_stats: batch_pb2.BatchStats | None = None
+
+
+@dataclass(frozen=True)
+class DiskCheck:
+    path: Path
+    total_bytes: int
+    free_bytes: int
+    folder_bytes: int = 0
+
+    @property
+    def free_percent(self) -> float:
+        return 100.0 * self.free_bytes / self.total_bytes if self.total_bytes else 100.0
+
+
+@dataclass(frozen=True)
+class SystemCheck:
+    checked_at: datetime
+    inference: ServiceCheck
+    batch: ServiceCheck
+    disks: list[DiskCheck]
+    drift_stats: batch_pb2.BatchStats | None = None
+    """The Batch service's statistics of the last 8 days (for the drift rule)."""
+    disk_free_min_percent: float = 0.0
+
+    @property
+    def services(self) -> list[ServiceCheck]:
+        return [self.inference, self.batch]
+
+    @property
+    def low_disks(self) -> list[DiskCheck]:
+        return [d for d in self.disks if d.free_percent < self.disk_free_min_percent]
+
+    @property
+    def status(self) -> Health:
+        """UNHEALTHY when a service is, DEGRADED when a service is or a disk is low on space."""
+        return worst(*(s.status for s in self.services), Health.DEGRADED if self.low_disks else Health.HEALTHY)
+
+
+@dataclass(frozen=True)
+class BatchHealthResult:
+    """The seed's batch health check: recent execution, recent errors, the window's statistics."""
+
+    status: Health
+    message: str
+    recent_run: bool
+    max_age_hours: float
+    success_rate_min: float
+    stats: batch_pb2.BatchStats
+    checked_at: datetime
+    recent_errors: list[str] = field(default_factory=list)
+
+
+def batch_health(stats: batch_pb2.BatchStats, settings: MonitorSettings) -> BatchHealthResult:
+    """Judge GetBatchStats the way the seed's check_batch_health.py did."""
+    max_age = settings.alert_batch_max_age_h
+    if not stats.HasField("last_run_at"):
+        status, recent, message = Health.UNHEALTHY, False, "No batch run has finished yet"
+    else:
+        recent = stats.last_run_age_hours <= max_age
+        message = f"Last run was {stats.last_run_age_hours:.1f} hours ago"
+        status = Health.HEALTHY if recent else Health.UNHEALTHY
+        if not recent:
+            message += f" (more than {max_age:g} h)"
+    if stats.recent_errors:
+        status = worst(status, Health.DEGRADED)
+    if stats.images >= settings.alert_min_images and stats.success_rate < settings.alert_success_rate_min:
+        status = worst(status, Health.DEGRADED)
+    return BatchHealthResult(status, message, recent, max_age, settings.alert_success_rate_min, stats,
+                             datetime.now().astimezone(), list(stats.recent_errors))
+
+
+def short_details(details: str | None) -> str:
+    """gRPC's connection errors end with the cause people need ("Connection refused"); keep that."""
+    text = details or ""
+    if text.startswith("failed to connect to all addresses") and ": " in text:
+        return text.rsplit(": ", 1)[1]
+    return text
+
+
+def human_size(n: float) -> str:
+    """Bytes as the seed's report writes them: "45.23 MB", "2.34 GB"."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1024
+        if n < 1024 or unit == "TB":
+            break
+    return f"{n:.2f} {unit}"
+
+
+def disk_checks(folders: list[Path], with_sizes: bool = False) -> list[DiskCheck]:
+    """Free space of the file system of each folder (its nearest existing parent when it does not
+    exist yet); with_sizes also adds up each folder's files (for the report's DISK USAGE)."""
+    checks = []
+    for folder in folders:
+        probe = folder.absolute()
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        try:
+            usage = shutil.disk_usage(probe)
+        except OSError as exc:
+            log.warning("Cannot read disk usage of %s: %s", folder, exc)
+            continue
+        size = folder_size(folder) if with_sizes else 0
+        checks.append(DiskCheck(folder, usage.total, usage.free, size))
+    return checks
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes of the regular files under `folder` (symlinks not followed; 0 when it does not exist)."""
+    total = 0
+    stack = [folder]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(Path(entry.path))
+                        elif entry.is_file(follow_symlinks=False):
+                            total += entry.stat(follow_symlinks=False).st_size
+                    except OSError:
+                        continue  # a file removed while we walk
+        except OSError:
+            continue
+    return total
+
+
+class SystemChecker:
+    """Checks the Inference and Batch services over long-lived channels (created on first use,
+    inside the running event loop). Reconnect backoff is capped low so that a restarted service is
+    seen as up again at the next check rather than minutes later."""
+
+    def __init__(self, settings: MonitorSettings) -> None:
+        self.settings = settings
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            backoff_ms = int(min(5.0, self.settings.monitor_check_interval_s) * 1000)
+            options = [
+                *channel_options(self.settings),
+                ("grpc.initial_reconnect_backoff_ms", min(200, backoff_ms)),
+                ("grpc.min_reconnect_backoff_ms", min(200, backoff_ms)),
+                ("grpc.max_reconnect_backoff_ms", backoff_ms),
+            ]
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=options)
+        return channel
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    async def check(self, with_sizes: bool = False) -> SystemCheck:
+        """Everything at once: both services, their statistics, the drift window, the disks."""
+        folders = list(self.settings.report_folders)
+        inference, batch, disks = await asyncio.gather(
+            self.check_inference(), self.check_batch(),
+            asyncio.to_thread(disk_checks, folders, with_sizes))
+        drift = None
+        if batch.batch_stats is not None:
+            try:
+                drift = await self.batch_stats(DRIFT_DAYS)
+            except BatchUnavailable as exc:
+                log.warning("%s", exc)
+        return SystemCheck(datetime.now().astimezone(), inference, batch, disks, drift,
+                           self.settings.alert_disk_free_min_percent)
+
+    async def _health(self, address: str) -> tuple[str, float, str]:
+        """grpc.health.v1 Check of the overall status: (answer or code name, latency ms, error detail)."""
+        stub = health_pb2_grpc.HealthStub(self._channel(address))
+        start = time.perf_counter()
+        try:
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=""),
+                                    timeout=self.settings.monitor_check_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name, 0.0, short_details(exc.details())
+        latency = (time.perf_counter() - start) * 1000
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status), latency, ""
+
+    async def check_inference(self) -> ServiceCheck:
+        address = self.settings.inference_address
+        start = time.perf_counter()
+        serving, latency, error = await self._health(address)
+        now = datetime.now().astimezone()
+        if error:
+            result = ServiceCheck("inference", address, Health.UNHEALTHY, serving,
+                                  f"Inference service at {address} unreachable ({serving}: {error})",
+                                  latency, now, reachable=False)
+            return self._observed(result, start)
+        stats, stats_error = None, ""
+        try:
+            stats = await inference_grpc.InferenceServiceStub(self._channel(address)).GetStats(
+                inference_pb.GetStatsRequest(), timeout=self.settings.monitor_check_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            stats_error = f"{exc.code().name}: {short_details(exc.details())}"
+        if serving != "SERVING":
+            why = "model not loaded" if stats is not None and not stats.model_loaded else "not serving"
+            status, message = Health.UNHEALTHY, f"{serving} ({why})"
+        elif stats is None:
+            status, message = Health.DEGRADED, f"SERVING, but GetStats failed ({stats_error})"
+        else:
+            status = Health.HEALTHY
+            message = (f"SERVING; model {stats.model_name} v{stats.model_version} loaded; "
+                       f"{stats.total_images_processed:,} images, {stats.success_rate:.2f}% success, "
+                       f"average {stats.average_latency_ms:.1f} ms")
+        result = ServiceCheck("inference", address, status, serving, message, latency, now, True, inference_stats=stats)
+        return self._observed(result, start)
+
+    async def check_batch(self) -> ServiceCheck:
+        address = self.settings.batch_address
+        start = time.perf_counter()
+        serving, latency, error = await self._health(address)
+        now = datetime.now().astimezone()
+        if error:
+            result = ServiceCheck("batch", address, Health.UNHEALTHY, serving,
+                                  f"Batch service at {address} unreachable ({serving}: {error})",
+                                  latency, now, reachable=False)
+            return self._observed(result, start)
+        stats, stats_error = None, ""
+        try:
+            stats = await self.batch_stats(STATS_DAYS)
+        except BatchUnavailable as exc:
+            stats_error = str(exc)
+        if serving != "SERVING":
+            status, message = Health.UNHEALTHY, f"{serving}"
+        elif stats is None:
+            status, message = Health.DEGRADED, f"SERVING, but {stats_error}"
+        else:
+            status = Health.HEALTHY
+            last = (f"last run {stats.last_run_age_hours:.1f} hours ago" if stats.HasField("last_run_at")
+                    else "no run finished yet")
+            message = f"SERVING; {stats.active_jobs} active jobs; {last}"
+        result = ServiceCheck("batch", address, status, serving, message, latency, now, True, batch_stats=stats)
+        return self._observed(result, start)
+
+    async def batch_stats(self, days: int) -> batch_pb2.BatchStats:
+        """GetBatchStats over `days`; BatchUnavailable when the Batch service does not answer."""
+        address = self.settings.batch_address
+        try:
+            return await batch_pb2_grpc.BatchServiceStub(self._channel(address)).GetBatchStats(
+                batch_pb2.GetBatchStatsRequest(days=days), timeout=self.settings.monitor_check_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise BatchUnavailable(
+                f"GetBatchStats of the Batch service at {address} failed ({exc.code().name}: "
+                f"{short_details(exc.details())})"
+            ) from exc
+
+    @staticmethod
+    def _observed(result: ServiceCheck, start: float) -> ServiceCheck:
+        metrics.MONITOR_CHECK_DURATION.labels(result.name).observe(time.perf_counter() - start)
+        metrics.MONITOR_SERVICE_HEALTHY.labels(result.name).set(1 if result.status == Health.HEALTHY else 0)
+        return result

@@ -1,0 +1,169 @@
+"""The Monitor's one data plane: system and batch health, reports, alerts. The gRPC servicer and
+the CLI's embedded mode (`fashion monitor dashboard|health --embedded`) both call it, so a report
+made without the Monitor service is the same report."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from services.common import metrics
+from services.common.config import MonitorSettings
+from services.monitor.dashboard import Dashboard, ReportData, ReportFiles
+from services.monitor.health import (
+    STATS_DAYS,
+    BatchHealthResult,
+    BatchUnavailable,
+    Health,
+    SystemCheck,
+    SystemChecker,
+    batch_health,
+    worst,
+)
+from services.monitor.notifiers import NotificationOutbox, build_notifiers
+from services.monitor.rules import AlertEngine, AlertRule, ApiStatsWindow, Observation, build_rules
+from services.monitor.store import AlertRecord, HistoryEntry, MonitorStore
+
+log = logging.getLogger(__name__)
+
+MAX_DAYS = 366
+MAX_HISTORY = 10_000
+DEFAULT_HISTORY = 50
+
+
+class InvalidRequest(ValueError):
+    """A caller's argument is out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class AlertListing:
+    active: list[AlertRecord]
+    history: list[HistoryEntry]
+    rules: list[AlertRule]
+    pending_notifications: int
+
+
+class Monitor:
+    """Service mode (`Monitor.service`): owns the state file, evaluates the rules and delivers
+    notifications. Embedded mode (`Monitor.embedded`): checks and reports only, reading the alert
+    state file when one exists on this machine."""
+
+    def __init__(self, settings: MonitorSettings, store: MonitorStore | None, evaluating: bool) -> None:
+        self.settings = settings
+        self.store = store
+        self.checker = SystemChecker(settings)
+        self.rules = build_rules(settings)
+        self.dashboard = Dashboard(settings.report_dir, settings.alert_success_rate_min, settings.alert_min_images)
+        self.window = ApiStatsWindow(settings.alert_api_window_s)
+        self.engine: AlertEngine | None = None
+        self.outbox: NotificationOutbox | None = None
+        if evaluating:
+            assert store is not None
+            notifiers = build_notifiers(settings)
+            self.engine = AlertEngine(self.rules, store, list(notifiers), settings.alert_cooldown_s,
+                                      settings.alert_confirm_checks)
+            self.outbox = NotificationOutbox(store, notifiers, settings)
+            self.monitoring_since = float(store.meta_setdefault("first_started_at", repr(time.time())))
+            log.info("Alert rules: %s; notifiers: %s", ", ".join(r.name for r in self.rules if r.enabled),
+                     ", ".join(notifiers) or "none (set FASHION_SMTP_HOST or FASHION_SLACK_WEBHOOK_URL)")
+
+    @classmethod
+    def service(cls, settings: MonitorSettings) -> Monitor:
+        return cls(settings, MonitorStore(settings.monitor_state_db), evaluating=True)
+
+    @classmethod
+    def embedded(cls, settings: MonitorSettings) -> Monitor:
+        path = settings.monitor_state_db
+        store = MonitorStore(path, read_only=True) if path.exists() else None
+        return cls(settings, store, evaluating=False)
+
+    async def close(self) -> None:
+        await self.checker.close()
+        if self.store is not None:
+            self.store.close()
+
+    # --- queries ---
+    def active_alerts(self) -> list[AlertRecord] | None:
+        if self.engine is not None:
+            return self.engine.active()
+        if self.store is not None:
+            return [r for r in self.store.records().values() if r.state == "firing"]
+        return None
+
+    async def system_health(self) -> SystemCheck:
+        return await self.checker.check()
+
+    async def batch_health(self, days: int = 0) -> BatchHealthResult:
+        """Raises InvalidRequest for a bad window, BatchUnavailable when the Batch service is down."""
+        days = days or STATS_DAYS
+        if not 1 <= days <= MAX_DAYS:
+            raise InvalidRequest(f"days must be between 1 and {MAX_DAYS}, got {days}")
+        return batch_health(await self.checker.batch_stats(days), self.settings)
+
+    async def generate_report(self, chart_days: int = 0, text_only: bool = False) -> tuple[ReportFiles, Health]:
+        chart_days = chart_days or self.settings.report_chart_days
+        if not 1 <= chart_days <= MAX_DAYS:
+            raise InvalidRequest(f"chart_days must be between 1 and {MAX_DAYS}, got {chart_days}")
+        system = await self.checker.check(with_sizes=True)
+        week = system.batch.batch_stats
+        history, batch_error = None, system.batch.message
+        if week is not None:
+            try:
+                history = week if chart_days == STATS_DAYS else await self.checker.batch_stats(chart_days)
+            except BatchUnavailable as exc:
+                batch_error = str(exc)
+        bh = batch_health(week, self.settings) if week is not None else None
+        alerts = await asyncio.to_thread(self.active_alerts)
+        data = ReportData(datetime.now().astimezone(), system, bh, history, alerts, batch_error)
+        files = await asyncio.to_thread(self.dashboard.write, data, text_only)
+        status = worst(system.status, bh.status) if bh else system.status
+        log.info("Report written: %s (%s)", files.text_path, status)
+        return files, status
+
+    def list_alerts(self, history_limit: int = 0, rule: str = "") -> AlertListing:
+        """Blocking (SQLite). Raises InvalidRequest for a bad limit or an unknown rule."""
+        if not 0 <= history_limit <= MAX_HISTORY:
+            raise InvalidRequest(f"history_limit must be between 0 and {MAX_HISTORY}, got {history_limit}")
+        names = [r.name for r in self.rules]
+        if rule and rule not in names:
+            raise InvalidRequest(f"unknown rule {rule!r}; rules are {', '.join(names)}")
+        active = [a for a in self.active_alerts() or [] if not rule or a.rule == rule]
+        if self.store is None:
+            return AlertListing(active, [], self.rules, 0)
+        history = self.store.history(history_limit or DEFAULT_HISTORY, rule)
+        return AlertListing(active, history, self.rules, self.store.outbox_size())
+
+    # --- the periodic evaluation ---
+    async def evaluate_once(self) -> SystemCheck:
+        assert self.engine is not None and self.outbox is not None
+        system = await self.checker.check()
+        now = time.time()
+        stats = system.inference.inference_stats
+        window = self.window.add(now, stats) if stats is not None else None
+        obs = Observation(system, window, self.monitoring_since, now)
+        if await asyncio.to_thread(self.engine.evaluate, obs):
+            self.outbox.wake()
+        return system
+
+    async def run_evaluations(self) -> None:
+        """Check and evaluate every monitor_check_interval_s until cancelled; a failed cycle is
+        logged and the next one runs on time."""
+        interval = self.settings.monitor_check_interval_s
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            try:
+                system = await self.evaluate_once()
+                metrics.MONITOR_EVALUATIONS.labels("ok").inc()
+                log.debug("Checked: inference %s, batch %s", system.inference.status, system.batch.status)
+            except Exception:
+                metrics.MONITOR_EVALUATIONS.labels("failed").inc()
+                log.exception("Health check and alert evaluation failed")
+            next_at += interval
+            delay = next_at - loop.time()
+            if delay < 0:  # a slow cycle: skip the missed ticks instead of running them back to back
+                next_at, delay = loop.time() + interval, interval
+            await asyncio.sleep(delay)

@@ -1,0 +1,293 @@
+"""Alert notifications: email over SMTP and Slack incoming webhooks, in the seed's formats
+(subject "[SEVERITY] title"; Slack JSON with text, username "Fashion Classifier Bot", icon_emoji),
+and the outbox delivery that retries a failing notifier with exponential backoff.
+
+Secrets (SMTP password, webhook URL) come from the environment or a secrets file, are read at each
+send (a rotated secret needs no restart), and are scrubbed from every error message we log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import smtplib
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import SecretStr
+
+from services.common import metrics
+from services.common.config import MonitorSettings
+from services.monitor.store import MonitorStore
+
+log = logging.getLogger(__name__)
+
+SLACK_EMOJI = {"INFO": ":information_source:", "WARNING": ":warning:", "ERROR": ":x:", "CRITICAL": ":rotating_light:"}
+MAX_ERROR_CHARS = 300
+
+
+class NotificationError(Exception):
+    """A delivery failed; the message is safe to log (secrets removed)."""
+
+
+@dataclass(frozen=True)
+class Notification:
+    """One alert transition to tell people about."""
+
+    rule: str
+    title: str
+    severity: str
+    kind: str
+    """"fired" or "resolved"."""
+    message: str
+    at: float
+    started_at: float
+    condition: str = ""
+    host: str = ""
+
+    @property
+    def subject(self) -> str:
+        if self.kind == "resolved":
+            return f"[INFO] Resolved: {self.title}"
+        return f"[{self.severity}] {self.title}"
+
+    def body(self) -> str:
+        lines = [self.title, ""]
+        if self.kind == "resolved":
+            lines += [f"Status: RESOLVED after {_duration(self.at - self.started_at)}",
+                      f"Resolved at: {_local(self.at)}"]
+        else:
+            lines += [f"Severity: {self.severity}", "Status: FIRING"]
+        lines += [f"Since: {_local(self.started_at)}", f"Rule: {self.rule}"
+                  + (f" ({self.condition})" if self.condition else ""), "", self.message, "", "--",
+                  f"Fashion Classifier monitor on {self.host or socket.gethostname()}"]
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Notification:
+        return cls(**json.loads(text))
+
+
+class Notifier(Protocol):
+    name: str
+
+    def send(self, notification: Notification) -> None:
+        """Deliver or raise NotificationError."""
+
+
+def _secret(value: SecretStr | None, file: Path | None) -> str:
+    if value is not None and value.get_secret_value():
+        return value.get_secret_value()
+    if file is not None:
+        try:
+            return file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise NotificationError(f"cannot read secrets file {file}: {exc.strerror}") from None
+    return ""
+
+
+def _scrubbed(exc: BaseException, secrets: list[str]) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text[:MAX_ERROR_CHARS]
+
+
+class EmailNotifier:
+    """Sends each notification as a plain-text email (smtplib), with STARTTLS or implicit TLS,
+    logging in when a user is configured."""
+
+    name = "email"
+
+    def __init__(self, settings: MonitorSettings) -> None:
+        if not settings.smtp_to:
+            raise ValueError("FASHION_SMTP_HOST is set but FASHION_SMTP_TO has no recipient")
+        self.settings = settings
+
+    def send(self, notification: Notification) -> None:
+        s = self.settings
+        password = _secret(s.smtp_password, s.smtp_password_file) if s.smtp_user else ""
+        msg = EmailMessage()
+        msg["From"] = s.smtp_from
+        msg["To"] = ", ".join(s.smtp_to)
+        msg["Subject"] = notification.subject
+        msg["Date"] = formatdate(localtime=True)
+        msg["Message-ID"] = make_msgid(domain=s.smtp_from.rpartition("@")[2] or None)
+        msg.set_content(notification.body())
+        try:
+            context = ssl.create_default_context(cafile=str(s.smtp_ca_file) if s.smtp_ca_file else None)
+            smtp: smtplib.SMTP
+            if s.smtp_ssl:
+                smtp = smtplib.SMTP_SSL(s.smtp_host, s.smtp_port, timeout=s.notify_timeout_s, context=context)
+            else:
+                smtp = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.notify_timeout_s)
+            with smtp:
+                if s.smtp_starttls and not s.smtp_ssl:
+                    smtp.starttls(context=context)
+                if s.smtp_user:
+                    smtp.ehlo_or_helo_if_needed()
+                    if not smtp.has_extn("auth") and not (s.smtp_starttls or s.smtp_ssl):
+                        # Servers offer AUTH only over TLS: say what to change, not just "not supported".
+                        raise NotificationError("the SMTP server offers no login without TLS; set "
+                                                "FASHION_SMTP_STARTTLS=true (or FASHION_SMTP_SSL=true)")
+                    smtp.login(s.smtp_user, password)
+                smtp.send_message(msg)
+        except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
+            raise NotificationError(_scrubbed(exc, [password])) from None
+
+
+class SlackNotifier:
+    """Posts the seed's payload to a Slack incoming webhook (urllib; any 2xx is success)."""
+
+    name = "slack"
+
+    def __init__(self, settings: MonitorSettings) -> None:
+        self.settings = settings
+        url = self._url()
+        if urllib.parse.urlsplit(url).scheme not in ("https", "http"):
+            raise ValueError("the Slack webhook URL must start with https://")  # the URL itself is secret
+
+    def _url(self) -> str:
+        return _secret(self.settings.slack_webhook_url, self.settings.slack_webhook_url_file)
+
+    def payload(self, notification: Notification) -> dict[str, str]:
+        if notification.kind == "resolved":
+            head = f":white_check_mark: *{notification.subject}*"
+        else:
+            head = f"{SLACK_EMOJI.get(notification.severity, ':warning:')} *{notification.subject}*"
+        return {
+            "text": f"{head}\n{notification.message}",
+            "username": self.settings.slack_username,
+            "icon_emoji": self.settings.slack_icon_emoji,
+        }
+
+    def send(self, notification: Notification) -> None:
+        url = self._url()
+        request = urllib.request.Request(
+            url, data=json.dumps(self.payload(notification)).encode(), method="POST",
+            headers={"Content-Type": "application/json; charset=utf-8"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.settings.notify_timeout_s) as resp:
+                resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read(200).decode(errors="replace").strip()
+            raise NotificationError(f"Slack webhook answered HTTP {exc.code}: {detail}"[:MAX_ERROR_CHARS]) from None
+        except Exception as exc:  # URLError, timeouts, malformed URLs: all become a retryable failure
+            raise NotificationError(_scrubbed(exc, [url, *urllib.parse.urlsplit(url)[1:]])) from None
+
+
+def build_notifiers(settings: MonitorSettings) -> dict[str, Notifier]:
+    """The configured notifiers: email when FASHION_SMTP_HOST is set, Slack when a webhook URL is."""
+    notifiers: dict[str, Notifier] = {}
+    if settings.smtp_host:
+        notifiers["email"] = EmailNotifier(settings)
+    if settings.slack_webhook_url is not None or settings.slack_webhook_url_file is not None:
+        notifiers["slack"] = SlackNotifier(settings)
+    return notifiers
+
+
+class NotificationOutbox:
+    """Delivers queued notifications, each notifier's strictly in order. A failure is logged and
+    retried later with exponential backoff; it never raises, so the monitor keeps running."""
+
+    def __init__(self, store: MonitorStore, notifiers: dict[str, Notifier], settings: MonitorSettings) -> None:
+        self.store = store
+        self.notifiers = notifiers
+        self.settings = settings
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Deliver now (new notifications were queued)."""
+        self._wake.set()
+
+    def deliver_due(self) -> int:
+        """Attempt every notification that is due; returns how many were sent. Blocking."""
+        sent = 0
+        progress = True
+        while progress:
+            progress = False
+            now = time.time()
+            for item in self.store.outbox_heads():
+                if item.next_attempt_at > now:
+                    continue
+                notification = Notification.from_json(item.notification)
+                notifier = self.notifiers.get(item.notifier)
+                if notifier is None:
+                    log.warning("Dropping %s notification %r: that notifier is no longer configured",
+                                item.notifier, notification.subject)
+                    self.store.outbox_done(item.id)
+                    continue
+                try:
+                    notifier.send(notification)
+                except Exception as exc:
+                    self._failed(item.id, item.attempts + 1, item.created_at, notifier.name, notification, exc)
+                    continue
+                self.store.outbox_done(item.id)
+                metrics.MONITOR_NOTIFICATIONS.labels(notifier.name, "sent").inc()
+                log.info("Sent %s notification %r", notifier.name, notification.subject)
+                sent += 1
+                progress = True
+        metrics.MONITOR_PENDING_NOTIFICATIONS.set(self.store.outbox_size())
+        return sent
+
+    def _failed(self, item_id: int, attempts: int, created_at: float, notifier: str,
+                notification: Notification, exc: Exception) -> None:
+        error = str(exc) if isinstance(exc, NotificationError) else f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+        now = time.time()
+        if now - created_at > self.settings.notify_give_up_h * 3600:
+            log.error("Dropping %s notification %r after %d failed attempts over %.1f h: %s",
+                      notifier, notification.subject, attempts, (now - created_at) / 3600, error)
+            self.store.outbox_done(item_id)
+            metrics.MONITOR_NOTIFICATIONS.labels(notifier, "dropped").inc()
+            return
+        delay = min(self.settings.notify_retry_initial_s * 2 ** (attempts - 1), self.settings.notify_retry_max_s)
+        log.warning("%s notification %r failed (attempt %d): %s; retrying in %.1f s",
+                    notifier, notification.subject, attempts, error, delay)
+        self.store.outbox_retry(item_id, now + delay, error)
+        metrics.MONITOR_NOTIFICATIONS.labels(notifier, "failed").inc()
+
+    async def run(self) -> None:
+        """Deliver until cancelled: whenever woken, and when the next retry is due."""
+        while True:
+            self._wake.clear()
+            try:
+                await asyncio.to_thread(self.deliver_due)
+                next_due = await asyncio.to_thread(self.store.outbox_next_due)
+            except Exception:  # e.g. the disk is full: keep the loop alive, try again shortly
+                log.exception("Notification delivery failed unexpectedly")
+                next_due = time.time() + self.settings.notify_retry_initial_s
+            wait = 60.0 if next_due is None else max(0.05, min(60.0, next_due - time.time()))
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+            except TimeoutError:
+                pass
+
+
+def _local(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    if minutes:
+        return f"{minutes} min {secs} s"
+    return f"{secs} s"

@@ -1,0 +1,403 @@
+"""Alert rules on the seed's triggers (plus batch service down and drift) and the engine that
+evaluates them: per rule a small state machine (ok → pending → firing → ok) that fires once per
+incident, holds repeats back for a cooldown, sends a resolution when the condition clears, and
+keeps its state in SQLite so a restart neither forgets nor repeats an alert.
+
+A rule answers firing, not firing, or "cannot tell" (its data is missing, e.g. the Batch service is
+down): the last answer leaves the alert as it was, so an outage of one service never resolves or
+fires the alerts that depend on its data.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from fashion.v1 import batch_pb2
+from fashion.v1 import inference_pb2 as inference_pb
+from services.common import metrics
+from services.common.config import MonitorSettings
+from services.monitor.health import SystemCheck, human_size
+from services.monitor.notifiers import Notification
+from services.monitor.store import AlertRecord, HistoryEntry, MonitorStore
+
+log = logging.getLogger(__name__)
+
+
+class Severity(StrEnum):
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
+
+
+# ERROR and CRITICAL alerts also land in logs/monitor_errors.log.
+LOG_LEVEL = {Severity.INFO: logging.INFO, Severity.WARNING: logging.WARNING, Severity.ERROR: logging.ERROR,
+             Severity.CRITICAL: logging.ERROR}
+
+
+@dataclass(frozen=True)
+class ApiWindow:
+    """The Inference service's traffic over the recent window (differences of its counters)."""
+
+    seconds: float
+    requests: int
+    images: int
+    successful: int
+    latency_s: float
+    """Mean latency per request in the window."""
+
+    @property
+    def success_rate(self) -> float:
+        return 100.0 * self.successful / self.images if self.images else 100.0
+
+
+class ApiStatsWindow:
+    """Snapshots of GetStats over the last `window_s`, to judge recent traffic rather than the
+    since-start averages (one bad hour last week should not keep an alert firing today)."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._snapshots: deque[tuple[float, inference_pb.Stats]] = deque()
+
+    def add(self, at: float, stats: inference_pb.Stats) -> ApiWindow | None:
+        if self._snapshots and _counters_went_back(self._snapshots[-1][1], stats):
+            self._snapshots.clear()  # the service restarted
+        self._snapshots.append((at, stats))
+        while self._snapshots and self._snapshots[0][0] < at - self.window_s:
+            self._snapshots.popleft()
+        if stats.uptime_seconds <= self.window_s:
+            base, span = inference_pb.Stats(), float(stats.uptime_seconds)  # all its traffic is recent
+        elif len(self._snapshots) > 1:
+            base_at, base = self._snapshots[0]
+            span = at - base_at
+        else:
+            return None
+        requests = stats.total_requests - base.total_requests
+        latency_total = (stats.average_latency_ms * stats.total_requests
+                         - base.average_latency_ms * base.total_requests) / 1000
+        return ApiWindow(span, requests, stats.total_images_processed - base.total_images_processed,
+                         stats.successful_predictions - base.successful_predictions,
+                         latency_total / requests if requests > 0 else 0.0)
+
+
+def _counters_went_back(old: inference_pb.Stats, new: inference_pb.Stats) -> bool:
+    return new.total_requests < old.total_requests or new.uptime_seconds < old.uptime_seconds
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything the rules judge, gathered once per check."""
+
+    system: SystemCheck
+    api_window: ApiWindow | None
+    monitoring_since: float
+    """When this monitor first started (wall clock): "no run yet" counts from here."""
+    at: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    firing: bool | None
+    """None: cannot tell now; the alert stays as it is."""
+    message: str
+    value: float = 0.0
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    name: str
+    title: str
+    severity: Severity
+    condition: str
+    """What fires it, with the configured threshold (shown in notifications and ListAlerts)."""
+    check: Callable[[Observation], Verdict]
+    threshold: float = 0.0
+    enabled: bool = True
+
+
+# --- the rules ---------------------------------------------------------------------------------
+
+def api_down(obs: Observation) -> Verdict:
+    inf = obs.system.inference
+    if not inf.reachable:
+        return Verdict(True, inf.message)
+    stats = inf.inference_stats
+    if inf.serving_status != "SERVING" and (stats is None or stats.model_loaded):
+        return Verdict(True, f"Inference service at {inf.address} answers {inf.serving_status}")
+    return Verdict(False, f"Inference service at {inf.address} answers {inf.serving_status}")
+
+
+def model_load_failure(obs: Observation) -> Verdict:
+    inf = obs.system.inference
+    if not inf.reachable or inf.inference_stats is None:
+        return Verdict(None, "Inference service statistics unavailable")
+    if not inf.inference_stats.model_loaded:
+        return Verdict(True, f"Inference service at {inf.address} reports model_loaded = false "
+                             f"(health: {inf.serving_status}); see its logs/api_errors.log")
+    stats = inf.inference_stats
+    return Verdict(False, f"Model {stats.model_name} v{stats.model_version} loaded")
+
+
+def batch_service_down(obs: Observation) -> Verdict:
+    batch = obs.system.batch
+    if not batch.reachable or batch.serving_status != "SERVING":
+        return Verdict(True, batch.message if not batch.reachable
+                       else f"Batch service at {batch.address} answers {batch.serving_status}")
+    return Verdict(False, f"Batch service at {batch.address} answers SERVING")
+
+
+def high_error_rate(minimum: float, min_images: int) -> Callable[[Observation], Verdict]:
+    def check(obs: Observation) -> Verdict:
+        judged: list[tuple[str, float]] = []
+        window = obs.api_window
+        if window is not None and window.images >= min_images:
+            judged.append((f"API success rate {window.success_rate:.1f}% over the last {_span(window.seconds)}"
+                           f" ({window.images:,} images)", window.success_rate))
+        stats = obs.system.batch.batch_stats
+        if stats is not None and stats.images >= min_images:
+            judged.append((f"batch success rate {stats.success_rate:.1f}% over the last {stats.days} days"
+                           f" ({stats.images:,} images)", stats.success_rate))
+        if not judged:
+            return Verdict(None, "not enough traffic to judge")
+        low = [text for text, rate in judged if rate < minimum]
+        value = min(rate for _, rate in judged)
+        if low:
+            return Verdict(True, "; ".join(low) + f" (threshold {minimum:g}%)", value)
+        return Verdict(False, "; ".join(text for text, _ in judged), value)
+    return check
+
+
+def no_recent_batch_run(max_age_h: float) -> Callable[[Observation], Verdict]:
+    def check(obs: Observation) -> Verdict:
+        stats = obs.system.batch.batch_stats
+        if stats is None:
+            return Verdict(None, "batch statistics unavailable")
+        if not stats.HasField("last_run_at"):
+            watched_h = (obs.at - obs.monitoring_since) / 3600
+            return Verdict(watched_h > max_age_h,
+                           f"No batch run has finished yet (monitored for {watched_h:.1f} hours)", watched_h)
+        age = stats.last_run_age_hours
+        return Verdict(age > max_age_h, f"Last batch run was {age:.1f} hours ago (threshold {max_age_h:g} h)", age)
+    return check
+
+
+def disk_space_low(min_free_percent: float) -> Callable[[Observation], Verdict]:
+    def check(obs: Observation) -> Verdict:
+        if not obs.system.disks:
+            return Verdict(None, "no disk could be read")
+        lowest = min(obs.system.disks, key=lambda d: d.free_percent)
+        text = (f"{lowest.path} is on a disk with {lowest.free_percent:.1f}% free ({human_size(lowest.free_bytes)}"
+                f" of {human_size(lowest.total_bytes)}; threshold {min_free_percent:g}%)")
+        return Verdict(lowest.free_percent < min_free_percent, text, lowest.free_percent)
+    return check
+
+
+def high_response_time(max_s: float, min_requests: int) -> Callable[[Observation], Verdict]:
+    def check(obs: Observation) -> Verdict:
+        window = obs.api_window
+        if window is None or window.requests < min_requests:
+            return Verdict(None, "not enough requests to judge")
+        text = (f"API average response time {window.latency_s:.2f} s over the last {_span(window.seconds)}"
+                f" ({window.requests:,} requests; threshold {max_s:g} s)")
+        return Verdict(window.latency_s > max_s, text, window.latency_s)
+    return check
+
+
+@dataclass(frozen=True)
+class DriftMeasure:
+    day: str
+    distance: float
+    """Total variation distance between the day's category shares and the baseline's (0..1)."""
+    confidence: float
+    baseline_confidence: float
+    shifts: list[tuple[str, float, float]]
+    """(category, day share, baseline share), largest change first."""
+
+
+def measure_drift(stats: batch_pb2.BatchStats, min_images: int, baseline_days: int = 7) -> DriftMeasure | None:
+    """Compare the last day with images to the `baseline_days` before it; None when either side has
+    fewer than `min_images` images."""
+    days = [d for d in stats.daily if d.images > 0]
+    if len(days) < 2:
+        return None
+    last = days[-1]
+    index = list(stats.daily).index(last)
+    baseline = [d for d in list(stats.daily)[max(0, index - baseline_days):index] if d.images > 0]
+    if last.images < min_images or sum(d.images for d in baseline) < min_images:
+        return None
+    day_counts = {c.category: c.count for c in last.categories}
+    base_counts: dict[str, int] = {}
+    for d in baseline:
+        for c in d.categories:
+            base_counts[c.category] = base_counts.get(c.category, 0) + c.count
+    day_total, base_total = sum(day_counts.values()), sum(base_counts.values())
+    if not day_total or not base_total:
+        return None
+    shares = {k: (day_counts.get(k, 0) / day_total, base_counts.get(k, 0) / base_total)
+              for k in day_counts.keys() | base_counts.keys()}
+    distance = 0.5 * sum(abs(p - q) for p, q in shares.values())
+    shifts = sorted(((k, p, q) for k, (p, q) in shares.items()), key=lambda s: -abs(s[1] - s[2]))
+    weights = [max(d.images - d.failed, 0) for d in baseline]
+    base_conf = (sum(w * d.mean_confidence for w, d in zip(weights, baseline, strict=True)) / sum(weights)
+                 if sum(weights) else last.mean_confidence)
+    return DriftMeasure(last.date, distance, last.mean_confidence, base_conf, shifts)
+
+
+def drift(max_distance: float, max_confidence_drop: float, min_images: int) -> Callable[[Observation], Verdict]:
+    def check(obs: Observation) -> Verdict:
+        stats = obs.system.drift_stats
+        if stats is None:
+            return Verdict(None, "batch statistics unavailable")
+        m = measure_drift(stats, min_images)
+        if m is None:
+            return Verdict(None, "not enough images to compare")
+        shifts = ", ".join(f"{k} {p:.0%} (was {q:.0%})" for k, p, q in m.shifts[:3])
+        drop = m.baseline_confidence - m.confidence
+        text = (f"{m.day} against the previous 7 days: category distance {m.distance:.2f} "
+                f"(threshold {max_distance:g}); largest shifts: {shifts}; mean confidence "
+                f"{m.confidence:.2f} (was {m.baseline_confidence:.2f}, threshold drop {max_confidence_drop:g})")
+        return Verdict(m.distance > max_distance or drop > max_confidence_drop, text, m.distance)
+    return check
+
+
+def build_rules(settings: MonitorSettings) -> list[AlertRule]:
+    """The rules with the configured thresholds, severities and enabled flags. ValueError names an
+    unknown rule in FASHION_ALERT_DISABLED_RULES or FASHION_ALERT_SEVERITY."""
+    s = settings
+    rules = [
+        AlertRule("api_down", "API Down", Severity.CRITICAL,
+                  "the Inference service's grpc.health.v1 check fails", api_down),
+        AlertRule("high_error_rate", "High Error Rate", Severity.WARNING,
+                  f"API or batch success rate under {s.alert_success_rate_min:g}%",
+                  high_error_rate(s.alert_success_rate_min, s.alert_min_images), s.alert_success_rate_min),
+        AlertRule("no_recent_batch_run", "No Recent Batch Run", Severity.WARNING,
+                  f"last batch run more than {s.alert_batch_max_age_h:g} hours ago",
+                  no_recent_batch_run(s.alert_batch_max_age_h), s.alert_batch_max_age_h),
+        AlertRule("disk_space_low", "Disk Space Low", Severity.WARNING,
+                  f"a monitored disk has under {s.alert_disk_free_min_percent:g}% free",
+                  disk_space_low(s.alert_disk_free_min_percent), s.alert_disk_free_min_percent),
+        AlertRule("high_response_time", "High Response Time", Severity.WARNING,
+                  f"API average response time over {s.alert_response_time_max_s:g} s",
+                  high_response_time(s.alert_response_time_max_s, s.alert_min_images), s.alert_response_time_max_s),
+        AlertRule("model_load_failure", "Model Load Failure", Severity.ERROR,
+                  "the Inference service reports model_loaded = false", model_load_failure),
+        AlertRule("batch_service_down", "Batch Service Down", Severity.ERROR,
+                  "the Batch service's grpc.health.v1 check fails", batch_service_down),
+        AlertRule("drift", "Prediction Drift", Severity.WARNING,
+                  f"last day's category distance over {s.alert_drift_tvd_max:g} or mean confidence "
+                  f"drop over {s.alert_drift_confidence_drop_max:g} against the previous 7 days",
+                  drift(s.alert_drift_tvd_max, s.alert_drift_confidence_drop_max, s.alert_min_images),
+                  s.alert_drift_tvd_max),
+    ]
+    names = {r.name for r in rules}
+    unknown = (set(s.alert_disabled_rules) | set(s.alert_severity)) - names
+    if unknown:
+        raise ValueError(f"unknown alert rule(s) {sorted(unknown)} in FASHION_ALERT_DISABLED_RULES or "
+                         f"FASHION_ALERT_SEVERITY; rules are {sorted(names)}")
+    return [AlertRule(r.name, r.title, Severity(s.alert_severity.get(r.name, r.severity)), r.condition, r.check,
+                      r.threshold, r.name not in s.alert_disabled_rules) for r in rules]
+
+
+# --- the engine --------------------------------------------------------------------------------
+
+class AlertEngine:
+    """Evaluates the rules on each observation and records transitions, queueing notifications in
+    the same transaction. Not thread-safe: one evaluation at a time (the app's periodic task)."""
+
+    def __init__(self, rules: list[AlertRule], store: MonitorStore, notifier_names: list[str],
+                 cooldown_s: float, confirm_checks: int) -> None:
+        self.rules = rules
+        self.store = store
+        self.notifier_names = notifier_names
+        self.cooldown_s = cooldown_s
+        self.confirm_checks = confirm_checks
+        self.host = socket.gethostname()
+        self.records = store.records()
+        for record in self.records.values():
+            if record.state == "firing":
+                metrics.MONITOR_ALERT_FIRING.labels(record.rule, record.severity).set(1)
+
+    def evaluate(self, obs: Observation) -> int:
+        """Apply every enabled rule; returns how many notifications were queued. A rule that raises
+        is logged and skipped, never stopping the others."""
+        queued = 0
+        for rule in self.rules:
+            if not rule.enabled:
+                continue
+            try:
+                verdict = rule.check(obs)
+            except Exception:
+                log.exception("Alert rule %s failed to evaluate", rule.name)
+                continue
+            queued += self._apply(rule, verdict, obs.at)
+        return queued
+
+    def active(self) -> list[AlertRecord]:
+        return [r for r in self.records.values() if r.state == "firing"]
+
+    def _apply(self, rule: AlertRule, verdict: Verdict, now: float) -> int:
+        record = self.records.get(rule.name) or AlertRecord(rule.name, rule.title, rule.severity)
+        self.records[rule.name] = record
+        record.title, record.severity, record.threshold = rule.title, rule.severity, rule.threshold
+        if verdict.firing is None:
+            return 0
+        if not verdict.firing:
+            return self._clear(rule, record, verdict, now)
+        record.message, record.value, record.updated_at = verdict.message, verdict.value, now
+        event = None
+        if record.state != "firing":
+            record.pending_checks += 1
+            if record.pending_checks < self.confirm_checks:
+                record.state = "pending"
+                self.store.save(record)
+                return 0
+            record.state, record.started_at, record.resolved_at, record.notified = "firing", now, None, False
+            metrics.MONITOR_ALERT_FIRING.labels(rule.name, rule.severity).set(1)
+            event = HistoryEntry(0, rule.name, rule.title, rule.severity, "fired", verdict.message, now, False)
+        cooling = record.last_notified_at is not None and now - record.last_notified_at < self.cooldown_s
+        if record.notified or cooling:
+            if event is not None:
+                log.warning("Alert %s fired (notification held back by the cooldown): %s", rule.name, verdict.message)
+            self.store.save(record, event)
+            return 0
+        record.notified, record.last_notified_at = True, now
+        notification = self._notification(rule, record, "fired", now)
+        mark = record.fired_event_id if event is None else None  # a held-back incident now sent
+        if event is not None:
+            event = HistoryEntry(0, rule.name, rule.title, rule.severity, "fired", verdict.message, now, True)
+        log.log(LOG_LEVEL[rule.severity], "Alert %s fired [%s]: %s", rule.name, rule.severity, verdict.message)
+        self.store.save(record, event, [(n, notification) for n in self.notifier_names], mark_notified=mark)
+        return len(self.notifier_names)
+
+    def _clear(self, rule: AlertRule, record: AlertRecord, verdict: Verdict, now: float) -> int:
+        if record.state == "pending":
+            record.state, record.pending_checks = "ok", 0
+            self.store.save(record)
+            return 0
+        if record.state != "firing":
+            return 0
+        record.state, record.pending_checks, record.resolved_at, record.updated_at = "ok", 0, now, now
+        record.message, record.value = verdict.message, verdict.value
+        metrics.MONITOR_ALERT_FIRING.labels(rule.name, rule.severity).set(0)
+        event = HistoryEntry(0, rule.name, rule.title, rule.severity, "resolved", verdict.message, now, record.notified)
+        # Only an incident people were told about gets a resolution.
+        notifications = []
+        if record.notified:
+            text = self._notification(rule, record, "resolved", now)
+            notifications = [(n, text) for n in self.notifier_names]
+        log.info("Alert %s resolved: %s", rule.name, verdict.message)
+        self.store.save(record, event, notifications)
+        return len(notifications)
+
+    def _notification(self, rule: AlertRule, record: AlertRecord, kind: str, now: float) -> str:
+        return Notification(rule.name, rule.title, rule.severity, kind, record.message, now,
+                            record.started_at or now, rule.condition, self.host).to_json()
+
+
+def _span(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"

@@ -1,0 +1,131 @@
+"""fashion.v1.MonitorService over gRPC: a thin adapter between protobuf and the Monitor."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from fashion.v1 import monitor_pb2 as pb
+from fashion.v1 import monitor_pb2_grpc as pb_grpc
+from services.monitor.health import BatchHealthResult, BatchUnavailable, Health, ServiceCheck, SystemCheck
+from services.monitor.monitor import InvalidRequest, Monitor
+from services.monitor.store import AlertRecord, HistoryEntry
+
+T = TypeVar("T")
+
+HEALTH = {Health.HEALTHY: pb.HEALTH_STATUS_HEALTHY, Health.DEGRADED: pb.HEALTH_STATUS_DEGRADED,
+          Health.UNHEALTHY: pb.HEALTH_STATUS_UNHEALTHY}
+
+
+def status_for(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """The gRPC status for a domain error, or None for an unexpected one."""
+    if isinstance(exc, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, BatchUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    return None
+
+
+async def call(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await fn()
+    except Exception as exc:
+        status = status_for(exc)
+        if status is None:
+            raise
+        await context.abort(*status)
+        raise  # unreachable: abort raises
+
+
+class MonitorServicer(pb_grpc.MonitorServiceServicer):
+    def __init__(self, monitor: Monitor) -> None:
+        self._m = monitor
+
+    async def GetSystemHealth(self, request: pb.GetSystemHealthRequest,
+                              context: grpc.aio.ServicerContext) -> pb.SystemHealth:
+        system = await self._m.system_health()
+        active = await asyncio.to_thread(self._m.active_alerts)
+        return system_health_pb(system, len(active or []))
+
+    async def GetBatchHealth(self, request: pb.GetBatchHealthRequest,
+                             context: grpc.aio.ServicerContext) -> pb.BatchHealth:
+        result = await call(context, lambda: self._m.batch_health(request.days))
+        return batch_health_pb(result)
+
+    async def GenerateReport(self, request: pb.GenerateReportRequest,
+                             context: grpc.aio.ServicerContext) -> pb.Report:
+        files, status = await call(context, lambda: self._m.generate_report(request.chart_days, request.text_only))
+        return pb.Report(text_path=str(files.text_path.absolute()),
+                         html_path=str(files.html_path.absolute()) if files.html_path else "",
+                         chart_paths=[str(p.absolute()) for p in files.chart_paths], text=files.text,
+                         status=HEALTH[status], generated_at=_ts(files.generated_at.timestamp()))
+
+    async def ListAlerts(self, request: pb.ListAlertsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListAlertsResponse:
+        async def listing():  # type: ignore[no-untyped-def]
+            return await asyncio.to_thread(self._m.list_alerts, request.history_limit, request.rule)
+
+        result = await call(context, listing)
+        return pb.ListAlertsResponse(
+            active=[alert_pb(a) for a in result.active],
+            history=[event_pb(e) for e in result.history],
+            rules=[pb.AlertRuleInfo(rule=r.name, title=r.title, severity=_severity(r.severity),
+                                    condition=r.condition, enabled=r.enabled) for r in result.rules],
+            pending_notifications=result.pending_notifications,
+        )
+
+
+# --- domain → protobuf ---------------------------------------------------------------------------
+
+def _ts(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _severity(name: str) -> pb.Severity.ValueType:
+    return pb.Severity.Value(f"SEVERITY_{name}")
+
+
+def service_pb(s: ServiceCheck) -> pb.ServiceHealth:
+    msg = pb.ServiceHealth(name=s.name, address=s.address, status=HEALTH[s.status], serving_status=s.serving_status,
+                           message=s.message, latency_ms=s.latency_ms, checked_at=_ts(s.checked_at.timestamp()))
+    if s.inference_stats is not None:
+        msg.inference_stats.CopyFrom(s.inference_stats)
+    if s.batch_stats is not None:
+        msg.batch_stats.CopyFrom(s.batch_stats)
+    return msg
+
+
+def system_health_pb(system: SystemCheck, active_alerts: int) -> pb.SystemHealth:
+    return pb.SystemHealth(
+        status=HEALTH[system.status], services=[service_pb(s) for s in system.services],
+        disks=[pb.DiskSpace(path=str(d.path), total_bytes=d.total_bytes, free_bytes=d.free_bytes,
+                            free_percent=d.free_percent, folder_bytes=d.folder_bytes) for d in system.disks],
+        checked_at=_ts(system.checked_at.timestamp()), active_alerts=active_alerts)
+
+
+def batch_health_pb(r: BatchHealthResult) -> pb.BatchHealth:
+    return pb.BatchHealth(status=HEALTH[r.status], message=r.message, recent_run=r.recent_run,
+                          max_age_hours=r.max_age_hours, recent_errors=r.recent_errors, stats=r.stats,
+                          success_rate_min=r.success_rate_min, checked_at=_ts(r.checked_at.timestamp()))
+
+
+def alert_pb(a: AlertRecord) -> pb.Alert:
+    msg = pb.Alert(rule=a.rule, title=a.title, severity=_severity(a.severity),
+                   state=pb.ALERT_STATE_FIRING if a.state == "firing" else pb.ALERT_STATE_RESOLVED,
+                   message=a.message, value=a.value, threshold=a.threshold, notified=a.notified)
+    for name in ("started_at", "updated_at", "resolved_at"):
+        value = getattr(a, name)
+        if value is not None:
+            getattr(msg, name).CopyFrom(_ts(value))
+    return msg
+
+
+def event_pb(e: HistoryEntry) -> pb.AlertEvent:
+    return pb.AlertEvent(rule=e.rule, title=e.title, severity=_severity(e.severity), kind=e.kind, message=e.message,
+                         at=_ts(e.at), notified=e.notified)

@@ -1,0 +1,129 @@
+"""`fashion monitor health|dashboard|alerts` as users run them: the installed command in a
+subprocess, against real services."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.monitor.conftest import monitor_env, start_monitor, unused_address
+from tests.monitor.test_service import SECTIONS, assert_valid_png
+from tests.support import ServiceProcess
+
+FASHION = str(Path(sys.executable).with_name("fashion"))
+
+
+def fashion(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "COLUMNS": "200", "OTEL_SDK_DISABLED": "true", **env}
+    return subprocess.run([FASHION, "monitor", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture(scope="module")
+def monitor(tmp_path_factory: pytest.TempPathFactory, inference_server: ServiceProcess) -> Iterator[ServiceProcess]:
+    workdir = tmp_path_factory.mktemp("monitor-cli")
+    svc = start_monitor(workdir, monitor_env(workdir, inference_server.address, unused_address(),
+                                             FASHION_MONITOR_CHECK_INTERVAL_S="1"))
+    try:
+        yield svc
+    finally:
+        svc.terminate()
+
+
+def test_health_via_the_monitor_exits_1_and_says_what_is_unhealthy(monitor: ServiceProcess, tmp_path: Path) -> None:
+    run = fashion("health", "--address", monitor.address, cwd=tmp_path)
+    assert run.returncode == 1, run.stderr
+    out = run.stdout
+    assert "inference" in out and "✓ HEALTHY" in out and "model linear-test v7 loaded" in out
+    assert "batch" in out and "✗ UNHEALTHY" in out and "unreachable" in out
+    assert "BATCH PROCESSING HEALTH CHECK" in out and "Recent Execution: ✗ UNKNOWN" in out
+    assert "Something is not healthy" in out
+
+    run = fashion("health", "--address", monitor.address, "--json", cwd=tmp_path)
+    assert run.returncode == 1
+    report = json.loads(run.stdout)
+    assert report["healthy"] is False
+    assert [s["name"] for s in report["system"]["services"]] == ["inference", "batch"]
+    assert report["system"]["services"][0]["status"] == "HEALTH_STATUS_HEALTHY"
+    assert "Batch service" in report["batch"]["error"]
+
+
+def test_health_without_a_monitor_checks_from_the_command_itself(
+        inference_server: ServiceProcess, tmp_path: Path) -> None:
+    down = unused_address()
+    env = {"FASHION_INFERENCE_ADDRESS": inference_server.address, "FASHION_BATCH_ADDRESS": unused_address()}
+    run = fashion("health", "--address", down, cwd=tmp_path, **env)
+    assert run.returncode == 1
+    assert f"Monitor service at {down} unreachable" in run.stderr
+    assert "monitor" in run.stdout and "model linear-test v7 loaded" in run.stdout
+
+    run = fashion("health", "--embedded", "--json", cwd=tmp_path, **env)
+    assert run.returncode == 1 and run.stderr == ""
+    assert json.loads(run.stdout)["system"]["services"][0]["status"] == "HEALTH_STATUS_HEALTHY"
+
+
+def test_dashboard_via_the_monitor_and_embedded(monitor: ServiceProcess, inference_server: ServiceProcess,
+                                                tmp_path: Path) -> None:
+    run = fashion("dashboard", "--address", monitor.address, "--days", "14", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    for section in SECTIONS:
+        assert section in run.stdout
+    assert "by the Monitor service" in run.stdout
+
+    out_dir = tmp_path / "my-reports"
+    env = {"FASHION_INFERENCE_ADDRESS": inference_server.address, "FASHION_BATCH_ADDRESS": unused_address(),
+           "FASHION_MONITOR_STATE_DB": str(tmp_path / "none.db")}
+    run = fashion("dashboard", "--output-dir", str(out_dir), "--json", cwd=tmp_path, **env)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert Path(report["textPath"]).parent == out_dir
+    text = Path(report["textPath"]).read_text()
+    for section in SECTIONS:
+        assert section in text
+    assert "Not available: alert state is kept by the Monitor service" in text
+    assert len(report["chartPaths"]) == 4
+    for path in report["chartPaths"]:
+        assert_valid_png(Path(path))
+    assert Path(report["htmlPath"]).stat().st_size > sum(Path(p).stat().st_size for p in report["chartPaths"])
+
+
+def test_alerts_lists_active_alerts_history_and_rules(monitor: ServiceProcess, tmp_path: Path) -> None:
+    from tests.monitor.conftest import wait_until
+
+    wait_until(lambda: "Batch Service Down" in fashion("alerts", "--address", monitor.address, cwd=tmp_path).stdout,
+               20, "the batch alert in `fashion monitor alerts`")
+    run = fashion("alerts", "--address", monitor.address, "--rules", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "Active alerts" in run.stdout and "ERROR" in run.stdout and "History" in run.stdout
+    assert "Rules" in run.stdout and "drift" in run.stdout and "under 95%" in run.stdout
+    run = fashion("alerts", "--address", monitor.address, "--json", "--rule", "batch_service_down", cwd=tmp_path)
+    listing = json.loads(run.stdout)
+    assert [a["rule"] for a in listing["active"]] == ["batch_service_down"]
+    assert listing["history"][0]["kind"] == "fired"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("dashboard", "--days", "0"), "days must be between 1 and 366, got 0"),
+    (("health", "--days", "week"), "not a whole number of days: 'week'"),
+    (("alerts", "--history", "-2"), "must be between 1 and 10000, got -2"),
+])
+def test_bad_arguments_exit_2_naming_the_problem(args: tuple[str, ...], message: str, tmp_path: Path) -> None:
+    run = fashion(*args, cwd=tmp_path)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+
+
+def test_alerts_with_an_unknown_rule_reports_the_servers_error(monitor: ServiceProcess, tmp_path: Path) -> None:
+    run = fashion("alerts", "--address", monitor.address, "--rule", "nope", cwd=tmp_path)
+    assert run.returncode == 2
+    assert "error: INVALID_ARGUMENT: unknown rule 'nope'" in run.stderr
+
+
+def test_alerts_needs_the_monitor(tmp_path: Path) -> None:
+    run = fashion("alerts", "--address", unused_address(), cwd=tmp_path)
+    assert run.returncode == 2 and "error: UNAVAILABLE" in run.stderr
