@@ -19,7 +19,7 @@ from opentelemetry import trace
 
 from services.common import metrics
 from services.common.config import InferenceSettings
-from services.inference.batcher import BatchTiming, DynamicBatcher
+from services.inference.batcher import BatchingExecutor, BatchTiming, DynamicBatcher
 from services.inference.engine import OnnxModel
 from services.inference.imaging import ImageRejected, Preprocessor
 from services.inference.model import ModelManifest
@@ -103,6 +103,7 @@ class Classifier:
         self.load_error: str | None = None
         self._pre: Preprocessor | None = None
         self._batcher: DynamicBatcher | None = None
+        self._decoder: BatchingExecutor[bytes, np.ndarray | ImageRejected] | None = None
         self._decode_pool = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="decode")
         self._labels: tuple[str, ...] = ()
         self.min_confidence = 0.0
@@ -130,6 +131,10 @@ class Classifier:
                                        max_delay_s=self.settings.max_delay_ms / 1000,
                                        max_queue_size=self.settings.max_queue_size)
         self._batcher.start()
+        pre = self._pre
+        self._decoder = BatchingExecutor(lambda images: _decode_chunk(pre, images), self._decode_pool,
+                                         workers=max(1, self.settings.decode_threads))
+        self._decoder.start()
         metrics.MODEL_LOADED.labels(manifest.name).set(1)
         self.load_error = None
 
@@ -140,6 +145,9 @@ class Classifier:
         return model
 
     async def close(self) -> None:
+        if self._decoder is not None:
+            decoder, self._decoder = self._decoder, None
+            await decoder.stop()
         if self._batcher is not None:
             batcher, self._batcher = self._batcher, None
             await batcher.stop()
@@ -147,11 +155,11 @@ class Classifier:
             metrics.MODEL_LOADED.labels(self.manifest.name).set(0)
         self._decode_pool.shutdown(wait=False)
 
-    def _require(self) -> tuple[Preprocessor, DynamicBatcher]:
-        if self._batcher is None or self._pre is None:
+    def _require(self) -> tuple[Preprocessor, DynamicBatcher, BatchingExecutor[bytes, np.ndarray | ImageRejected]]:
+        if self._batcher is None or self._pre is None or self._decoder is None:
             raise ModelNotReady((self.load_error and f"model failed to load: {self.load_error}")
                                 or "model is loading; retry shortly")
-        return self._pre, self._batcher
+        return self._pre, self._batcher, self._decoder
 
     def clamp_top_k(self, top_k: int) -> int:
         """The requested k, or the default for 0, within [1, number of classes]."""
@@ -159,14 +167,14 @@ class Classifier:
 
     async def classify(self, image: bytes, top_k: int = 0) -> Classification:
         """One encoded image. Raises ImageRejected, ModelNotReady or QueueFull."""
-        pre, batcher = self._require()
+        _, batcher, decoder = self._require()
         start = time.perf_counter()
         ok = False
         try:
             with tracer.start_as_current_span("decode"):
-                decode_start = time.perf_counter()
-                x = await asyncio.get_running_loop().run_in_executor(self._decode_pool, pre, image)
-                metrics.DECODE_DURATION.observe(time.perf_counter() - decode_start)
+                x = await decoder.submit(image)
+            if isinstance(x, ImageRejected):
+                raise x
             probs, timing = await batcher.submit(x[None])
             _record_batch_spans(timing)
             latency_ms = (time.perf_counter() - start) * 1000
@@ -184,7 +192,7 @@ class Classifier:
         the images stand for in the statistics (1 for ClassifyBatch, one per message for streams).
         """
         ks = [top_k] * len(images) if isinstance(top_k, int) else list(top_k)
-        pre, batcher = self._require()
+        pre, batcher, _ = self._require()
         start = time.perf_counter()
         good: list[Classification | ImageRejected] = []
         try:
@@ -207,7 +215,7 @@ class Classifier:
 
     async def infer_tensor(self, x: np.ndarray) -> np.ndarray:
         """Raw preprocessed tensor (N, *input_shape) -> probabilities (N, classes) (KServe V2)."""
-        _, batcher = self._require()
+        _, batcher, _ = self._require()
         assert self.manifest is not None
         start = time.perf_counter()
         ok = False

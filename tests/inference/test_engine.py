@@ -1,0 +1,48 @@
+"""Execution provider choice and the ONNX session on a real model folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from services.inference import engine
+from services.inference.model import ModelFolderError, ModelManifest
+from tests.support import linear_expected
+
+
+@pytest.mark.parametrize(("available", "preference", "expected"), [
+    (["CPUExecutionProvider"], "auto", ["CPUExecutionProvider"]),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "auto", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu", ["CPUExecutionProvider"]),
+    (["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+])
+def test_cuda_preferred_when_onnxruntime_offers_it(monkeypatch, available, preference, expected) -> None:
+    monkeypatch.setattr(ort, "get_available_providers", lambda: available)
+    assert engine.choose_providers(preference) == expected
+
+
+def test_cuda_demanded_but_absent_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="execution_provider=cuda"):
+        engine.choose_providers("cuda")
+
+
+def test_session_runs_the_model_and_reports_its_provider(linear_model) -> None:
+    folder, wb = linear_model
+    model = engine.OnnxModel(ModelManifest.load(folder), "auto", intra_op_threads=1)
+    assert model.provider == ort.get_available_providers()[0] or model.provider == "CPUExecutionProvider"
+    x = np.random.default_rng(0).normal(size=(5, 1, 28, 28)).astype(np.float32)
+    np.testing.assert_allclose(model.run(x), linear_expected(wb, x), rtol=1e-4, atol=1e-6)
+    model.warm_up()
+
+
+def test_manifest_errors_name_the_problem(tmp_path) -> None:
+    with pytest.raises(ModelFolderError, match="no manifest.json"):
+        ModelManifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"labels": ["a", "b"], "color_mode": "CMYK"}')
+    with pytest.raises(ModelFolderError, match="color_mode"):
+        ModelManifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"labels": ["a", "b"]}')
+    with pytest.raises(ModelFolderError, match="no model.onnx"):
+        ModelManifest.load(tmp_path)
