@@ -38,11 +38,11 @@ def test_session_runs_the_model_and_reports_its_provider(linear_model) -> None:
 
 
 def test_manifest_errors_name_the_problem(tmp_path) -> None:
-    with pytest.raises(ModelFolderError, match="no manifest.json"):
+    with pytest.raises(ModelFolderError, match=r"no manifest\.json"):
         ModelManifest.load(tmp_path)
     (tmp_path / "manifest.json").write_text('{"labels": ["a", "b"], "color_mode": "CMYK"}')
     with pytest.raises(ModelFolderError, match="color_mode"):
         ModelManifest.load(tmp_path)
     (tmp_path / "manifest.json").write_text('{"labels": ["a", "b"]}')
-    with pytest.raises(ModelFolderError, match="no model.onnx"):
+    with pytest.raises(ModelFolderError, match=r"no model\.onnx"):
         ModelManifest.load(tmp_path)
