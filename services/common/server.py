@@ -77,6 +77,7 @@ class RequestObserver(grpc.aio.ServerInterceptor):
             async def unary_unary(request, context):  # type: ignore[no-untyped-def]
                 start = time.perf_counter()
                 code, note = grpc.StatusCode.OK, ""
+                peer = context.peer()
                 self._in_flight.inc()
                 try:
                     return await inner_uu(request, context)
@@ -85,7 +86,7 @@ class RequestObserver(grpc.aio.ServerInterceptor):
                     raise
                 finally:
                     self._in_flight.dec()
-                    observe(method, context, code, note, time.perf_counter() - start, latency, 1)
+                    observe(method, context, peer, code, note, time.perf_counter() - start, latency, 1)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer)
@@ -103,6 +104,9 @@ class RequestObserver(grpc.aio.ServerInterceptor):
         async def streaming(request, context):  # type: ignore[no-untyped-def]
             start = time.perf_counter()
             code, note = grpc.StatusCode.OK, ""
+            # Read now: a stream's `finally` may run after the client has gone and the call is
+            # freed, and context.peer() on a freed call segfaults the process.
+            peer = context.peer()
             counter = [1]
             if handler.request_streaming:
                 request, counter = counting(request)
@@ -118,7 +122,7 @@ class RequestObserver(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 self._in_flight.dec()
-                observe(method, context, code, note, time.perf_counter() - start, latency, counter[0])
+                observe(method, context, peer, code, note, time.perf_counter() - start, latency, counter[0])
 
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
@@ -134,8 +138,8 @@ class RequestObserver(grpc.aio.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(
             stream_unary, handler.request_deserializer, handler.response_serializer)
 
-    def _observe(self, method: str, context: grpc.aio.ServicerContext, code: grpc.StatusCode, note: str,
-                 elapsed: float, latency: metrics.Histogram, messages: int) -> None:
+    def _observe(self, method: str, context: grpc.aio.ServicerContext, peer: str, code: grpc.StatusCode,
+                 note: str, elapsed: float, latency: metrics.Histogram, messages: int) -> None:
         if code == grpc.StatusCode.OK:
             set_code = context.code()
             if isinstance(set_code, grpc.StatusCode) and set_code != grpc.StatusCode.OK:
@@ -151,7 +155,7 @@ class RequestObserver(grpc.aio.ServerInterceptor):
             extra = f" messages={messages}" if messages != 1 else ""
             detail = f' detail="{note}"' if note else ""
             self._log.log(level, "method=%s status=%s latency_ms=%.2f peer=%s%s%s",
-                          method, code.name, elapsed * 1000, context.peer(), extra, detail)
+                          method, code.name, elapsed * 1000, peer, extra, detail)
 
 
 def _status_of(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:

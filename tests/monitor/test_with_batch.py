@@ -1,0 +1,130 @@
+"""The Monitor against a real Batch service process (and the shared Inference service): batch
+health, the report's batch sections and `fashion monitor health` read from GetBatchStats."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fashion.client import BatchClient, MonitorClient
+from fashion.v1 import batch_pb2
+from fashion.v1 import monitor_pb2 as pb
+from tests.images import encode, fashion_images
+from tests.monitor.conftest import monitor_env, needs_batch, start_monitor
+from tests.monitor.test_cli import fashion
+from tests.monitor.test_service import SECTIONS, assert_valid_png
+from tests.support import ServiceProcess, free_port, start_service
+
+pytestmark = [needs_batch, pytest.mark.timeout(180)]
+
+
+@dataclass
+class Stack:
+    batch: ServiceProcess
+    monitor: ServiceProcess
+    data: Path
+    first_job: batch_pb2.Job
+
+
+def run_job(batch: ServiceProcess, data: Path, files: dict[str, bytes]) -> batch_pb2.Job:
+    inbox = data / "inbox"
+    inbox.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (inbox / name).write_bytes(content)
+    with BatchClient(batch.address) as client:
+        job = client.submit("inbox")
+        job = client.wait(job.job_id, timeout_s=90)
+    assert job.state == batch_pb2.JOB_STATE_SUCCEEDED, job
+    return job
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, inference_server: ServiceProcess) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("with-batch")
+    data = workdir / "data"
+    port = free_port()
+    batch = start_service("services.batch", workdir / "batch", {
+        "FASHION_BATCH_HOST": "127.0.0.1", "FASHION_BATCH_PORT": str(port), "FASHION_BATCH_METRICS_PORT": "0",
+        "FASHION_DATA_ROOT": str(data), "FASHION_RESULTS_DIR": str(workdir / "results"),
+        "FASHION_INFERENCE_ADDRESS": inference_server.address, "FASHION_BATCH_SCHEDULE": "",
+        "FASHION_LOG_DIR": str(workdir / "batch-logs"), "FASHION_BATCH_MIN_CONFIDENCE": "0",
+        "FASHION_BATCH_FSYNC": "false", "OTEL_SDK_DISABLED": "true",
+        "PYTHONFAULTHANDLER": "1",  # a crash of the service shows its stack in the output
+    }, f"127.0.0.1:{port}")
+    monitor = None
+    try:
+        batch.wait_serving()
+        x, _ = fashion_images(30)
+        job = run_job(batch, data, {f"product_{i:03}.png": encode(img) for i, img in enumerate(x)})
+        monitor = start_monitor(workdir / "monitor", monitor_env(
+            workdir / "monitor", inference_server.address, batch.address, FASHION_MONITOR_CHECK_INTERVAL_S="1",
+            FASHION_ALERT_DISK_FREE_MIN_PERCENT="0"))  # this machine's free space must not decide the test
+        yield Stack(batch, monitor, data, job)
+    finally:
+        if monitor is not None:
+            monitor.terminate()
+        batch.terminate()
+
+
+def test_everything_healthy_after_a_clean_run(stack: Stack, tmp_path: Path) -> None:
+    with MonitorClient(stack.monitor.address) as client:
+        system = client.system_health()
+        batch = client.batch_health()
+    assert [(s.name, s.status) for s in system.services] == [
+        ("inference", pb.HEALTH_STATUS_HEALTHY), ("batch", pb.HEALTH_STATUS_HEALTHY)]
+    assert system.status == pb.HEALTH_STATUS_HEALTHY
+    assert system.services[1].batch_stats.runs == 1 and "last run 0.0 hours ago" in system.services[1].message
+    assert batch.status == pb.HEALTH_STATUS_HEALTHY and batch.recent_run
+    assert batch.message == "Last run was 0.0 hours ago" and batch.max_age_hours == 26
+    assert batch.stats.runs == 1 and batch.stats.images == 30 and batch.stats.successful == 30
+    assert {c.category: c.count for c in batch.stats.top_categories} == dict(stack.first_job.categories)
+
+    run = fashion("health", "--address", stack.monitor.address, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for line in ["Recent Execution: ✓ HEALTHY", "  Last run was 0.0 hours ago", "Recent Errors: ✓ No errors detected",
+                 "Last 7 Days Statistics:", "  Total runs: 1", "  Images processed: 30", "  Successful: 30",
+                 "  Failed: 0", "  Success rate: 100.0%", "All systems healthy"]:
+        assert line in run.stdout, line
+
+
+def test_report_shows_the_batch_statistics(stack: Stack) -> None:
+    with MonitorClient(stack.monitor.address) as client:
+        report = client.generate_report()
+    text = report.text
+    for section in SECTIONS:
+        assert section in text
+    top = max(stack.first_job.categories.items(), key=lambda kv: kv[1])
+    for line in ["  ✓ Status: HEALTHY\n     Message: Last run 0.0 hours ago", "  Total Runs: 1",
+                 "  Images Processed: 30", "  Success Rate: 100.0%", "  Failed: 0", "  Top Categories:",
+                 f"    - {top[0]}: {top[1]}", "  ✓ No recent errors detected"]:
+        assert line in text, line
+    assert report.status == pb.HEALTH_STATUS_HEALTHY
+    for path in report.chart_paths:
+        assert_valid_png(Path(path))
+
+
+def test_batch_errors_show_in_health_report_and_cli(stack: Stack, tmp_path: Path) -> None:
+    x, _ = fashion_images(5, start=30)
+    files = {f"more_{i}.png": encode(img) for i, img in enumerate(x)}
+    files["broken_scan.png"] = b"this is not an image"
+    job = run_job(stack.batch, stack.data, files)
+    assert job.failed == 1
+    with MonitorClient(stack.monitor.address) as client:
+        batch = client.batch_health(days=3)
+        report = client.generate_report(text_only=True)
+    assert batch.status == pb.HEALTH_STATUS_DEGRADED and batch.recent_run
+    assert batch.stats.days == 3 and batch.stats.runs == 2 and batch.stats.failed == 1
+    assert any("broken_scan.png" in e for e in batch.recent_errors)
+    assert "RECENT ERRORS:\n  ✗ 1 recent errors (newest first):\n    - " in report.text
+    assert "broken_scan.png" in report.text and "  Total Runs: 2" in report.text
+
+    run = fashion("health", "--address", stack.monitor.address, "--json", cwd=tmp_path)
+    assert run.returncode == 1
+    out = json.loads(run.stdout)
+    assert out["healthy"] is False and out["batch"]["status"] == "HEALTH_STATUS_DEGRADED"
+    run = fashion("health", "--address", stack.monitor.address, cwd=tmp_path)
+    assert "Recent Errors: ✗ 1 errors detected" in run.stdout and "broken_scan.png" in run.stdout
