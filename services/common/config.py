@@ -42,6 +42,35 @@ class CommonSettings(BaseSettings):
     """host:port of the Monitor service."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM, how long in-flight calls may take to finish before the server exits."""
+    # Security: the same variables configure a service's server side and its calls to the other
+    # services (fashion.client.ChannelOptions.from_env reads them too).
+    tls: bool = False
+    """Clients (the CLI, the gateway, calls between services) reach the services over TLS."""
+    tls_ca: Path | None = None
+    """CA bundle that signed the services' certificates, trusted by clients; system roots when unset."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) of this process: servers serve TLS when it and tls_key are set; clients
+    present it as their client certificate (mTLS)."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+    tls_client_ca: Path | None = None
+    """CA bundle of client certificates: when set, servers require and verify one (mutual TLS)."""
+    tls_server_name: str = ""
+    """Name clients expect in the services' certificates when it differs from the address's host."""
+    health_port: int = 0
+    """With TLS on, also serve grpc.health.v1 alone in plaintext on this port, for Kubernetes
+    grpc probes (which cannot speak TLS); 0: off."""
+    auth_token: SecretStr | None = None
+    """Bearer token: servers refuse calls without it (UNAUTHENTICATED, HTTP 401; health, reflection and
+    metrics excepted) and clients send it. Unset with auth_token_file unset: no authentication."""
+    auth_token_file: Path | None = None
+    """File holding the bearer token (a mounted secret), used when auth_token is unset."""
+    grpc_lb_policy: Literal["pick_first", "round_robin"] = "pick_first"
+    """Client load balancing: round_robin spreads calls over every address a name resolves to (use it
+    with a headless Kubernetes Service, e.g. dns:///fashion-inference-headless:50051)."""
+    max_connection_age_s: float = 0.0
+    """Servers close client connections older than this (in-flight calls finish), so clients re-resolve
+    and spread over new replicas; 0: never."""
 
 
 class InferenceSettings(CommonSettings):
@@ -183,3 +212,31 @@ class MonitorSettings(CommonSettings):
                 raise ValueError(f"expected rule=SEVERITY pairs, got {value!r}")
             return {rule.strip(): level.strip().upper() for rule, level in pairs}
         return value
+
+
+class GatewaySettings(CommonSettings):
+    """The REST gateway: HTTP/JSON in front of the gRPC services, with no logic of its own."""
+
+    gateway_host: str = "0.0.0.0"
+    """Interface the gateway listens on."""
+    gateway_port: int = 8080
+    """HTTP port of the gateway (/predict, /health, /stats, /batch/jobs, /monitor, /metrics, /docs)."""
+    gateway_workers: int = Field(default=1, ge=1, le=64)
+    """uvicorn worker processes (each with its own gRPC channels); /metrics then shows one worker's counters."""
+    gateway_timeout_s: float = Field(default=30.0, gt=0)
+    """Deadline of each gRPC call the gateway makes (HTTP 504 when it passes)."""
+    max_upload_bytes: int = Field(default=10 * MIB, ge=1024)
+    """Largest request body of POST /predict (one image); larger: HTTP 413 before the body is read."""
+    max_batch_upload_bytes: int = Field(default=15 * MIB, ge=1024)
+    """Largest request body of POST /predict/batch; keep it under max_message_bytes."""
+    max_batch_files: int = Field(default=256, ge=1)
+    """Most images in one POST /predict/batch."""
+    gateway_max_concurrency: int = Field(default=0, ge=0)
+    """Requests handled at once beyond which new ones get HTTP 503 (0: no limit)."""
+    gateway_cors_origins: Annotated[list[str], NoDecode] = []
+    """Comma-separated origins browsers may call the gateway from (CORS); empty: none."""
+
+    @field_validator("gateway_cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        return _comma_list(value)

@@ -1,5 +1,6 @@
 """What every gRPC service shares: server options, the request observer (access log and
-metrics), grpc.health.v1, reflection, and graceful shutdown on SIGTERM."""
+metrics), the optional bearer-token check, TLS binding, grpc.health.v1, reflection, and graceful
+shutdown on SIGTERM."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics
 from services.common.config import CommonSettings
+from services.common.security import AuthInterceptor, TokenSource, server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,15 @@ def channel_options(settings: CommonSettings) -> list[tuple[str, int]]:
 
 
 def server_options(settings: CommonSettings) -> list[tuple[str, int]]:
-    return [
+    options = [
         *channel_options(settings),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 0),
     ]
+    if settings.max_connection_age_s > 0:
+        # Clients reconnect (and re-resolve DNS) now and then, so new replicas get their share.
+        options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
+    return options
 
 
 class RequestObserver(grpc.aio.ServerInterceptor):
@@ -50,7 +56,9 @@ class RequestObserver(grpc.aio.ServerInterceptor):
     def __init__(self, service: str, logger: logging.Logger | None = None) -> None:
         self._service = service
         self._log = logger or logging.getLogger(f"{service}.access")
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        # Keyed by handler too: an inner interceptor (the token check) may answer a method with a
+        # different handler per call; the handler is kept so that its id stays unique.
+        self._wrapped: dict[tuple[str, int], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self._in_flight = metrics.GRPC_IN_FLIGHT.labels(service)
 
     async def intercept_service(
@@ -62,10 +70,11 @@ class RequestObserver(grpc.aio.ServerInterceptor):
         method = details.method
         if handler is None or method.startswith(_UNOBSERVED_PREFIXES):
             return handler
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            wrapped = self._wrapped[method] = self._wrap(method, handler)
-        return wrapped
+        key = (method, id(handler))
+        entry = self._wrapped.get(key)
+        if entry is None:
+            entry = self._wrapped[key] = (handler, self._wrap(method, handler))
+        return entry[1]
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         latency = metrics.GRPC_LATENCY.labels(self._service, method)
@@ -171,12 +180,48 @@ def _status_of(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[g
 
 def create_server(settings: CommonSettings, service: str,
                   extra_interceptors: Iterable[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
-    """A grpc.aio server with the shared options and the request observer."""
+    """A grpc.aio server with the shared options, the request observer and, when a token is
+    configured, the bearer-token check (after the observer, so refusals are logged and counted)."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [RequestObserver(service)]
+    tokens = TokenSource(settings)
+    if tokens.enabled:
+        interceptors.append(AuthInterceptor(tokens))
     return grpc.aio.server(
-        interceptors=[RequestObserver(service), *extra_interceptors],
+        interceptors=[*interceptors, *extra_interceptors],
         options=server_options(settings),
         maximum_concurrent_rpcs=None,
     )
+
+
+# Plaintext health-only servers started by bind(), stopped after their main server.
+_health_companions: dict[int, grpc.aio.Server] = {}
+
+
+async def bind(server: grpc.aio.Server, settings: CommonSettings, address: str,
+               health_servicer: health.aio.HealthServicer | None = None) -> int:
+    """Listen on `address`: TLS when tls_cert and tls_key are set (mutual TLS when tls_client_ca
+    is set too), else plaintext. Returns the bound port.
+
+    With TLS and health_port set, grpc.health.v1 alone is also served in plaintext on health_port
+    (same statuses), because Kubernetes grpc probes cannot speak TLS."""
+    creds = server_credentials(settings)
+    if creds is None:
+        port = server.add_insecure_port(address)
+        log.info("Listening on %s (plaintext%s)", address,
+                 ", bearer token required" if TokenSource(settings).enabled else "")
+        return port
+    port = server.add_secure_port(address, creds)
+    log.info("Listening on %s (TLS%s%s)", address, ", client certificates required" if settings.tls_client_ca else "",
+             ", bearer token required" if TokenSource(settings).enabled else "")
+    if settings.health_port and health_servicer is not None:
+        companion = grpc.aio.server(options=server_options(settings))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, companion)
+        host = address.rsplit(":", 1)[0]
+        companion.add_insecure_port(f"{host}:{settings.health_port}")
+        await companion.start()
+        _health_companions[id(server)] = companion
+        log.info("grpc.health.v1 also in plaintext on %s:%d (for probes)", host, settings.health_port)
+    return port
 
 
 async def add_health_and_reflection(server: grpc.aio.Server,
@@ -215,6 +260,9 @@ async def serve_until_signal(server: grpc.aio.Server, health_servicer: health.ai
     log.info("Shutting down: marking NOT_SERVING and draining in-flight calls (grace %.1fs)", grace_s)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace_s)
+    companion = _health_companions.pop(id(server), None)
+    if companion is not None:
+        await companion.stop(0)
     if on_stop is not None:
         await on_stop()
     stop_wait.cancel()

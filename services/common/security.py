@@ -1,0 +1,181 @@
+"""Transport security shared by the gRPC services and the REST gateway: TLS (optionally mutual)
+from certificate files, and an optional bearer token checked on every call but health checks,
+reflection and metrics.
+
+One set of settings (FASHION_TLS*, FASHION_AUTH_TOKEN[_FILE], see config.CommonSettings) configures
+a process's server side and its calls to the other services. The token is compared in constant
+time and never logged: refusals name the reason ("missing", "invalid"), not the value.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+
+from fashion.client import ChannelOptions
+from services.common.config import CommonSettings
+
+log = logging.getLogger(__name__)
+
+# Calls that never need the token: probes and tooling must work without secrets.
+PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+TOKEN_RECHECK_S = 5.0  # how often a token file is looked at again (secret rotation without restart)
+
+
+class SecurityConfigError(ValueError):
+    """TLS or token settings that cannot work (a key without its certificate, an unreadable file)."""
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SecurityConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
+def tls_enabled(settings: CommonSettings) -> bool:
+    """Whether servers serve TLS: both the certificate and its key are set (one alone is an error)."""
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise SecurityConfigError("FASHION_TLS_CERT and FASHION_TLS_KEY must be set together")
+    if settings.tls_client_ca and not settings.tls_cert:
+        raise SecurityConfigError("FASHION_TLS_CLIENT_CA (mutual TLS) needs FASHION_TLS_CERT and FASHION_TLS_KEY")
+    return settings.tls_cert is not None
+
+
+def server_credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials of a gRPC server, requiring client certificates when tls_client_ca is set;
+    None for plaintext."""
+    if not tls_enabled(settings):
+        return None
+    assert settings.tls_cert is not None and settings.tls_key is not None
+    client_ca = _read(settings.tls_client_ca, "client CA") if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(_read(settings.tls_key, "TLS key"), _read(settings.tls_cert, "TLS certificate"))],
+        root_certificates=client_ca, require_client_auth=client_ca is not None,
+    )
+
+
+class TokenSource:
+    """The expected bearer token, from auth_token or auth_token_file. A file is re-read when it
+    changes (checked every few seconds), so a rotated Kubernetes Secret needs no restart."""
+
+    def __init__(self, settings: CommonSettings) -> None:
+        self._fixed = settings.auth_token.get_secret_value() if settings.auth_token else None
+        self._path = settings.auth_token_file if self._fixed is None else None
+        self._token: bytes | None = self._fixed.encode() if self._fixed else None
+        self._mtime = 0.0
+        self._checked = 0.0
+        if self._path is not None:
+            self._reload()
+            if not self._token:
+                raise SecurityConfigError(f"the token file {self._path} is empty")
+
+    @property
+    def enabled(self) -> bool:
+        return self._token is not None
+
+    def _reload(self) -> None:
+        assert self._path is not None
+        try:
+            mtime = os.stat(self._path).st_mtime
+        except OSError as exc:
+            if self._token is None:
+                raise SecurityConfigError(f"cannot read the token file {self._path}: {exc.strerror}") from exc
+            return  # keep the last good token while a Secret update swaps the file
+        if mtime != self._mtime:
+            token = _read(self._path, "token file").strip()
+            if token:
+                self._token, self._mtime = token, mtime
+
+    def current(self) -> bytes | None:
+        if self._path is not None and time.monotonic() - self._checked > TOKEN_RECHECK_S:
+            self._checked = time.monotonic()
+            self._reload()
+        return self._token
+
+    def check(self, authorization: str | bytes | None) -> str | None:
+        """None when the `authorization` header value carries the token, else why not."""
+        expected = self.current()
+        if expected is None:
+            return None
+        if not authorization:
+            return "missing bearer token (send 'authorization: Bearer <token>')"
+        value = authorization.encode() if isinstance(authorization, str) else authorization
+        scheme, _, token = value.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), expected):
+            return "invalid bearer token"
+        return None
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without the bearer token with UNAUTHENTICATED, before the handler runs.
+    Health checks and reflection pass without it."""
+
+    def __init__(self, tokens: TokenSource) -> None:
+        self._tokens = tokens
+        # One refusing handler per (method, reason): outer interceptors may cache by handler.
+        self._refusals: dict[tuple[str, str], grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(PUBLIC_METHOD_PREFIXES):
+            return handler
+        header = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        refusal = self._tokens.check(header)
+        if refusal is None:
+            return handler
+        key = (details.method, refusal)
+        refusing = self._refusals.get(key)
+        if refusing is None:
+            refusing = self._refusals[key] = _refusing(handler, refusal)
+        return refusing
+
+
+def _refusing(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that aborts with UNAUTHENTICATED."""
+
+    async def abort(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+    async def abort_stream(request: object, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+
+    des, ser = handler.request_deserializer, handler.response_serializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(abort, des, ser)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(abort_stream, des, ser)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(abort, des, ser)
+    return grpc.stream_stream_rpc_method_handler(abort_stream, des, ser)
+
+
+def client_options(settings: CommonSettings, address: str, **overrides: object) -> ChannelOptions:
+    """ChannelOptions for calls from this process to another service, from the same settings that
+    configure its server side: TLS when tls (or tls_ca) is set, the client certificate for mTLS,
+    the bearer token, message limits, load-balancing policy."""
+    token = TokenSource(settings).current() if (settings.auth_token or settings.auth_token_file) else None
+    values: dict[str, object] = {
+        "address": address,
+        "tls": settings.tls or settings.tls_ca is not None,
+        "root_ca": settings.tls_ca,
+        "client_cert": settings.tls_cert,
+        "client_key": settings.tls_key,
+        "server_name": settings.tls_server_name,
+        "token": token.decode() if token else None,
+        "max_message_bytes": settings.max_message_bytes,
+        "lb_policy": settings.grpc_lb_policy,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ChannelOptions(**values)  # type: ignore[arg-type]
