@@ -134,6 +134,9 @@ class MonitorSettings(CommonSettings):
     """Folder of the dashboard: report_<ts>.txt, chart PNGs and dashboard_<ts>.html."""
     report_chart_days: int = Field(default=30, ge=1, le=366)
     """Days shown by the dashboard charts."""
+    report_cron: str = ""
+    """When the Monitor writes the dashboard and emails the text report, as the seed's daily cron job did:
+    a cron expression in local time ("0 9 * * *": daily at 09:00; a 6th field counts seconds); empty: never."""
     report_folders: Annotated[list[Path], NoDecode] = [Path("results/batch_results"), Path("logs"), Path("data")]
     """Comma-separated folders whose size the report lists and whose disks the disk-space rule watches."""
     alert_success_rate_min: float = 95.0
@@ -197,6 +200,15 @@ class MonitorSettings(CommonSettings):
     """Longest wait between two delivery attempts."""
     notify_give_up_h: float = Field(default=24.0, gt=0)
     """A notification still undelivered after this many hours is dropped (logged as an error)."""
+
+    @field_validator("report_cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        from croniter import croniter
+
+        if value.strip() and not croniter.is_valid(value.strip()):
+            raise ValueError(f"not a cron expression: {value!r} (e.g. \"0 9 * * *\" for daily at 09:00)")
+        return value.strip()
 
     @field_validator("report_folders", "alert_disabled_rules", "smtp_to", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 
 from fashion.v1 import monitor_pb2 as pb
 from fashion.v1 import monitor_pb2_grpc as pb_grpc
@@ -16,6 +17,8 @@ from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
 from services.common.tracing import setup_tracing, shutdown_tracing
 from services.monitor.monitor import Monitor
+from services.monitor.notifiers import NotificationError, build_notifiers
+from services.monitor.rules import build_rules
 from services.monitor.servicer import MonitorServicer
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,7 @@ async def serve(settings: MonitorSettings | None = None) -> None:
     pb_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(monitor), server)
     health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES)
     address = f"{settings.monitor_host}:{settings.monitor_port}"
-    server.add_insecure_port(address)
+    await grpc_server.bind(server, settings, address, health)
     await server.start()
     await grpc_server.set_serving(health, SERVICE_NAMES, True)
     log.info("Monitor service listening on %s: checking %s and %s every %gs; state in %s",
@@ -43,6 +46,9 @@ async def serve(settings: MonitorSettings | None = None) -> None:
              settings.monitor_state_db)
     assert monitor.outbox is not None
     tasks = [asyncio.ensure_future(monitor.run_evaluations()), asyncio.ensure_future(monitor.outbox.run())]
+    if settings.report_cron:
+        tasks.append(asyncio.ensure_future(monitor.run_scheduled_reports()))
+        log.info("Scheduled report: %s (to %s)", settings.report_cron, ", ".join(monitor.outbox.notifiers) or "nobody")
 
     async def on_stop() -> None:
         for task in tasks:
@@ -57,4 +63,11 @@ async def serve(settings: MonitorSettings | None = None) -> None:
 
 
 def main() -> None:
-    asyncio.run(serve())
+    try:  # a wrong setting stops the start with the reason, before anything listens
+        settings = MonitorSettings()
+        build_rules(settings)
+        build_notifiers(settings)
+    except (ValueError, NotificationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    asyncio.run(serve(settings))

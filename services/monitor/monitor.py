@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
+from croniter import croniter
+
 from services.common import metrics
 from services.common.config import MonitorSettings
 from services.monitor.dashboard import Dashboard, ReportData, ReportFiles
@@ -23,7 +25,7 @@ from services.monitor.health import (
     batch_health,
     worst,
 )
-from services.monitor.notifiers import NotificationOutbox, build_notifiers
+from services.monitor.notifiers import Notification, NotificationOutbox, build_notifiers
 from services.monitor.rules import AlertEngine, AlertRule, ApiStatsWindow, Observation, build_rules
 from services.monitor.store import AlertRecord, HistoryEntry, MonitorStore
 
@@ -147,6 +149,24 @@ class Monitor:
         if await asyncio.to_thread(self.engine.evaluate, obs):
             self.outbox.wake()
         return system
+
+    async def run_scheduled_reports(self) -> None:
+        """Write the dashboard and send the text report (HTML attached to the email) at each time of
+        FASHION_REPORT_CRON, until cancelled: the seed's daily `dashboard.py && mail` cron job."""
+        assert self.store is not None and self.outbox is not None
+        schedule = croniter(self.settings.report_cron, datetime.now())
+        while True:
+            due = schedule.get_next(datetime)
+            await asyncio.sleep(max(0.0, (due - datetime.now()).total_seconds()))
+            try:
+                files, status = await self.generate_report()
+                title = f"Monitoring Report {files.generated_at:%Y-%m-%d %H:%M} ({status})"
+                text = Notification("report", title, "INFO", "report", files.text, time.time(), time.time(),
+                                    attachment=str(files.html_path or "")).to_json()
+                await asyncio.to_thread(self.store.enqueue, [(n, text) for n in self.outbox.notifiers])
+                self.outbox.wake()
+            except Exception:
+                log.exception("Scheduled report failed; the next one runs at its time")
 
     async def run_evaluations(self) -> None:
         """Check and evaluate every monitor_check_interval_s until cancelled; a failed cycle is

@@ -49,20 +49,26 @@ class Notification:
     title: str
     severity: str
     kind: str
-    """"fired" or "resolved"."""
+    """"fired", "resolved" or "report" (the scheduled report: title is the subject, message the text)."""
     message: str
     at: float
     started_at: float
     condition: str = ""
     host: str = ""
+    attachment: str = ""
+    """A file emailed along (the scheduled report's HTML dashboard); Slack gets the text only."""
 
     @property
     def subject(self) -> str:
+        if self.kind == "report":
+            return self.title
         if self.kind == "resolved":
             return f"[INFO] Resolved: {self.title}"
         return f"[{self.severity}] {self.title}"
 
     def body(self) -> str:
+        if self.kind == "report":
+            return self.message
         lines = [self.title, ""]
         if self.kind == "resolved":
             lines += [f"Status: RESOLVED after {_duration(self.at - self.started_at)}",
@@ -129,6 +135,12 @@ class EmailNotifier:
         msg["Date"] = formatdate(localtime=True)
         msg["Message-ID"] = make_msgid(domain=s.smtp_from.rpartition("@")[2] or None)
         msg.set_content(notification.body())
+        if notification.attachment:
+            try:
+                page = Path(notification.attachment).read_bytes()
+                msg.add_attachment(page, maintype="text", subtype="html", filename=Path(notification.attachment).name)
+            except OSError as exc:  # the report folder was cleaned up: send the text anyway
+                log.warning("Not attaching %s: %s", notification.attachment, exc.strerror)
         try:
             context = ssl.create_default_context(cafile=str(s.smtp_ca_file) if s.smtp_ca_file else None)
             smtp: smtplib.SMTP
@@ -166,6 +178,10 @@ class SlackNotifier:
         return _secret(self.settings.slack_webhook_url, self.settings.slack_webhook_url_file)
 
     def payload(self, notification: Notification) -> dict[str, str]:
+        if notification.kind == "report":
+            text = f":bar_chart: *{notification.subject}*\n```\n{notification.message}```"
+            return {"text": text, "username": self.settings.slack_username,
+                    "icon_emoji": self.settings.slack_icon_emoji}
         if notification.kind == "resolved":
             head = f":white_check_mark: *{notification.subject}*"
         else:

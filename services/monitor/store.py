@@ -169,6 +169,13 @@ class MonitorStore:
                            " VALUES (?, ?, ?, ?)", [(n, text, now, now) for n, text in notifications])
         return event_id
 
+    def enqueue(self, notifications: Sequence[tuple[str, str]]) -> None:
+        """Queue notifications that belong to no alert (the scheduled report)."""
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany("INSERT INTO outbox (notifier, notification, next_attempt_at, created_at)"
+                           " VALUES (?, ?, ?, ?)", [(n, text, now, now) for n, text in notifications])
+
     def history(self, limit: int, rule: str = "") -> list[HistoryEntry]:
         query = "SELECT id, rule, title, severity, kind, message, at, notified FROM alert_history"
         args: tuple[object, ...] = ()

@@ -121,3 +121,27 @@ def test_a_failing_mail_server_is_logged_and_retried_until_it_takes_the_alert(tm
     finally:
         inbox.stop()
         monitor.kill()
+
+
+def test_scheduled_report_is_emailed_with_the_dashboard_attached(
+        tmp_path: Path, smtp_inbox: SmtpInbox, webhook: WebhookReceiver) -> None:
+    env = monitor_env(tmp_path, unused_address(), unused_address(), FASHION_SMTP_HOST="127.0.0.1",
+                      FASHION_SMTP_PORT=str(smtp_inbox.port), FASHION_SMTP_TO="ops@fashion.example",
+                      FASHION_SLACK_WEBHOOK_URL=webhook.url, FASHION_REPORT_CRON="* * * * * */2",
+                      FASHION_MONITOR_CHECK_INTERVAL_S="30")
+    monitor = start_monitor(tmp_path, env)
+    try:
+        wait_until(lambda: any(s.startswith("Monitoring Report") for s in smtp_inbox.subjects()), 30,
+                   "the scheduled report email", monitor.output)
+        mail = next(m for m in smtp_inbox.messages if str(m["Subject"]).startswith("Monitoring Report"))
+        assert str(mail["Subject"]).endswith("(UNHEALTHY)")  # nothing is running
+        body = mail.get_body(("plain",)).get_content()
+        assert body.startswith("FASHION CLASSIFIER - MONITORING REPORT") and "BATCH STATISTICS (Last 7 Days):" in body
+        (page,) = list(mail.iter_attachments())
+        assert page.get_content_type() == "text/html" and page.get_filename().startswith("dashboard_")
+        assert page.get_content().count("data:image/png;base64,") == 4
+        wait_until(lambda: any(t.startswith(":bar_chart: *Monitoring Report") for t in webhook.texts()), 10,
+                   "the report on Slack", monitor.output)
+        assert list((tmp_path / "reports").glob("report_*.txt"))
+    finally:
+        monitor.kill()

@@ -129,3 +129,19 @@ def test_list_alerts_shows_rules_and_the_batch_alert(monitor: ServiceProcess) ->
     assert "api_down" not in [a.rule for a in active]
     down = next(a for a in active if a.rule == "batch_service_down")
     assert down.severity == pb.SEVERITY_ERROR and down.state == pb.ALERT_STATE_FIRING and down.started_at.seconds
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"FASHION_ALERT_DISABLED_RULES": "api_down,api_dwon"}, "unknown alert rule(s) ['api_dwon']"),
+    ({"FASHION_SMTP_HOST": "mail.example"}, "FASHION_SMTP_TO has no recipient"),
+    ({"FASHION_REPORT_CRON": "daily"}, "not a cron expression: 'daily'"),
+])
+def test_a_wrong_setting_stops_the_start_with_the_reason(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "services.monitor"], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, **monitor_env(tmp_path, unused_address(), unused_address()), **env},
+                         timeout=60)
+    assert run.returncode == 2 and message in run.stderr, run.stderr
