@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fashion.v1 import batch_pb2, batch_pb2_grpc
 from fashion.v1 import inference_pb2 as inference_pb
 from fashion.v1 import inference_pb2_grpc as inference_grpc
-from services.common import metrics
+from services.common import metrics, security
 from services.common.config import MonitorSettings
 from services.common.server import channel_options
 
@@ -208,7 +208,8 @@ class SystemChecker:
                 ("grpc.min_reconnect_backoff_ms", min(200, backoff_ms)),
                 ("grpc.max_reconnect_backoff_ms", backoff_ms),
             ]
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=options)
+            # TLS and the bearer token as configured (FASHION_TLS*, FASHION_AUTH_TOKEN[_FILE]).
+            channel = self._channels[address] = security.aio_channel(self.settings, address, options)
         return channel
 
     async def close(self) -> None:
