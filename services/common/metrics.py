@@ -66,6 +66,17 @@ MONITOR_PENDING_NOTIFICATIONS = Gauge(
     "fashion_monitor_pending_notifications", "Notifications waiting for delivery or a retry",
 )
 
+# --- REST gateway ----------------------------------------------------------------------------
+HTTP_REQUESTS = Counter(
+    "fashion_http_requests", "HTTP requests handled by the gateway, by route template, method and status",
+    ["route", "method", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "fashion_http_request_duration_seconds", "Gateway HTTP request duration, first byte in to last byte out",
+    ["route", "method"], buckets=LATENCY_BUCKETS,
+)
+HTTP_IN_FLIGHT = Gauge("fashion_http_requests_in_flight", "HTTP requests being handled by the gateway")
+
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> int:
     """Serve /metrics on `port` (0 disables). Returns the port, or 0 when disabled."""

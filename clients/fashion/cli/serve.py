@@ -10,6 +10,7 @@ SERVICES = {
     "inference": "services.inference.app",
     "batch": "services.batch.app",
     "monitor": "services.monitor.app",
+    "gateway": "services.gateway.app",
 }
 
 

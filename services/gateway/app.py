@@ -1,0 +1,152 @@
+"""The REST gateway process: FastAPI on uvicorn (uvloop, httptools), talking to the Inference, Batch
+and Monitor services over gRPC with the shared client, TLS and token settings.
+
+HTTP side: optional TLS (mutual with FASHION_TLS_CLIENT_CA), optional bearer token on everything
+but /health, /healthz, /metrics and the API docs, upload limits, JSON errors, access log in
+logs/gateway.log, Prometheus /metrics, and OpenTelemetry spans that continue an incoming
+`traceparent` into the gRPC calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request, Security
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from fashion.client import AsyncInferenceClient
+from fashion.client.batch import AsyncBatchClient
+from fashion.client.monitor import AsyncMonitorClient
+from services.common.config import GatewaySettings
+from services.common.logs import setup_logging
+from services.common.security import TokenSource, client_options, tls_enabled
+from services.common.tracing import setup_tracing, shutdown_tracing
+from services.gateway import errors, routes
+from services.gateway.middleware import AccessLog, BodyLimit, Limit
+
+log = logging.getLogger(__name__)
+
+VERSION = "1.0.0"
+UNTRACED_URLS = "//[^/]+/health$,//[^/]+/healthz$,//[^/]+/metrics$"  # regexes searched in full URLs
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an image of max_upload_bytes
+JSON_BODY_LIMIT = 1024 * 1024
+
+
+@dataclass
+class Backends:
+    """The gateway's clients, one channel per service, created inside the event loop."""
+
+    inference: AsyncInferenceClient
+    batch: AsyncBatchClient
+    monitor: AsyncMonitorClient
+
+    @classmethod
+    def connect(cls, settings: GatewaySettings) -> Backends:
+        def options(address: str):  # type: ignore[no-untyped-def]
+            return client_options(settings, address, timeout_s=settings.gateway_timeout_s)
+
+        return cls(AsyncInferenceClient(options(settings.inference_address)),
+                   AsyncBatchClient(options(settings.batch_address)),
+                   AsyncMonitorClient(options(settings.monitor_address)))
+
+    async def close(self) -> None:
+        for client in (self.inference, self.batch, self.monitor):
+            await client.close()
+
+
+def _token_check(tokens: TokenSource):  # type: ignore[no-untyped-def]
+    scheme = HTTPBearer(auto_error=False, description="The token of FASHION_AUTH_TOKEN / FASHION_AUTH_TOKEN_FILE")
+
+    async def require_token(request: Request,
+                            _: Annotated[HTTPAuthorizationCredentials | None, Security(scheme)]) -> None:
+        refusal = tokens.check(request.headers.get("authorization"))
+        if refusal is not None:
+            raise errors.ApiError(401, refusal, headers={"WWW-Authenticate": "Bearer"})
+
+    return require_token
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    """The ASGI application. Logging and tracing are set up by the caller (see `factory`)."""
+    settings = settings or GatewaySettings()
+    tokens = TokenSource(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.backends = Backends.connect(settings)
+        log.info("Gateway ready: Inference at %s, Batch at %s, Monitor at %s%s", settings.inference_address,
+                 settings.batch_address, settings.monitor_address,
+                 "; bearer token required" if tokens.enabled else "")
+        yield
+        await app.state.backends.close()
+        shutdown_tracing()  # flush the last spans
+
+    app = FastAPI(title="Fashion classifier", version=VERSION, lifespan=lifespan, redoc_url=None,
+                  description="Classify fashion product photos; run and watch batch sorting jobs; system health. "
+                              "Errors are JSON: {\"error\": {\"status\", \"code\", \"message\"}}.")
+    errors.install(app)
+    protected = [Depends(_token_check(tokens))] if tokens.enabled else []
+    app.include_router(routes.public)
+    app.include_router(routes.inference_router(settings), dependencies=protected)
+    app.include_router(routes.batch_router(), dependencies=protected)
+    app.include_router(routes.monitor_router(), dependencies=protected)
+    limits = {
+        "/predict": Limit(settings.max_upload_bytes + MULTIPART_OVERHEAD, "max_upload_bytes",
+                          settings.max_upload_bytes),
+        "/predict/batch": Limit(settings.max_batch_upload_bytes, "max_batch_upload_bytes",
+                                settings.max_batch_upload_bytes),
+    }
+    json_limit = Limit(JSON_BODY_LIMIT, "", JSON_BODY_LIMIT)  # job submissions and the like
+    app.add_middleware(BodyLimit, limits=limits, default=json_limit)
+    app.add_middleware(AccessLog)  # outside the limit, so refusals are logged and counted
+    if settings.gateway_cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.gateway_cors_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type",
+                                                                         "traceparent", "tracestate"])
+    return app
+
+
+def factory() -> FastAPI:
+    """What each uvicorn worker runs: logs to logs/gateway.log, tracing (before any channel), the app."""
+    settings = GatewaySettings()
+    setup_logging(settings, "gateway")
+    provider = setup_tracing("fashion-gateway")
+    app = create_app(settings)
+    if provider is not None:
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, excluded_urls=UNTRACED_URLS,
+                                           exclude_spans=["receive", "send"])
+    return app
+
+
+def uvicorn_ssl(settings: GatewaySettings) -> dict[str, object]:
+    """uvicorn's TLS arguments from the shared TLS settings (none when TLS is off)."""
+    if not tls_enabled(settings):
+        return {}
+    kwargs: dict[str, object] = {"ssl_certfile": str(settings.tls_cert), "ssl_keyfile": str(settings.tls_key)}
+    if settings.tls_client_ca:
+        kwargs.update(ssl_ca_certs=str(settings.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return kwargs
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    TokenSource(settings)  # a bad token file fails here, with its reason, before workers start
+    # uvicorn re-raises SIGTERM after its graceful shutdown; exit 0 then, with the logs flushed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    uvicorn.run(
+        "services.gateway.app:factory", factory=True, host=settings.gateway_host, port=settings.gateway_port,
+        workers=settings.gateway_workers, loop="uvloop", http="httptools", log_config=None, access_log=False,
+        server_header=False, limit_concurrency=settings.gateway_max_concurrency or None,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s), **uvicorn_ssl(settings),  # type: ignore[arg-type]
+    )

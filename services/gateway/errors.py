@@ -1,0 +1,126 @@
+"""Every gateway error as JSON: {"error": {"status": 400, "code": "INVALID_ARGUMENT", "message": "..."}}.
+
+gRPC status codes from the services are mapped to HTTP here and nowhere else (the mapping of
+google.rpc.Code to HTTP, except where noted).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    # The caller was authenticated by the gateway; a service refusing the gateway's own credentials is
+    # a gateway misconfiguration the caller cannot fix.
+    grpc.StatusCode.UNAUTHENTICATED: 502,
+    grpc.StatusCode.PERMISSION_DENIED: 502,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+# HTTP statuses the gateway answers itself, and the code name its body carries.
+HTTP_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
+              413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE", 500: "INTERNAL", 503: "UNAVAILABLE"}
+
+
+class ErrorDetail(BaseModel):
+    status: int
+    """The HTTP status code, repeated."""
+    code: str
+    """gRPC status name (INVALID_ARGUMENT, UNAVAILABLE, ...) or PAYLOAD_TOO_LARGE, ..."""
+    message: str
+    """What went wrong, for people."""
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    """An error the gateway answers itself (too large, malformed request, missing token)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+        self.code = code or HTTP_CODES.get(status, "ERROR")
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"status": status, "code": code, "message": message}}, status, headers=headers)
+
+
+def from_grpc(exc: grpc.RpcError, service: str = "") -> JSONResponse:
+    code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else grpc.StatusCode.UNKNOWN
+    status = HTTP_STATUS.get(code, 500)
+    details = (exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None) or str(exc)
+    message = details
+    if code == grpc.StatusCode.UNAVAILABLE and service:
+        message = f"{service} service unavailable: {details}"
+    elif status == 502:
+        message = f"the {service or 'backend'} service refused the gateway's credentials: {details}"
+    if status >= 500:
+        log.error("%s call failed: %s %s", service or "gRPC", code.name, details)
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return error_response(status, code.name, message, headers)
+
+
+def service_of(path: str) -> str:
+    """Which service a gateway path talks to, for error messages."""
+    for prefix, service in (("/batch", "Batch"), ("/monitor", "Monitor")):
+        if path.startswith(prefix):
+            return service
+    return "Inference"
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+    return "; ".join(parts) or "invalid request"
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every failure into the JSON error body."""
+
+    @app.exception_handler(grpc.aio.AioRpcError)
+    async def _grpc(request: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
+        return from_grpc(exc, service_of(request.url.path))
+
+    @app.exception_handler(ApiError)
+    async def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(400, "INVALID_ARGUMENT", _validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "ERROR")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("Unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "INTERNAL", f"internal error ({type(exc).__name__})")

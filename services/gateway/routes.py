@@ -1,0 +1,226 @@
+"""The gateway's HTTP routes: each one call (or two) to a gRPC service through fashion.client, and a
+translation of the answer to JSON. No decision is taken here that a service could take."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import Annotated
+
+import grpc
+from fastapi import APIRouter, File, Path, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from fashion.client import AsyncInferenceClient
+from fashion.client.batch import AsyncBatchClient
+from fashion.client.monitor import AsyncMonitorClient
+from fashion.v1 import batch_pb2, monitor_pb2
+from fashion.v1 import inference_pb2 as pb
+from services.common.config import GatewaySettings
+from services.gateway import protojson
+from services.gateway.errors import HTTP_STATUS, ApiError, ErrorBody
+from services.gateway.schemas import ApiStats, BatchPrediction, Health, Prediction, SubmitJob
+
+log = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 5.0
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 429, 502, 503, 504)}
+Job = protojson.schema(batch_pb2.Job.DESCRIPTOR)
+JobList = protojson.schema(batch_pb2.ListJobsResponse.DESCRIPTOR)
+BatchStats = protojson.schema(batch_pb2.BatchStats.DESCRIPTOR)
+SystemHealth = protojson.schema(monitor_pb2.SystemHealth.DESCRIPTOR)
+BatchHealth = protojson.schema(monitor_pb2.BatchHealth.DESCRIPTOR)
+Alerts = protojson.schema(monitor_pb2.ListAlertsResponse.DESCRIPTOR)
+Report = protojson.schema(monitor_pb2.Report.DESCRIPTOR)
+ModelInfo = protojson.schema(pb.ModelInfo.DESCRIPTOR)
+
+
+def inference(request: Request) -> AsyncInferenceClient:
+    return request.app.state.backends.inference
+
+
+def batch(request: Request) -> AsyncBatchClient:
+    return request.app.state.backends.batch
+
+
+def monitor(request: Request) -> AsyncMonitorClient:
+    return request.app.state.backends.monitor
+
+
+def _now() -> str:
+    return datetime.now().isoformat(timespec="seconds")
+
+
+def _top_k(r: pb.ClassifyResponse) -> list[dict[str, object]]:
+    return [{"label": c.label, "index": c.index, "confidence": c.confidence} for c in r.top_k]
+
+
+# --- no token needed: probes and scrapers ------------------------------------------------------
+public = APIRouter(tags=["health"])
+
+
+@public.get("/health", response_model=Health, responses={503: {"model": Health}})
+async def health(request: Request) -> JSONResponse:
+    """The REST API's health check: healthy (200) when the Inference service is SERVING with its
+    model loaded, else unhealthy (503)."""
+    client = inference(request)
+    try:
+        serving, stats = await asyncio.gather(client.health(timeout_s=HEALTH_TIMEOUT_S),
+                                              client.stats(timeout_s=HEALTH_TIMEOUT_S))
+    except grpc.aio.AioRpcError as exc:
+        log.warning("Health: Inference service check failed: %s %s", exc.code().name, exc.details())
+        return JSONResponse({"status": "unhealthy", "model_loaded": False, "classes": 0, "timestamp": _now()}, 503)
+    healthy = serving == "SERVING" and stats.model_loaded
+    if not healthy:
+        log.warning("Health: Inference service is %s, model loaded: %s", serving, stats.model_loaded)
+    body = {"status": "healthy" if healthy else "unhealthy", "model_loaded": stats.model_loaded,
+            "classes": stats.classes, "timestamp": _now()}
+    return JSONResponse(body, 200 if healthy else 503)
+
+
+@public.get("/healthz", include_in_schema=False)
+async def healthz() -> dict[str, str]:
+    """The gateway process itself (Kubernetes liveness and readiness): no backend is called."""
+    return {"status": "ok"}
+
+
+@public.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+async def prometheus_metrics() -> Response:
+    """Prometheus metrics of the gateway: HTTP requests by route and status, latency, in flight."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- Inference -------------------------------------------------------------------------------
+def inference_router(settings: GatewaySettings) -> APIRouter:
+    router = APIRouter(tags=["inference"], responses=ERRORS)
+    max_files = settings.max_batch_files
+
+    @router.get("/stats", response_model=ApiStats)
+    async def stats(request: Request) -> JSONResponse:
+        """The REST API's statistics: counters of the Inference service since its start."""
+        s = await inference(request).stats()
+        return JSONResponse({
+            "uptime_seconds": int(s.uptime_seconds), "uptime_human": s.uptime_human,
+            "total_requests": int(s.total_requests), "total_images_processed": int(s.total_images_processed),
+            "successful_predictions": int(s.successful_predictions), "failed_predictions": int(s.failed_predictions),
+            "success_rate": float(s.success_rate), "model_loaded": s.model_loaded, "timestamp": s.timestamp,
+        })
+
+    @router.post("/predict", response_model=Prediction)
+    async def predict(request: Request,
+                      file: Annotated[UploadFile, File(description="The image file (JPEG, PNG, WebP, BMP, GIF, TIFF)")],
+                      top_k: Annotated[int, Query(ge=0, le=1000, description="categories returned; 0: 3")] = 0,
+                      ) -> JSONResponse:
+        """Classify one uploaded image: its category, confidence and the top-k categories."""
+        r = await inference(request).classify(await file.read(), top_k=top_k)
+        return JSONResponse({
+            "filename": file.filename, "category": r.category, "confidence": r.confidence,
+            "uncertain": r.uncertain, "top_k": _top_k(r), "model_name": r.model_name,
+            "model_version": r.model_version, "latency_ms": r.latency_ms,
+        })
+
+    @router.post("/predict/batch", response_model=BatchPrediction)
+    async def predict_batch(request: Request,
+                            files: Annotated[list[UploadFile], File(description="The image files")],
+                            top_k: Annotated[int, Query(ge=0, le=1000)] = 0) -> JSONResponse:
+        """Classify several images in one call. A bad image fails only its own result (`error`)."""
+        if len(files) > max_files:
+            raise ApiError(400, f"{len(files)} files in one batch; at most {max_files} (FASHION_MAX_BATCH_FILES)")
+        images = [await f.read() for f in files]
+        resp = await inference(request).classify_batch(images, top_k=top_k)
+        results = []
+        for f, r in zip(files, resp.results, strict=True):
+            if r.HasField("error"):
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                code = next((c for c in grpc.StatusCode if c.value[0] == r.error.code), code)
+                results.append({"filename": f.filename, "error": {
+                    "status": HTTP_STATUS.get(code, 500), "code": code.name, "message": r.error.message}})
+            else:
+                results.append({"filename": f.filename, "category": r.category, "confidence": r.confidence,
+                                "uncertain": r.uncertain, "top_k": _top_k(r)})
+        return JSONResponse({"results": results, "model_name": resp.model_name, "model_version": resp.model_version,
+                             "latency_ms": resp.latency_ms})
+
+    @router.get("/model", response_model=ModelInfo)
+    async def model_info(request: Request) -> JSONResponse:
+        """The served model: name, version, labels, input, execution provider."""
+        return JSONResponse(protojson.to_json(await inference(request).model_info()))
+
+    return router
+
+
+# --- Batch -----------------------------------------------------------------------------------
+JobId = Annotated[str, Path(min_length=1, max_length=200)]
+
+
+def batch_router() -> APIRouter:
+    router = APIRouter(prefix="/batch", tags=["batch"], responses={**ERRORS, 404: {"model": ErrorBody}})
+
+    @router.post("/jobs", response_model=Job, status_code=201)
+    async def submit_job(request: Request, body: SubmitJob) -> JSONResponse:
+        """Start sorting a folder. Paths are relative to the Batch service's data root."""
+        job = await batch(request).submit(body.input_dir, mode=body.mode or "", min_confidence=body.min_confidence,
+                                          recursive=body.recursive, output_dir=body.output_dir,
+                                          idempotency_key=body.idempotency_key)
+        return JSONResponse(protojson.to_json(job), 201)
+
+    @router.get("/jobs", response_model=JobList)
+    async def list_jobs(request: Request, limit: Annotated[int, Query(ge=0, le=1000)] = 0,
+                        state: Annotated[str | None, Query(description="queued, running, waiting, succeeded, "
+                                                                       "failed or cancelled")] = None) -> JSONResponse:
+        """Jobs, most recent first (limit 0: 50)."""
+        number = batch_pb2.JOB_STATE_UNSPECIFIED
+        if state:
+            try:
+                number = protojson.enum_number(batch_pb2.JobState.DESCRIPTOR, state)
+            except ValueError as exc:
+                raise ApiError(400, str(exc)) from None
+        return JSONResponse(protojson.to_json(await batch(request).list(limit=limit, state=number)))
+
+    @router.get("/jobs/{job_id}", response_model=Job)
+    async def get_job(request: Request, job_id: JobId) -> JSONResponse:
+        return JSONResponse(protojson.to_json(await batch(request).get(job_id)))
+
+    @router.post("/jobs/{job_id}/cancel", response_model=Job)
+    async def cancel_job(request: Request, job_id: JobId) -> JSONResponse:
+        """Stop a queued or running job; files already sorted stay sorted."""
+        return JSONResponse(protojson.to_json(await batch(request).cancel(job_id)))
+
+    @router.get("/stats", response_model=BatchStats)
+    async def batch_stats(request: Request, days: Annotated[int, Query(ge=0, le=366)] = 0) -> JSONResponse:
+        """Run history of the last `days` (0: 7)."""
+        return JSONResponse(protojson.to_json(await batch(request).stats(days=days)))
+
+    return router
+
+
+# --- Monitor ---------------------------------------------------------------------------------
+def monitor_router() -> APIRouter:
+    router = APIRouter(prefix="/monitor", tags=["monitor"], responses=ERRORS)
+
+    @router.get("/health", response_model=SystemHealth)
+    async def system_health(request: Request) -> JSONResponse:
+        """The Monitor service's check of every service and disk, now."""
+        return JSONResponse(protojson.to_json(await monitor(request).system_health()))
+
+    @router.get("/batch-health", response_model=BatchHealth)
+    async def batch_health(request: Request, days: Annotated[int, Query(ge=0, le=366)] = 0) -> JSONResponse:
+        """The batch processing health check: last run age, recent errors, statistics (days 0: 7)."""
+        return JSONResponse(protojson.to_json(await monitor(request).batch_health(days=days)))
+
+    @router.get("/alerts", response_model=Alerts)
+    async def alerts(request: Request, history_limit: Annotated[int, Query(ge=0, le=10000)] = 0,
+                     rule: str = "") -> JSONResponse:
+        """Active alerts, the alert history and the configured rules."""
+        return JSONResponse(protojson.to_json(await monitor(request).alerts(history_limit=history_limit, rule=rule)))
+
+    @router.post("/reports", response_model=Report, status_code=201)
+    async def generate_report(request: Request, chart_days: Annotated[int, Query(ge=0, le=366)] = 0,
+                              text_only: bool = False) -> JSONResponse:
+        """Write the dashboard (text report, charts, HTML page) on the Monitor service's machine."""
+        report = await monitor(request).generate_report(chart_days=chart_days, text_only=text_only)
+        return JSONResponse(protojson.to_json(report), 201)
+
+    return router

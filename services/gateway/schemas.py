@@ -1,0 +1,85 @@
+"""Request and response bodies of the gateway that are not plain protobuf messages (those are in
+protojson): the seed's /health and /stats, predictions, and the job submission."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from services.gateway.errors import ErrorDetail
+
+
+class Health(BaseModel):
+    """The REST API's /health, field for field."""
+
+    status: Literal["healthy", "unhealthy"]
+    model_loaded: bool
+    classes: int
+    timestamp: str = Field(examples=["2025-10-07T12:00:00"])
+
+
+class ApiStats(BaseModel):
+    """The REST API's /stats, field for field (counters of the Inference service since its start)."""
+
+    uptime_seconds: int
+    uptime_human: str = Field(examples=["1:00:00"])
+    total_requests: int
+    total_images_processed: int
+    successful_predictions: int
+    failed_predictions: int
+    success_rate: float = Field(examples=[97.93])
+    model_loaded: bool
+    timestamp: str = Field(examples=["2025-10-07T12:00:00"])
+
+
+class TopCategory(BaseModel):
+    label: str
+    index: int
+    confidence: float
+
+
+class Prediction(BaseModel):
+    filename: str | None
+    category: str
+    confidence: float
+    uncertain: bool
+    """True when confidence is under the model's threshold: probably not a fashion item."""
+    top_k: list[TopCategory]
+    model_name: str
+    model_version: str
+    latency_ms: float
+    """Server-side time of the Inference service for this image."""
+
+
+class BatchItem(BaseModel):
+    """One image of a batch: the prediction fields, or `error` when this image could not be used."""
+
+    filename: str | None
+    category: str | None = None
+    confidence: float | None = None
+    uncertain: bool | None = None
+    top_k: list[TopCategory] = []
+    error: ErrorDetail | None = None
+
+
+class BatchPrediction(BaseModel):
+    results: list[BatchItem]
+    model_name: str
+    model_version: str
+    latency_ms: float
+
+
+class SubmitJob(BaseModel):
+    """A batch job: sort the images of a folder (under the Batch service's data root) into category folders."""
+
+    input_dir: str = Field(min_length=1, examples=["inbox"])
+    mode: Literal["move", "copy"] | None = None
+    """move (the default) or copy."""
+    min_confidence: float | None = Field(default=None, ge=0, le=1)
+    """Results below it go to _uncertain/; unset: the model's default."""
+    recursive: bool = False
+    output_dir: str = ""
+    """Where the category folders go (under the data root); default processed_batches."""
+    idempotency_key: str = ""
+    """Submitting twice with the same key returns the first job."""
