@@ -217,14 +217,15 @@ class SystemChecker:
             await channel.close()
         self._channels.clear()
 
-    async def check(self, with_sizes: bool = False) -> SystemCheck:
-        """Everything at once: both services, their statistics, the drift window, the disks."""
+    async def check(self, with_sizes: bool = False, with_drift: bool = False) -> SystemCheck:
+        """Both services with their statistics and the disks at once; with_sizes adds the folder
+        sizes (the report), with_drift the 8-day window of the drift rule (the evaluation)."""
         folders = list(self.settings.report_folders)
         inference, batch, disks = await asyncio.gather(
             self.check_inference(), self.check_batch(),
             asyncio.to_thread(disk_checks, folders, with_sizes))
         drift = None
-        if batch.batch_stats is not None:
+        if with_drift and batch.batch_stats is not None:
             try:
                 drift = await self.batch_stats(DRIFT_DAYS)
             except BatchUnavailable as exc:

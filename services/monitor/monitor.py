@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -79,7 +80,12 @@ class Monitor:
     @classmethod
     def embedded(cls, settings: MonitorSettings) -> Monitor:
         path = settings.monitor_state_db
-        store = MonitorStore(path, read_only=True) if path.exists() else None
+        store = None
+        if path.exists():
+            try:
+                store = MonitorStore(path, read_only=True)
+            except sqlite3.Error as exc:
+                log.warning("Cannot open the alert state in %s: %s", path, exc)
         return cls(settings, store, evaluating=False)
 
     async def close(self) -> None:
@@ -92,7 +98,10 @@ class Monitor:
         if self.engine is not None:
             return self.engine.active()
         if self.store is not None:
-            return [r for r in self.store.records().values() if r.state == "firing"]
+            try:
+                return [r for r in self.store.records().values() if r.state == "firing"]
+            except sqlite3.Error as exc:  # embedded mode reads another process's file: never fatal
+                log.warning("Cannot read the alert state in %s: %s", self.store.path, exc)
         return None
 
     async def system_health(self) -> SystemCheck:
@@ -141,7 +150,7 @@ class Monitor:
     # --- the periodic evaluation ---
     async def evaluate_once(self) -> SystemCheck:
         assert self.engine is not None and self.outbox is not None
-        system = await self.checker.check()
+        system = await self.checker.check(with_drift=True)
         now = time.time()
         stats = system.inference.inference_stats
         window = self.window.add(now, stats) if stats is not None else None

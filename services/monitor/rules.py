@@ -10,8 +10,10 @@ fires the alerts that depend on its data.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -317,6 +319,7 @@ class AlertEngine:
         self.cooldown_s = cooldown_s
         self.confirm_checks = confirm_checks
         self.host = socket.gethostname()
+        self._lock = threading.Lock()  # evaluate() runs in a worker thread while ListAlerts reads
         self.records = store.records()
         for record in self.records.values():
             if record.state == "firing":
@@ -334,11 +337,14 @@ class AlertEngine:
             except Exception:
                 log.exception("Alert rule %s failed to evaluate", rule.name)
                 continue
-            queued += self._apply(rule, verdict, obs.at)
+            with self._lock:
+                queued += self._apply(rule, verdict, obs.at)
         return queued
 
     def active(self) -> list[AlertRecord]:
-        return [r for r in self.records.values() if r.state == "firing"]
+        """Copies of the firing alerts (safe to read while an evaluation runs)."""
+        with self._lock:
+            return [dataclasses.replace(r) for r in self.records.values() if r.state == "firing"]
 
     def _apply(self, rule: AlertRule, verdict: Verdict, now: float) -> int:
         record = self.records.get(rule.name) or AlertRecord(rule.name, rule.title, rule.severity)
