@@ -63,11 +63,13 @@ class Backends:
             await client.close()
 
 
-def _token_check(tokens: TokenSource):  # type: ignore[no-untyped-def]
-    scheme = HTTPBearer(auto_error=False, description="The token of FASHION_AUTH_TOKEN / FASHION_AUTH_TOKEN_FILE")
+# Declares the scheme in the OpenAPI document; the check itself is TokenSource's, as on the gRPC side.
+BEARER = HTTPBearer(auto_error=False, description="The token of FASHION_AUTH_TOKEN / FASHION_AUTH_TOKEN_FILE")
 
+
+def _token_check(tokens: TokenSource):  # type: ignore[no-untyped-def]
     async def require_token(request: Request,
-                            _: Annotated[HTTPAuthorizationCredentials | None, Security(scheme)]) -> None:
+                            _: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
         refusal = tokens.check(request.headers.get("authorization"))
         if refusal is not None:
             raise errors.ApiError(401, refusal, headers={"WWW-Authenticate": "Bearer"})
