@@ -1,0 +1,34 @@
+# syntax=docker/dockerfile:1.7
+# The REST gateway (FastAPI on uvicorn) in front of the gRPC services.
+# Build from the repository root:  docker build -f deploy/docker/gateway.Dockerfile -t fashion/gateway:0.1.0 .
+# Runs as uid 10001 with a read-only root filesystem: only /tmp and /var/log/fashion need to be writable.
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Dependencies first (pinned in pyproject.toml), so that code changes reuse this layer.
+COPY pyproject.toml README.md ./
+RUN mkdir -p clients/fashion services && touch clients/fashion/__init__.py services/__init__.py \
+    && pip install . && pip uninstall --yes fashion-classifier
+COPY clients ./clients
+COPY services ./services
+RUN pip install --no-deps .
+
+FROM ${PYTHON_IMAGE} AS runtime
+RUN groupadd --system --gid 10001 fashion \
+    && useradd --system --uid 10001 --gid fashion --no-create-home --home-dir /tmp --shell /usr/sbin/nologin fashion \
+    && mkdir -p /var/log/fashion && chown fashion:fashion /var/log/fashion
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    FASHION_LOG_DIR=/var/log/fashion
+WORKDIR /tmp
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["fashion", "serve", "gateway"]
