@@ -4,24 +4,27 @@ and Monitor services over gRPC with the shared client, TLS and token settings.
 HTTP side: optional TLS (mutual with FASHION_TLS_CLIENT_CA), optional bearer token on everything
 but /health, /healthz, /metrics and the API docs, upload limits, JSON errors, access log in
 logs/gateway.log, Prometheus /metrics, and OpenTelemetry spans that continue an incoming
-`traceparent` into the gRPC calls.
+`traceparent` into the gRPC calls (FastAPI's own OpenTelemetry server spans, recorded only when
+traces are exported; otherwise the context alone is carried, which costs nothing measurable).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import ssl
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.telemetry import TelemetryConfig
 
 from fashion.client import AsyncInferenceClient
 from fashion.client.batch import AsyncBatchClient
@@ -31,12 +34,12 @@ from services.common.logs import setup_logging
 from services.common.security import TokenSource, client_options, tls_enabled
 from services.common.tracing import setup_tracing, shutdown_tracing
 from services.gateway import errors, routes
-from services.gateway.middleware import AccessLog, BodyLimit, Limit
+from services.gateway.middleware import AccessLog, BodyLimit, Limit, TraceContext
 
 log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
-UNTRACED_URLS = "//[^/]+/health$,//[^/]+/healthz$,//[^/]+/metrics$"  # regexes searched in full URLs
+UNTRACED_PATHS = frozenset({"/health", "/healthz", "/metrics"})  # probes and scrapes: no spans
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an image of max_upload_bytes
 JSON_BODY_LIMIT = 1024 * 1024
 
@@ -77,8 +80,14 @@ def _token_check(tokens: TokenSource):  # type: ignore[no-untyped-def]
     return require_token
 
 
-def create_app(settings: GatewaySettings | None = None) -> FastAPI:
-    """The ASGI application. Logging and tracing are set up by the caller (see `factory`)."""
+def _untraced(scope: MutableMapping[str, Any]) -> bool:
+    return scope.get("path") in UNTRACED_PATHS
+
+
+def create_app(settings: GatewaySettings | None = None, trace_http: bool = False) -> FastAPI:
+    """The ASGI application. Logging and tracing are set up by the caller (see `factory`).
+    `trace_http` records a server span per request; without it the caller's trace context is
+    still continued into the gRPC calls."""
     settings = settings or GatewaySettings()
     tokens = TokenSource(settings)
 
@@ -92,7 +101,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         await app.state.backends.close()
         shutdown_tracing()  # flush the last spans
 
-    app = FastAPI(title="Fashion classifier", version=VERSION, lifespan=lifespan, redoc_url=None,
+    # FastAPI's native OpenTelemetry: server spans only (no per-dependency spans, metrics or logs:
+    # Prometheus and our log files cover those).
+    telemetry: TelemetryConfig = {"tracing": trace_http, "metrics": False, "logs": False, "operation_spans": False,
+                                  "exclude": _untraced}
+    app = FastAPI(title="Fashion classifier", version=VERSION, lifespan=lifespan, redoc_url=None, telemetry=telemetry,
                   description="Classify fashion product photos; run and watch batch sorting jobs; system health. "
                               "Errors are JSON: {\"error\": {\"status\", \"code\", \"message\"}}.")
     errors.install(app)
@@ -110,6 +123,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     json_limit = Limit(JSON_BODY_LIMIT, "", JSON_BODY_LIMIT)  # job submissions and the like
     app.add_middleware(BodyLimit, limits=limits, default=json_limit)
     app.add_middleware(AccessLog)  # outside the limit, so refusals are logged and counted
+    if not trace_http:
+        app.add_middleware(TraceContext)  # outermost: the access log line carries the caller's trace id
     if settings.gateway_cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.gateway_cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type",
@@ -122,13 +137,8 @@ def factory() -> FastAPI:
     settings = GatewaySettings()
     setup_logging(settings, "gateway")
     provider = setup_tracing("fashion-gateway")
-    app = create_app(settings)
-    if provider is not None:
-        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-
-        FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, excluded_urls=UNTRACED_URLS,
-                                           exclude_spans=["receive", "send"])
-    return app
+    exporting = any(os.environ.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    return create_app(settings, trace_http=provider is not None and exporting)
 
 
 def uvicorn_ssl(settings: GatewaySettings) -> dict[str, object]:

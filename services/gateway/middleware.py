@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import context, propagate
 from starlette.exceptions import HTTPException
 
 from services.common import metrics
@@ -124,3 +125,25 @@ class AccessLog:
                 peer = f"{client[0]}:{client[1]}" if client else "-"
                 access_log.log(level, "method=%s path=%s status=%d latency_ms=%.2f peer=%s",
                                method, scope["path"], status, elapsed * 1000, peer)
+
+
+class TraceContext:
+    """Continues the caller's W3C trace (traceparent, tracestate) without recording HTTP spans: the
+    gRPC calls made for the request become children of the caller's span, and log lines carry its
+    trace id. Used when no trace exporter is configured, where server spans would be pure cost."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            carrier = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+                       if name in (b"traceparent", b"tracestate")}
+            if carrier:
+                token = context.attach(propagate.extract(carrier))
+                try:
+                    await self.app(scope, receive, send)
+                finally:
+                    context.detach(token)
+                return
+        await self.app(scope, receive, send)

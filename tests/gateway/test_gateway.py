@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime
 
 import httpx
@@ -173,3 +174,20 @@ def test_inference_down_gives_unhealthy_and_503(tmp_path) -> None:
     finally:
         code = gw.terminate()
     assert code == 0 and "Application shutdown complete" in gw.output(), gw.output()
+
+
+def test_traceparent_is_continued_without_an_exporter(gateway: GatewayProcess, inference_server) -> None:
+    """No OTLP exporter here: the gateway records no spans but carries the caller's trace into the
+    gRPC call, so both services' log lines for this request carry the caller's trace id."""
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    resp = httpx.post(f"{gateway.url}/predict", files={"file": ("a.png", images(1)[0])},
+                      headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"})
+    assert resp.status_code == 200
+    api_log = inference_server.log_path.parent / "logs" / "api.log"
+    gateway_log = gateway.workdir / "logs" / "gateway.log"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (trace_id in api_log.read_text() and trace_id in gateway_log.read_text()):
+        time.sleep(0.1)
+    assert re.search(rf"trace_id={trace_id}\].*method=/fashion.v1.InferenceService/Classify status=OK",
+                     api_log.read_text())
+    assert re.search(rf"trace_id={trace_id}\].*method=POST path=/predict status=200", gateway_log.read_text())
