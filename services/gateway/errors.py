@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,  # e.g. cancelling a finished job: a state conflict
     grpc.StatusCode.OUT_OF_RANGE: 400,
     # The caller was authenticated by the gateway; a service refusing the gateway's own credentials is
     # a gateway misconfiguration the caller cannot fix.

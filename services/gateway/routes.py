@@ -177,7 +177,8 @@ def batch_router() -> APIRouter:
                 number = protojson.enum_number(batch_pb2.JobState.DESCRIPTOR, state)
             except ValueError as exc:
                 raise ApiError(400, str(exc)) from None
-        return JSONResponse(protojson.to_json(await batch(request).list(limit=limit, state=number)))
+        jobs = await batch(request).list(limit=limit, state=number)
+        return JSONResponse({"jobs": [protojson.to_json(job) for job in jobs]})
 
     @router.get("/jobs/{job_id}", response_model=Job)
     async def get_job(request: Request, job_id: JobId) -> JSONResponse:
