@@ -1,0 +1,116 @@
+"""The REST gateway: POST /predict at concurrency 1, 16 and 64 beside a direct gRPC Classify on the
+same Inference service, and beside the seed's design (a plain Flask app under gunicorn with 2
+sync workers, the same model and preprocessing per request), all measured in the same run.
+Every load generator runs in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.common import REPO, free_port, loadgen, model_dir, start_inference, table
+
+CONCURRENCY = (1, 16, 64)
+SECONDS, WARMUP = 8.0, 2.0
+GOAL = 3.0  # the gateway at least 3x the Flask baseline at concurrency 64
+
+
+def httpload(url: str, concurrency: int) -> dict[str, float]:
+    args = [sys.executable, "-m", "bench.httpload", "--url", url, "--concurrency", str(concurrency),
+            "--seconds", str(SECONDS), "--warmup", str(WARMUP)]
+    out = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=SECONDS + WARMUP + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"httpload failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url} exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} not answering after {timeout}s")
+
+
+def start(args: list[str], work: Path, name: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
+    log = work / f"{name}.out"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run(out_dir: Path) -> str:
+    work = out_dir / "gateway-work"
+    work.mkdir(parents=True, exist_ok=True)
+    model, model_note = model_dir(work)
+    if os.environ.get("FASHION_BENCH_MODEL_DIR"):  # e.g. a candidate model before one is shipped
+        model = Path(os.environ["FASHION_BENCH_MODEL_DIR"])
+        model_note = f"{model} (FASHION_BENCH_MODEL_DIR)"
+    results: dict[str, dict[int, dict[str, float]]] = {"gateway": {}, "grpc": {}, "flask": {}}
+
+    inference = start_inference(work / "inference", model)
+    port = free_port()
+    gateway, gateway_log = start([sys.executable, "-m", "services.gateway"], work, "gateway", {
+        "FASHION_GATEWAY_HOST": "127.0.0.1", "FASHION_GATEWAY_PORT": str(port),
+        "FASHION_INFERENCE_ADDRESS": inference.address, "FASHION_LOG_STDOUT": "false",
+        "FASHION_LOG_DIR": str(work / "gateway-logs")})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", gateway, gateway_log)
+        for c in CONCURRENCY:
+            print(f"gateway POST /predict, concurrency {c}", flush=True)
+            results["gateway"][c] = httpload(f"http://127.0.0.1:{port}/predict", c)
+            print(f"gRPC Classify, concurrency {c}", flush=True)
+            results["grpc"][c] = loadgen("classify", inference.address, c, SECONDS, WARMUP)
+    finally:
+        stop(gateway)
+        inference.terminate()
+
+    port = free_port()
+    flask, flask_log = start([sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "sync",
+                              "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
+                              "bench.flask_baseline:create_app()"], work, "flask",
+                             {"FLASK_BASELINE_MODEL_DIR": str(model)})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/predict", flask, flask_log)
+        for c in CONCURRENCY:
+            print(f"Flask + gunicorn (2 sync workers), concurrency {c}", flush=True)
+            results["flask"][c] = httpload(f"http://127.0.0.1:{port}/predict", c)
+    finally:
+        stop(flask)
+
+    (out_dir / "gateway.json").write_text(json.dumps(results, indent=2))
+    names = {"gateway": "gateway POST /predict (HTTP multipart)", "grpc": "direct gRPC Classify",
+             "flask": "Flask + gunicorn, 2 sync workers (seed design)"}
+    rows = [[names[k], c, r["images_per_s"], r["p50_ms"], r["p99_ms"], int(r["errors"])]
+            for k, by_c in results.items() for c, r in by_c.items()]
+    ratio = results["gateway"][64]["images_per_s"] / max(results["flask"][64]["images_per_s"], 1e-9)
+    verdict = "met" if ratio >= GOAL else "NOT met"
+    return "\n".join([
+        "## Gateway\n",
+        f"Model: {model_note}. One image (Fashion-MNIST PNG) per request, closed loop, {SECONDS:g} s after "
+        f"{WARMUP:g} s warm-up; load generators in their own processes on the same machine.\n",
+        table(["target", "concurrency", "images/s", "p50 ms", "p99 ms", "errors"], rows),
+        f"\nGateway vs Flask baseline at concurrency 64: **{ratio:.1f}x** (goal {GOAL:g}x: {verdict}).\n",
+    ])
