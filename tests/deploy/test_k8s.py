@@ -56,7 +56,8 @@ def pod_specs(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]
 
 def test_every_kustomization_is_found() -> None:
     names = {str(p.relative_to(K8S)) for p in kustomizations()}
-    assert {"base", "overlays/gpu", "overlays/tracing", "overlays/secure", "overlays/local"} <= names
+    assert {"base", "overlays/gpu", "overlays/tracing", "overlays/secure", "overlays/local",
+            "overlays/sharded-batch"} <= names
 
 
 @needs_kubectl
@@ -177,3 +178,25 @@ def test_secure_overlay_probes_the_plaintext_health_port() -> None:
         assert {v["name"] for v in spec["volumes"]} >= {"tls", "auth"}, name
     gateway = deployments["fashion-gateway"]["spec"]["template"]["spec"]["containers"][0]
     assert "tcpSocket" in gateway["readinessProbe"] and "httpGet" not in gateway["readinessProbe"]
+
+
+@needs_kubectl
+def test_sharded_batch_is_an_indexed_job_over_the_headless_service() -> None:
+    docs = render(K8S / "overlays" / "sharded-batch")
+    job = by_kind(docs, "Job")["fashion-batch-sharded"]
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    container = spec["template"]["spec"]["containers"][0]
+    shards = int(next(e["value"] for e in container["env"] if e["name"] == "FASHION_BATCH_SHARD_COUNT"))
+    assert spec["completions"] == spec["parallelism"] == shards
+    script = " ".join(container["args"])
+    assert "fashion batch run inbox" in script and "${JOB_COMPLETION_INDEX}" in script
+    assert "FASHION_BATCH_DB" in script and "FASHION_RESULTS_DIR" in script
+    config = next(cm for name, cm in by_kind(docs, "ConfigMap").items() if name.startswith("fashion-config"))
+    assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
+    assert config["data"]["FASHION_INFERENCE_ADDRESS"].startswith("dns:///fashion-inference-headless")
+    assert config["data"]["FASHION_GRPC_LB_POLICY"] == "round_robin"
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "fashion-data"
+    pvc = by_kind(docs, "PersistentVolumeClaim")["fashion-data"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "shards on several nodes share the data volume"
