@@ -29,6 +29,7 @@ from fastapi.telemetry import TelemetryConfig
 from fashion.client import AsyncInferenceClient
 from fashion.client.batch import AsyncBatchClient
 from fashion.client.monitor import AsyncMonitorClient
+from fashion.client.multiplex import ClassifyMultiplexer
 from services.common.config import GatewaySettings
 from services.common.logs import setup_logging
 from services.common.security import TokenSource, client_options, tls_enabled
@@ -51,17 +52,23 @@ class Backends:
     inference: AsyncInferenceClient
     batch: AsyncBatchClient
     monitor: AsyncMonitorClient
+    predictions: ClassifyMultiplexer | None
+    """Single-image predictions over shared streams (None: a Classify call each)."""
 
     @classmethod
     def connect(cls, settings: GatewaySettings) -> Backends:
         def options(address: str):  # type: ignore[no-untyped-def]
             return client_options(settings, address, timeout_s=settings.gateway_timeout_s)
 
-        return cls(AsyncInferenceClient(options(settings.inference_address)),
-                   AsyncBatchClient(options(settings.batch_address)),
-                   AsyncMonitorClient(options(settings.monitor_address)))
+        inference = AsyncInferenceClient(options(settings.inference_address))
+        streams = settings.gateway_classify_streams
+        return cls(inference, AsyncBatchClient(options(settings.batch_address)),
+                   AsyncMonitorClient(options(settings.monitor_address)),
+                   ClassifyMultiplexer(inference, streams) if streams else None)
 
     async def close(self) -> None:
+        if self.predictions is not None:
+            await self.predictions.close()
         for client in (self.inference, self.batch, self.monitor):
             await client.close()
 
@@ -94,6 +101,7 @@ def create_app(settings: GatewaySettings | None = None, trace_http: bool = False
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.backends = Backends.connect(settings)
+        app.state.trace_http = trace_http
         log.info("Gateway ready: Inference at %s, Batch at %s, Monitor at %s%s", settings.inference_address,
                  settings.batch_address, settings.monitor_address,
                  "; bearer token required" if tokens.enabled else "")

@@ -114,7 +114,13 @@ def inference_router(settings: GatewaySettings) -> APIRouter:
                       top_k: Annotated[int, Query(ge=0, le=1000, description="categories returned; 0: 3")] = 0,
                       ) -> JSONResponse:
         """Classify one uploaded image: its category, confidence and the top-k categories."""
-        r = await inference(request).classify(await file.read(), top_k=top_k)
+        image = await file.read()
+        shared = request.app.state.backends.predictions
+        # A request that continues a trace gets its own Classify call: the trace goes on through it.
+        if shared is None or request.app.state.trace_http or "traceparent" in request.headers:
+            r = await inference(request).classify(image, top_k=top_k)
+        else:
+            r = await shared.classify(image, top_k=top_k)
         return JSONResponse({
             "filename": file.filename, "category": r.category, "confidence": r.confidence,
             "uncertain": r.uncertain, "top_k": _top_k(r), "model_name": r.model_name,
