@@ -108,6 +108,63 @@ class InferenceSettings(CommonSettings):
     """Name reported by KServe ServerMetadata."""
 
 
+class BatchSettings(CommonSettings):
+    """The Batch service and `fashion batch run` (embedded): sorts folders of images into category folders."""
+
+    batch_host: str = "[::]"
+    """Interface the Batch service listens on."""
+    batch_port: int = 50052
+    """gRPC port of the Batch service (fashion.v1.BatchService, health, reflection)."""
+    batch_metrics_port: int = 9102
+    """Prometheus /metrics port of the Batch service; 0 disables it."""
+    data_root: Path = Path("data")
+    """Every input and output folder of a job must lie under this folder; paths escaping it are refused."""
+    results_dir: Path = Path("results")
+    """CSV results and JSON summaries go to <results_dir>/batch_results/."""
+    batch_db: Path | None = None
+    """SQLite file of jobs and per-file state; unset: <data_root>/.batch/jobs.db."""
+    batch_inbox: str = "inbox"
+    """Folder (under data_root) that scheduled runs process."""
+    batch_output_dir: str = "processed_batches"
+    """Default folder (under data_root) of the category folders, _uncertain/ and _failed/."""
+    batch_mode: Literal["move", "copy"] = "move"
+    """Default transfer of sorted images: move (the seed's behaviour) or copy."""
+    batch_recursive: bool = False
+    """Default for scheduled runs and the CLI: also process subfolders of the input folder."""
+    batch_min_confidence: float | None = Field(default=None, ge=0, le=1)
+    """Default confidence under which an image goes to _uncertain/; unset: the model's min_confidence."""
+    batch_schedule: str = "0 2 * * *"
+    """When the inbox is processed: a cron expression in local time ("0 2 * * *": nightly at 02:00, like
+    the seed), or an interval ("every 30m", "90s", "2h"); empty disables scheduled runs."""
+    batch_chunk_size: int = Field(default=64, ge=1, le=1024)
+    """Images sent to the Inference service in one ClassifyBatch call."""
+    batch_chunk_bytes: int = Field(default=8 * MIB, ge=64 * 1024)
+    """Most image bytes in one ClassifyBatch call (kept under max_message_bytes)."""
+    batch_in_flight: int = Field(default=8, ge=1, le=64)
+    """ClassifyBatch calls a job keeps in flight while it sorts the results of earlier ones."""
+    batch_max_concurrent_jobs: int = Field(default=1, ge=1, le=16)
+    """Jobs run at the same time by the Batch service; the others wait QUEUED."""
+    batch_inference_timeout_s: float = Field(default=60.0, gt=0)
+    """Deadline of one ClassifyBatch call."""
+    batch_retry_initial_s: float = Field(default=1.0, gt=0)
+    """First wait before retrying when the Inference service is unavailable; doubles per failure."""
+    batch_retry_max_s: float = Field(default=30.0, gt=0)
+    """Longest wait between two attempts to reach the Inference service."""
+    batch_fsync: bool = True
+    """fsync copied files and the folders of every move before recording them done (survives power loss)."""
+    batch_min_file_age_s: float = Field(default=0.0, ge=0)
+    """Images modified more recently than this are left for the next run (files still being uploaded)."""
+    batch_stale_hours: float = Field(default=26.0, gt=0)
+    """`fashion batch health` is unhealthy when the last run finished longer ago than this."""
+    batch_history_days: int = Field(default=90, ge=1)
+    """Per-file records of jobs older than this are deleted (job totals are kept)."""
+    batch_shard_count: int = Field(default=1, ge=1, le=10_000)
+    """Scale-out runs (`fashion batch run --shard-count`): split the images into this many shards by a
+    stable hash of their path; this process sorts only its own shard."""
+    batch_shard_index: int | None = Field(default=None, ge=0)
+    """This process's shard, 0-based; unset: JOB_COMPLETION_INDEX (a Kubernetes Indexed Job), else 0."""
+
+
 def _comma_list(value: object) -> object:
     """Lets list settings be written as "a,b,c" in the environment (JSON is not needed)."""
     if isinstance(value, str):

@@ -48,6 +48,25 @@ DECODE_DURATION = Histogram(
 )
 MODEL_LOADED = Gauge("fashion_inference_model_loaded", "1 when the model is loaded and warmed up", ["model"])
 
+# --- Batch service -------------------------------------------------------------------------
+BATCH_JOBS = Counter("fashion_batch_jobs", "Jobs ended, by final state (succeeded, failed, cancelled)", ["state"])
+BATCH_JOBS_ACTIVE = Gauge("fashion_batch_jobs_active", "Jobs running now, by state (running, waiting)", ["state"])
+BATCH_FILES = Counter(
+    "fashion_batch_files", "Files handled, by outcome (success, uncertain, failed, skipped)", ["outcome"],
+)
+BATCH_JOB_DURATION = Histogram(
+    "fashion_batch_job_duration_seconds", "Duration of ended jobs, start to end",
+    buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600),
+)
+BATCH_SORT_DURATION = Histogram(
+    "fashion_batch_sort_duration_seconds", "Time to record and move one chunk of classified images",
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_INFERENCE_WAITS = Counter(
+    "fashion_batch_inference_waits", "Retries scheduled because the Inference service was unavailable",
+)
+BATCH_LAST_RUN = Gauge("fashion_batch_last_run_timestamp_seconds", "Unix time the last job ended")
+
 # --- Monitor service -----------------------------------------------------------------------
 MONITOR_CHECK_DURATION = Histogram(
     "fashion_monitor_check_duration_seconds", "Health check of a service (grpc.health.v1 plus statistics)",

@@ -69,6 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inference-address", default=None, help="Inference service host:port "
                                                              "(FASHION_INFERENCE_ADDRESS)")
     p.add_argument("--json", action="store_true", help="print the final job as JSON instead of a table")
+    p.add_argument("--shard-count", type=int, default=None, metavar="N",
+                   help="scale-out: split the images into N shards by a stable hash of their path "
+                        "(FASHION_BATCH_SHARD_COUNT)")
+    p.add_argument("--shard-index", type=int, default=None, metavar="I",
+                   help="the shard this process sorts, 0..N-1 (default: JOB_COMPLETION_INDEX of a Kubernetes "
+                        "Indexed Job, else 0)")
     p.set_defaults(func=run_embedded)
 
     p = bsub.add_parser("status", help="one job's state and counts")
@@ -334,11 +340,21 @@ class _Refused(Exception):
 
 
 def run_embedded(args: argparse.Namespace) -> int:
+    from services.batch.sharding import Shard
     from services.common.config import BatchSettings
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    overrides = {"inference_address": args.inference_address} if args.inference_address else {}
-    settings = BatchSettings(**overrides)
+    overrides: dict[str, object] = {"inference_address": args.inference_address} if args.inference_address else {}
+    if args.shard_count is not None:
+        overrides["batch_shard_count"] = args.shard_count
+    if args.shard_index is not None:
+        overrides["batch_shard_index"] = args.shard_index
+    try:
+        settings = BatchSettings(**overrides)
+        Shard.resolve(settings.batch_shard_index, settings.batch_shard_count)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     console = Console(stderr=args.json)
     try:
         job = asyncio.run(_embedded(settings, args, console))
@@ -434,7 +450,7 @@ def health(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     recent_failure = (last_failed is not None and last_failed.HasField("finished_at")
                       and time.time() - last_failed.finished_at.seconds < ERROR_WINDOW_H * 3600)
-    stale = not stats.HasField("last_run_at") or stats.last_run_age_hours > max_age
+    stale = not stats.HasField("last_run_at") or stats.last_run_age_hours >= max_age  # healthy: under max_age
     healthy = not stale and not recent_failure
     if args.json:
         report = json.loads(_as_json(stats))

@@ -1,0 +1,5 @@
+"""`python -m services.batch`: run the Batch service (same as `fashion serve batch`)."""
+
+from services.batch.app import main
+
+main()

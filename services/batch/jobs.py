@@ -1,0 +1,158 @@
+"""The Batch service's data plane: validates submissions, queues jobs and runs them.
+
+Transport-free: the gRPC servicer is a thin adapter over JobQueue. Jobs run oldest first, up to
+batch_max_concurrent_jobs at a time. At start, and every ADOPT_INTERVAL_S after, every
+unfinished job in the database is (re)queued: jobs interrupted by a crash of this service, and
+jobs of a `fashion batch run` process that died (its lock is gone). A job whose lock another live
+process holds is skipped and offered again at the next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from pathlib import Path
+
+from services.batch.paths import DataRoot, PathRefused
+from services.batch.runner import JobBusy, JobRunner
+from services.batch.stats import BatchHistory, batch_history
+from services.batch.store import JobRecord, JobSpec, JobState, JobStore
+
+log = logging.getLogger(__name__)
+ADOPT_INTERVAL_S = 30.0
+CANCEL_WAIT_S = 10.0
+
+
+def job_spec(root: DataRoot, store_dir: Path, input_dir: str, output_dir: str = "", mode: str = "move",
+             min_confidence: float | None = None, recursive: bool = False, idempotency_key: str = "") -> JobSpec:
+    """A checked job request, folders relative to the data root.
+
+    Raises PathRefused (bad or escaping path, bad option) or FolderMissing (input folder absent).
+    """
+    if min_confidence is not None and not (math.isfinite(min_confidence) and 0.0 <= min_confidence <= 1.0):
+        raise PathRefused(f"min_confidence must be between 0 and 1, got {min_confidence}")
+    if mode not in ("move", "copy"):
+        raise PathRefused(f"mode must be move or copy, got {mode!r}")
+    source = root.folder(input_dir, "input_dir")
+    target = root.resolve(output_dir, "output_dir")
+    store_real = Path(store_dir).resolve()
+    for what, path in (("input_dir", source), ("output_dir", target)):
+        if path.is_relative_to(store_real):
+            raise PathRefused(f"{what} lies in {store_real}, the jobs database folder")
+    if target.exists() and not target.is_dir():
+        raise PathRefused(f"output_dir {output_dir!r} exists and is not a folder")
+    if source == target:
+        raise PathRefused(f"input_dir and output_dir are the same folder ({source}): sorted images would be "
+                          "sorted again")
+    return JobSpec(root.relative(source), root.relative(target), mode, min_confidence, recursive,
+                   idempotency_key.strip())
+
+
+class JobQueue:
+    """Submits, lists, cancels and runs the jobs of one Batch service."""
+
+    def __init__(self, runner: JobRunner, max_concurrent: int = 1, history_days: int = 90) -> None:
+        self.runner = runner
+        self.store: JobStore = runner.store
+        self.settings = runner.settings
+        self.root = runner.root
+        self._max_concurrent = max_concurrent
+        self._history_days = history_days
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._running: dict[str, asyncio.Event] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def spec(self, input_dir: str, output_dir: str = "", mode: str = "", min_confidence: float | None = None,
+             recursive: bool = False, idempotency_key: str = "") -> JobSpec:
+        return job_spec(self.root, self.store.path.parent, input_dir, output_dir or self.settings.batch_output_dir,
+                        mode or self.settings.batch_mode,
+                        min_confidence if min_confidence is not None else self.settings.batch_min_confidence,
+                        recursive, idempotency_key)
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.ensure_future(self._work()) for _ in range(self._max_concurrent)]
+        self._tasks.append(asyncio.ensure_future(self._adopt_forever()))
+
+    async def stop(self) -> None:
+        """Stop the running jobs where they are (they resume at the next start)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.runner.close()
+
+    # --- operations ------------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec, trigger: str = "api") -> JobRecord:
+        job = await asyncio.to_thread(self.store.create, spec, trigger)
+        if job.state == JobState.QUEUED:
+            self._enqueue(job.job_id)
+        log.info("Job %s submitted (%s): %s -> %s, %s", job.job_id, trigger, job.input_dir, job.output_dir, job.mode)
+        return job
+
+    def get(self, job_id: str) -> JobRecord:
+        return self.store.get(job_id)
+
+    def list(self, limit: int = 50, state: JobState | None = None) -> list[JobRecord]:
+        return self.store.list(limit, state)
+
+    def history(self, days: int = 7) -> BatchHistory:
+        return batch_history(self.store, days)
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Request the cancellation and wait (a little) for the job to stop. Raises JobFinished."""
+        job = await asyncio.to_thread(self.store.request_cancel, job_id)
+        event = self._running.get(job.job_id)
+        if event is not None:
+            event.set()
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while not job.state.finished and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            job = await asyncio.to_thread(self.store.get, job.job_id)
+        log.info("Job %s: cancellation requested (now %s)", job.job_id, job.state.name)
+        return job
+
+    @property
+    def active_jobs(self) -> int:
+        return len(self._running) + len(self._queued)
+
+    # --- workers ---------------------------------------------------------------------------------
+
+    def _enqueue(self, job_id: str) -> None:
+        if job_id not in self._queued and job_id not in self._running:
+            self._queued.add(job_id)
+            self._queue.put_nowait(job_id)
+
+    async def _work(self) -> None:
+        while True:
+            job_id = await self._queue.get()
+            self._queued.discard(job_id)
+            if job_id in self._running:
+                continue
+            event = self._running[job_id] = asyncio.Event()
+            try:
+                await self.runner.run(job_id, event)
+            except JobBusy:
+                log.debug("Job %s is run by another process; offered again later", job_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("Job %s could not be run", job_id)
+            finally:
+                del self._running[job_id]
+
+    async def _adopt_forever(self) -> None:
+        while True:
+            try:
+                for job in await asyncio.to_thread(self.store.unfinished):
+                    self._enqueue(job.job_id)
+                pruned = await asyncio.to_thread(self.store.prune, time.time() - self._history_days * 86400)
+                if pruned:
+                    log.info("Deleted %d per-file records older than %d days", pruned, self._history_days)
+            except Exception:
+                log.exception("Could not look for unfinished jobs")
+            await asyncio.sleep(ADOPT_INTERVAL_S)

@@ -1,0 +1,90 @@
+"""Confinement of every job folder to the data root.
+
+A job may only read and write under the configured data root. Paths given by callers are
+resolved (symbolic links followed, `..` collapsed) before they are checked, so `../x`, an
+absolute path elsewhere and a link inside the root that points out of it are all refused.
+Inside the root, paths are stored relative to it (posix form), so records stay valid if the
+whole data folder is moved.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path, PurePosixPath
+
+
+class PathRefused(ValueError):
+    """A caller's path is unusable (outside the data root, malformed, not a folder)."""
+
+
+class FolderMissing(FileNotFoundError):
+    """A caller's folder lies under the data root but does not exist."""
+
+
+@dataclass(frozen=True)
+class DataRoot:
+    """The folder every job's input and output must lie under."""
+
+    root: Path
+    """As configured (relative to the working directory or absolute): used when showing paths."""
+
+    @cached_property
+    def real(self) -> Path:
+        """The root with links resolved, once: every check compares against it."""
+        return Path(os.path.realpath(self.root))
+
+    def resolve(self, raw: str, what: str) -> Path:
+        """The real path of `raw` (relative to the root, or absolute inside it). Raises PathRefused."""
+        if not raw or not raw.strip():
+            raise PathRefused(f"{what} is required")
+        if "\x00" in raw:
+            raise PathRefused(f"{what} contains a NUL byte")
+        root = self.real
+        candidate = Path(raw) if os.path.isabs(raw) else root / raw
+        real = Path(os.path.realpath(candidate))
+        if not real.is_relative_to(root):
+            raise PathRefused(
+                f"{what} {raw!r} resolves to {real}, outside the data root {root}: only folders under the "
+                f"data root can be processed")
+        return real
+
+    def folder(self, raw: str, what: str, create: bool = False) -> Path:
+        """Like resolve(), and the result must be a folder (created when `create`)."""
+        real = self.resolve(raw, what)
+        if create:
+            real.mkdir(parents=True, exist_ok=True)
+        if not real.exists():
+            raise FolderMissing(f"{what} {raw!r} does not exist under the data root ({real})")
+        if not real.is_dir():
+            raise PathRefused(f"{what} {raw!r} is not a folder ({real})")
+        return real
+
+    def contains(self, path: Path) -> bool:
+        """Whether `path`, links resolved, lies under the root (checked again at read and move time)."""
+        return Path(os.path.realpath(path)).is_relative_to(self.real)
+
+    def relative(self, path: Path) -> str:
+        """`path` (under the real root) as stored in records: posix, relative to the root."""
+        rel = Path(path).relative_to(self.real)
+        return PurePosixPath(*rel.parts).as_posix() if rel.parts else "."
+
+    def absolute(self, rel: str) -> Path:
+        return self.real / rel if rel != "." else self.real
+
+    @cached_property
+    def _real_str(self) -> str:
+        return str(self.real)
+
+    @cached_property
+    def _shown(self) -> str:
+        return str(self.root)
+
+    def path(self, rel: str) -> str:
+        """absolute() as a string: cheap enough for every image of a job."""
+        return self._real_str if rel == "." else f"{self._real_str}/{rel}"
+
+    def display(self, rel: str) -> str:
+        """How logs show a stored path: under the root as the user configured it (data/processed_batches/...)."""
+        return self._shown if rel == "." else f"{self._shown}/{rel}"

@@ -1,0 +1,211 @@
+"""A run's files, in the seed's formats (users' scripts and dashboards read them):
+
+- results/batch_results/batch_results_<YYYYMMDD_HHMMSS>.csv: filename,category,confidence,status,timestamp
+- results/batch_results/batch_summary_<YYYYMMDD_HHMMSS>.json: timestamp, total_processed, successful,
+  failed, categories, then job id, duration and the details the seed lacked
+- logs/batch_<YYYYMMDD_HHMMSS>.log: the seed's wording, one block per image
+
+CSV status is "success", "uncertain" or "error" (the seed's word for an image that could not be
+classified: the monitoring guide greps for it). The CSV grows while the job runs and is rebuilt
+from the jobs database when it ends, so it is complete and duplicate-free even after a crash.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from services.batch.store import FileRecord, JobRecord, Outcome
+from services.common.config import CommonSettings
+from services.common.logs import DATE_FORMAT, close_file_logger, file_logger
+
+RESULTS_SUBDIR = "batch_results"
+CSV_COLUMNS = ("filename", "category", "confidence", "status", "timestamp")
+CSV_STATUS = {Outcome.SUCCESS: "success", Outcome.UNCERTAIN: "uncertain", Outcome.FAILED: "error"}
+RULE = "=" * 60
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    csv: Path
+    summary: Path
+    log: Path
+
+    @classmethod
+    def of(cls, stamp: str, results_dir: Path, log_dir: Path) -> RunFiles:
+        folder = Path(results_dir) / RESULTS_SUBDIR
+        return cls(folder / f"batch_results_{stamp}.csv", folder / f"batch_summary_{stamp}.json",
+                   Path(log_dir) / f"batch_{stamp}.log")
+
+
+def display_name(source: str, input_dir: str) -> str:
+    """A file as the CSV and log name it: its path relative to the job's input folder."""
+    if input_dir == ".":
+        return source
+    prefix = input_dir + "/"
+    return source[len(prefix):] if source.startswith(prefix) else source
+
+
+def local_iso(ts: float | None) -> str:
+    return datetime.fromtimestamp(ts).isoformat(timespec="seconds") if ts else ""
+
+
+def csv_row(name: str, outcome: Outcome, category: str, confidence: float | None, when: str) -> list[str]:
+    failed = outcome == Outcome.FAILED
+    return [name, "" if failed else category, "" if failed or confidence is None else f"{confidence:.4f}",
+            CSV_STATUS[outcome], when]
+
+
+def csv_rows(files: list[FileRecord], input_dir: str) -> list[list[str]]:
+    return [csv_row(display_name(f.source, input_dir), Outcome(f.outcome), f.category, f.confidence,
+                    local_iso(f.finished_at)) for f in files]
+
+
+def append_csv(path: Path, rows: list[list[str]]) -> None:
+    """Add rows while the job runs (the header first when the file is new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(CSV_COLUMNS)
+        writer.writerows(rows)
+
+
+def write_csv(path: Path, rows: list[list[str]]) -> None:
+    """Replace the CSV atomically with exactly these rows."""
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(rows)
+    _write_atomic(path, buf.getvalue())
+
+
+def summary(job: JobRecord, files: RunFiles, errors: list[FileRecord], skipped: list[FileRecord],
+            data_root: Path) -> dict[str, object]:
+    c = job.counts
+    return {
+        "timestamp": job.stamp,
+        "total_processed": c.processed,
+        "successful": c.successful,
+        "failed": c.failed,
+        "categories": dict(sorted(c.categories.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "job_id": job.job_id,
+        "duration_seconds": round(job.duration_s(), 3),
+        "state": job.state.value,
+        "error": job.error,
+        "trigger": job.trigger,
+        "uncertain": c.uncertain,
+        "skipped": job.skipped,
+        "not_processed": c.unprocessed,
+        "total_images": job.total,
+        "min_confidence": job.min_confidence,
+        "mode": job.mode,
+        "input_dir": str(data_root / job.input_dir),
+        "output_dir": str(data_root / job.output_dir),
+        "started_at": local_iso(job.started_at),
+        "finished_at": local_iso(job.finished_at),
+        "results_csv": str(files.csv),
+        "log_file": str(files.log),
+        "errors": [{"filename": display_name(f.source, job.input_dir), "error": f.error} for f in errors],
+        "skipped_files": [{"filename": display_name(f.source, job.input_dir), "reason": f.error} for f in skipped],
+    }
+
+
+def write_summary(path: Path, content: dict[str, object]) -> None:
+    _write_atomic(path, json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One image's block in the per-run log."""
+
+    index: int
+    name: str
+    outcome: Outcome
+    category: str
+    confidence: float | None
+    error: str
+    where: str
+    """The last line: where the file went ("✓ Moved to: ...")."""
+
+
+class RunLog:
+    """logs/batch_<stamp>.log, in the seed's wording. Appends, so a resumed job continues its log."""
+
+    def __init__(self, path: Path, job_id: str, settings: CommonSettings) -> None:
+        self.path = path
+        self._log = file_logger(path, f"batch.run.{job_id}", settings)
+
+    def close(self) -> None:
+        close_file_logger(self._log)
+
+    def line(self, message: str, *args: object) -> None:
+        self._log.info(message, *args)
+
+    def banner(self, title: str) -> None:
+        self.line(RULE)
+        self.line(title)
+        self.line(RULE)
+
+    def started(self, job: JobRecord, input_display: str, output_display: str) -> None:
+        self.banner("BATCH PROCESSING STARTED")
+        self.line("Job: %s (trigger: %s, mode: %s)", job.job_id, job.trigger, job.mode)
+        self.line("Input folder: %s%s", input_display, " (recursive)" if job.recursive else "")
+        self.line("Output folder: %s", output_display)
+
+    def file_results(self, entries: list[LogEntry], total: int, min_confidence: float | None) -> None:
+        """One block per image, the seed's lines. Written as one record per group (with each line's
+        timestamp) so that thousands of images do not cost thousands of log records."""
+        stamp = f"\n[{datetime.now().strftime(DATE_FORMAT)}] "
+        lines: list[str] = []
+        for e in entries:
+            lines.append(f"\nProcessing [{e.index}/{total}]: {e.name}")
+            if e.outcome == Outcome.SUCCESS:
+                lines.append(f"  ✓ Category: {e.category} (confidence: {100 * (e.confidence or 0):.1f}%)")
+            elif e.outcome == Outcome.UNCERTAIN:
+                lines.append(f"  ⚠ Uncertain: {e.category} (confidence: {100 * (e.confidence or 0):.1f}%, "
+                             f"below {100 * (min_confidence or 0):.1f}%)")
+            if e.error:
+                lines.append(f"  ✗ Error: {e.error}")
+            lines.append(f"  {e.where}")
+        if lines:
+            self.line("%s", stamp.join(lines))
+
+    def finished(self, job: JobRecord, files: RunFiles) -> None:
+        c = job.counts
+        title = {"succeeded": "BATCH PROCESSING COMPLETED", "cancelled": "BATCH PROCESSING CANCELLED"}.get(
+            job.state.value, "BATCH PROCESSING FAILED")
+        self.line("")
+        self.banner(title)
+        if job.error:
+            self.line("✗ %s", job.error)
+        self.line("Total processed: %d of %d images", c.processed, job.total)
+        self.line("Successful: %d", c.successful)
+        self.line("Uncertain: %d", c.uncertain)
+        self.line("Failed: %d", c.failed)
+        if c.unprocessed:
+            self.line("Not processed (left in place): %d", c.unprocessed)
+        if job.skipped:
+            self.line("Skipped (not images, left in place): %d", job.skipped)
+        for category, n in sorted(c.categories.items(), key=lambda kv: (-kv[1], kv[0])):
+            self.line("  %s: %d", category, n)
+        self.line("Duration: %.1f seconds", job.duration_s())
+        self.line("Results saved to: %s", files.csv)
+        self.line("Summary saved to: %s", files.summary)
+        self.line(RULE)

@@ -1,0 +1,636 @@
+"""One job, start to end: scan, classify through the Inference service, sort, report.
+
+The same JobRunner runs jobs in the Batch service and in `fashion batch run` (embedded).
+
+Pipeline: chunks of images are read and sent to the Inference service (ClassifyBatch), several
+in flight; their results are sorted in order, one chunk at a time, in a worker thread:
+destinations recorded (write-ahead), files moved, folders fsynced, rows marked done, then the
+per-run log and CSV appended. A crash leaves every row pending, moving or done; a restarted
+runner finishes the moving rows from their records before going on (see store.py, mover.py).
+
+A job is run by one process at a time: an flock on <db folder>/locks/<job_id>.lock, which the
+kernel releases when the process dies, so a restarted service can adopt the job at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import logging
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from fashion.client import AsyncInferenceClient, ChannelOptions
+from services.batch import failpoints, reports
+from services.batch.classifying import InferenceRefused, RemoteClassifier, Verdict
+from services.batch.events import FileUpdate, JobEvents, JobUpdate
+from services.batch.mover import FAILED_FOLDER, UNCERTAIN_FOLDER, FileMover, Resume, category_folder, unique_name
+from services.batch.paths import DataRoot
+from services.batch.reports import RunFiles, RunLog
+from services.batch.scanner import scan_folder
+from services.batch.sharding import Shard
+from services.batch.store import FileDone, FilePlan, FileRecord, JobRecord, JobState, JobStore, Outcome
+from services.common import metrics
+from services.common.config import BatchSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MESSAGE_OVERHEAD = 64 * 1024  # room for protobuf framing around the image bytes of one call
+CANCEL_POLL_S = 1.0
+SORT_GROUP_MAX = 1024  # images sorted (recorded, moved, fsynced) together at most
+MIB = 1024 * 1024
+
+
+class JobBusy(RuntimeError):
+    """Another process (or task) is running this job."""
+
+
+class _Cancelled(Exception):
+    """The job's cancellation was requested."""
+
+
+class _InputMissing(Exception):
+    """The job's input folder does not exist (any more)."""
+
+
+def default_db_path(settings: BatchSettings) -> Path:
+    return settings.batch_db or Path(settings.data_root) / ".batch" / "jobs.db"
+
+
+class JobLock:
+    """An exclusive, non-blocking flock per job; the kernel drops it when its process dies."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self._fd = path, fd
+
+    @classmethod
+    def try_acquire(cls, folder: Path, job_id: str) -> JobLock | None:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{job_id}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return cls(path, fd)
+
+    def release(self, remove: bool = False) -> None:
+        if remove:
+            self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+
+
+@dataclass
+class _Chunk:
+    rows: list[FileRecord]
+    data: list[bytes | str]
+    """Per row: the image bytes, or why the file could not be read."""
+    verdicts: asyncio.Future[list[Verdict]] | None
+    """The Inference service's answers for the readable ones (None when none is readable)."""
+
+
+class JobRunner:
+    """Runs jobs of one data root against one Inference service."""
+
+    def __init__(self, settings: BatchSettings, store: JobStore, events: JobEvents | None = None,
+                 inference: AsyncInferenceClient | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.events = events or JobEvents()
+        self.root = DataRoot(Path(settings.data_root))
+        self.lock_dir = store.path.parent / "locks"
+        self.mover = FileMover(settings.batch_fsync)
+        self._inference = inference
+        self.max_image_bytes = settings.max_message_bytes - MESSAGE_OVERHEAD
+
+    def inference_client(self) -> AsyncInferenceClient:
+        if self._inference is None:
+            self._inference = AsyncInferenceClient(ChannelOptions.from_env(
+                self.settings.inference_address, timeout_s=self.settings.batch_inference_timeout_s,
+                max_message_bytes=self.settings.max_message_bytes))
+        return self._inference
+
+    async def close(self) -> None:
+        self.mover.close()
+        if self._inference is not None:
+            await self._inference.close()
+
+    async def run(self, job_id: str, cancel: asyncio.Event | None = None, lock: JobLock | None = None) -> JobRecord:
+        """Run (or resume) the job to its end. Raises JobBusy when another process runs it.
+        Cancelling the task (service shutdown) leaves the job resumable."""
+        lock = lock or JobLock.try_acquire(self.lock_dir, job_id)
+        if lock is None:
+            raise JobBusy(f"job {job_id} is being run by another process")
+        finished = False
+        try:
+            job = self.store.get(job_id)
+            if job.state.finished:
+                finished = True
+                return job
+            job = await _JobRun(self, job, cancel or asyncio.Event()).execute()
+            finished = job.state.finished
+            return job
+        finally:
+            lock.release(remove=finished)
+
+
+class _JobRun:
+    """One execution of one job (a resumed job gets a new one)."""
+
+    def __init__(self, runner: JobRunner, job: JobRecord, cancel: asyncio.Event) -> None:
+        self.r = runner
+        self.settings = runner.settings
+        self.store = runner.store
+        self.root = runner.root
+        self.job = job
+        self.cancel = cancel
+        self.copy = job.mode == "copy"
+        self.phase = ""
+        self._folder_names: dict[str, set[str]] = {}
+        self.files: RunFiles
+        self.log: RunLog
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def execute(self) -> JobRecord:
+        resumed = self.job.stamp is not None
+        self.job = await _io(self.store.start, self.job.job_id)
+        assert self.job.stamp is not None
+        self.files = RunFiles.of(self.job.stamp, self.settings.results_dir, self.settings.log_dir)
+        self.log = RunLog(self.files.log, self.job.job_id, self.settings)
+        try:
+            self._set_phase("running")
+            state, error = await self._run(resumed)
+            job = await _io(self._finalize, state, error)
+            self._publish(job, message=state.name.lower())
+            return job
+        except asyncio.CancelledError:
+            self.log.line("Interrupted (service stopping): the job resumes when the Batch service starts again")
+            raise
+        finally:
+            self._set_phase("")
+            self.log.close()
+
+    async def _run(self, resumed: bool) -> tuple[JobState, str]:
+        """Everything up to the end state; the job's own failures become FAILED with the reason."""
+        if self.job.cancel_requested:
+            self.cancel.set()
+        watcher = asyncio.ensure_future(self._watch_cancel())
+        remote = RemoteClassifier(
+            self.r.inference_client(), self.settings.batch_inference_timeout_s,
+            self.settings.batch_retry_initial_s, self.settings.batch_retry_max_s,
+            on_wait=self._inference_down, on_ready=self._inference_back)
+        try:
+            self._announce(resumed)
+            info = await self._or_cancel(remote.wait_ready())
+            self.log.line("✓ API is healthy and ready")
+            self.log.line("Model: %s v%s (min confidence %.2f)", info.name, info.version, info.min_confidence)
+            if self.job.min_confidence is None:
+                await _io(self.store.set_min_confidence, self.job.job_id, info.min_confidence)
+            await _io(self.store.set_state, self.job.job_id, JobState.RUNNING)
+            self._set_phase("running")
+            self.job = await _io(self.store.get, self.job.job_id)
+            if not self.job.scanned:
+                await self._scan()
+            else:
+                await _io(self._recover)
+                rows = await _io(self.store.files, self.job.job_id)
+                await _io(reports.write_csv, self.files.csv, reports.csv_rows(rows, self.job.input_dir))
+            await self._process(remote)
+            return JobState.SUCCEEDED, ""
+        except _Cancelled:
+            return JobState.CANCELLED, "cancelled on request"
+        except InferenceRefused as exc:
+            return JobState.FAILED, f"the Inference service refused the job: {exc}"
+        except _InputMissing as exc:
+            return JobState.FAILED, str(exc)
+        except Exception as exc:
+            log.exception("Job %s failed", self.job.job_id)
+            return JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            watcher.cancel()
+            remote.close()
+
+    def _announce(self, resumed: bool) -> None:
+        if resumed:
+            c = self.job.counts
+            self.log.line("")
+            self.log.banner("BATCH PROCESSING RESUMED")
+            self.log.line("Job %s: %d of %d images were processed before the interruption",
+                          self.job.job_id, c.processed, self.job.total)
+        else:
+            self.log.started(self.job, self.root.display(self.job.input_dir), self.root.display(self.job.output_dir))
+        self._publish(self.job, message="resumed" if resumed else "started")
+
+    async def _scan(self) -> None:
+        folder = self.root.absolute(self.job.input_dir)
+        if not folder.is_dir():
+            raise _InputMissing(f"the input folder {self.root.display(self.job.input_dir)} does not exist")
+        output = self.root.absolute(self.job.output_dir)
+        found = await _io(scan_folder, folder, self.job.recursive, [output, self.store.path.parent],
+                          self.settings.batch_min_file_age_s)
+        shard = Shard.resolve(self.settings.batch_shard_index, self.settings.batch_shard_count)
+        images = [rel for rel in map(self.root.relative, found.images) if shard.owns(rel)]
+        skipped = [(rel, why) for rel, why in ((self.root.relative(p), why) for p, why in found.skipped)
+                   if shard.owns(rel)]
+        if shard.count > 1:
+            self.log.line("Sorting %s of the folder", shard)
+        self.job = await _io(self.store.add_files, self.job.job_id, images, skipped)
+        self.log.line("Found %d images to process", self.job.total)
+        for f in await _io(self.store.files, self.job.job_id, (Outcome.SKIPPED,)):
+            self.log.line("  - Skipped (left in place): %s: %s", reports.display_name(f.source, self.job.input_dir),
+                          f.error)
+        if found.ignored:
+            self.log.line("  - Ignored %d hidden or temporary files", found.ignored)
+        metrics.BATCH_FILES.labels(Outcome.SKIPPED.value).inc(self.job.skipped)
+        self._publish(self.job, message=f"found {self.job.total} images; {self.job.skipped} other files skipped")
+
+    def _finalize(self, state: JobState, error: str) -> JobRecord:
+        """Reports first, the terminal state last: a crash in between only makes the next start redo this."""
+        job_id, now = self.job.job_id, time.time()
+        try:
+            self._recover()  # transfers left recorded as moving when the job stopped early
+        except Exception:
+            log.exception("Job %s: could not finish its interrupted transfers", job_id)
+            state, error = JobState.FAILED, error or "could not finish the transfers interrupted by a crash"
+        self.store.release_pending(job_id, now)
+        job = dataclasses.replace(self.store.get(job_id), state=state, error=error, finished_at=now)
+        reports.write_csv(self.files.csv, reports.csv_rows(self.store.files(job_id), job.input_dir))
+        content = reports.summary(job, self.files, self.store.files(job_id, (Outcome.FAILED,)),
+                                  self.store.files(job_id, (Outcome.SKIPPED,)), self.root.root)
+        reports.write_summary(self.files.summary, content)
+        job = self.store.finish(job_id, state, error, now)
+        self.log.finished(job, self.files)
+        metrics.BATCH_JOBS.labels(state.value).inc()
+        metrics.BATCH_JOB_DURATION.observe(job.duration_s())
+        metrics.BATCH_LAST_RUN.set(now)
+        log.info("Job %s %s: %d processed (%d successful, %d uncertain, %d failed), %d skipped in %.1fs%s",
+                 job_id, state.name, job.counts.processed, job.counts.successful, job.counts.uncertain,
+                 job.counts.failed, job.skipped, job.duration_s(), f": {error}" if error else "")
+        return job
+
+    # --- the pipeline ----------------------------------------------------------------------------
+
+    async def _process(self, remote: RemoteClassifier) -> None:
+        """Chunks go out in order, several in flight; their answers are sorted in order. Chunks whose
+        answers are already back when a sort starts join it: one write-ahead commit and one round of
+        folder fsyncs for all of them, so a slow disk batches more instead of stalling the pipeline."""
+        in_flight: asyncio.Queue[_Chunk | BaseException | None] = asyncio.Queue(self.settings.batch_in_flight)
+        producer = asyncio.ensure_future(self._send_chunks(remote, in_flight))
+        taken: collections.deque[_Chunk | BaseException | None] = collections.deque()
+        try:
+            while True:
+                item = taken.popleft() if taken else await self._or_cancel(in_flight.get())
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                group = [(item, await self._verdicts(item))]
+                size = len(item.rows)
+                while size < SORT_GROUP_MAX and not in_flight.empty():
+                    more = in_flight.get_nowait()
+                    if not isinstance(more, _Chunk) or (more.verdicts is not None and not more.verdicts.done()):
+                        taken.append(more)
+                        break
+                    group.append((more, await self._verdicts(more)))
+                    size += len(more.rows)
+                job, updates = await _shielded_io(self._sort, group)
+                for update in updates:
+                    self._publish(job, file=update)
+        finally:
+            producer.cancel()
+            for pending in [*taken, *(in_flight.get_nowait() for _ in range(in_flight.qsize()))]:
+                if isinstance(pending, _Chunk) and pending.verdicts is not None:
+                    pending.verdicts.cancel()
+
+    async def _verdicts(self, chunk: _Chunk) -> list[Verdict]:
+        return await self._or_cancel(chunk.verdicts) if chunk.verdicts is not None else []
+
+    async def _send_chunks(self, remote: RemoteClassifier, out: asyncio.Queue[_Chunk | BaseException | None]) -> None:
+        try:
+            after = 0
+            while rows := await _io(self.store.pending, self.job.job_id, after, 512):
+                after = rows[-1].seq
+                for group, data in await _io(self._read, rows):
+                    images = [d for d in data if isinstance(d, bytes)]
+                    verdicts = asyncio.ensure_future(remote.classify(images)) if images else None
+                    await out.put(_Chunk(group, data, verdicts))
+            await out.put(None)
+        except Exception as exc:
+            await out.put(exc)
+
+    def _read(self, rows: list[FileRecord]) -> list[tuple[list[FileRecord], list[bytes | str]]]:
+        """The files' bytes (or why one cannot be read), in chunks of at most batch_chunk_size images and
+        batch_chunk_bytes bytes. Links are not followed, FIFOs not waited on, and each folder is checked to
+        still lie under the data root: the tree may have changed since the scan."""
+        limit = self.r.max_image_bytes
+        chunk_bytes = min(self.settings.batch_chunk_bytes, limit)
+        folders_inside: dict[str, bool] = {}
+        chunks: list[tuple[list[FileRecord], list[bytes | str]]] = [([], [])]
+        size = 0
+        for row in rows:
+            folder = _parent(row.source)
+            inside = folders_inside.get(folder)
+            if inside is None:
+                inside = folders_inside[folder] = self.root.contains(Path(self.root.path(folder)))
+            data = self._read_one(self.root.path(row.source), inside, limit)
+            n = len(data) if isinstance(data, bytes) else 0
+            if chunks[-1][0] and (len(chunks[-1][0]) >= self.settings.batch_chunk_size or size + n > chunk_bytes):
+                chunks.append(([], []))
+                size = 0
+            chunks[-1][0].append(row)
+            chunks[-1][1].append(data)
+            size += n
+        return chunks
+
+    @staticmethod
+    def _read_one(path: str, inside: bool, limit: int) -> bytes | str:
+        try:
+            if not inside:
+                raise PermissionError(errno.EPERM, "its folder now leads outside the data root")
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    return "cannot read: not a regular file"
+                if st.st_size > limit:
+                    return f"too large to classify: {st.st_size / MIB:.1f} MiB (limit {limit / MIB:.1f} MiB)"
+                return f.read()
+        except OSError as exc:
+            return f"cannot read: {'it is a symbolic link' if exc.errno == errno.ELOOP else exc.strerror or exc}"
+
+    # --- sorting (in a worker thread) ------------------------------------------------------------
+
+    def _sort(self, group: list[tuple[_Chunk, list[Verdict]]]) -> tuple[JobRecord | None, list[FileUpdate]]:
+        """Record, move, sync, mark done, then log and append the CSV. Returns what to publish."""
+        start = time.perf_counter()
+        decided: list[tuple[FileRecord, Verdict]] = []
+        for chunk, verdicts in group:
+            answers = iter(verdicts)
+            decided += [(row, next(answers) if isinstance(data, bytes) else Verdict(error=data))
+                        for row, data in zip(chunk.rows, chunk.data, strict=True)]
+        plans, in_place = self._plan(decided)
+        failpoints.reached("planned")
+        rows = {row.seq: row for row, _ in decided}
+        moved = [self._transfer(p, rows[p.seq]) for p in plans.values() if p.seq not in in_place]
+        self.r.mover.sync_folders(self._folders_touched(decided, moved))
+        failpoints.reached("moved")
+        now = time.time()
+        done = {d.seq: d for d in [*moved, *in_place.values()]}
+        self.store.done(self.job.job_id, list(done.values()), now)
+        updates = self._report(decided, plans, done, now)
+        metrics.BATCH_SORT_DURATION.observe(time.perf_counter() - start)
+        return (self.store.get(self.job.job_id) if updates else None), updates
+
+    def _plan(self, decided: list[tuple[FileRecord, Verdict]]) -> tuple[dict[int, FilePlan], dict[int, FileDone]]:
+        """Destinations for a group, recorded (write-ahead) before anything moves.
+        Returns every image's plan, and the images already where they belong (nothing to move)."""
+        for _ in range(5):
+            reserved = self.store.reserved_destinations()  # names other jobs are moving files to right now
+            chosen: dict[str, set[str]] = {}
+            plans: dict[int, FilePlan] = {}
+            in_place: dict[int, FileDone] = {}
+            for row, v in decided:
+                outcome, category, confidence = self._judge(v)
+                folder = _join(self.job.output_dir, FAILED_FOLDER if outcome == Outcome.FAILED else
+                               UNCERTAIN_FOLDER if outcome == Outcome.UNCERTAIN else category_folder(category))
+                existing = self._names(folder)
+                if folder == _parent(row.source) or existing is None:
+                    error = v.error
+                    if existing is None:  # e.g. a category folder replaced by a link out of the root
+                        outcome, error = Outcome.FAILED, f"{self.root.display(folder)} leads outside the data root"
+                    plans[row.seq] = FilePlan(row.seq, outcome, category, confidence, row.source, error)
+                    in_place[row.seq] = FileDone(row.seq, outcome, row.source, error)
+                    continue
+                taken = chosen.get(folder)
+                if taken is None:
+                    taken = chosen[folder] = {_name(d) for d in reserved if _parent(d) == folder}
+                name = unique_name(_name(row.source), existing, taken)
+                taken.add(name)
+                plans[row.seq] = FilePlan(row.seq, outcome, category, confidence, _join(folder, name), v.error)
+            try:
+                self.store.plan(self.job.job_id, [p for p in plans.values() if p.seq not in in_place])
+            except sqlite3.IntegrityError:
+                continue  # another job reserved one of these names meanwhile: choose again
+            for folder, names in chosen.items():
+                self._folder_names[folder] |= names
+            return plans, in_place
+        raise RuntimeError("could not reserve destinations: other jobs keep taking the same names")
+
+    def _names(self, folder: str, refresh: bool = False) -> set[str] | None:
+        """Names present in a destination folder (created if needed), listed once per run and kept up
+        to date with the files this run adds; None when the folder leads outside the data root. A name
+        taken behind our back is still never overwritten: link() refuses it and the file is renamed."""
+        names = self._folder_names.get(folder)
+        if names is None or refresh:
+            path = self.root.path(folder)
+            os.makedirs(path, exist_ok=True)
+            if not self.root.contains(Path(path)):
+                return None
+            names = self._folder_names[folder] = set(os.listdir(path))
+        return names
+
+    def _judge(self, v: Verdict) -> tuple[Outcome, str, float | None]:
+        if v.error:
+            return Outcome.FAILED, "", None
+        threshold = self.job.min_confidence
+        uncertain = v.confidence < threshold if threshold is not None else v.uncertain
+        return (Outcome.UNCERTAIN if uncertain else Outcome.SUCCESS), v.category, v.confidence
+
+    def _transfer(self, plan: FilePlan, row: FileRecord) -> FileDone:
+        """Carry out one recorded plan; a destination taken meanwhile gets the next free name."""
+        source, destination = self.root.path(row.source), plan.destination
+        tag = f"{self.job.job_id}-{plan.seq}"
+        for _ in range(1000):
+            try:
+                self.r.mover.transfer(source, self.root.path(destination), self.copy, tag)
+                return FileDone(plan.seq, plan.outcome, destination, plan.error)
+            except FileExistsError:
+                destination = self._replan(plan.seq, row.source, _parent(destination))
+            except OSError as exc:
+                return self._left_in_place(plan, row, destination, exc)
+        raise RuntimeError(f"no free name for {row.source} in {_parent(destination)}")
+
+    def _replan(self, seq: int, source: str, folder: str) -> str:
+        while True:
+            existing = self._names(folder, refresh=True) or set()
+            reserved = {_name(d) for d in self.store.reserved_destinations() if _parent(d) == folder}
+            candidate = _join(folder, unique_name(_name(source), existing, reserved))
+            try:
+                self.store.replan(self.job.job_id, seq, candidate)
+            except sqlite3.IntegrityError:
+                continue
+            existing.add(_name(candidate))
+            return candidate
+
+    def _left_in_place(self, plan: FilePlan, row: FileRecord, destination: str, exc: OSError) -> FileDone:
+        if not os.path.lexists(self.root.path(row.source)):
+            return FileDone(plan.seq, Outcome.FAILED, "", "the file disappeared before it could be moved")
+        verb = "copy" if self.copy else "move"
+        why = f"cannot {verb} it to {self.root.display(destination)}: {exc.strerror or exc}"
+        if plan.outcome != Outcome.FAILED:
+            why = f"classified as {plan.category}, but {why}"
+        return FileDone(plan.seq, Outcome.FAILED, row.source, f"{plan.error}; {why}" if plan.error else why)
+
+    def _recover(self) -> None:
+        """Finish the transfers a crash interrupted, from their records."""
+        rows = self.store.in_flight(self.job.job_id)
+        if not rows:
+            return
+        results = []
+        for row in rows:
+            plan = FilePlan(row.seq, Outcome(row.outcome), row.category, row.confidence, row.destination, row.error)
+            state = self.r.mover.complete(self.root.path(row.source), self.root.path(row.destination), self.copy,
+                                          f"{self.job.job_id}-{row.seq}")
+            if state == Resume.DONE:
+                results.append(FileDone(row.seq, plan.outcome, row.destination, row.error))
+            elif state == Resume.MISSING:
+                results.append(FileDone(row.seq, Outcome.FAILED, "",
+                                        "the file disappeared: neither at its source nor at its destination"))
+            else:
+                results.append(self._transfer(plan, row))
+        folders = {_parent(d.destination) for d in results if d.destination} | {_parent(r.source) for r in rows}
+        self.r.mover.sync_folders(self.root.path(f) for f in folders)
+        self.store.done(self.job.job_id, results)
+        self.log.line("Recovered %d transfers interrupted by a crash", len(results))
+
+    def _folders_touched(self, decided: list[tuple[FileRecord, Verdict]], moved: list[FileDone]) -> list[str]:
+        folders = {_parent(d.destination) for d in moved if d.destination}
+        if not self.copy:
+            folders |= {_parent(row.source) for row, _ in decided}
+        return [self.root.path(f) for f in folders]
+
+    def _report(self, decided: list[tuple[FileRecord, Verdict]], plans: dict[int, FilePlan],
+                done: dict[int, FileDone], now: float) -> list[FileUpdate]:
+        """The per-run log and the CSV for one sorted group; the file updates when someone watches."""
+        watched = self.r.events.watched(self.job.job_id)
+        entries: list[reports.LogEntry] = []
+        rows: list[list[str]] = []
+        updates: list[FileUpdate] = []
+        when = reports.local_iso(now)
+        counts: collections.Counter[str] = collections.Counter()
+        for row, _ in decided:
+            d, p = done[row.seq], plans[row.seq]
+            name = reports.display_name(row.source, self.job.input_dir)
+            confidence = p.confidence if d.outcome != Outcome.FAILED else None
+            entries.append(reports.LogEntry(row.seq, name, d.outcome, p.category, confidence, d.error,
+                                            self._where(row, d)))
+            rows.append(reports.csv_row(name, d.outcome, p.category, confidence, when))
+            counts[d.outcome.value] += 1
+            if watched:
+                updates.append(FileUpdate(name, p.category, confidence or 0.0, d.outcome.value, d.destination,
+                                          d.error))
+        self.log.file_results(entries, self.job.total, self.job.min_confidence)
+        reports.append_csv(self.files.csv, rows)
+        for outcome, n in counts.items():
+            metrics.BATCH_FILES.labels(outcome).inc(n)
+        return updates
+
+    def _where(self, row: FileRecord, d: FileDone) -> str:
+        """The log's last line for a file: where it went."""
+        if not d.destination:
+            return "✗ Gone: the file is no longer there"
+        shown = self.root.display(d.destination)
+        if d.destination != row.source:
+            return f"✓ {'Copied' if self.copy else 'Moved'} to: {shown}"
+        return f"✗ Left in place: {shown}" if d.error else f"✓ Already in: {shown}"
+
+    # --- state changes ---------------------------------------------------------------------------
+
+    def _publish(self, job: JobRecord | None, file: FileUpdate | None = None, message: str = "") -> None:
+        if job is not None and self.r.events.watched(job.job_id):
+            self.r.events.publish(JobUpdate(job, file, message))
+
+    def _inference_down(self, reason: str, delay: float) -> None:
+        address = self.settings.inference_address
+        error = f"waiting for the Inference service at {address}: {reason}; next attempt in {delay:.0f}s"
+        self.store.set_state(self.job.job_id, JobState.WAITING, error)
+        self._set_phase("waiting")
+        metrics.BATCH_INFERENCE_WAITS.inc()
+        self.log.line("✗ API not available (%s): retrying in %.0f seconds", reason, delay)
+        log.warning("Job %s %s", self.job.job_id, error)
+        self._publish(self.store.get(self.job.job_id), message=error)
+
+    def _inference_back(self) -> None:
+        self.store.set_state(self.job.job_id, JobState.RUNNING)
+        self._set_phase("running")
+        self.log.line("✓ API is healthy and ready")
+        log.info("Job %s: the Inference service is back; resuming", self.job.job_id)
+        self._publish(self.store.get(self.job.job_id), message="the Inference service is back")
+
+    def _set_phase(self, phase: str) -> None:
+        """Keeps the active-jobs gauge right across RUNNING and WAITING."""
+        if phase == self.phase:
+            return
+        if self.phase:
+            metrics.BATCH_JOBS_ACTIVE.labels(self.phase).dec()
+        if phase:
+            metrics.BATCH_JOBS_ACTIVE.labels(phase).inc()
+        self.phase = phase
+
+    async def _watch_cancel(self) -> None:
+        """A cancel requested from another process (only the database is shared) reaches the job too."""
+        while not self.cancel.is_set():
+            await asyncio.sleep(CANCEL_POLL_S)
+            if await _io(self.store.cancel_requested, self.job.job_id):
+                self.cancel.set()
+
+    async def _or_cancel(self, awaitable: Awaitable[T]) -> T:
+        """Await `awaitable` unless the job's cancellation comes first (then raise _Cancelled)."""
+        task = asyncio.ensure_future(awaitable)
+        if self.cancel.is_set():
+            task.cancel()
+            raise _Cancelled
+        stop = asyncio.ensure_future(self.cancel.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            stop.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        raise _Cancelled
+
+
+def _join(folder: str, name: str) -> str:
+    """Stored (root-relative, posix) paths are handled as strings: pathlib costs too much per image."""
+    return name if folder == "." else f"{folder}/{name}"
+
+
+def _parent(rel: str) -> str:
+    return rel.rpartition("/")[0] or "."
+
+
+def _name(rel: str) -> str:
+    return rel.rpartition("/")[2]
+
+
+async def _io(fn: Callable[..., T], *args: object) -> T:
+    """Blocking work (SQLite, the filesystem) off the event loop."""
+    return await asyncio.to_thread(fn, *args)
+
+
+async def _shielded_io(fn: Callable[..., T], *args: object) -> T:
+    """Like _io, and the work finishes even if the caller is cancelled: a chunk being moved when
+    the service stops is completed, not left for recovery."""
+    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise

@@ -1,0 +1,148 @@
+"""Scheduled runs: the Batch service processes the inbox on a cron expression or an interval, like
+the seed's batch runner (cron / Task Scheduler). Each run writes logs/batch_runner_<ts>.log.
+
+FASHION_BATCH_SCHEDULE is a 5-field cron expression in the service's local time ("0 2 * * *":
+nightly at 02:00), or an interval: "every 30m", "@every 2h", "90s", "45" (seconds). Empty turns
+scheduled runs off. A run that comes due while the previous scheduled job is still active is
+skipped (and says so in its log); runs missed while the service was down are not caught up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from croniter import croniter
+
+from services.batch.jobs import JobQueue
+from services.batch.paths import FolderMissing, PathRefused
+from services.batch.reports import RULE
+from services.batch.store import STAMP_FORMAT, JobRecord
+from services.common.logs import close_file_logger, file_logger
+
+log = logging.getLogger(__name__)
+_INTERVAL = re.compile(r"^(?:@?every\s+)?(\d+(?:\.\d+)?)\s*(s|sec|secs|m|min|mins|h|hr|hrs|d|day|days)?$", re.I)
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MIN_INTERVAL_S = 1.0
+JOB_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Schedule:
+    text: str
+    cron: str | None = None
+    interval_s: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Schedule | None:
+        """None for an empty text. Raises ValueError naming the problem."""
+        text = (text or "").strip()
+        if not text:
+            return None
+        m = _INTERVAL.match(text)
+        if m:
+            seconds = float(m.group(1)) * _UNIT_S[(m.group(2) or "s")[0].lower()]
+            if seconds < MIN_INTERVAL_S:
+                raise ValueError(f"batch schedule {text!r}: the interval must be at least {MIN_INTERVAL_S:g}s")
+            return cls(text, interval_s=seconds)
+        if len(text.split()) == 5 and croniter.is_valid(text):
+            return cls(text, cron=text)
+        raise ValueError(f"batch schedule {text!r} is neither a 5-field cron expression (e.g. \"0 2 * * *\") "
+                         "nor an interval (e.g. \"every 30m\", \"90s\")")
+
+    def next_after(self, when: datetime) -> datetime:
+        if self.interval_s is not None:
+            return when + timedelta(seconds=self.interval_s)
+        assert self.cron is not None
+        return croniter(self.cron, when).get_next(datetime)
+
+    def describe(self) -> str:
+        if self.interval_s is not None:
+            return f"every {self.interval_s:g} seconds"
+        return f"cron {self.cron!r} (local time)"
+
+
+class ScheduledRuns:
+    """Submits a job for the inbox whenever the schedule comes due."""
+
+    def __init__(self, schedule: Schedule, queue: JobQueue) -> None:
+        self.schedule = schedule
+        self.queue = queue
+        self.settings = queue.settings
+        self._last_job: str | None = None
+        self._runs: set[asyncio.Task[None]] = set()
+
+    async def run_forever(self) -> None:
+        log.info("Scheduled runs of %s: %s", self.settings.batch_inbox, self.schedule.describe())
+        last_due = datetime.now()
+        try:
+            while True:
+                # From the previous due time too: a sleep ending a hair early must not fire twice.
+                due = self.schedule.next_after(max(datetime.now(), last_due))
+                await asyncio.sleep(max(0.0, (due - datetime.now()).total_seconds()))
+                last_due = due
+                task = asyncio.ensure_future(self.fire())
+                self._runs.add(task)
+                task.add_done_callback(self._runs.discard)
+        finally:
+            for task in list(self._runs):
+                task.cancel()
+
+    async def fire(self) -> JobRecord | None:
+        """One scheduled run, with its own batch_runner log. Returns the job (None when skipped)."""
+        stamp = datetime.now().strftime(STAMP_FORMAT)
+        runner_log = file_logger(self.settings.log_dir / f"batch_runner_{stamp}.log", f"batch.runner.{stamp}",
+                                 self.settings)
+        job: JobRecord | None = None
+        try:
+            runner_log.info(RULE)
+            runner_log.info("BATCH RUNNER STARTED")
+            runner_log.info(RULE)
+            runner_log.info("Schedule: %s", self.schedule.describe())
+            runner_log.info("Inbox: %s", self.queue.root.display(self.settings.batch_inbox))
+            if self._last_job is not None:
+                previous = await asyncio.to_thread(self.queue.get, self._last_job)
+                if not previous.state.finished:
+                    runner_log.info("✗ Previous run (job %s) is still %s: this run is skipped", previous.job_id,
+                                    previous.state.name)
+                    return None
+            try:
+                self.queue.root.folder(self.settings.batch_inbox, "inbox", create=True)
+                spec = self.queue.spec(self.settings.batch_inbox, recursive=self.settings.batch_recursive)
+            except (PathRefused, FolderMissing) as exc:
+                runner_log.info("✗ Cannot process the inbox: %s", exc)
+                log.error("Scheduled run skipped: %s", exc)
+                return None
+            job = await self.queue.submit(spec, trigger="schedule")
+            self._last_job = job.job_id
+            runner_log.info("Started batch job %s", job.job_id)
+            while not job.state.finished:
+                await asyncio.sleep(JOB_POLL_S)
+                job = await asyncio.to_thread(self.queue.get, job.job_id)
+            _outcome(runner_log, job)
+            return job
+        except asyncio.CancelledError:
+            if job is not None:
+                job = self.queue.get(job.job_id)
+            if job is not None and job.state.finished:
+                _outcome(runner_log, job)
+            else:
+                runner_log.info("Batch runner stopped with the service%s", f"; job {job.job_id} resumes at the next "
+                                "start" if job is not None else "")
+            raise
+        finally:
+            runner_log.info("Next run: %s", self.schedule.next_after(datetime.now()).strftime("%Y-%m-%d %H:%M:%S"))
+            close_file_logger(runner_log)
+
+
+def _outcome(runner_log: logging.Logger, job: JobRecord) -> None:
+    c = job.counts
+    runner_log.info("Batch job %s %s: %d images processed (%d successful, %d uncertain, %d failed) in %.1fs",
+                    job.job_id, job.state.name, c.processed, c.successful, c.uncertain, c.failed, job.duration_s())
+    if job.error:
+        runner_log.info("✗ Batch failed: %s", job.error)
+    else:
+        runner_log.info("✓ Batch completed successfully")

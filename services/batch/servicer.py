@@ -1,0 +1,132 @@
+"""fashion.v1.BatchService over gRPC: a thin adapter between protobuf and the JobQueue."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+import grpc
+
+from fashion.v1 import batch_pb2 as pb
+from fashion.v1 import batch_pb2_grpc as pb_grpc
+from services.batch import converters
+from services.batch.events import JobEvents, JobUpdate
+from services.batch.jobs import JobQueue
+from services.batch.paths import FolderMissing, PathRefused
+from services.batch.store import JobFinished, JobNotFound
+
+T = TypeVar("T")
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 1000
+MAX_STATS_DAYS = 366
+WATCH_POLL_S = 2.0  # re-read the job when no event came (a job run by another process sends none here)
+
+
+def status_for(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """The gRPC status for a domain error, or None for an unexpected one."""
+    if isinstance(exc, PathRefused):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, FolderMissing | JobNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, JobFinished):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    return None
+
+
+async def call(context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
+    """Run blocking `fn` off the event loop, translating domain errors into status codes at this edge."""
+    try:
+        return await asyncio.to_thread(fn)
+    except Exception as exc:
+        status = status_for(exc)
+        if status is None:
+            raise
+        await context.abort(*status)
+        raise  # unreachable: abort raises
+
+
+async def _required(context: grpc.aio.ServicerContext, value: str, name: str) -> str:
+    if not value.strip():
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name} is required")
+    return value.strip()
+
+
+class BatchServicer(pb_grpc.BatchServiceServicer):
+    def __init__(self, queue: JobQueue, events: JobEvents) -> None:
+        self._q = queue
+        self._events = events
+        self._settings = queue.settings
+
+    def _job(self, job) -> pb.Job:  # type: ignore[no-untyped-def]
+        return converters.job_to_pb(job, self._settings)
+
+    async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        await _required(context, request.input_dir, "input_dir")
+        spec = await call(context, lambda: self._q.spec(
+            request.input_dir, request.output_dir, converters.MODE_OF.get(request.mode, ""),
+            request.min_confidence if request.HasField("min_confidence") else None, request.recursive,
+            request.idempotency_key))
+        return self._job(await self._q.submit(spec, trigger="api"))
+
+    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        job_id = await _required(context, request.job_id, "job_id")
+        return self._job(await call(context, lambda: self._q.get(job_id)))
+
+    async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
+        if not 0 <= request.limit <= MAX_LIST_LIMIT:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"limit must be between 0 and {MAX_LIST_LIMIT}, got {request.limit}")
+        state = converters.STATE_OF.get(request.state)
+        if request.state and state is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown job state {request.state}")
+        jobs = await call(context, lambda: self._q.list(request.limit or DEFAULT_LIST_LIMIT, state))
+        return pb.ListJobsResponse(jobs=[self._job(j) for j in jobs])
+
+    async def WatchJob(self, request: pb.WatchJobRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.JobEvent]:
+        job_id = await _required(context, request.job_id, "job_id")
+        job = await call(context, lambda: self._q.get(job_id))
+        updates = self._events.subscribe(job.job_id)  # before the snapshot: nothing falls in between
+        job_pb: pb.Job | None = None
+        try:
+            job = await asyncio.to_thread(self._q.get, job.job_id)
+            yield converters.event_to_pb(JobUpdate(job, message=job.state.value), self._settings)
+            while not job.state.finished:
+                try:  # wait_for costs a task per call: only when nothing is queued
+                    update = updates.get_nowait() if not updates.empty() else await asyncio.wait_for(
+                        updates.get(), WATCH_POLL_S)
+                except TimeoutError:
+                    latest = await asyncio.to_thread(self._q.get, job.job_id)
+                    if (latest.state, latest.counts.processed, latest.error) == (
+                            job.state, job.counts.processed, job.error):
+                        continue
+                    update = JobUpdate(latest, message=latest.state.value)
+                if update.job is not job or job_pb is None:  # the files of one sorted group share a snapshot
+                    job_pb = converters.job_to_pb(update.job, self._settings)
+                job = update.job
+                event = pb.JobEvent(job=job_pb, message=update.message)
+                if update.file is not None:
+                    event.file.CopyFrom(converters.file_to_pb(update.file))
+                yield event
+        finally:
+            self._events.unsubscribe(job.job_id, updates)
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        job_id = await _required(context, request.job_id, "job_id")
+        try:
+            job = await self._q.cancel(job_id)
+        except Exception as exc:
+            status = status_for(exc)
+            if status is None:
+                raise
+            await context.abort(*status)
+        return self._job(job)
+
+    async def GetBatchStats(self, request: pb.GetBatchStatsRequest,
+                            context: grpc.aio.ServicerContext) -> pb.BatchStats:
+        if not 0 <= request.days <= MAX_STATS_DAYS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"days must be between 0 and {MAX_STATS_DAYS}, got {request.days}")
+        history = await call(context, lambda: self._q.history(request.days or 7))
+        return converters.history_to_pb(history)

@@ -1,0 +1,134 @@
+"""Fixtures of the Batch tests: Batch service processes on real ports with a temporary data root,
+against the shared Inference service (fixture model) or their own; folders of real images."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fashion.client import BatchClient
+from fashion.v1 import batch_pb2 as pb
+from services.batch.mover import category_folder
+from services.inference.imaging import Preprocessor
+from tests.images import encode, fashion_images
+from tests.support import LABELS, ServiceProcess, free_port, linear_expected, start_service
+
+PRE = Preprocessor(28, 28, mean=(0.5,), std=(0.5,))  # the fixture model's manifest
+MIN_CONFIDENCE = 0.3  # the fixture model's manifest
+
+
+@dataclass
+class BatchHome:
+    """A working folder: data root, results, logs, as a Batch service process or the CLI sees them."""
+
+    workdir: Path
+
+    @property
+    def data(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def output(self) -> Path:
+        return self.data / "processed_batches"
+
+    def results(self) -> Path:
+        return self.workdir / "results" / "batch_results"
+
+    def env(self, inference_address: str, **extra: str) -> dict[str, str]:
+        return {
+            "FASHION_DATA_ROOT": "data", "FASHION_RESULTS_DIR": "results", "FASHION_LOG_DIR": "logs",
+            "FASHION_INFERENCE_ADDRESS": inference_address, "FASHION_BATCH_SCHEDULE": "",
+            "FASHION_BATCH_METRICS_PORT": "0", "FASHION_BATCH_FSYNC": "true", "OTEL_SDK_DISABLED": "true",
+            "FASHION_BATCH_RETRY_INITIAL_S": "0.2", "FASHION_BATCH_RETRY_MAX_S": "1",
+            "PYTHONFAULTHANDLER": "1", **extra,
+        }
+
+    def start(self, inference_address: str, **extra: str) -> ServiceProcess:
+        port = free_port()
+        env = self.env(inference_address, FASHION_BATCH_HOST="127.0.0.1", FASHION_BATCH_PORT=str(port), **extra)
+        svc = start_service("services.batch", self.workdir, env, f"127.0.0.1:{port}")
+        svc.wait_serving(timeout=60)
+        return svc
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_images(folder: Path, n: int, start: int = 0, prefix: str = "item") -> dict[str, bytes]:
+    """n Fashion-MNIST PNGs named <prefix>_<i>.png; returns name -> bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x, _ = fashion_images(n, start)
+    files = {f"{prefix}_{start + i:04d}.png": encode(img) for i, img in enumerate(x)}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def expected_sorting(wb: np.ndarray, files: dict[str, bytes], min_confidence: float = MIN_CONFIDENCE
+                     ) -> dict[str, tuple[str, float, str]]:
+    """name -> (label, confidence, folder) the fixture model must produce, computed from its weights."""
+    names = sorted(files)
+    probs = linear_expected(wb, np.stack([PRE(files[n]) for n in names]))
+    out = {}
+    for name, p in zip(names, probs, strict=True):
+        best = int(np.argmax(p))
+        conf = float(p[best])
+        folder = "_uncertain" if conf < min_confidence else category_folder(LABELS[best])
+        out[name] = (LABELS[best], conf, folder)
+    return out
+
+
+def files_under(root: Path) -> dict[str, list[Path]]:
+    """Every file or link under `root` by name (the jobs database folder .batch/ left out)."""
+    found: dict[str, list[Path]] = {}
+    for p in root.rglob("*"):
+        if (p.is_file() or p.is_symlink()) and p.relative_to(root).parts[0] != ".batch":
+            found.setdefault(p.name, []).append(p)
+    return found
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["filename", "category", "confidence", "status", "timestamp"]
+        return list(reader)
+
+
+def read_summary(path: Path) -> dict[str, object]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def wait_for(client: BatchClient, job_id: str, condition: Callable[[pb.Job], bool], timeout: float = 60,
+             what: str = "") -> pb.Job:
+    deadline = time.monotonic() + timeout
+    job = client.get(job_id)
+    while not condition(job):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or 'the job'}: {job}")
+        time.sleep(0.05)
+        job = client.get(job_id)
+    return job
+
+
+@pytest.fixture(scope="module")
+def batch_home(tmp_path_factory: pytest.TempPathFactory) -> BatchHome:
+    return BatchHome(tmp_path_factory.mktemp("batch"))
+
+
+@pytest.fixture(scope="module")
+def batch_server(batch_home: BatchHome, inference_server: ServiceProcess) -> Iterator[ServiceProcess]:
+    """One Batch service (fsync on, like production) on the shared Inference service, for the module."""
+    svc = batch_home.start(inference_server.address)
+    try:
+        yield svc
+    finally:
+        svc.terminate()

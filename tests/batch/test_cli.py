@@ -1,0 +1,127 @@
+"""`fashion batch ...` as a user runs it (the installed `fashion` script, in its own process):
+embedded runs for cron, jobs on the Batch service, the health check; and scheduled runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fashion.client import BatchClient
+from fashion.v1 import batch_pb2 as pb
+from tests.batch.conftest import BatchHome, files_under, read_csv, wait_for, write_images
+from tests.support import ServiceProcess, free_port, start_service
+
+FASHION = str(Path(sys.executable).with_name("fashion"))
+pytestmark = pytest.mark.timeout(120)
+
+
+def fashion(home: BatchHome, inference: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, "COLUMNS": "200", **home.env(inference), **env}
+    return subprocess.run([FASHION, "batch", *args], cwd=home.workdir, env=full_env, capture_output=True,
+                          text=True, timeout=90)
+
+
+def test_embedded_run_sorts_a_folder_without_a_batch_server_then_health_reports_it(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    home = BatchHome(tmp_path)
+    images = write_images(home.data / "inbox", 12)
+    (home.data / "inbox" / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    never = fashion(home, inference_server.address, "health", "--local")
+    assert never.returncode == 1, never.stdout + never.stderr
+    assert "Recent Execution: ✗ UNHEALTHY\n  No batch run recorded" in never.stdout
+
+    run = fashion(home, inference_server.address, "run", "data/inbox")  # a local path inside the data root
+    assert run.returncode == 0, run.stdout + run.stderr
+    for words in ("SUCCEEDED", "Images found", "│ 13 ", "Successful", "Categories", "Failed files", "broken.jpg",
+                  "Results CSV", "img/s"):
+        assert words in run.stdout, (words, run.stdout)
+    assert sorted(files_under(home.output)) == sorted([*images, "broken.jpg"])
+    assert not any((home.data / "inbox").iterdir())
+    csv_file = next((home.workdir / "results" / "batch_results").glob("batch_results_*.csv"))
+    assert sorted(r["filename"] for r in read_csv(csv_file)) == sorted([*images, "broken.jpg"])
+
+    health = fashion(home, inference_server.address, "health", "--local")
+    assert health.returncode == 0, health.stdout + health.stderr
+    lines = health.stdout.splitlines()
+    assert lines[:3] == ["=" * 60, "BATCH PROCESSING HEALTH CHECK", "=" * 60]
+    assert "Recent Execution: ✓ HEALTHY" in lines and "  Last run was 0.0 hours ago" in lines
+    assert "Recent Errors: ⚠ 1 errors in the last 24 hours" in lines
+    assert "Last 7 Days Statistics:" in lines and "  Total runs: 1" in lines
+    assert "  Images processed: 13" in lines and "  Failed: 1" in lines
+    stale = fashion(home, inference_server.address, "health", "--local", "--max-age-hours", "0")
+    assert stale.returncode == 1 and "Recent Execution: ✗ UNHEALTHY" in stale.stdout
+
+    escape = fashion(home, inference_server.address, "run", "../elsewhere")
+    assert escape.returncode == 2 and "outside the data root" in escape.stderr
+
+
+def test_submit_wait_status_list_watch_cancel_health_against_the_service(
+        batch_home: BatchHome, batch_server: ServiceProcess, inference_server: ServiceProcess) -> None:
+    images = write_images(batch_home.data / "drop", 8)
+    address = ("--address", batch_server.address)
+    submitted = fashion(batch_home, inference_server.address, "submit", "drop", "--wait", *address)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert "SUCCEEDED" in submitted.stdout and "│ Processed    │ 8 " in submitted.stdout
+    assert sorted(files_under(batch_home.output)) == sorted(images)
+
+    listed = fashion(batch_home, inference_server.address, "list", "--json", *address)
+    jobs = json.loads(listed.stdout)
+    assert listed.returncode == 0 and len(jobs) == 1 and jobs[0]["state"] == "JOB_STATE_SUCCEEDED"
+    job_id = jobs[0]["job_id"]
+    assert job_id in fashion(batch_home, inference_server.address, "list", *address).stdout
+    status = json.loads(fashion(batch_home, inference_server.address, "status", job_id, "--json", *address).stdout)
+    assert (status["processed"], status["trigger"]) == ("8", "api")
+    watched = fashion(batch_home, inference_server.address, "watch", job_id, *address)
+    assert watched.returncode == 0 and f"Batch job {job_id}: SUCCEEDED" in watched.stdout
+    cancel = fashion(batch_home, inference_server.address, "cancel", job_id, *address)
+    assert cancel.returncode == 2 and "FAILED_PRECONDITION" in cancel.stderr and "already ended" in cancel.stderr
+    unknown = fashion(batch_home, inference_server.address, "status", "feedfacefeedface", *address)
+    assert unknown.returncode == 2 and "NOT_FOUND" in unknown.stderr
+
+    health = fashion(batch_home, inference_server.address, "health", *address)
+    assert health.returncode == 0 and "Recent Execution: ✓ HEALTHY" in health.stdout, health.stdout
+    assert "  Total runs: 1" in health.stdout and "Recent Errors: ✓ No errors detected" in health.stdout
+    down = fashion(batch_home, inference_server.address, "health", "--address", f"127.0.0.1:{free_port()}")
+    assert down.returncode == 2 and "did not answer" in down.stderr
+
+
+def test_scheduled_runs_process_the_inbox_with_a_runner_log(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    home = BatchHome(tmp_path)
+    images = write_images(home.data / "inbox", 3)
+    batch = home.start(inference_server.address, FASHION_BATCH_SCHEDULE="every 1s")
+    try:
+        with BatchClient(batch.address) as client:
+            deadline = time.monotonic() + 30
+            while not (scheduled := [j for j in client.list(100) if j.trigger == "schedule"]):
+                assert time.monotonic() < deadline, batch.output()
+                time.sleep(0.05)
+            job = wait_for(client, scheduled[-1].job_id, lambda j: j.state == pb.JOB_STATE_SUCCEEDED)
+            while not any("✓ Batch completed" in p.read_text(encoding="utf-8")
+                          for p in (home.workdir / "logs").glob("batch_runner_*.log")):
+                assert time.monotonic() < deadline, "the runner log never reported the end of the job"
+                time.sleep(0.05)
+    finally:
+        batch.terminate()
+    assert job.input_dir == "inbox" and job.processed == 3
+    assert sorted(files_under(home.output)) == sorted(images)
+    runner_logs = sorted((home.workdir / "logs").glob("batch_runner_*.log"))
+    text = next(p.read_text(encoding="utf-8") for p in runner_logs if job.job_id in p.read_text(encoding="utf-8"))
+    for line in ("BATCH RUNNER STARTED", "Schedule: every 1 seconds", "Inbox: data/inbox",
+                 f"Started batch job {job.job_id}", f"Batch job {job.job_id} SUCCEEDED: 3 images processed",
+                 "✓ Batch completed successfully", "Next run: "):
+        assert line in text, (line, text)
+
+
+def test_a_bad_schedule_stops_the_service_at_start_with_the_reason(tmp_path: Path) -> None:
+    home = BatchHome(tmp_path)
+    svc = start_service("services.batch", home.workdir, home.env("127.0.0.1:1", FASHION_BATCH_SCHEDULE="at noon"),
+                        "127.0.0.1:1")
+    assert svc.proc.wait(timeout=30) == 2
+    assert "FASHION_BATCH_SCHEDULE" in svc.output() and "'at noon' is neither a 5-field cron" in svc.output()

@@ -1,0 +1,177 @@
+"""The pieces that decide where files go, on a real filesystem and a real SQLite file: data-root
+confinement, scanning, collision-free names, every state a crash can leave a transfer in, the
+jobs database's guarantees, and schedules."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from services.batch.mover import FileMover, Resume, category_folder, unique_name
+from services.batch.paths import DataRoot, FolderMissing, PathRefused
+from services.batch.scanner import scan_folder
+from services.batch.schedule import Schedule
+from services.batch.store import FileDone, FilePlan, JobSpec, JobState, JobStore, Outcome
+from tests.support import LABELS
+
+
+def test_data_root_refuses_every_way_out(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "inbox" / "deep").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (root / "out_link").symlink_to(tmp_path / "outside", target_is_directory=True)
+    (root / "in_link").symlink_to(root / "inbox", target_is_directory=True)
+    dr = DataRoot(root)
+    assert dr.folder("inbox", "input_dir") == (root / "inbox").resolve()
+    assert dr.folder(str(root / "inbox" / "deep"), "input_dir") == (root / "inbox" / "deep").resolve()
+    assert dr.folder("inbox/deep/..", "input_dir") == (root / "inbox").resolve()  # stays inside: fine
+    assert dr.folder("in_link", "input_dir") == (root / "inbox").resolve()  # a link that stays inside
+    for raw in ("..", "../outside", "inbox/../../outside", str(tmp_path / "outside"), "out_link", "/etc"):
+        with pytest.raises(PathRefused, match="outside the data root"):
+            dr.folder(raw, "input_dir")
+    with pytest.raises(PathRefused, match="NUL"):
+        dr.resolve("inbox\x00", "input_dir")
+    with pytest.raises(FolderMissing, match="does not exist"):
+        dr.folder("nothing/here", "input_dir")
+    assert dr.relative((root / "inbox" / "deep").resolve()) == "inbox/deep"
+    assert dr.display("inbox/deep") == f"{root}/inbox/deep"
+
+
+def test_category_folders_are_safe_names() -> None:
+    names = [category_folder(label) for label in LABELS]
+    assert names[0] == "T-shirt_top" and "Ankle boot" in names
+    assert len(set(names)) == len(LABELS) and all("/" not in n for n in names)
+    assert category_folder("../../etc") == "etc"
+    assert category_folder("_failed") == "failed" and category_folder(".hidden") == "hidden"
+    assert category_folder("Sac à main / Tasche") == "Sac _ main _ Tasche"
+    assert category_folder("///") == "unnamed"
+
+
+def test_unique_name_never_reuses_a_taken_name() -> None:
+    assert unique_name("a.png", set()) == "a.png"
+    assert unique_name("a.png", {"a.png"}, {"a_1.png"}) == "a_2.png"
+    assert unique_name("noext", {"noext"}) == "noext_1"
+    long = "x" * 255 + ".png"
+    assert len(unique_name(long[-255:], {long[-255:]}).encode()) <= 255
+
+
+def test_scan_finds_images_reports_other_files_and_ignores_hidden_and_temporary(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.PNG", "a.jpg", "c.webp", "notes.txt", "README", ".hidden.png", "x.png.part", "y.crdownload",
+                 "~$doc.png", "backup.png~", "sub/d.png"):
+        (folder / name).write_bytes(b"data")
+    (folder / "link.png").symlink_to(folder / "a.jpg")
+    os.mkfifo(folder / "pipe.png")
+    flat = scan_folder(folder, recursive=False)
+    assert [p.name for p in flat.images] == ["a.jpg", "b.PNG", "c.webp"]
+    assert {p.name: why for p, why in flat.skipped} == {
+        "notes.txt": "not an image (.txt)", "README": "not an image (no extension)",
+        "link.png": "symbolic link (links are not followed)", "pipe.png": "not a regular file"}
+    assert flat.ignored == 5
+    deep = scan_folder(folder, recursive=True, exclude=[folder / "sub"])
+    assert [p.name for p in deep.images] == ["a.jpg", "b.PNG", "c.webp"]
+    assert [p.name for p in scan_folder(folder, recursive=True).images] == ["a.jpg", "b.PNG", "c.webp", "d.png"]
+    young = scan_folder(folder, recursive=False, min_age_s=3600)
+    assert not young.images and "still being written" in dict((p.name, w) for p, w in young.skipped)["a.jpg"]
+
+
+def test_move_and_copy_never_overwrite(tmp_path: Path) -> None:
+    mover = FileMover(fsync=True)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    (src / "a.png").write_bytes(b"A")
+    (dst / "a.png").write_bytes(b"other")
+    with pytest.raises(FileExistsError):
+        mover.transfer(src / "a.png", dst / "a.png", copy=False, tag="t1")
+    assert (src / "a.png").read_bytes() == b"A" and (dst / "a.png").read_bytes() == b"other"
+    mover.transfer(src / "a.png", dst / "a_1.png", copy=True, tag="t1")
+    assert (src / "a.png").read_bytes() == (dst / "a_1.png").read_bytes() == b"A"
+    mover.transfer(src / "a.png", dst / "a_2.png", copy=False, tag="t2")
+    assert not (src / "a.png").exists() and (dst / "a_2.png").read_bytes() == b"A"
+    assert sorted(p.name for p in dst.iterdir()) == ["a.png", "a_1.png", "a_2.png"]  # no staging left
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_complete_finishes_every_interrupted_transfer(tmp_path: Path, copy: bool) -> None:
+    """Each state a crash can leave between the write-ahead record and the done record."""
+    mover = FileMover(fsync=False)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+
+    def case(name: str, at_source: bool, at_destination: bytes | None, linked: bool = False,
+             staging: bytes | None = None) -> tuple[Path, Path]:
+        s, d = src / name, dst / name
+        if at_source:
+            s.write_bytes(b"image " + name.encode())
+        if linked:
+            os.link(s, d)
+        elif at_destination is not None:
+            d.write_bytes(at_destination)
+        if staging is not None:
+            Path(mover.staging_path(d, name)).write_bytes(staging)
+        return s, d
+
+    body = {n: b"image " + n.encode() for n in ("p", "q", "r", "s", "t", "u")}
+    s, d = case("p", True, None, staging=b"image")  # crashed while copying: partial staging file
+    assert mover.complete(s, d, copy, "p") == Resume.REDO and not os.path.exists(mover.staging_path(d, "p"))
+    s, d = case("q", True, None, linked=not copy, staging=None)  # moved by link, source not yet removed
+    if not copy:
+        assert mover.complete(s, d, copy, "q") == Resume.DONE and not s.exists() and d.read_bytes() == body["q"]
+    s, d = case("r", True, body["r"])  # copied completely (other filesystem or copy mode), source still there
+    assert mover.complete(s, d, copy, "r") == Resume.DONE and d.read_bytes() == body["r"]
+    assert s.exists() == copy
+    s, d = case("s", False, body["s"])  # finished
+    assert mover.complete(s, d, copy, "s") == Resume.DONE
+    s, d = case("t", True, b"someone else's file")  # the name was taken meanwhile: ours must not be lost
+    assert mover.complete(s, d, copy, "t") == Resume.REDO and s.read_bytes() == body["t"]
+    assert d.read_bytes() == b"someone else's file"
+    s, d = case("u", False, None)  # gone from both places (removed by someone else)
+    assert mover.complete(s, d, copy, "u") == Resume.MISSING
+
+
+def test_store_keeps_jobs_apart_and_write_ahead_records(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "jobs.db")
+    a = store.create(JobSpec("inbox", "out"), "api")
+    b = store.create(JobSpec("inbox", "out"), "cli")
+    assert store.create(JobSpec("x", "out", idempotency_key="k"), "api").job_id == store.create(
+        JobSpec("y", "out", idempotency_key="k"), "api").job_id
+    a = store.start(a.job_id, now=datetime(2025, 10, 7, 2, 0, 0).timestamp())
+    b = store.start(b.job_id, now=datetime(2025, 10, 7, 2, 0, 0).timestamp())
+    assert (a.stamp, b.stamp) == ("20251007_020000", "20251007_020001")  # files of two runs never collide
+    store.add_files(a.job_id, ["inbox/1.png", "inbox/2.png"], [("inbox/n.txt", "not an image (.txt)")])
+    b = store.add_files(b.job_id, ["inbox/2.png", "inbox/3.png"], [])
+    assert b.total == 1 and b.skipped == 1  # 2.png belongs to the unfinished job a
+    skipped = store.files(b.job_id, (Outcome.SKIPPED,))
+    assert [(f.source, f.error) for f in skipped] == [("inbox/2.png", f"being processed by job {a.job_id}")]
+    store.plan(a.job_id, [FilePlan(1, Outcome.SUCCESS, "Bag", 0.9, "out/Bag/1.png")])
+    with pytest.raises(sqlite3.IntegrityError):  # one destination, one transfer in flight
+        store.plan(b.job_id, [FilePlan(1, Outcome.SUCCESS, "Bag", 0.9, "out/Bag/1.png")])
+    assert [r.destination for r in store.in_flight(a.job_id)] == ["out/Bag/1.png"]
+    store.done(a.job_id, [FileDone(1, Outcome.SUCCESS, "out/Bag/1.png")])
+    assert store.release_pending(a.job_id) == 1
+    finished = store.finish(a.job_id, JobState.CANCELLED)
+    assert (finished.counts.successful, finished.counts.unprocessed, finished.counts.categories) == (1, 1, {"Bag": 1})
+    assert store.prune(before=finished.finished_at + 1) == 3  # per-file rows go, totals stay
+    assert store.get(a.job_id).counts.successful == 1
+    assert store.get(a.job_id[:8]).job_id == a.job_id
+    store.close()
+
+
+def test_schedules_cron_and_interval() -> None:
+    assert Schedule.parse("") is None and Schedule.parse("   ") is None
+    nightly = Schedule.parse("0 2 * * *")
+    assert nightly is not None and nightly.next_after(datetime(2025, 10, 7, 2, 0, 0)) == datetime(2025, 10, 8, 2)
+    assert nightly.next_after(datetime(2025, 10, 7, 1, 59, 59)) == datetime(2025, 10, 7, 2)
+    for text, seconds in (("every 30m", 1800), ("@every 2h", 7200), ("90s", 90), ("45", 45), ("1d", 86400)):
+        s = Schedule.parse(text)
+        assert s is not None and s.interval_s == seconds, text
+    for bad in ("every day", "0 2 * *", "61 * * * *", "0.5s"):
+        with pytest.raises(ValueError, match="batch schedule"):
+            Schedule.parse(bad)
