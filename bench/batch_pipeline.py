@@ -1,9 +1,11 @@
 """Batch pipeline benchmark: 10,000 Fashion-MNIST PNGs sorted end to end (read, classify through a
 real Inference service process, record, move, fsync, CSV and log) against the in-process ceiling
-(decode + preprocess + ONNX Runtime batched in one process, no I/O), both measured in this run.
+(decode + preprocess + ONNX Runtime batched in one process, no I/O, as in bench/inference.py), measured
+before and after the pipeline runs in this run (the better of the two counts).
 
-Runs: the Batch service (a real process; submit, then wait), the same with batch_fsync off (what
-the power-loss durability costs), and `fashion batch run` (embedded, no Batch server). Each run
+Runs: the Batch service (a real process; submit, then poll GetJob), the same followed by a WatchJob
+client (an event per image: what `fashion batch submit --wait` costs), the same with batch_fsync off
+(what power-loss durability costs), and `fashion batch run` (embedded, no Batch server). Each run
 checks that every image ended in exactly one category folder and that the CSV has one row per image.
 
     python -m bench.batch_pipeline        # this section alone
@@ -105,7 +107,7 @@ def run(out_dir: Path) -> str:
     pngs = [fashion_mnist.encode_png(img) for img in x[:N]]
 
     print("batch: in-process ceiling ...", flush=True)
-    ceil = ceiling(manifest, N)["images_per_s"]
+    ceilings = [ceiling(manifest, N)["images_per_s"]]
     results: list[tuple[str, dict[str, float]]] = []
     inference = start_inference(work / "inference", folder)
     try:
@@ -121,11 +123,16 @@ def run(out_dir: Path) -> str:
             results.append((label, fn(work / f"run{len(results)}")))
     finally:
         inference.terminate()
+    print("batch: in-process ceiling again ...", flush=True)
+    ceilings.append(ceiling(manifest, N)["images_per_s"])
+    ceil = max(ceilings)  # the better of the two (before and after): the ratio errs against us on a busy machine
 
-    rows: list[list[object]] = [["in-process ceiling (decode + preprocess + ONNX, no I/O)", ceil, "", "100%"]]
+    rows: list[list[object]] = [[f"in-process ceiling (decode + preprocess + ONNX, no I/O; best of "
+                                 f"{', '.join(f'{c:,.0f}' for c in ceilings)})", ceil, "", "100%"]]
     rows += [[label, r["images_per_s"], r["wall_per_s"], f"{100 * r['images_per_s'] / ceil:.0f}%"]
              for label, r in results]
     best = results[0][1]["images_per_s"] / ceil
+    watched = results[1][1]["images_per_s"] / ceil
     return "\n".join([
         "## Batch pipeline\n",
         f"Model: {manifest.name} v{manifest.version} ({model_label}). {N:,} Fashion-MNIST PNGs in one folder, "
@@ -136,7 +143,8 @@ def run(out_dir: Path) -> str:
         table(["pipeline", "job images/s", "wall images/s", "of ceiling"], rows),
         "",
         f"Goal: the Batch service at ≥ {100 * GOAL:.0f}% of the in-process ceiling: **{100 * best:.0f}%** "
-        f"({'met' if best >= GOAL else 'not met'}).\n",
+        f"({'met' if best >= GOAL else 'not met'}); {100 * watched:.0f}% while a WatchJob client follows "
+        "every image.\n",
     ])
 
 

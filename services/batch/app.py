@@ -15,6 +15,7 @@ from services.batch.runner import JobRunner, default_db_path
 from services.batch.schedule import Schedule, ScheduledRuns
 from services.batch.servicer import BatchServicer
 from services.batch.store import JobStore
+from services.common import metrics
 from services.common import server as grpc_server
 from services.common.config import BatchSettings
 from services.common.logs import setup_logging
@@ -36,6 +37,8 @@ async def serve(settings: BatchSettings | None = None) -> None:
 
     settings.data_root.mkdir(parents=True, exist_ok=True)
     store = JobStore(default_db_path(settings))
+    if (last := store.last_finished()) is not None and last.finished_at is not None:
+        metrics.BATCH_LAST_RUN.set(last.finished_at)  # alerts on stale runs stay right across restarts
     events = JobEvents()
     queue = JobQueue(JobRunner(settings, store, events), settings.batch_max_concurrent_jobs,
                      settings.batch_history_days)

@@ -82,7 +82,7 @@ class RemoteClassifier:
             try:
                 resp = await self._client.classify_batch(images, top_k=1, timeout_s=self._timeout_s)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in TRANSIENT:
+                if exc.code() not in TRANSIENT or _too_large(exc):
                     raise InferenceRefused(f"{exc.code().name}: {exc.details()}") from None
                 self._went_down(f"{exc.code().name}: {exc.details()}")
                 continue
@@ -120,3 +120,9 @@ class RemoteClassifier:
     def close(self) -> None:
         if self._probe is not None:
             self._probe.cancel()
+
+
+def _too_large(exc: grpc.aio.AioRpcError) -> bool:
+    """A message over a size limit is refused again however long we wait: lower FASHION_BATCH_CHUNK_BYTES
+    or raise FASHION_MAX_MESSAGE_BYTES on both services."""
+    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (exc.details() or "")

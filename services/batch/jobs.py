@@ -116,10 +116,6 @@ class JobQueue:
         log.info("Job %s: cancellation requested (now %s)", job.job_id, job.state.name)
         return job
 
-    @property
-    def active_jobs(self) -> int:
-        return len(self._running) + len(self._queued)
-
     # --- workers ---------------------------------------------------------------------------------
 
     def _enqueue(self, job_id: str) -> None:

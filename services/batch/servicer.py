@@ -14,7 +14,7 @@ from services.batch import converters
 from services.batch.events import JobEvents, JobUpdate
 from services.batch.jobs import JobQueue
 from services.batch.paths import FolderMissing, PathRefused
-from services.batch.store import JobFinished, JobNotFound
+from services.batch.store import JobFinished, JobNotFound, JobRecord
 
 T = TypeVar("T")
 DEFAULT_LIST_LIMIT = 50
@@ -53,12 +53,16 @@ async def _required(context: grpc.aio.ServicerContext, value: str, name: str) ->
 
 
 class BatchServicer(pb_grpc.BatchServiceServicer):
+    """WatchJob sends the job, then an event per sorted image and per state change. A watcher that
+    reads slower than images are sorted loses image events (never the last one, which ends the
+    stream): the job does not wait for its watchers."""
+
     def __init__(self, queue: JobQueue, events: JobEvents) -> None:
         self._q = queue
         self._events = events
         self._settings = queue.settings
 
-    def _job(self, job) -> pb.Job:  # type: ignore[no-untyped-def]
+    def _job(self, job: JobRecord) -> pb.Job:
         return converters.job_to_pb(job, self._settings)
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
