@@ -65,6 +65,12 @@ def _classify_entry(entry: os.DirEntry[str], result: FolderScan, pending: list[P
     if is_hidden_or_temporary(entry.name):
         result.ignored += 1
         return
+    try:
+        entry.path.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes (a legacy-encoded share): named in reports, never touched
+        shown = os.fsencode(entry.path).decode("utf-8", "backslashreplace")
+        result.skipped.append((Path(shown), "the file name is not valid UTF-8"))
+        return
     if entry.is_symlink():
         result.skipped.append((path, "symbolic link (links are not followed)"))
         return

@@ -5,7 +5,9 @@ jobs database's guarantees, and schedules."""
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
+import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -76,6 +78,10 @@ def test_scan_finds_images_reports_other_files_and_ignores_hidden_and_temporary(
     deep = scan_folder(folder, recursive=True, exclude=[folder / "sub"])
     assert [p.name for p in deep.images] == ["a.jpg", "b.PNG", "c.webp"]
     assert [p.name for p in scan_folder(folder, recursive=True).images] == ["a.jpg", "b.PNG", "c.webp", "d.png"]
+    (folder / os.fsdecode(b"caf\xe9.png")).write_bytes(b"latin-1 name")
+    odd = dict((p.name, why) for p, why in scan_folder(folder, recursive=False).skipped)
+    assert odd["caf\\xe9.png"] == "the file name is not valid UTF-8"
+    (folder / os.fsdecode(b"caf\xe9.png")).unlink()
     young = scan_folder(folder, recursive=False, min_age_s=3600)
     assert not young.images and "still being written" in dict((p.name, w) for p, w in young.skipped)["a.jpg"]
 
@@ -95,6 +101,22 @@ def test_move_and_copy_never_overwrite(tmp_path: Path) -> None:
     mover.transfer(src / "a.png", dst / "a_2.png", copy=False, tag="t2")
     assert not (src / "a.png").exists() and (dst / "a_2.png").read_bytes() == b"A"
     assert sorted(p.name for p in dst.iterdir()) == ["a.png", "a_1.png", "a_2.png"]  # no staging left
+
+
+def test_move_across_filesystems_copies_syncs_then_removes(tmp_path: Path) -> None:
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the temporary folder")
+    src = Path(tempfile.mkdtemp(dir=other))
+    try:
+        (src / "a.png").write_bytes(b"A" * 5000)
+        os.utime(src / "a.png", (1_600_000_000, 1_600_000_000))
+        FileMover(fsync=True).transfer(src / "a.png", tmp_path / "a.png", copy=False, tag="x")
+        assert not (src / "a.png").exists() and (tmp_path / "a.png").read_bytes() == b"A" * 5000
+        assert (tmp_path / "a.png").stat().st_mtime == 1_600_000_000  # metadata kept
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # no staging file left
+    finally:
+        shutil.rmtree(src)
 
 
 @pytest.mark.parametrize("copy", [False, True])
