@@ -20,10 +20,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from tests.support import REPO, ServiceProcess, free_port, start_service
-
-BATCH_AVAILABLE = (REPO / "services" / "batch" / "app.py").exists()
-needs_batch = pytest.mark.skipif(not BATCH_AVAILABLE, reason="Batch service not available yet")
+from tests.support import ServiceProcess, free_port, start_service
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str,

@@ -14,12 +14,12 @@ from fashion.client import BatchClient, MonitorClient
 from fashion.v1 import batch_pb2
 from fashion.v1 import monitor_pb2 as pb
 from tests.images import encode, fashion_images
-from tests.monitor.conftest import monitor_env, needs_batch, start_monitor
+from tests.monitor.conftest import monitor_env, start_monitor
 from tests.monitor.test_cli import fashion
 from tests.monitor.test_service import SECTIONS, assert_valid_png
 from tests.support import ServiceProcess, free_port, start_service
 
-pytestmark = [needs_batch, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 
 @dataclass
