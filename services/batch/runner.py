@@ -172,7 +172,7 @@ class _JobRun:
         try:
             self._set_phase("running")
             state, error = await self._run(resumed)
-            job = await _io(self._finalize, state, error)
+            job = await _shielded_io(self._finalize, state, error)
             self._publish(job, message=state.name.lower())
             return job
         except asyncio.CancelledError:
