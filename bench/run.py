@@ -15,7 +15,8 @@ import traceback
 from datetime import datetime
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results"  # reports (committed)
+WORK = Path(__file__).resolve().parent / "work"  # models, logs, server output of each run (ignored)
 SECTIONS = {
     "inference": "bench.inference",
     "batch": "bench.batch_pipeline",
@@ -43,8 +44,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="run only these sections")
     args = parser.parse_args()
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    out_dir = RESULTS / stamp
+    out_dir = WORK / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     parts = [f"# Benchmark {stamp}\n", f"Machine: {machine()}\n"]
     for name in args.only or list(SECTIONS):
         try:
@@ -60,10 +62,10 @@ def main() -> None:
             parts.append(f"## {name}\n\nFAILED:\n\n```\n{traceback.format_exc()}```\n")
         print(f"== {name}: {time.monotonic() - started:.0f}s ==", flush=True)
     report = "\n".join(parts)
-    (out_dir / "report.md").write_text(report)
+    (RESULTS / f"bench_{stamp}.md").write_text(report)
     (RESULTS / "latest.md").write_text(report)
     print(report)
-    print(f"written to {out_dir / 'report.md'} and {RESULTS / 'latest.md'}")
+    print(f"written to {RESULTS / f'bench_{stamp}.md'} and {RESULTS / 'latest.md'}; work files in {out_dir}")
 
 
 if __name__ == "__main__":
