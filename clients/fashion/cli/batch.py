@@ -39,7 +39,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from fashion.client.batch import FINISHED, BatchClient, state_name
+from fashion.client.batch import BatchClient, state_name
 from fashion.v1 import batch_pb2 as pb
 
 if TYPE_CHECKING:  # the services are imported only by the commands that run them locally
@@ -187,11 +187,9 @@ def _follow(client: BatchClient, job: pb.Job, as_json: bool) -> int:
     try:
         with display:
             display.update(job)
-            for event in client.watch(job.job_id):
+            for event in client.watch(job.job_id):  # ends after the job's last event
                 job = event.job
                 display.update(job, event)
-                if job.state in FINISHED:
-                    break
     except KeyboardInterrupt:
         console.print(f"Stopped watching; job {job.job_id} goes on. Follow it with: fashion batch watch "
                       f"{job.job_id}, stop it with: fashion batch cancel {job.job_id}")

@@ -87,10 +87,8 @@ class BatchClient:
     def wait(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
         """Block until the job ends; its final state."""
         job = self.get(job_id)
-        for event in self.watch(job_id, timeout_s):
+        for event in self.watch(job_id, timeout_s):  # the server closes the stream after the job's last event
             job = event.job
-            if job.state in FINISHED:
-                break
         return job
 
     def health(self, service: str = "", timeout_s: float | None = None) -> str:
@@ -147,10 +145,8 @@ class AsyncBatchClient:
 
     async def wait(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
         job = await self.get(job_id)
-        async for event in self.watch(job_id, timeout_s):
+        async for event in self.watch(job_id, timeout_s):  # the server closes the stream after the job's last event
             job = event.job
-            if job.state in FINISHED:
-                break
         return job
 
     async def health(self, service: str = "", timeout_s: float | None = None) -> str:
