@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -57,7 +58,7 @@ def batch_env(workdir: Path, inference: str, **extra: str) -> dict[str, str]:
 
 def via_service(workdir: Path, pngs: list[bytes], inference: str, watch: bool = True, **extra: str
                 ) -> dict[str, float]:
-    """Submit, then follow the job with WatchJob (one event per image), or poll GetJob twice a second."""
+    """Submit, then follow the job with WatchJob (one event per image), or poll GetJob ten times a second."""
     write_inbox(workdir / "data" / "inbox", pngs)
     port = free_port()
     svc = start_service("services.batch", workdir, batch_env(
@@ -71,7 +72,7 @@ def via_service(workdir: Path, pngs: list[bytes], inference: str, watch: bool = 
             if watch:
                 job = client.wait(job.job_id, timeout_s=1800)
             while job.state not in FINISHED:
-                time.sleep(0.5)
+                time.sleep(0.1)
                 job = client.get(job.job_id)
             wall = time.perf_counter() - start
     finally:
@@ -120,7 +121,9 @@ def run(out_dir: Path) -> str:
             ("`fashion batch run` (embedded)", lambda w: embedded(w, pngs, inference.address)),
         ):
             print(f"batch: {label} ...", flush=True)
-            results.append((label, fn(work / f"run{len(results)}")))
+            workdir = work / f"run{len(results)}"
+            results.append((label, fn(workdir)))
+            shutil.rmtree(workdir / "data")  # 10,000 images; the CSV, summary and logs stay
     finally:
         inference.terminate()
     print("batch: in-process ceiling again ...", flush=True)
@@ -151,5 +154,5 @@ def run(out_dir: Path) -> str:
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    target = REPO / "bench" / "results" / f"batch_{stamp}"
+    target = REPO / "bench" / "work" / f"batch_{stamp}"
     print(run(target))

@@ -416,8 +416,14 @@ async def _run_with_progress(runner: JobRunner, job_id: str, lock: JobLock, cons
                 if not getter.done():
                     getter.cancel()
                     continue
-                event = converters.event_to_pb(getter.result(), runner.settings)
-                display.update(event.job, event)
+                # Everything queued at once; only failures and the latest snapshot are worth converting.
+                batch = [getter.result(), *(updates.get_nowait() for _ in range(updates.qsize()))]
+                for update in batch:
+                    if update.file is not None and update.file.status == "failed":
+                        display.failures.append(converters.file_to_pb(update.file))
+                latest = batch[-1]
+                display.update(converters.job_to_pb(latest.job, runner.settings),
+                               pb.JobEvent(message=latest.message))
         record = await task
     finally:
         runner.events.unsubscribe(job_id, updates)
