@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -14,8 +15,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.config import CommonSettings
+from services.common.logs import CALL_TRACE_ID, log_line
 from services.common.security import AuthInterceptor, TokenSource, server_credentials
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class RequestObserver(grpc.aio.ServerInterceptor):
         # different handler per call; the handler is kept so that its id stays unique.
         self._wrapped: dict[tuple[str, int], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
         self._in_flight = metrics.GRPC_IN_FLIGHT.labels(service)
+        self._counters: dict[tuple[str, grpc.StatusCode], metrics.Counter] = {}
 
     async def intercept_service(
         self,
@@ -87,6 +90,8 @@ class RequestObserver(grpc.aio.ServerInterceptor):
                 start = time.perf_counter()
                 code, note = grpc.StatusCode.OK, ""
                 peer = context.peer()
+                if not tracing.enabled():
+                    CALL_TRACE_ID.set(_call_trace_id(context))  # this call's task only
                 self._in_flight.inc()
                 try:
                     return await inner_uu(request, context)
@@ -116,6 +121,8 @@ class RequestObserver(grpc.aio.ServerInterceptor):
             # Read now: a stream's `finally` may run after the client has gone and the call is
             # freed, and context.peer() on a freed call segfaults the process.
             peer = context.peer()
+            if not tracing.enabled():
+                CALL_TRACE_ID.set(_call_trace_id(context))
             counter = [1]
             if handler.request_streaming:
                 request, counter = counting(request)
@@ -153,18 +160,30 @@ class RequestObserver(grpc.aio.ServerInterceptor):
             set_code = context.code()
             if isinstance(set_code, grpc.StatusCode) and set_code != grpc.StatusCode.OK:
                 code, note = set_code, context.details() or ""
-        metrics.GRPC_REQUESTS.labels(self._service, method, code.name).inc()
+        counter = self._counters.get((method, code))
+        if counter is None:
+            counter = self._counters[(method, code)] = metrics.GRPC_REQUESTS.labels(self._service, method, code.name)
+        counter.inc()
         latency.observe(elapsed)
         level = logging.INFO
         if code in _CALLER_CODES:
             level = logging.WARNING
         elif code != grpc.StatusCode.OK:
             level = logging.ERROR
-        if self._log.isEnabledFor(level):
-            extra = f" messages={messages}" if messages != 1 else ""
-            detail = f' detail="{note}"' if note else ""
-            self._log.log(level, "method=%s status=%s latency_ms=%.2f peer=%s%s%s",
-                          method, code.name, elapsed * 1000, peer, extra, detail)
+        extra = f" messages={messages}" if messages != 1 else ""
+        detail = f' detail="{note}"' if note else ""
+        log_line(self._log, level, f"method={method} status={code.name} latency_ms={elapsed * 1000:.2f} "
+                                   f"peer={peer}{extra}{detail}")
+
+
+def _call_trace_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's W3C trace id (traceparent metadata), else a new random one."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent":
+            parts = value.split("-")
+            if len(parts) == 4 and len(parts[1]) == 32 and parts[1] != "0" * 32:
+                return parts[1].lower()
+    return os.urandom(16).hex()
 
 
 def _status_of(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:

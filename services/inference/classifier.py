@@ -11,13 +11,14 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import numpy as np
 from opentelemetry import trace
 
-from services.common import metrics
+from services.common import metrics, tracing
 from services.common.config import InferenceSettings
 from services.inference.batcher import BatchingExecutor, BatchTiming, DynamicBatcher
 from services.inference.engine import OnnxModel
@@ -171,7 +172,7 @@ class Classifier:
         start = time.perf_counter()
         ok = False
         try:
-            with tracer.start_as_current_span("decode"):
+            with _span("decode"):
                 x = await decoder.submit(image)
             if isinstance(x, ImageRejected):
                 raise x
@@ -196,7 +197,7 @@ class Classifier:
         start = time.perf_counter()
         good: list[Classification | ImageRejected] = []
         try:
-            with tracer.start_as_current_span("decode", attributes={"images": len(images)}):
+            with _span("decode", images=len(images)):
                 decoded = await self._decode_all(pre, images)
             rows = [i for i, d in enumerate(decoded) if not isinstance(d, ImageRejected)]
             results: list[Classification | ImageRejected] = list(decoded)  # type: ignore[arg-type]
@@ -263,8 +264,14 @@ def _decode_chunk(pre: Preprocessor, images: Sequence[bytes]) -> list[np.ndarray
     return out
 
 
+def _span(name: str, **attributes: int) -> AbstractContextManager[object]:
+    return tracer.start_as_current_span(name, attributes=attributes) if tracing.enabled() else nullcontext()
+
+
 def _record_batch_spans(timing: BatchTiming) -> None:
     """Queue-wait and inference spans for this request, placed at the times they happened."""
+    if not tracing.enabled():
+        return
     now_ns, now_pc = time.time_ns(), time.perf_counter()
 
     def to_ns(pc: float) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -225,6 +226,21 @@ def test_request_log_lines(inference_server) -> None:
     assert len(trace_id) == 32 and int(trace_id, 16)
     assert "status=INVALID_ARGUMENT" in errors and "ERROR" in errors
     assert "status=OK" not in errors
+
+
+def test_log_lines_carry_the_callers_trace_id(inference_server) -> None:
+    x, _ = fashion_images(1)
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    with grpc.insecure_channel(inference_server.address) as ch:
+        pb_grpc.InferenceServiceStub(ch).Classify(
+            pb.ClassifyRequest(image=encode(x[0])), timeout=10,
+            metadata=[("traceparent", f"00-{trace_id}-b7ad6b7169203331-01")])
+    api = Path(inference_server.log_path).parent / "logs" / "api.log"
+    deadline = time.monotonic() + 5
+    while trace_id not in api.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in api.read_text().splitlines() if trace_id in line)
+    assert "InferenceService/Classify status=OK" in line
 
 
 def test_cli_classify_as_a_user_runs_it(inference_server, tmp_path: Path) -> None:
