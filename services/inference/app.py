@@ -75,4 +75,4 @@ async def _load_until_ready(classifier: Classifier, health: grpc_server.health.a
 
 
 def main() -> None:
-    asyncio.run(serve())
+    grpc_server.run_service(serve())
