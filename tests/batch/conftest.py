@@ -55,7 +55,11 @@ class BatchHome:
         port = free_port()
         env = self.env(inference_address, FASHION_BATCH_HOST="127.0.0.1", FASHION_BATCH_PORT=str(port), **extra)
         svc = start_service("services.batch", self.workdir, env, f"127.0.0.1:{port}")
-        svc.wait_serving(timeout=60)
+        try:
+            svc.wait_serving(timeout=60)
+        except BaseException:
+            svc.kill()
+            raise
         return svc
 
 

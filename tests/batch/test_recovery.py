@@ -77,9 +77,10 @@ def test_inference_down_mid_job_waits_and_survives_a_batch_crash_while_waiting(
     images = write_images(inbox, 160)
     port = free_port()
     inference = start_inference(tmp_path / "inference", linear_model[0], FASHION_INFERENCE_PORT=str(port))
-    inference.wait_serving()
-    batch = home.start(inference.address, **SLOW)
+    batch: ServiceProcess | None = None
     try:
+        inference.wait_serving()
+        batch = home.start(inference.address, **SLOW)
         with BatchClient(batch.address) as client:
             job = client.submit("inbox")
             wait_for(client, job.job_id, lambda j: j.processed >= 10, what="10 images sorted")
@@ -94,7 +95,8 @@ def test_inference_down_mid_job_waits_and_survives_a_batch_crash_while_waiting(
             inference = start_inference(tmp_path / "inference", linear_model[0], FASHION_INFERENCE_PORT=str(port))
             job = client.wait(job.job_id, timeout_s=120)
     finally:
-        batch.kill()
+        if batch is not None:
+            batch.kill()
         inference.terminate()
     assert job.state == pb.JOB_STATE_SUCCEEDED and job.error == "", job
     assert_all_sorted_once(home, inbox, images, job)
@@ -165,9 +167,12 @@ def test_a_crash_at_each_step_of_sorting_is_recovered_at_restart(
     images = write_images(inbox, 24)
     batch = home.start(inference_server.address, FASHION_BATCH_FAILPOINT=f"{point}:1",
                        FASHION_BATCH_CHUNK_SIZE="8", FASHION_BATCH_IN_FLIGHT="1")
-    with BatchClient(batch.address) as client:
-        job = client.submit("inbox")
-    assert batch.proc.wait(timeout=60) == -signal.SIGKILL, batch.output()
+    try:
+        with BatchClient(batch.address) as client:
+            job = client.submit("inbox")
+        assert batch.proc.wait(timeout=60) == -signal.SIGKILL, batch.output()
+    finally:
+        batch.kill()
     with sqlite3.connect(home.data / ".batch" / "jobs.db") as db:
         moving = db.execute("SELECT source, destination FROM files WHERE state = 'moving'").fetchall()
     assert moving, "the crash should leave transfers recorded as started"
