@@ -4,9 +4,9 @@ Tracing is on when spans have somewhere to go: OTEL_EXPORTER_OTLP_ENDPOINT or
 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT set (OTLP over gRPC), or a test's span processor.
 OTEL_SDK_DISABLED=true turns it off regardless. When it is on, gRPC servers and channels are
 traced by opentelemetry-instrumentation-grpc (W3C traceparent in and out; health checks and
-reflection untraced). When it is off nothing is instrumented: spans nobody collects cost about a
-quarter of the Inference service's throughput. Log lines carry a trace id either way (see
-RequestObserver and logs.TraceIdFilter).
+reflection untraced). When it is off no span is made (spans nobody collects cost about a quarter
+of the Inference service's throughput) but outgoing calls still pass on the W3C context they run
+in. Log lines carry a trace id either way (see RequestObserver and logs.TraceIdFilter).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def setup_tracing(service_name: str, extra_processor: SpanProcessor | None = Non
         return None
     if _provider is None:
         if not exporting() and extra_processor is None:
+            _propagate_only()
             return None
         resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service_name)})
         _provider = TracerProvider(resource=resource)
@@ -55,6 +56,19 @@ def setup_tracing(service_name: str, extra_processor: SpanProcessor | None = Non
     if extra_processor is not None:
         _provider.add_span_processor(extra_processor)
     return _provider
+
+
+_propagating = False
+
+
+def _propagate_only() -> None:
+    """No spans, but outgoing gRPC calls still carry the current W3C context (e.g. a caller's
+    traceparent continued by the gateway): with no SDK installed the API's tracer hands the
+    caller's non-recording span through, and the client instrumentation injects it."""
+    global _propagating
+    if not _propagating:
+        GrpcAioInstrumentorClient(filter_=_UNTRACED).instrument()
+        _propagating = True
 
 
 def shutdown_tracing() -> None:
