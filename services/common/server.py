@@ -187,7 +187,7 @@ def _call_trace_id(context: grpc.aio.ServicerContext) -> str:
 
 
 def _status_of(exc: BaseException, context: grpc.aio.ServicerContext) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, asyncio.CancelledError):
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):  # a stream the client stopped reading
         return grpc.StatusCode.CANCELLED, "cancelled by the client"
     code = context.code()
     if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
