@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from fashion.client._channel import ChannelOptions, aio_channel, sync_channel
+from fashion.client._base import AsyncServiceClient, ServiceClient
+from fashion.client._channel import ChannelOptions
 from fashion.v1 import batch_pb2 as pb
 from fashion.v1 import batch_pb2_grpc as pb_grpc
 
@@ -39,27 +38,12 @@ def state_name(state: int) -> str:
     return pb.JobState.Name(state).removeprefix("JOB_STATE_")
 
 
-class BatchClient:
+class BatchClient(ServiceClient[pb_grpc.BatchServiceStub]):
     """Blocking client. Errors raise grpc.RpcError with the server's status code and message
     (INVALID_ARGUMENT for paths outside the data root, NOT_FOUND for unknown jobs, ...)."""
 
     def __init__(self, address: str | ChannelOptions = "localhost:50052") -> None:
-        self.options = address if isinstance(address, ChannelOptions) else ChannelOptions.from_env(address)
-        self._channel = sync_channel(self.options)
-        self._stub = pb_grpc.BatchServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    def __enter__(self) -> BatchClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _kw(self, timeout_s: float | None) -> dict[str, object]:
-        return {"timeout": timeout_s or self.options.timeout_s, "metadata": self.options.metadata}
+        super().__init__(address, pb_grpc.BatchServiceStub)
 
     def submit(self, input_dir: str, mode: str = "", min_confidence: float | None = None, recursive: bool = False,
                output_dir: str = "", idempotency_key: str = "", timeout_s: float | None = None) -> pb.Job:
@@ -91,31 +75,12 @@ class BatchClient:
             job = event.job
         return job
 
-    def health(self, service: str = "", timeout_s: float | None = None) -> str:
-        resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s or 5.0)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
-
-class AsyncBatchClient:
+class AsyncBatchClient(AsyncServiceClient[pb_grpc.BatchServiceStub]):
     """asyncio client with the same methods as BatchClient, awaitable."""
 
     def __init__(self, address: str | ChannelOptions = "localhost:50052") -> None:
-        self.options = address if isinstance(address, ChannelOptions) else ChannelOptions.from_env(address)
-        self._channel = aio_channel(self.options)
-        self._stub = pb_grpc.BatchServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    async def __aenter__(self) -> AsyncBatchClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    def _kw(self, timeout_s: float | None) -> dict[str, object]:
-        return {"timeout": timeout_s or self.options.timeout_s, "metadata": self.options.metadata}
+        super().__init__(address, pb_grpc.BatchServiceStub)
 
     async def submit(self, input_dir: str, mode: str = "", min_confidence: float | None = None,
                      recursive: bool = False, output_dir: str = "", idempotency_key: str = "",
@@ -148,10 +113,6 @@ class AsyncBatchClient:
         async for event in self.watch(job_id, timeout_s):  # the server closes the stream after the job's last event
             job = event.job
         return job
-
-    async def health(self, service: str = "", timeout_s: float | None = None) -> str:
-        resp = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s or 5.0)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
 __all__ = ["FINISHED", "SERVICE", "AsyncBatchClient", "BatchClient", "state_name", "submit_request"]

@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from fashion.client._channel import ChannelOptions, aio_channel, sync_channel
+from fashion.client._base import AsyncServiceClient, ServiceClient
+from fashion.client._channel import ChannelOptions
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
 
@@ -20,27 +18,12 @@ def _request(image: bytes | str | Path, top_k: int = 0, request_id: str = "") ->
     return pb.ClassifyRequest(image=data, top_k=top_k, request_id=request_id)
 
 
-class InferenceClient:
+class InferenceClient(ServiceClient[pb_grpc.InferenceServiceStub]):
     """Blocking client. Images are bytes or file paths. Errors raise grpc.RpcError with the
     server's status code and message (INVALID_ARGUMENT for unusable images, ...)."""
 
     def __init__(self, address: str | ChannelOptions = "localhost:50051") -> None:
-        self.options = address if isinstance(address, ChannelOptions) else ChannelOptions.from_env(address)
-        self._channel = sync_channel(self.options)
-        self._stub = pb_grpc.InferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    def __enter__(self) -> InferenceClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _kw(self, timeout_s: float | None) -> dict[str, object]:
-        return {"timeout": timeout_s or self.options.timeout_s, "metadata": self.options.metadata}
+        super().__init__(address, pb_grpc.InferenceServiceStub)
 
     def classify(self, image: bytes | str | Path, top_k: int = 0,
                  timeout_s: float | None = None) -> pb.ClassifyResponse:
@@ -61,32 +44,12 @@ class InferenceClient:
     def stats(self, timeout_s: float | None = None) -> pb.Stats:
         return self._stub.GetStats(pb.GetStatsRequest(), **self._kw(timeout_s))
 
-    def health(self, service: str = "", timeout_s: float | None = None) -> str:
-        """SERVING, NOT_SERVING, ... (raises grpc.RpcError when unreachable)."""
-        resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s or 5.0)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
-
-class AsyncInferenceClient:
+class AsyncInferenceClient(AsyncServiceClient[pb_grpc.InferenceServiceStub]):
     """asyncio client with the same methods as InferenceClient, awaitable."""
 
     def __init__(self, address: str | ChannelOptions = "localhost:50051") -> None:
-        self.options = address if isinstance(address, ChannelOptions) else ChannelOptions.from_env(address)
-        self._channel = aio_channel(self.options)
-        self._stub = pb_grpc.InferenceServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    async def __aenter__(self) -> AsyncInferenceClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    def _kw(self, timeout_s: float | None) -> dict[str, object]:
-        return {"timeout": timeout_s or self.options.timeout_s, "metadata": self.options.metadata}
+        super().__init__(address, pb_grpc.InferenceServiceStub)
 
     async def classify(self, image: bytes | str | Path, top_k: int = 0,
                        timeout_s: float | None = None) -> pb.ClassifyResponse:
@@ -110,9 +73,5 @@ class AsyncInferenceClient:
     async def stats(self, timeout_s: float | None = None) -> pb.Stats:
         return await self._stub.GetStats(pb.GetStatsRequest(), **self._kw(timeout_s))
 
-    async def health(self, service: str = "", timeout_s: float | None = None) -> str:
-        resp = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s or 5.0)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
-
-__all__ = ["SERVICE", "AsyncInferenceClient", "InferenceClient", "grpc"]
+__all__ = ["SERVICE", "AsyncInferenceClient", "InferenceClient"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fashion.client._channel import ChannelOptions, aio_channel, sync_channel
+from fashion.client._base import AsyncServiceClient, ServiceClient
+from fashion.client._channel import ChannelOptions
 from fashion.v1 import monitor_pb2 as pb
 from fashion.v1 import monitor_pb2_grpc as pb_grpc
 
@@ -14,27 +14,12 @@ SERVICE = "fashion.v1.MonitorService"
 REPORT_TIMEOUT_S = 120.0
 
 
-class MonitorClient:
+class MonitorClient(ServiceClient[pb_grpc.MonitorServiceStub]):
     """Blocking client. Errors raise grpc.RpcError with the server's status code and message
     (INVALID_ARGUMENT for out-of-range arguments, UNAVAILABLE when the Batch service is down, ...)."""
 
     def __init__(self, address: str | ChannelOptions = "localhost:50053") -> None:
-        self.options = address if isinstance(address, ChannelOptions) else ChannelOptions.from_env(address)
-        self._channel = sync_channel(self.options)
-        self._stub = pb_grpc.MonitorServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    def __enter__(self) -> MonitorClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def _kw(self, timeout_s: float | None) -> dict[str, object]:
-        return {"timeout": timeout_s or self.options.timeout_s, "metadata": self.options.metadata}
+        super().__init__(address, pb_grpc.MonitorServiceStub)
 
     def system_health(self, timeout_s: float | None = None) -> pb.SystemHealth:
         return self._stub.GetSystemHealth(pb.GetSystemHealthRequest(), **self._kw(timeout_s))
@@ -51,32 +36,12 @@ class MonitorClient:
         return self._stub.ListAlerts(pb.ListAlertsRequest(history_limit=history_limit, rule=rule),
                                      **self._kw(timeout_s))
 
-    def health(self, service: str = "", timeout_s: float | None = None) -> str:
-        """SERVING, NOT_SERVING, ... (raises grpc.RpcError when unreachable)."""
-        resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s or 5.0)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
-
-class AsyncMonitorClient:
+class AsyncMonitorClient(AsyncServiceClient[pb_grpc.MonitorServiceStub]):
     """asyncio client with the same methods as MonitorClient, awaitable."""
 
     def __init__(self, address: str | ChannelOptions = "localhost:50053") -> None:
-        self.options = address if isinstance(address, ChannelOptions) else ChannelOptions.from_env(address)
-        self._channel = aio_channel(self.options)
-        self._stub = pb_grpc.MonitorServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    async def __aenter__(self) -> AsyncMonitorClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    def _kw(self, timeout_s: float | None) -> dict[str, object]:
-        return {"timeout": timeout_s or self.options.timeout_s, "metadata": self.options.metadata}
+        super().__init__(address, pb_grpc.MonitorServiceStub)
 
     async def system_health(self, timeout_s: float | None = None) -> pb.SystemHealth:
         return await self._stub.GetSystemHealth(pb.GetSystemHealthRequest(), **self._kw(timeout_s))
@@ -93,10 +58,6 @@ class AsyncMonitorClient:
                      timeout_s: float | None = None) -> pb.ListAlertsResponse:
         return await self._stub.ListAlerts(pb.ListAlertsRequest(history_limit=history_limit, rule=rule),
                                            **self._kw(timeout_s))
-
-    async def health(self, service: str = "", timeout_s: float | None = None) -> str:
-        resp = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s or 5.0)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
 __all__ = ["SERVICE", "AsyncMonitorClient", "MonitorClient", "grpc"]
