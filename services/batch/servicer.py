@@ -15,6 +15,7 @@ from services.batch.events import JobEvents, JobUpdate
 from services.batch.jobs import JobQueue
 from services.batch.paths import FolderMissing, PathRefused
 from services.batch.store import JobFinished, JobNotFound, JobRecord
+from services.common.server import ErrorStatuses
 
 T = TypeVar("T")
 DEFAULT_LIST_LIMIT = 50
@@ -23,27 +24,16 @@ MAX_STATS_DAYS = 366
 WATCH_POLL_S = 2.0  # re-read the job when no event came (a job run by another process sends none here)
 
 
-def status_for(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
-    """The gRPC status for a domain error, or None for an unexpected one."""
-    if isinstance(exc, PathRefused):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, FolderMissing | JobNotFound):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, JobFinished):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    return None
+ERRORS = ErrorStatuses({
+    PathRefused: grpc.StatusCode.INVALID_ARGUMENT,
+    (FolderMissing, JobNotFound): grpc.StatusCode.NOT_FOUND,
+    JobFinished: grpc.StatusCode.FAILED_PRECONDITION,
+})
 
 
 async def call(context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
-    """Run blocking `fn` off the event loop, translating domain errors into status codes at this edge."""
-    try:
-        return await asyncio.to_thread(fn)
-    except Exception as exc:
-        status = status_for(exc)
-        if status is None:
-            raise
-        await context.abort(*status)
-        raise  # unreachable: abort raises
+    """Run blocking `fn` (SQLite, file system) off the event loop; domain errors become statuses."""
+    return await ERRORS.call(context, lambda: asyncio.to_thread(fn))
 
 
 async def _required(context: grpc.aio.ServicerContext, value: str, name: str) -> str:
@@ -118,14 +108,7 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         job_id = await _required(context, request.job_id, "job_id")
-        try:
-            job = await self._q.cancel(job_id)
-        except Exception as exc:
-            status = status_for(exc)
-            if status is None:
-                raise
-            await context.abort(*status)
-        return self._job(job)
+        return self._job(await ERRORS.call(context, lambda: self._q.cancel(job_id)))
 
     async def GetBatchStats(self, request: pb.GetBatchStatsRequest,
                             context: grpc.aio.ServicerContext) -> pb.BatchStats:

@@ -9,7 +9,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +22,7 @@ from services.common.logs import CALL_TRACE_ID, log_line
 from services.common.security import AuthInterceptor, TokenSource, server_credentials
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _UNOBSERVED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # Codes that mean the caller went away rather than that the call failed.
@@ -174,6 +176,32 @@ class RequestObserver(grpc.aio.ServerInterceptor):
         detail = f' detail="{note}"' if note else ""
         log_line(self._log, level, f"method={method} status={code.name} latency_ms={elapsed * 1000:.2f} "
                                    f"peer={peer}{extra}{detail}")
+
+
+class ErrorStatuses:
+    """Domain errors -> gRPC status codes: raised where detected, translated here, at the
+    transport edge only. The message is the exception's own, so it names the problem."""
+
+    def __init__(self, codes: Mapping[type[Exception] | tuple[type[Exception], ...], grpc.StatusCode]) -> None:
+        self._codes = list(codes.items())
+
+    def status_for(self, exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+        """The status for a domain error, or None for an unexpected one."""
+        for kinds, code in self._codes:
+            if isinstance(exc, kinds):
+                return code, str(exc)
+        return None
+
+    async def call(self, context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+        """Await `fn()`; a domain error aborts the call with its status."""
+        try:
+            return await fn()
+        except Exception as exc:
+            status = self.status_for(exc)
+            if status is None:
+                raise
+            await context.abort(*status)
+            raise  # unreachable: abort raises
 
 
 def _call_trace_id(context: grpc.aio.ServicerContext) -> str:

@@ -103,7 +103,8 @@ class DynamicBatcher:
         if n == 0:
             raise ValueError("nothing to infer: 0 rows")
         if self._queued_rows + n > self.max_queue_size:
-            raise QueueFull(f"{self._queued_rows} images already waiting (max_queue_size {self.max_queue_size})")
+            raise QueueFull(f"server overloaded: {self._queued_rows} images already waiting "
+                            f"(max_queue_size {self.max_queue_size})")
         if n <= self.max_batch_size:
             return await self._enqueue(rows)
         parts = await asyncio.gather(*(self._enqueue(rows[i: i + self.max_batch_size])

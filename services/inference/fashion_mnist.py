@@ -96,3 +96,84 @@ def _dark_enough_color(rng: np.random.Generator) -> np.ndarray:
         c = rng.uniform(0, 255, 3).astype(np.float32)
         if 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] <= 170:
             return c
+
+
+# Inputs that are not fashion items, for outlier exposure in training and for choosing and checking
+# `min_confidence`: each comes back as encoded bytes, like an upload, so it goes through the real
+# preprocessing (which stretches contrast and crops, turning near-blank pages into faint textures).
+NON_FASHION_KINDS = ("blank", "noise", "text")
+_WORDS_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def render_non_fashion(kind: str, rng: np.random.Generator) -> bytes:
+    """One encoded image of the given kind: "blank", "noise" or "text"."""
+    render = {"blank": render_blank_page, "noise": render_noise, "text": render_text_photo}.get(kind)
+    if render is None:
+        raise ValueError(f"unknown non-fashion kind {kind!r}; expected one of {NON_FASHION_KINDS}")
+    return render(rng)
+
+
+def render_blank_page(rng: np.random.Generator) -> bytes:
+    """A photographed blank sheet: paper tone, uneven lighting, sensor noise; or a flat digital page."""
+    h, w = (int(v) for v in rng.integers(160, 480, 2))
+    if rng.random() < 0.15:
+        level = int(rng.choice([255, int(rng.integers(200, 256)), 0]))
+        return _encode(np.full((h, w, 3), level, np.uint8), rng)
+    paper = rng.uniform(200, 255) * rng.uniform(0.94, 1.0, 3)  # slightly tinted
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * xx / w + np.sin(angle) * yy / h) * rng.uniform(0, 25)
+    canvas = paper[None, None, :] + ramp[:, :, None] + rng.normal(0, rng.uniform(0.5, 3), (h, w, 1))
+    return _encode(canvas, rng)
+
+
+def render_noise(rng: np.random.Generator) -> bytes:
+    """Random pixels: uniform color noise, gray Gaussian noise, or coarse noise blown up."""
+    h, w = (int(v) for v in rng.integers(64, 480, 2))
+    style = rng.integers(0, 3)
+    if style == 0:
+        canvas = rng.uniform(0, 256, (h, w, 3))
+    elif style == 1:
+        canvas = rng.normal(rng.uniform(60, 200), rng.uniform(10, 60), (h, w, 1)).repeat(3, axis=2)
+    else:
+        cells = rng.uniform(0, 256, (int(rng.integers(8, 24)), int(rng.integers(8, 24)), 3))
+        canvas = np.asarray(Image.fromarray(cells.astype(np.uint8)).resize((w, h), Image.Resampling.BILINEAR))
+    return _encode(canvas, rng)
+
+
+def render_text_photo(rng: np.random.Generator) -> bytes:
+    """A photo of a printed page or a label: lines of random words, usually dark ink on light paper."""
+    from PIL import ImageDraw, ImageFont  # only needed here
+
+    h, w = (int(v) for v in rng.integers(160, 480, 2))
+    dark_on_light = rng.random() < 0.85
+    paper = rng.uniform(215, 255, 3) if dark_on_light else rng.uniform(0, 70, 3)
+    ink = rng.uniform(0, 90, 3) if dark_on_light else rng.uniform(190, 255, 3)
+    img = Image.new("RGB", (w, h), tuple(int(v) for v in paper))
+    draw = ImageDraw.Draw(img)
+    size = int(rng.integers(12, 56))
+    font = ImageFont.load_default(size=size)  # bundled with Pillow: no system fonts needed
+    y = int(rng.integers(2, max(3, h // 4)))
+    margin = int(rng.integers(2, max(3, w // 5)))
+    for _ in range(int(rng.integers(1, 14))):
+        if y > h - size:
+            break
+        words = [
+            "".join(rng.choice(list(_WORDS_ALPHABET), int(rng.integers(1, 10))))
+            for _ in range(int(rng.integers(1, 8)))
+        ]
+        draw.text((margin, y), " ".join(words), fill=tuple(int(v) for v in ink), font=font)
+        y += int(size * rng.uniform(1.1, 1.8))
+    canvas = np.asarray(img, np.float32) + rng.normal(0, 1.5, (h, w, 1))
+    return _encode(canvas, rng)
+
+
+def _encode(canvas: np.ndarray, rng: np.random.Generator) -> bytes:
+    """Mostly JPEG (as photos arrive), sometimes PNG."""
+    buf = io.BytesIO()
+    img = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    if rng.random() < 0.8:
+        img.save(buf, format="JPEG", quality=int(rng.integers(70, 96)))
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()

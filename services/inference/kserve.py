@@ -15,7 +15,7 @@ from fashion.kserve.v2 import grpc_service_pb2 as pb
 from fashion.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from services.inference.classifier import Classifier, TensorRejected
 from services.inference.model import ModelManifest
-from services.inference.servicer import call
+from services.inference.servicer import ERRORS
 
 PLATFORM = "onnxruntime_onnx"
 
@@ -68,12 +68,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         m = await self._check_model(request.model_name, request.model_version, context)
-        x = await call(context, lambda: _read_input(request, m.input_name))
+        x = await ERRORS.call(context, lambda: _read_input(request, m.input_name))
         for out in request.outputs:
             if out.name != m.output_name:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"unknown output {out.name!r}; the model has {m.output_name!r}")
-        probs = await call(context, lambda: self._c.infer_tensor(x))
+        probs = await ERRORS.call(context, lambda: self._c.infer_tensor(x))
         return pb.ModelInferResponse(
             model_name=m.name, model_version=m.version, id=request.id,
             outputs=[pb.ModelInferResponse.InferOutputTensor(

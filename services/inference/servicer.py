@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import grpc
 
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
+from services.common.server import ErrorStatuses
 from services.inference.batcher import BatcherClosed, QueueFull
 from services.inference.classifier import Classification, Classifier, ModelNotReady, TensorRejected
 from services.inference.imaging import ImageRejected
@@ -20,27 +21,11 @@ STREAM_GROUP = 64  # most stream messages decoded and inferred together
 STREAM_GROUPS_IN_FLIGHT = 3  # decode of one group overlaps inference of the previous
 
 
-def status_for(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
-    """The gRPC status for a domain error, or None for an unexpected one."""
-    if isinstance(exc, ImageRejected | TensorRejected):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, ModelNotReady | BatcherClosed):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    if isinstance(exc, QueueFull):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"server overloaded: {exc}"
-    return None
-
-
-async def call(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
-    """Run `fn`, translating domain errors into gRPC status codes at this edge."""
-    try:
-        return await fn()
-    except Exception as exc:
-        status = status_for(exc)
-        if status is None:
-            raise
-        await context.abort(*status)
-        raise  # unreachable: abort raises
+ERRORS = ErrorStatuses({
+    (ImageRejected, TensorRejected): grpc.StatusCode.INVALID_ARGUMENT,
+    (ModelNotReady, BatcherClosed): grpc.StatusCode.UNAVAILABLE,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+})
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
@@ -51,7 +36,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         m = self._c.manifest
         name, version = (m.name, m.version) if m else ("", "")
         if isinstance(r, Exception):
-            code, message = status_for(r) or (grpc.StatusCode.INTERNAL, str(r))
+            code, message = ERRORS.status_for(r) or (grpc.StatusCode.INTERNAL, str(r))
             return pb.ClassifyResponse(model_name=name, model_version=version, request_id=request_id,
                                        error=pb.ImageError(code=code.value[0], message=message))
         return pb.ClassifyResponse(
@@ -62,7 +47,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        result = await call(context, lambda: self._c.classify(request.image, request.top_k))
+        result = await ERRORS.call(context, lambda: self._c.classify(request.image, request.top_k))
         return self._response(result, request.request_id)
 
     async def ClassifyBatch(self, request: pb.ClassifyBatchRequest,
@@ -71,7 +56,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         ks = [img.top_k or request.top_k for img in images]
         loop = asyncio.get_running_loop()
         start = loop.time()
-        results = await call(context, lambda: self._c.classify_many([img.image for img in images], ks))
+        results = await ERRORS.call(context, lambda: self._c.classify_many([img.image for img in images], ks))
         m = self._c.manifest
         return pb.ClassifyBatchResponse(
             results=[self._response(r, img.request_id) for r, img in zip(results, images, strict=True)],
@@ -118,7 +103,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         try:
             while (item := await groups.get()) is not None:
                 group, task = item
-                results = await call(context, lambda t=task: t)  # type: ignore[misc]
+                results = await ERRORS.call(context, lambda t=task: t)  # type: ignore[misc]
                 for req, r in zip(group, results, strict=True):
                     yield self._response(r, req.request_id)
             await reader

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -11,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from fashion.v1 import monitor_pb2 as pb
 from fashion.v1 import monitor_pb2_grpc as pb_grpc
+from services.common.server import ErrorStatuses
 from services.monitor.health import BatchHealthResult, BatchUnavailable, Health, ServiceCheck, SystemCheck
 from services.monitor.monitor import InvalidRequest, Monitor
 from services.monitor.store import AlertRecord, HistoryEntry
@@ -21,24 +21,10 @@ HEALTH = {Health.HEALTHY: pb.HEALTH_STATUS_HEALTHY, Health.DEGRADED: pb.HEALTH_S
           Health.UNHEALTHY: pb.HEALTH_STATUS_UNHEALTHY}
 
 
-def status_for(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
-    """The gRPC status for a domain error, or None for an unexpected one."""
-    if isinstance(exc, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, BatchUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, str(exc)
-    return None
-
-
-async def call(context: grpc.aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
-    try:
-        return await fn()
-    except Exception as exc:
-        status = status_for(exc)
-        if status is None:
-            raise
-        await context.abort(*status)
-        raise  # unreachable: abort raises
+ERRORS = ErrorStatuses({
+    InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    BatchUnavailable: grpc.StatusCode.UNAVAILABLE,
+})
 
 
 class MonitorServicer(pb_grpc.MonitorServiceServicer):
@@ -53,12 +39,13 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
 
     async def GetBatchHealth(self, request: pb.GetBatchHealthRequest,
                              context: grpc.aio.ServicerContext) -> pb.BatchHealth:
-        result = await call(context, lambda: self._m.batch_health(request.days))
+        result = await ERRORS.call(context, lambda: self._m.batch_health(request.days))
         return batch_health_pb(result)
 
     async def GenerateReport(self, request: pb.GenerateReportRequest,
                              context: grpc.aio.ServicerContext) -> pb.Report:
-        files, status = await call(context, lambda: self._m.generate_report(request.chart_days, request.text_only))
+        files, status = await ERRORS.call(
+            context, lambda: self._m.generate_report(request.chart_days, request.text_only))
         return pb.Report(text_path=str(files.text_path.absolute()),
                          html_path=str(files.html_path.absolute()) if files.html_path else "",
                          chart_paths=[str(p.absolute()) for p in files.chart_paths], text=files.text,
@@ -69,7 +56,7 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
         async def listing():  # type: ignore[no-untyped-def]
             return await asyncio.to_thread(self._m.list_alerts, request.history_limit, request.rule)
 
-        result = await call(context, listing)
+        result = await ERRORS.call(context, listing)
         return pb.ListAlertsResponse(
             active=[alert_pb(a) for a in result.active],
             history=[event_pb(e) for e in result.history],
