@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import AsyncIterator
-from typing import TypeVar
 
 import grpc
 
@@ -16,7 +15,6 @@ from services.inference.batcher import BatcherClosed, QueueFull
 from services.inference.classifier import Classification, Classifier, ModelNotReady, TensorRejected
 from services.inference.imaging import ImageRejected
 
-T = TypeVar("T")
 STREAM_GROUP = 64  # most stream messages decoded and inferred together
 STREAM_GROUPS_IN_FLIGHT = 3  # decode of one group overlaps inference of the previous
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -14,8 +13,6 @@ from services.common.server import ErrorStatuses
 from services.monitor.health import BatchHealthResult, BatchUnavailable, Health, ServiceCheck, SystemCheck
 from services.monitor.monitor import InvalidRequest, Monitor
 from services.monitor.store import AlertRecord, HistoryEntry
-
-T = TypeVar("T")
 
 HEALTH = {Health.HEALTHY: pb.HEALTH_STATUS_HEALTHY, Health.DEGRADED: pb.HEALTH_STATUS_DEGRADED,
           Health.UNHEALTHY: pb.HEALTH_STATUS_UNHEALTHY}
