@@ -8,8 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +76,34 @@ def health_status(address: str, service: str = "", timeout: float = 2.0) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
+class ChildProcess:
+    """A process of the system under test (its `proc`), its output collected in `log_path`."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait (kill after `timeout`); the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @dataclass
-class ServiceProcess:
+class ServiceProcess(ChildProcess):
     """A service running as `python -m <module>` in its own process, on real ports."""
 
     proc: subprocess.Popen[bytes]
@@ -98,23 +126,6 @@ class ServiceProcess:
             time.sleep(0.1)
         raise TimeoutError(f"{self.address} not SERVING after {timeout}s (last: {last}):\n{self.output()}")
 
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def start_service(module: str, workdir: Path, env: Mapping[str, str], address: str) -> ServiceProcess:
@@ -126,3 +137,47 @@ def start_service(module: str, workdir: Path, env: Mapping[str, str], address: s
     proc = subprocess.Popen([sys.executable, "-m", module], cwd=workdir, env=full_env,
                             stdout=out, stderr=subprocess.STDOUT)
     return ServiceProcess(proc, address, log_path, full_env)
+
+
+class OtlpCollector:
+    """A real OTLP/gRPC trace receiver on a free loopback port: `env` points services at it;
+    `spans` holds (name, trace id, parent span id) of everything received."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        self.spans: list[tuple[str, str, str]] = []
+        self.lock = threading.Lock()
+        collector = self
+
+        class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                with collector.lock:
+                    for rs in request.resource_spans:
+                        for ss in rs.scope_spans:
+                            collector.spans.extend((s.name, s.trace_id.hex(), s.parent_span_id.hex())
+                                                   for s in ss.spans)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self._server)
+        port = free_port()
+        self._server.add_insecure_port(f"127.0.0.1:{port}")
+        self._server.start()
+        self.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                    "OTEL_BSP_SCHEDULE_DELAY": "100"}
+
+    def snapshot(self) -> list[tuple[str, str, str]]:
+        with self.lock:
+            return list(self.spans)
+
+    def wait_for(self, done: Callable[[list[tuple[str, str, str]]], bool], timeout: float = 20.0
+                 ) -> list[tuple[str, str, str]]:
+        """The spans received once `done(spans)` holds, or when `timeout` passed."""
+        deadline = time.monotonic() + timeout
+        while not done(spans := self.snapshot()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return spans
+
+    def stop(self) -> None:
+        self._server.stop(0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,18 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import ServiceProcess, free_port
+from tests.support import ChildProcess, ServiceProcess, free_port
 
 
 @dataclass
-class GatewayProcess:
+class GatewayProcess(ChildProcess):
     proc: subprocess.Popen[bytes]
     url: str
     workdir: Path
     log_path: Path
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def wait_ready(self, timeout: float = 60.0, **client_kw: object) -> None:
         deadline = time.monotonic() + timeout
@@ -39,16 +35,6 @@ class GatewayProcess:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"gateway not ready after {timeout}s:\n{self.output()}")
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
 
 
 def start_gateway(workdir: Path, inference_address: str, scheme: str = "http", **env: str) -> GatewayProcess:
