@@ -106,3 +106,14 @@ def test_folded_temperature_can_be_undone() -> None:
     t = 1.7
     np.testing.assert_allclose(evaluation.uncalibrated(evaluation.softmax(logits / t), t),
                                evaluation.softmax(logits), atol=1e-9)
+
+
+@needs_dataset
+def test_evaluate_command_writes_report_and_artifacts(tmp_path, capsys) -> None:
+    # A leading "--" is what `fashion model evaluate -- OPTIONS` forwards.
+    code = evaluation.main(["--", "--photos", "0", "--non-fashion", "0", "--no-benchmark", "--out", str(tmp_path)])
+    assert code == 0
+    assert "28x28 test set (10000 PNGs): top-1" in capsys.readouterr().out
+    written = json.loads((tmp_path / evaluation.METRICS_JSON).read_text())
+    assert written["photos"] is None and written["test_28x28"]["n"] == 10_000
+    assert (tmp_path / evaluation.CONFUSION_PNG).stat().st_size > 10_000

@@ -336,8 +336,8 @@ def format_report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fashion model evaluate", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluate options, for a CLI that mounts them on its own subcommand parser."""
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="model folder")
     parser.add_argument("--photos", type=int, default=2000,
                         help="test images also rendered as product photos (0 skips; 10000 = all)")
@@ -349,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/evaluation"),
                         help="where metrics.json and the plots go")
     parser.add_argument("--json", action="store_true", help="print the metrics JSON instead of the report")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate, write the artifacts and print the report, for parsed `add_arguments` options."""
     if not fashion_mnist.available():
         print("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist", file=sys.stderr)
         return 2
@@ -361,6 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(metrics, indent=1) if args.json else format_report(metrics))
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fashion model evaluate", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # forwarded as an argparse REMAINDER: `fashion model evaluate -- --photos 10`
+        argv = argv[1:]
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
