@@ -8,6 +8,9 @@ than 3 points against the same images at 28x28, or when blank pages, noise or te
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,11 +112,12 @@ def test_folded_temperature_can_be_undone() -> None:
 
 
 @needs_dataset
-def test_evaluate_command_writes_report_and_artifacts(tmp_path, capsys) -> None:
-    # A leading "--" is what `fashion model evaluate -- OPTIONS` forwards.
-    code = evaluation.main(["--", "--photos", "0", "--non-fashion", "0", "--no-benchmark", "--out", str(tmp_path)])
-    assert code == 0
-    assert "28x28 test set (10000 PNGs): top-1" in capsys.readouterr().out
+def test_evaluate_command_writes_report_and_artifacts(tmp_path) -> None:
+    fashion = Path(sys.executable).parent / "fashion"
+    out = subprocess.run([str(fashion), "model", "evaluate", "--photos", "0", "--non-fashion", "0",
+                          "--no-benchmark", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "28x28 test set (10000 PNGs): top-1" in out.stdout
     written = json.loads((tmp_path / evaluation.METRICS_JSON).read_text())
     assert written["photos"] is None and written["test_28x28"]["n"] == 10_000
     assert (tmp_path / evaluation.CONFUSION_PNG).stat().st_size > 10_000

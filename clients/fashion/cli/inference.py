@@ -34,10 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = msub.add_parser("info", help="the served model (name, version, labels, input, provider)")
     _address(p)
     p.set_defaults(func=model_info)
-    p = msub.add_parser("evaluate", help="accuracy, calibration and speed of a model folder, offline",
-                        add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=evaluate)
+    from services.inference import evaluation
+
+    p = msub.add_parser("evaluate", help="accuracy, calibration and speed of a model folder, offline")
+    evaluation.add_arguments(p)
+    p.set_defaults(func=evaluation.run)
 
 
 def _address(p: argparse.ArgumentParser) -> None:
@@ -110,9 +111,3 @@ def _print_rpc(fn, address: str) -> int:  # type: ignore[no-untyped-def]
     print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
                      indent=2))
     return 0
-
-
-def evaluate(args: argparse.Namespace) -> int:
-    from services.inference import evaluation
-
-    return evaluation.main(args.rest)
