@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from services.inference import evaluation, fashion_mnist
+from services.inference.imaging import Preprocessor
 from services.inference.model import ModelManifest
 
 MODEL_DIR = evaluation.DEFAULT_MODEL_DIR
@@ -121,3 +122,15 @@ def test_evaluate_command_writes_report_and_artifacts(tmp_path) -> None:
     written = json.loads((tmp_path / evaluation.METRICS_JSON).read_text())
     assert written["photos"] is None and written["test_28x28"]["n"] == 10_000
     assert (tmp_path / evaluation.CONFUSION_PNG).stat().st_size > 10_000
+
+
+def test_int8_model_agrees_with_its_float_original(manifest: ModelManifest) -> None:
+    assert manifest.gpu_file and (manifest.folder / manifest.gpu_file).is_file()
+    images, _ = fashion_mnist.load("test")
+    pre = Preprocessor.from_manifest(manifest)
+    x = np.stack([pre.normalize(img) for img in images[:2000]])
+    int8 = evaluation.predict(evaluation.open_session(manifest, 1), manifest, x)
+    fp32 = evaluation.predict(evaluation.open_session(manifest, 1, manifest.folder / manifest.gpu_file), manifest, x)
+    assert (int8.argmax(1) == fp32.argmax(1)).mean() >= 0.99
+    assert np.abs(int8 - fp32).max(axis=1).mean() < 0.02, "confidences keep their resolution"
+    assert (manifest.folder / manifest.file).stat().st_size < 0.5 * (manifest.folder / manifest.gpu_file).stat().st_size

@@ -39,10 +39,11 @@ class OnnxModel:
         # Spinning worker threads would take the cores the event loop needs between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = choose_providers(execution_provider)
-        self.session = ort.InferenceSession(str(manifest.model_path), options, providers=providers)
+        path = manifest.model_path_for(providers[0])
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.provider = self.session.get_providers()[0]
         log.info("Loaded %s v%s from %s with %s (intra-op threads %d)", manifest.name, manifest.version,
-                 manifest.model_path, self.provider, options.intra_op_num_threads)
+                 path, self.provider, options.intra_op_num_threads)
         inputs = {i.name: i for i in self.session.get_inputs()}
         if manifest.input_name not in inputs:
             raise ValueError(f"model.onnx has no input {manifest.input_name!r}; it has {sorted(inputs)}")

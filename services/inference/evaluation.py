@@ -36,11 +36,12 @@ RELIABILITY_PNG = "reliability.png"
 METRICS_JSON = "metrics.json"
 
 
-def open_session(manifest: ModelManifest, threads: int = 2) -> ort.InferenceSession:
+def open_session(manifest: ModelManifest, threads: int = 2, path: Path | None = None) -> ort.InferenceSession:
+    """A CPU session on the folder's model.onnx, or on `path` (another file of the folder)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(manifest.model_path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path or manifest.model_path), options, providers=["CPUExecutionProvider"])
 
 
 def predict(session: ort.InferenceSession, manifest: ModelManifest, inputs: np.ndarray,
@@ -167,13 +168,15 @@ def non_fashion_inputs(pre: Preprocessor, per_kind: int, seed: int) -> dict[str,
 
 def evaluate(model_dir: Path | str = DEFAULT_MODEL_DIR, photos: int = 2000, non_fashion: int = 300,
              threads: int = 2, batch_size: int = 64, benchmark: bool = True, seed: int = EVAL_SEED,
-             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+             log: Callable[[str], None] | None = None, file: str | None = None) -> dict[str, Any]:
     """All metrics as one JSON-ready dict. `photos` test images (a seeded sample, all 10,000 at most)
-    are also rendered as product photos; `non_fashion` inputs of each kind are scored."""
+    are also rendered as product photos; `non_fashion` inputs of each kind are scored. `file` evaluates
+    another ONNX file of the folder (e.g. the float original of a quantized model.onnx)."""
     log = log or (lambda _msg: None)
     manifest = ModelManifest.load(model_dir)
     pre = Preprocessor.from_manifest(manifest)
-    session = open_session(manifest, threads)
+    model_path = manifest.folder / file if file else manifest.model_path
+    session = open_session(manifest, threads, model_path)
     names = list(manifest.labels)
     images, labels = fashion_mnist.load("test")
     labels = labels.astype(np.int64)
@@ -223,8 +226,8 @@ def evaluate(model_dir: Path | str = DEFAULT_MODEL_DIR, photos: int = 2000, non_
 
     return {
         "model": {"name": manifest.name, "version": manifest.version, "temperature": manifest.temperature,
-                  "min_confidence": manifest.min_confidence,
-                  "file_bytes": manifest.model_path.stat().st_size},
+                  "min_confidence": manifest.min_confidence, "file": model_path.name,
+                  "file_bytes": model_path.stat().st_size},
         "test_28x28": test,
         "photos": photo_metrics,
         "non_fashion": ood,

@@ -6,7 +6,9 @@ manifest.json (all keys but `labels` optional, defaults shown)::
       "name": "fashion-mnist-cnn",            # reported by GetModelInfo and KServe
       "version": "1",
       "description": "",
-      "file": "model.onnx",
+      "file": "model.onnx",                     # what runs on CPU
+      "gpu_file": null,                         # optional: what runs on CUDA instead (e.g. the float
+                                                # original of an int8 model.onnx)
       "labels": ["T-shirt/top", ...],           # one per output column
       "input":  {"name": "image", "shape": [1, 28, 28], "layout": "NCHW", "datatype": "FP32"},
       "output": {"name": "probabilities", "kind": "probabilities"},   # or "logits"
@@ -42,6 +44,7 @@ class ModelManifest:
     version: str = "1"
     description: str = ""
     file: str = "model.onnx"
+    gpu_file: str | None = None
     input_name: str = "image"
     input_shape: tuple[int, int, int] = (1, 28, 28)
     layout: Literal["NCHW", "NHWC"] = "NCHW"
@@ -58,6 +61,12 @@ class ModelManifest:
     @property
     def model_path(self) -> Path:
         return self.folder / self.file
+
+    def model_path_for(self, provider: str) -> Path:
+        """The ONNX file to run on `provider`: gpu_file on CUDA when the folder has one."""
+        if provider == "CUDAExecutionProvider" and self.gpu_file:
+            return self.folder / self.gpu_file
+        return self.model_path
 
     @property
     def channels(self) -> int:
@@ -82,8 +91,9 @@ class ModelManifest:
         except json.JSONDecodeError as exc:
             raise ModelFolderError(f"{path} is not valid JSON: {exc}") from exc
         manifest = cls.from_dict(folder, raw)
-        if not manifest.model_path.is_file():
-            raise ModelFolderError(f"model folder {folder} has no {manifest.file}")
+        for name in filter(None, (manifest.file, manifest.gpu_file)):
+            if not (folder / name).is_file():
+                raise ModelFolderError(f"model folder {folder} has no {name}")
         return manifest
 
     @classmethod
@@ -110,7 +120,7 @@ class ModelManifest:
         std = tuple(float(v) for v in norm.get("std", [1.0] * channels))
         if len(mean) not in (1, channels) or len(std) not in (1, channels) or min(std) <= 0:
             raise ModelFolderError("normalization mean/std must have 1 or one-per-channel positive values")
-        known = {"name", "version", "description", "file", "labels", "input", "output", "normalization",
+        known = {"name", "version", "description", "file", "gpu_file", "labels", "input", "output", "normalization",
                  "color_mode", "background", "temperature", "min_confidence"}
         return cls(
             folder=folder,
@@ -119,6 +129,7 @@ class ModelManifest:
             version=str(raw.get("version", "1")),
             description=str(raw.get("description", "")),
             file=str(raw.get("file", "model.onnx")),
+            gpu_file=str(raw["gpu_file"]) if raw.get("gpu_file") else None,
             input_name=str(inp.get("name", "image")),
             input_shape=shape,  # type: ignore[arg-type]
             layout=layout,

@@ -46,3 +46,15 @@ def test_manifest_errors_name_the_problem(tmp_path) -> None:
     (tmp_path / "manifest.json").write_text('{"labels": ["a", "b"]}')
     with pytest.raises(ModelFolderError, match=r"no model\.onnx"):
         ModelManifest.load(tmp_path)
+
+
+def test_cuda_runs_the_folders_gpu_file(tmp_path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"int8")
+    (tmp_path / "model.fp32.onnx").write_bytes(b"float")
+    (tmp_path / "manifest.json").write_text('{"labels": ["a", "b"], "gpu_file": "model.fp32.onnx"}')
+    m = ModelManifest.load(tmp_path)
+    assert m.model_path_for("CUDAExecutionProvider") == tmp_path / "model.fp32.onnx"
+    assert m.model_path_for("CPUExecutionProvider") == tmp_path / "model.onnx"
+    (tmp_path / "model.fp32.onnx").unlink()
+    with pytest.raises(ModelFolderError, match=r"no model\.fp32\.onnx"):
+        ModelManifest.load(tmp_path)
