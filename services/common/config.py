@@ -96,10 +96,6 @@ class InferenceSettings(CommonSettings):
     """ONNX Runtime inter-op threads."""
     execution_provider: Literal["auto", "cuda", "cpu"] = "auto"
     """auto prefers CUDAExecutionProvider when onnxruntime-gpu and a GPU are present, else CPU."""
-    decode_threads: int = 1
-    """Threads that decode and preprocess images, off the event loop. One is fastest on CPython:
-    preprocessing is mostly Python code holding the GIL, and a second thread mostly contends for it
-    (measured: 2.4x the CPU per request with two)."""
     max_image_pixels: int = 40_000_000
     """Images declaring more pixels than this are refused before decoding."""
     default_top_k: int = 3

@@ -6,9 +6,18 @@ Semantics follow Triton's dynamic batcher: a batch starts when the engine is fre
 max_delay 0 a lone request runs at once, and batches form from whatever arrived while the
 previous batch was computing.
 
+Requests are preprocessed tensors (`submit`, e.g. KServe ModelInfer) or encoded images
+(`submit_encoded`); an engine thread decodes the images of a batch with `prepare` and runs the
+model on all of it: one thread hand-off per batch, not two per image (a decoding stage of its own
+cost 17% of Classify calls per second, its hand-offs contending with the event loop for the GIL).
+Two batches may be in flight, one decoding while the other is in the model, whose runs are
+serialized (ONNX Runtime releases the GIL and uses every core for one run); the second only for
+full batches, so that a stream of single images still forms large batches.
+
 The contract (tested in tests/inference/test_batcher.py): `submit(rows)` resolves with exactly
-`len(rows)` output rows, those computed from `rows`, in order, whatever else shares the batch.
-Requests larger than `max_batch_size` are split into several runs and reassembled.
+`len(rows)` output rows, those computed from `rows`, in order, whatever else shares the batch;
+`submit_encoded(image)` with the one row computed from that image, or the error `prepare`
+raised for it alone. Requests larger than `max_batch_size` are split and reassembled.
 """
 
 from __future__ import annotations
@@ -16,19 +25,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
 import numpy as np
 
 from services.common import metrics
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-R = TypeVar("R")
+IN_FLIGHT = 2  # batches being decoded or run at once
+
+Result = tuple[np.ndarray, "BatchTiming"]
 
 
 class QueueFull(RuntimeError):
@@ -41,40 +51,67 @@ class BatcherClosed(RuntimeError):
 
 @dataclass(frozen=True)
 class BatchTiming:
-    """When a request's rows were queued, when their (last) batch ran, and its size."""
+    """When a request was queued, when its (last) batch started, finished decoding its images
+    and finished, and how many rows that batch had."""
 
     queued_at: float
     started_at: float
+    decoded_at: float
     finished_at: float
     batch_size: int
 
 
 class _Pending:
-    __slots__ = ("future", "queued_at", "rows")
+    __slots__ = ("data", "future", "queued_at", "rows")
 
-    def __init__(self, rows: np.ndarray, future: asyncio.Future[tuple[np.ndarray, BatchTiming]]) -> None:
-        self.rows = rows
+    def __init__(self, data: np.ndarray | list[bytes], future: asyncio.Future[_Outcome]) -> None:
+        self.data = data  # preprocessed rows, or encoded images
+        self.rows = len(data)
         self.future = future
         self.queued_at = time.perf_counter()
 
 
-class DynamicBatcher:
-    """Merges concurrent `submit` calls into runs of `run_batch` on a single engine thread."""
+@dataclass
+class _Outcome:
+    """A request's share of a batch: the rows of its usable inputs, in order, and why the others
+    (encoded images, by position) could not be used."""
 
-    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *, max_batch_size: int = 64,
+    outputs: np.ndarray
+    errors: dict[int, Exception]
+    timing: BatchTiming
+
+
+@dataclass
+class _BatchRun:
+    """What the engine thread hands back for one batch."""
+
+    outputs: np.ndarray | None
+    errors: list[dict[int, Exception]]  # per request: image position -> why it could not be used
+    started: float
+    decoded: float
+    finished: float
+
+
+class DynamicBatcher:
+    """Merges concurrent `submit`/`submit_encoded` calls into runs of `run_batch` on one engine thread."""
+
+    def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *,
+                 prepare: Callable[[bytes], np.ndarray] | None = None, max_batch_size: int = 64,
                  max_delay_s: float = 0.0, max_queue_size: int = 4096, executor: Executor | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self._run_batch = run_batch
+        self._prepare = prepare
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
-        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="onnx")
+        self._executor = executor or ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="onnx")
         self._owns_executor = executor is None
+        self._model_lock = threading.Lock()
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_rows = 0
         self._arrived = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
     @property
@@ -82,50 +119,81 @@ class DynamicBatcher:
         return self._queued_rows
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._serve(), name="dynamic-batcher")
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._serve(i), name=f"dynamic-batcher-{i}") for i in range(IN_FLIGHT)]
 
     async def stop(self) -> None:
         """Finish what is queued, then stop."""
         self._closing = True
         self._arrived.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
+        await asyncio.gather(*self._tasks)
+        self._tasks = []
         if self._owns_executor:
             self._executor.shutdown(wait=False)
 
-    async def submit(self, rows: np.ndarray) -> tuple[np.ndarray, BatchTiming]:
-        """Queue `rows` (N, ...) and wait for their N output rows."""
+    async def submit(self, rows: np.ndarray) -> Result:
+        """Queue preprocessed `rows` (N, ...) and wait for their N output rows."""
+        if len(rows) == 0:
+            raise ValueError("nothing to infer: 0 rows")
+        outcomes = await self._submit_chunks(rows)
+        return np.concatenate([o.outputs for o in outcomes]), _merged_timing(outcomes)
+
+    async def submit_encoded(self, image: bytes) -> Result:
+        """One encoded image: its output row (1, classes), or the error `prepare` raised for it."""
+        if self._prepare is None:
+            raise TypeError("this batcher has no prepare function for encoded images")
+        self._admit(1)  # the per-request hot path of Classify: no chunking, no gather
+        outcome = await self._enqueue([image])
+        if outcome.errors:
+            raise outcome.errors[0]
+        return outcome.outputs, outcome.timing
+
+    async def submit_encoded_many(self, images: Sequence[bytes]) -> tuple[list[np.ndarray | Exception], BatchTiming]:
+        """Many encoded images: per image its output row (1, classes) or its error, in order."""
+        if self._prepare is None:
+            raise TypeError("this batcher has no prepare function for encoded images")
+        if not images:
+            raise ValueError("nothing to infer: 0 images")
+        outcomes = await self._submit_chunks(list(images))
+        results: list[np.ndarray | Exception] = []
+        for k, o in enumerate(outcomes):
+            rows = iter(o.outputs)
+            size = min(self.max_batch_size, len(images) - k * self.max_batch_size)
+            results.extend(o.errors[j] if j in o.errors else next(rows)[None] for j in range(size))
+        return results, _merged_timing(outcomes)
+
+    async def _submit_chunks(self, data: np.ndarray | list[bytes]) -> list[_Outcome]:
+        """Queue `data` in pieces of at most max_batch_size; their outcomes, in order."""
+        self._admit(len(data))
+        step = self.max_batch_size
+        futures = [self._enqueue(data[i: i + step]) for i in range(0, len(data), step)]
+        return list(await asyncio.gather(*futures))
+
+    def _admit(self, n: int) -> None:
         if self._closing:
             raise BatcherClosed("the inference engine is shutting down")
-        n = len(rows)
-        if n == 0:
-            raise ValueError("nothing to infer: 0 rows")
         if self._queued_rows + n > self.max_queue_size:
             raise QueueFull(f"server overloaded: {self._queued_rows} images already waiting "
                             f"(max_queue_size {self.max_queue_size})")
-        if n <= self.max_batch_size:
-            return await self._enqueue(rows)
-        parts = await asyncio.gather(*(self._enqueue(rows[i: i + self.max_batch_size])
-                                       for i in range(0, n, self.max_batch_size)))
-        timing = BatchTiming(min(t.queued_at for _, t in parts), min(t.started_at for _, t in parts),
-                             max(t.finished_at for _, t in parts), max(t.batch_size for _, t in parts))
-        return np.concatenate([out for out, _ in parts]), timing
 
-    def _enqueue(self, rows: np.ndarray) -> asyncio.Future[tuple[np.ndarray, BatchTiming]]:
-        future: asyncio.Future[tuple[np.ndarray, BatchTiming]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(rows, future))
-        self._queued_rows += len(rows)
+    def _enqueue(self, data: np.ndarray | list[bytes]) -> asyncio.Future[_Outcome]:
+        future: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
+        pending = _Pending(data, future)
+        self._queue.append(pending)
+        self._queued_rows += pending.rows
         metrics.QUEUE_DEPTH.set(self._queued_rows)
         self._arrived.set()
         return future
 
-    async def _serve(self) -> None:
+    async def _serve(self, worker: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
-                if self._closing:
+            # The second worker only takes full batches: while the first is busy, small requests
+            # gather into the next batch instead of being split between two smaller runs.
+            idle = not self._queue or (worker > 0 and self._queued_rows < self.max_batch_size)
+            if idle:
+                if self._closing and (worker > 0 or not self._queue):
                     return
                 self._arrived.clear()
                 await self._arrived.wait()
@@ -135,18 +203,37 @@ class DynamicBatcher:
             batch = self._take_batch()
             if not batch:
                 continue
-            inputs = batch[0].rows if len(batch) == 1 else np.concatenate([p.rows for p in batch])
-            started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run_batch, inputs)
+                run = await loop.run_in_executor(self._executor, self._run, [p.data for p in batch])
             except Exception as exc:  # the whole batch failed: every caller in it gets the error
-                log.exception("Batch of %d rows failed", len(inputs))
+                log.exception("Batch of %d requests failed", len(batch))
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
-            finished = time.perf_counter()
-            self._deliver(batch, outputs, started, finished)
+            self._deliver(batch, run)
+
+    def _run(self, items: list[np.ndarray | list[bytes]]) -> _BatchRun:
+        """On an engine thread: decode the batch's images, then one model run over every row."""
+        started = time.perf_counter()
+        errors: list[dict[int, Exception]] = [{} for _ in items]
+        inputs: list[np.ndarray] = []
+        for i, item in enumerate(items):
+            if isinstance(item, np.ndarray):
+                inputs.append(item)
+                continue
+            for j, image in enumerate(item):
+                t = time.perf_counter()
+                try:
+                    inputs.append(self._prepare(image)[None])  # type: ignore[misc]
+                except Exception as exc:  # a bad image fails only its own result
+                    errors[i][j] = exc
+                metrics.DECODE_DURATION.observe(time.perf_counter() - t)
+        batch = None if not inputs else inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+        with self._model_lock:  # the other batch in flight may decode meanwhile, not run
+            decoded = time.perf_counter()
+            outputs = None if batch is None else self._run_batch(batch)
+        return _BatchRun(outputs, errors, started, decoded, time.perf_counter())
 
     async def _wait_for_fuller_batch(self) -> None:
         deadline = self._queue[0].queued_at + self.max_delay_s
@@ -165,95 +252,45 @@ class DynamicBatcher:
         rows = 0
         while self._queue:
             p = self._queue[0]
-            if batch and rows + len(p.rows) > self.max_batch_size:
+            if batch and rows + p.rows > self.max_batch_size:
                 break
             self._queue.popleft()
-            self._queued_rows -= len(p.rows)
+            self._queued_rows -= p.rows
             if p.future.done():  # caller gone (cancelled): don't compute for nobody
                 continue
             batch.append(p)
-            rows += len(p.rows)
+            rows += p.rows
         metrics.QUEUE_DEPTH.set(self._queued_rows)
         return batch
 
-    def _deliver(self, batch: list[_Pending], outputs: np.ndarray, started: float, finished: float) -> None:
-        total = sum(len(p.rows) for p in batch)
-        if len(outputs) != total:
-            exc = RuntimeError(f"model returned {len(outputs)} rows for a batch of {total}")
+    def _deliver(self, batch: list[_Pending], run: _BatchRun) -> None:
+        usable = [p.rows - len(errs) for p, errs in zip(batch, run.errors, strict=True)]
+        total = sum(usable)
+        produced = 0 if run.outputs is None else len(run.outputs)
+        if produced != total:
+            exc = RuntimeError(f"model returned {produced} rows for a batch of {total}")
             for p in batch:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
-        metrics.BATCH_SIZE.observe(total)
-        metrics.COMPUTE_DURATION.observe(finished - started)
+        if total:
+            metrics.BATCH_SIZE.observe(total)
+            metrics.COMPUTE_DURATION.observe(run.finished - run.decoded)
         offset = 0
-        for p in batch:
-            n = len(p.rows)
-            metrics.QUEUE_DURATION.observe(started - p.queued_at)
+        empty = np.zeros((0, 0), np.float32)
+        for p, n, errs in zip(batch, usable, run.errors, strict=True):
+            metrics.QUEUE_DURATION.observe(run.started - p.queued_at)
             if not p.future.done():
-                p.future.set_result((outputs[offset: offset + n], BatchTiming(p.queued_at, started, finished, total)))
+                timing = BatchTiming(p.queued_at, run.started, run.decoded, run.finished, total)
+                outputs = run.outputs[offset: offset + n] if run.outputs is not None else empty
+                p.future.set_result(_Outcome(outputs, errs, timing))
             offset += n
 
 
-class BatchingExecutor(Generic[T, R]):
-    """Runs `fn(items)` on worker threads over every item waiting at that moment.
-
-    A per-item `run_in_executor` costs two thread hand-offs per request; under load this runs
-    one call per group of waiting items instead (up to `max_items`), with up to `workers` groups
-    in parallel, and no added delay when idle. Used for image decoding ahead of the batcher.
-    """
-
-    def __init__(self, fn: Callable[[list[T]], list[R]], executor: Executor, *, workers: int = 2,
-                 max_items: int = 64) -> None:
-        self._fn = fn
-        self._executor = executor
-        self._workers = max(1, workers)
-        self._max_items = max(1, max_items)
-        self._pending: collections.deque[tuple[T, asyncio.Future[R]]] = collections.deque()
-        self._arrived = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._closing = False
-
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._serve(), name=f"batching-executor-{i}") for i in range(self._workers)]
-
-    async def stop(self) -> None:
-        self._closing = True
-        self._arrived.set()
-        await asyncio.gather(*self._tasks)
-        self._tasks = []
-
-    async def submit(self, item: T) -> R:
-        if self._closing:
-            raise BatcherClosed("shutting down")
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
-        self._arrived.set()
-        return await future
-
-    async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                self._arrived.clear()
-                await self._arrived.wait()
-                continue
-            # Share a burst between the workers so that large groups are processed in parallel.
-            take = min(self._max_items, -(-len(self._pending) // self._workers))
-            group = [self._pending.popleft() for _ in range(take)]
-            group = [(item, fut) for item, fut in group if not fut.done()]
-            if not group:
-                continue
-            try:
-                results = await loop.run_in_executor(self._executor, self._fn, [item for item, _ in group])
-            except Exception as exc:
-                for _, fut in group:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for (_, fut), result in zip(group, results, strict=True):
-                if not fut.done():
-                    fut.set_result(result)
+def _merged_timing(outcomes: list[_Outcome]) -> BatchTiming:
+    """One timing for a request whose pieces ran in several batches: first start, last end."""
+    if len(outcomes) == 1:
+        return outcomes[0].timing
+    t = [o.timing for o in outcomes]
+    return BatchTiming(min(x.queued_at for x in t), min(x.started_at for x in t), max(x.decoded_at for x in t),
+                       max(x.finished_at for x in t), max(x.batch_size for x in t))

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -20,7 +19,7 @@ from opentelemetry import trace
 
 from services.common import metrics, tracing
 from services.common.config import InferenceSettings
-from services.inference.batcher import BatchingExecutor, BatchTiming, DynamicBatcher
+from services.inference.batcher import BatchTiming, DynamicBatcher
 from services.inference.engine import OnnxModel
 from services.inference.imaging import ImageRejected, Preprocessor
 from services.inference.model import ModelManifest
@@ -102,10 +101,7 @@ class Classifier:
         self.manifest: ModelManifest | None = None
         self.model: OnnxModel | None = None
         self.load_error: str | None = None
-        self._pre: Preprocessor | None = None
         self._batcher: DynamicBatcher | None = None
-        self._decoder: BatchingExecutor[bytes, np.ndarray | ImageRejected] | None = None
-        self._decode_pool = ThreadPoolExecutor(max(1, settings.decode_threads), thread_name_prefix="decode")
         self._labels: tuple[str, ...] = ()
         self.min_confidence = 0.0
 
@@ -115,10 +111,9 @@ class Classifier:
 
     async def load(self) -> None:
         """Load the model folder and run one warm-up inference; raises on failure (and records why)."""
-        loop = asyncio.get_running_loop()
         try:
-            manifest = await loop.run_in_executor(self._decode_pool, ModelManifest.load, self.settings.model_dir)
-            model = await loop.run_in_executor(self._decode_pool, self._open_model, manifest)
+            manifest = await asyncio.to_thread(ModelManifest.load, self.settings.model_dir)
+            model = await asyncio.to_thread(self._open_model, manifest)
         except Exception as exc:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.critical("Model load failed from %s: %s", self.settings.model_dir, self.load_error)
@@ -127,15 +122,11 @@ class Classifier:
         self._labels = manifest.labels
         self.min_confidence = (self.settings.min_confidence if self.settings.min_confidence is not None
                                else manifest.min_confidence)
-        self._pre = Preprocessor.from_manifest(manifest, max_pixels=self.settings.max_image_pixels)
-        self._batcher = DynamicBatcher(model.run, max_batch_size=self.settings.max_batch_size,
+        pre = Preprocessor.from_manifest(manifest, max_pixels=self.settings.max_image_pixels)
+        self._batcher = DynamicBatcher(model.run, prepare=pre, max_batch_size=self.settings.max_batch_size,
                                        max_delay_s=self.settings.max_delay_ms / 1000,
                                        max_queue_size=self.settings.max_queue_size)
         self._batcher.start()
-        pre = self._pre
-        self._decoder = BatchingExecutor(lambda images: _decode_chunk(pre, images), self._decode_pool,
-                                         workers=max(1, self.settings.decode_threads))
-        self._decoder.start()
         metrics.MODEL_LOADED.labels(manifest.name).set(1)
         self.load_error = None
 
@@ -146,21 +137,17 @@ class Classifier:
         return model
 
     async def close(self) -> None:
-        if self._decoder is not None:
-            decoder, self._decoder = self._decoder, None
-            await decoder.stop()
         if self._batcher is not None:
             batcher, self._batcher = self._batcher, None
             await batcher.stop()
         if self.manifest is not None:
             metrics.MODEL_LOADED.labels(self.manifest.name).set(0)
-        self._decode_pool.shutdown(wait=False)
 
-    def _require(self) -> tuple[Preprocessor, DynamicBatcher, BatchingExecutor[bytes, np.ndarray | ImageRejected]]:
-        if self._batcher is None or self._pre is None or self._decoder is None:
+    def _require(self) -> DynamicBatcher:
+        if self._batcher is None:
             raise ModelNotReady((self.load_error and f"model failed to load: {self.load_error}")
                                 or "model is loading; retry shortly")
-        return self._pre, self._batcher, self._decoder
+        return self._batcher
 
     def clamp_top_k(self, top_k: int) -> int:
         """The requested k, or the default for 0, within [1, number of classes]."""
@@ -168,15 +155,11 @@ class Classifier:
 
     async def classify(self, image: bytes, top_k: int = 0) -> Classification:
         """One encoded image. Raises ImageRejected, ModelNotReady or QueueFull."""
-        _, batcher, decoder = self._require()
+        batcher = self._require()
         start = time.perf_counter()
         ok = False
         try:
-            with _span("decode"):
-                x = await decoder.submit(image)
-            if isinstance(x, ImageRejected):
-                raise x
-            probs, timing = await batcher.submit(x[None])
+            probs, timing = await batcher.submit_encoded(image)
             _record_batch_spans(timing)
             latency_ms = (time.perf_counter() - start) * 1000
             result = self._rank(probs, [self.clamp_top_k(top_k)], latency_ms)[0]
@@ -193,30 +176,31 @@ class Classifier:
         the images stand for in the statistics (1 for ClassifyBatch, one per message for streams).
         """
         ks = [top_k] * len(images) if isinstance(top_k, int) else list(top_k)
-        pre, batcher, _ = self._require()
+        batcher = self._require()
         start = time.perf_counter()
-        good: list[Classification | ImageRejected] = []
+        results: list[Classification | ImageRejected] = []
         try:
-            with _span("decode", images=len(images)):
-                decoded = await self._decode_all(pre, images)
-            rows = [i for i, d in enumerate(decoded) if not isinstance(d, ImageRejected)]
-            results: list[Classification | ImageRejected] = list(decoded)  # type: ignore[arg-type]
-            if rows:
-                probs, timing = await batcher.submit(np.stack([decoded[i] for i in rows]))  # type: ignore[misc]
+            outcomes, timing = await batcher.submit_encoded_many(images)
+            latency_ms = (time.perf_counter() - start) * 1000
+            for outcome in outcomes:
+                if isinstance(outcome, Exception) and not isinstance(outcome, ImageRejected):
+                    raise outcome
+            good = [i for i, o in enumerate(outcomes) if not isinstance(o, Exception)]
+            ranked: dict[int, Classification] = {}
+            if good:
+                probs = np.concatenate([outcomes[i] for i in good])  # type: ignore[misc]
+                ranked = dict(zip(good, self._rank(probs, [self.clamp_top_k(ks[i]) for i in good], latency_ms),
+                                  strict=True))
                 _record_batch_spans(timing)
-                latency_ms = (time.perf_counter() - start) * 1000
-                ranked = self._rank(probs, [self.clamp_top_k(ks[i]) for i in rows], latency_ms)
-                for i, c in zip(rows, ranked, strict=True):
-                    results[i] = c
-            good = results
+            results = [ranked.get(i, o) for i, o in enumerate(outcomes)]  # type: ignore[misc]
             return results
         finally:
-            succeeded = sum(isinstance(r, Classification) for r in good)
+            succeeded = sum(isinstance(r, Classification) for r in results)
             self.stats.record(succeeded, len(images) - succeeded, time.perf_counter() - start, requests)
 
     async def infer_tensor(self, x: np.ndarray) -> np.ndarray:
         """Raw preprocessed tensor (N, *input_shape) -> probabilities (N, classes) (KServe V2)."""
-        _, batcher, _ = self._require()
+        batcher = self._require()
         assert self.manifest is not None
         start = time.perf_counter()
         ok = False
@@ -233,15 +217,6 @@ class Classifier:
             n = len(x) if x.ndim else 1
             self.stats.record(n if ok else 0, 0 if ok else n, time.perf_counter() - start)
 
-    async def _decode_all(self, pre: Preprocessor, images: Sequence[bytes]) -> list[np.ndarray | ImageRejected]:
-        loop = asyncio.get_running_loop()
-        workers = max(1, self.settings.decode_threads)
-        chunk = max(1, -(-len(images) // workers))
-        parts = await asyncio.gather(*(
-            loop.run_in_executor(self._decode_pool, _decode_chunk, pre, images[i: i + chunk])
-            for i in range(0, len(images), chunk)))
-        return [d for part in parts for d in part]
-
     def _rank(self, probs: np.ndarray, ks: Sequence[int], latency_ms: float) -> list[Classification]:
         order = np.argsort(-probs, axis=1)
         labels = self._labels
@@ -252,24 +227,13 @@ class Classifier:
         return out
 
 
-def _decode_chunk(pre: Preprocessor, images: Sequence[bytes]) -> list[np.ndarray | ImageRejected]:
-    out: list[np.ndarray | ImageRejected] = []
-    for data in images:
-        start = time.perf_counter()
-        try:
-            out.append(pre(data))
-        except ImageRejected as exc:
-            out.append(exc)
-        metrics.DECODE_DURATION.observe(time.perf_counter() - start)
-    return out
-
-
 def _span(name: str, **attributes: int) -> AbstractContextManager[object]:
     return tracer.start_as_current_span(name, attributes=attributes) if tracing.enabled() else nullcontext()
 
 
 def _record_batch_spans(timing: BatchTiming) -> None:
-    """Queue-wait and inference spans for this request, placed at the times they happened."""
+    """Queue-wait, decode and inference spans for this request, placed at the times they
+    happened (on the engine thread, shared with the rest of its batch)."""
     if not tracing.enabled():
         return
     now_ns, now_pc = time.time_ns(), time.perf_counter()
@@ -279,6 +243,8 @@ def _record_batch_spans(timing: BatchTiming) -> None:
 
     queue = tracer.start_span("queue_wait", start_time=to_ns(timing.queued_at))
     queue.end(end_time=to_ns(timing.started_at))
-    infer = tracer.start_span("inference", start_time=to_ns(timing.started_at),
+    decode = tracer.start_span("decode", start_time=to_ns(timing.started_at))
+    decode.end(end_time=to_ns(timing.decoded_at))
+    infer = tracer.start_span("inference", start_time=to_ns(timing.decoded_at),
                               attributes={"batch_size": timing.batch_size})
     infer.end(end_time=to_ns(timing.finished_at))

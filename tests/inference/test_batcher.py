@@ -116,14 +116,18 @@ async def test_queue_limit_refuses_new_work() -> None:
 
     batcher = DynamicBatcher(blocked, max_batch_size=4, max_queue_size=6)
     batcher.start()
-    first = asyncio.ensure_future(batcher.submit(np.ones((4, 1), np.float32)))
-    await asyncio.sleep(0.05)  # first batch is now running, queue empty
+    # Two batches in flight (one in the model, one waiting for it), then a queue of 5 rows.
+    running = []
+    for _ in range(2):
+        running.append(asyncio.ensure_future(batcher.submit(np.ones((4, 1), np.float32))))
+        await asyncio.sleep(0.05)
     queued = asyncio.ensure_future(batcher.submit(np.ones((5, 1), np.float32)))
     await asyncio.sleep(0.01)
-    with pytest.raises(QueueFull):
+    assert batcher.queue_depth == 5
+    with pytest.raises(QueueFull, match="server overloaded"):
         await batcher.submit(np.ones((2, 1), np.float32))
     gate.set()
-    await asyncio.gather(first, queued)
+    await asyncio.gather(*running, queued)
     await batcher.stop()
 
 
@@ -140,4 +144,53 @@ async def test_cancelled_caller_does_not_disturb_others() -> None:
     out, _ = await kept
     assert out[0, 0] == 7
     await blocker
+    await batcher.stop()
+
+
+def _prepare(data: bytes) -> np.ndarray:
+    """A stand-in decoder: b"<n>" -> a row of n's; anything else is unusable."""
+    if not data.isdigit():
+        raise ValueError(f"not a number: {data!r}")
+    assert threading.current_thread().name.startswith("onnx"), "images are decoded on the engine thread"
+    return np.full((4,), float(data), np.float32)
+
+
+async def test_encoded_images_are_decoded_with_their_batch_and_fail_alone() -> None:
+    model = RecordingModel()
+    batcher = DynamicBatcher(model, prepare=_prepare, max_batch_size=8)
+    batcher.start()
+    rows = np.ones((3, 4), np.float32)
+    mixed = await asyncio.gather(
+        batcher.submit(rows),
+        *(batcher.submit_encoded(str(i).encode()) for i in range(10)),
+        batcher.submit_encoded(b"garbage"),
+        return_exceptions=True,
+    )
+    tensor_out, *encoded, bad = mixed
+    np.testing.assert_array_equal(tensor_out[0][:, 0], [4.0, 4.0, 4.0])
+    for i, (out, timing) in enumerate(encoded):
+        assert out.shape == (1, 3) and out[0, 0] == 4 * i
+        assert timing.started_at <= timing.decoded_at <= timing.finished_at
+    assert isinstance(bad, ValueError) and "not a number" in str(bad)
+    many, _ = await batcher.submit_encoded_many([b"7", b"x", b"9"])
+    assert many[0][0, 0] == 28 and isinstance(many[1], ValueError) and many[2][0, 0] == 36
+    # More images than a batch holds: split, decoded, reassembled in order.
+    images = [str(i).encode() if i % 7 else b"bad" for i in range(21)]
+    results, _ = await batcher.submit_encoded_many(images)
+    for i, r in enumerate(results):
+        if i % 7:
+            assert r.shape == (1, 3) and r[0, 0] == 4 * i
+        else:
+            assert isinstance(r, ValueError)
+    await batcher.stop()
+    assert max(model.batches) <= 8
+
+
+async def test_a_batch_of_only_bad_images_runs_no_model() -> None:
+    model = RecordingModel()
+    batcher = DynamicBatcher(model, prepare=_prepare, max_batch_size=8)
+    batcher.start()
+    outcomes, _ = await batcher.submit_encoded_many([b"a", b"b"])
+    assert all(isinstance(o, ValueError) for o in outcomes)
+    assert model.batches == []
     await batcher.stop()
