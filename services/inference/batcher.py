@@ -137,6 +137,8 @@ class DynamicBatcher:
         if len(rows) == 0:
             raise ValueError("nothing to infer: 0 rows")
         outcomes = await self._submit_chunks(rows)
+        if len(outcomes) == 1:
+            return outcomes[0].outputs, outcomes[0].timing
         return np.concatenate([o.outputs for o in outcomes]), _merged_timing(outcomes)
 
     async def submit_encoded(self, image: bytes) -> Result:
@@ -167,6 +169,8 @@ class DynamicBatcher:
         """Queue `data` in pieces of at most max_batch_size; their outcomes, in order."""
         self._admit(len(data))
         step = self.max_batch_size
+        if len(data) <= step:  # the common case: no gather on the per-request path
+            return [await self._enqueue(data)]
         futures = [self._enqueue(data[i: i + step]) for i in range(0, len(data), step)]
         return list(await asyncio.gather(*futures))
 
