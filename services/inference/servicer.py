@@ -16,7 +16,7 @@ from services.inference.classifier import Classification, Classifier, ModelNotRe
 from services.inference.imaging import ImageRejected
 
 STREAM_GROUP = 64  # most stream messages decoded and inferred together
-STREAM_GROUPS_IN_FLIGHT = 3  # decode of one group overlaps inference of the previous
+STREAM_GROUPS_IN_FLIGHT = 3  # a group forming while earlier ones are classified and written
 
 
 ERRORS = ErrorStatuses({
