@@ -65,8 +65,10 @@ class DataRoot:
         """Whether `path`, links resolved, lies under the root (checked again at read and move time)."""
         return Path(os.path.realpath(path)).is_relative_to(self.real)
 
-    def relative(self, path: Path) -> str:
+    def relative(self, path: Path | str) -> str:
         """`path` (under the real root) as stored in records: posix, relative to the root."""
+        if isinstance(path, str) and os.sep == "/" and path.startswith(self._real_prefix):
+            return path[len(self._real_prefix):]  # a scan's images: no Path per image
         rel = Path(path).relative_to(self.real)
         return PurePosixPath(*rel.parts).as_posix() if rel.parts else "."
 
@@ -76,6 +78,10 @@ class DataRoot:
     @cached_property
     def _real_str(self) -> str:
         return str(self.real)
+
+    @cached_property
+    def _real_prefix(self) -> str:
+        return self._real_str.rstrip("/") + "/"
 
     @cached_property
     def _shown(self) -> str:

@@ -32,7 +32,8 @@ def is_hidden_or_temporary(name: str) -> bool:
 
 @dataclass
 class FolderScan:
-    images: list[Path] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    """Absolute paths as strings: a Path per image costs more than listing the folder."""
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     """Files left in place, with the reason."""
     ignored: int = 0
@@ -54,14 +55,13 @@ def scan_folder(folder: Path, recursive: bool, exclude: Iterable[Path] = (),
         with os.scandir(current) as entries:
             for entry in sorted(entries, key=lambda e: e.name):
                 _classify_entry(entry, result, pending, recursive, excluded, now, min_age_s)
-    result.images.sort()
+    result.images.sort(key=lambda p: p.split(os.sep))  # the order Path sorts in: by component
     result.skipped.sort()
     return result
 
 
 def _classify_entry(entry: os.DirEntry[str], result: FolderScan, pending: list[Path], recursive: bool,
                     excluded: set[str], now: float, min_age_s: float) -> None:
-    path = Path(entry.path)
     if is_hidden_or_temporary(entry.name):
         result.ignored += 1
         return
@@ -72,22 +72,23 @@ def _classify_entry(entry: os.DirEntry[str], result: FolderScan, pending: list[P
         result.skipped.append((Path(shown), "the file name is not valid UTF-8"))
         return
     if entry.is_symlink():
-        result.skipped.append((path, "symbolic link (links are not followed)"))
+        result.skipped.append((Path(entry.path), "symbolic link (links are not followed)"))
         return
     if entry.is_dir(follow_symlinks=False):
-        if recursive and os.path.realpath(path) not in excluded:
-            pending.append(path)
+        if recursive and os.path.realpath(entry.path) not in excluded:
+            pending.append(Path(entry.path))
         return
     st = entry.stat(follow_symlinks=False)
     if not stat.S_ISREG(st.st_mode):
-        result.skipped.append((path, "not a regular file"))
+        result.skipped.append((Path(entry.path), "not a regular file"))
         return
-    suffix = path.suffix.lower()
+    suffix = os.path.splitext(entry.name)[1].lower()
     if suffix not in IMAGE_SUFFIXES:
-        result.skipped.append((path, f"not an image ({suffix or 'no extension'})"))
+        result.skipped.append((Path(entry.path), f"not an image ({suffix or 'no extension'})"))
         return
     age = now - st.st_mtime
     if age < min_age_s:
-        result.skipped.append((path, f"modified {age:.1f}s ago, maybe still being written: left for the next run"))
+        result.skipped.append((Path(entry.path),
+                               f"modified {age:.1f}s ago, maybe still being written: left for the next run"))
         return
-    result.images.append(path)
+    result.images.append(entry.path)

@@ -40,6 +40,7 @@ def test_data_root_refuses_every_way_out(tmp_path: Path) -> None:
     with pytest.raises(FolderMissing, match="does not exist"):
         dr.folder("nothing/here", "input_dir")
     assert dr.relative((root / "inbox" / "deep").resolve()) == "inbox/deep"
+    assert dr.relative(str((root / "inbox" / "deep" / "a.png").resolve())) == "inbox/deep/a.png"
     assert dr.display("inbox/deep") == f"{root}/inbox/deep"
 
 
@@ -70,14 +71,15 @@ def test_scan_finds_images_reports_other_files_and_ignores_hidden_and_temporary(
     (folder / "link.png").symlink_to(folder / "a.jpg")
     os.mkfifo(folder / "pipe.png")
     flat = scan_folder(folder, recursive=False)
-    assert [p.name for p in flat.images] == ["a.jpg", "b.PNG", "c.webp"]
+    assert [os.path.basename(p) for p in flat.images] == ["a.jpg", "b.PNG", "c.webp"]
     assert {p.name: why for p, why in flat.skipped} == {
         "notes.txt": "not an image (.txt)", "README": "not an image (no extension)",
         "link.png": "symbolic link (links are not followed)", "pipe.png": "not a regular file"}
     assert flat.ignored == 5
     deep = scan_folder(folder, recursive=True, exclude=[folder / "sub"])
-    assert [p.name for p in deep.images] == ["a.jpg", "b.PNG", "c.webp"]
-    assert [p.name for p in scan_folder(folder, recursive=True).images] == ["a.jpg", "b.PNG", "c.webp", "d.png"]
+    assert [os.path.basename(p) for p in deep.images] == ["a.jpg", "b.PNG", "c.webp"]
+    assert [os.path.relpath(p, folder) for p in scan_folder(folder, recursive=True).images] == [
+        "a.jpg", "b.PNG", "c.webp", "sub/d.png"]
     (folder / os.fsdecode(b"caf\xe9.png")).write_bytes(b"latin-1 name")
     odd = dict((p.name, why) for p, why in scan_folder(folder, recursive=False).skipped)
     assert odd["caf\\xe9.png"] == "the file name is not valid UTF-8"
