@@ -94,6 +94,9 @@ class InferenceSettings(CommonSettings):
     """ONNX Runtime intra-op threads (0: one per core)."""
     inter_op_threads: int = 1
     """ONNX Runtime inter-op threads."""
+    decode_processes: int = Field(default=-1, ge=-1, le=64)
+    """Helper processes that decode images off the service's GIL (-1: one per batch in flight, 2,
+    when the machine has 2 or more cores; 0: decode in the service process)."""
     execution_provider: Literal["auto", "cuda", "cpu"] = "auto"
     """auto prefers CUDAExecutionProvider when onnxruntime-gpu and a GPU are present, else CPU."""
     max_image_pixels: int = 40_000_000

@@ -7,9 +7,11 @@ max_delay 0 a lone request runs at once, and batches form from whatever arrived 
 previous batch was computing.
 
 Requests are preprocessed tensors (`submit`, e.g. KServe ModelInfer) or encoded images
-(`submit_encoded`); an engine thread decodes the images of a batch with `prepare` and runs the
-model on all of it: one thread hand-off per batch, not two per image (a decoding stage of its own
-cost 17% of Classify calls per second, its hand-offs contending with the event loop for the GIL).
+(`submit_encoded`); an engine thread decodes the images of a batch and runs the model on all of
+it: one thread hand-off per batch, not two per image (a decoding stage of its own cost 17% of
+Classify calls per second, its hand-offs contending with the event loop for the GIL). The engine
+thread decodes with `prepare` itself, or sends the whole batch to a `decoder` (a DecoderPool of
+helper processes, see decoding.py) and waits for it with the GIL released.
 Two batches may be in flight, one decoding while the other is in the model, whose runs are
 serialized (ONNX Runtime releases the GIL and uses every core for one run); the second only for
 full batches, so that a stream of single images still forms large batches.
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.common import metrics
+from services.inference.decoding import Decoded
 
 log = logging.getLogger(__name__)
 IN_FLIGHT = 2  # batches being decoded or run at once
@@ -96,12 +99,14 @@ class DynamicBatcher:
     """Merges concurrent `submit`/`submit_encoded` calls into runs of `run_batch` on one engine thread."""
 
     def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *,
-                 prepare: Callable[[bytes], np.ndarray] | None = None, max_batch_size: int = 64,
+                 prepare: Callable[[bytes], np.ndarray] | None = None,
+                 decoder: Callable[[Sequence[bytes]], Decoded] | None = None, max_batch_size: int = 64,
                  max_delay_s: float = 0.0, max_queue_size: int = 4096, executor: Executor | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self._run_batch = run_batch
         self._prepare = prepare
+        self._decoder = decoder
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
@@ -143,8 +148,8 @@ class DynamicBatcher:
 
     async def submit_encoded(self, image: bytes) -> Result:
         """One encoded image: its output row (1, classes), or the error `prepare` raised for it."""
-        if self._prepare is None:
-            raise TypeError("this batcher has no prepare function for encoded images")
+        if self._prepare is None and self._decoder is None:
+            raise TypeError("this batcher has no prepare function or decoder for encoded images")
         self._admit(1)  # the per-request hot path of Classify: no chunking, no gather
         outcome = await self._enqueue([image])
         if outcome.errors:
@@ -153,8 +158,8 @@ class DynamicBatcher:
 
     async def submit_encoded_many(self, images: Sequence[bytes]) -> tuple[list[np.ndarray | Exception], BatchTiming]:
         """Many encoded images: per image its output row (1, classes) or its error, in order."""
-        if self._prepare is None:
-            raise TypeError("this batcher has no prepare function for encoded images")
+        if self._prepare is None and self._decoder is None:
+            raise TypeError("this batcher has no prepare function or decoder for encoded images")
         if not images:
             raise ValueError("nothing to infer: 0 images")
         outcomes = await self._submit_chunks(list(images))
@@ -221,6 +226,15 @@ class DynamicBatcher:
         """On an engine thread: decode the batch's images, then one model run over every row."""
         started = time.perf_counter()
         errors: list[dict[int, Exception]] = [{} for _ in items]
+        inputs = self._decode_pool(items, errors) if self._decoder is not None else self._decode_here(items, errors)
+        batch = None if not inputs else inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+        with self._model_lock:  # the other batch in flight may decode meanwhile, not run
+            decoded = time.perf_counter()
+            outputs = None if batch is None else self._run_batch(batch)
+        return _BatchRun(outputs, errors, started, decoded, time.perf_counter())
+
+    def _decode_here(self, items: list[np.ndarray | list[bytes]], errors: list[dict[int, Exception]]
+                     ) -> list[np.ndarray]:
         inputs: list[np.ndarray] = []
         for i, item in enumerate(items):
             if isinstance(item, np.ndarray):
@@ -233,11 +247,36 @@ class DynamicBatcher:
                 except Exception as exc:  # a bad image fails only its own result
                     errors[i][j] = exc
                 metrics.DECODE_DURATION.observe(time.perf_counter() - t)
-        batch = None if not inputs else inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
-        with self._model_lock:  # the other batch in flight may decode meanwhile, not run
-            decoded = time.perf_counter()
-            outputs = None if batch is None else self._run_batch(batch)
-        return _BatchRun(outputs, errors, started, decoded, time.perf_counter())
+        return inputs
+
+    def _decode_pool(self, items: list[np.ndarray | list[bytes]], errors: list[dict[int, Exception]]
+                     ) -> list[np.ndarray]:
+        """Every encoded image of the batch in one round trip to a decoder process."""
+        encoded = [image for item in items if not isinstance(item, np.ndarray) for image in item]
+        if not encoded:
+            return list(items)  # type: ignore[arg-type]
+        assert self._decoder is not None
+        tensors, failed, took = self._decoder(encoded)
+        for t in took:
+            metrics.DECODE_DURATION.observe(t)
+        inputs: list[np.ndarray] = []
+        at = row = 0  # position among the encoded images; next unused decoded row
+        for i, item in enumerate(items):
+            if isinstance(item, np.ndarray):
+                inputs.append(item)
+                continue
+            usable = 0
+            for j in range(len(item)):
+                if at + j in failed:
+                    errors[i][j] = failed[at + j]
+                else:
+                    usable += 1
+            if usable:
+                assert tensors is not None
+                inputs.append(tensors[row: row + usable])
+                row += usable
+            at += len(item)
+        return inputs
 
     async def _wait_for_fuller_batch(self) -> None:
         deadline = self._queue[0].queued_at + self.max_delay_s

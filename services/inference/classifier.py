@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -19,7 +20,8 @@ from opentelemetry import trace
 
 from services.common import metrics, tracing
 from services.common.config import InferenceSettings
-from services.inference.batcher import BatchTiming, DynamicBatcher
+from services.inference.batcher import IN_FLIGHT, BatchTiming, DynamicBatcher
+from services.inference.decoding import DecoderPool
 from services.inference.engine import OnnxModel
 from services.inference.imaging import ImageRejected, Preprocessor
 from services.inference.model import ModelManifest
@@ -102,6 +104,7 @@ class Classifier:
         self.model: OnnxModel | None = None
         self.load_error: str | None = None
         self._batcher: DynamicBatcher | None = None
+        self._decoders: DecoderPool | None = None
         self._labels: tuple[str, ...] = ()
         self.min_confidence = 0.0
 
@@ -123,7 +126,13 @@ class Classifier:
         self.min_confidence = (self.settings.min_confidence if self.settings.min_confidence is not None
                                else manifest.min_confidence)
         pre = Preprocessor.from_manifest(manifest, max_pixels=self.settings.max_image_pixels)
-        self._batcher = DynamicBatcher(model.run, prepare=pre, max_batch_size=self.settings.max_batch_size,
+        processes = self.settings.decode_processes
+        if processes < 0:
+            processes = IN_FLIGHT if len(os.sched_getaffinity(0)) >= 2 else 0
+        if processes:
+            self._decoders = await asyncio.to_thread(DecoderPool, pre, processes)
+        self._batcher = DynamicBatcher(model.run, prepare=pre, decoder=self._decoders and self._decoders.decode,
+                                       max_batch_size=self.settings.max_batch_size,
                                        max_delay_s=self.settings.max_delay_ms / 1000,
                                        max_queue_size=self.settings.max_queue_size)
         self._batcher.start()
@@ -140,6 +149,9 @@ class Classifier:
         if self._batcher is not None:
             batcher, self._batcher = self._batcher, None
             await batcher.stop()
+        if self._decoders is not None:
+            decoders, self._decoders = self._decoders, None
+            await asyncio.to_thread(decoders.close)
         if self.manifest is not None:
             metrics.MODEL_LOADED.labels(self.manifest.name).set(0)
 

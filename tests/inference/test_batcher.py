@@ -155,9 +155,25 @@ def _prepare(data: bytes) -> np.ndarray:
     return np.full((4,), float(data), np.float32)
 
 
-async def test_encoded_images_are_decoded_with_their_batch_and_fail_alone() -> None:
+def _decoder(images: list[bytes]) -> tuple[np.ndarray | None, dict[int, Exception], list[float]]:
+    """A stand-in DecoderPool.decode: the whole batch at once, errors by position."""
+    rows: list[np.ndarray] = []
+    errors: dict[int, Exception] = {}
+    for i, data in enumerate(images):
+        try:
+            rows.append(_prepare(data))
+        except ValueError as exc:
+            errors[i] = exc
+    return (np.stack(rows) if rows else None), errors, [0.0] * len(images)
+
+
+DECODING = {"prepare": {"prepare": _prepare}, "decoder": {"decoder": _decoder}}
+
+
+@pytest.mark.parametrize("decoding", DECODING)
+async def test_encoded_images_are_decoded_with_their_batch_and_fail_alone(decoding: str) -> None:
     model = RecordingModel()
-    batcher = DynamicBatcher(model, prepare=_prepare, max_batch_size=8)
+    batcher = DynamicBatcher(model, **DECODING[decoding], max_batch_size=8)  # type: ignore[arg-type]
     batcher.start()
     rows = np.ones((3, 4), np.float32)
     mixed = await asyncio.gather(
@@ -186,9 +202,10 @@ async def test_encoded_images_are_decoded_with_their_batch_and_fail_alone() -> N
     assert max(model.batches) <= 8
 
 
-async def test_a_batch_of_only_bad_images_runs_no_model() -> None:
+@pytest.mark.parametrize("decoding", DECODING)
+async def test_a_batch_of_only_bad_images_runs_no_model(decoding: str) -> None:
     model = RecordingModel()
-    batcher = DynamicBatcher(model, prepare=_prepare, max_batch_size=8)
+    batcher = DynamicBatcher(model, **DECODING[decoding], max_batch_size=8)  # type: ignore[arg-type]
     batcher.start()
     outcomes, _ = await batcher.submit_encoded_many([b"a", b"b"])
     assert all(isinstance(o, ValueError) for o in outcomes)

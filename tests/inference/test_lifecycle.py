@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import threading
@@ -25,7 +26,7 @@ SERVICE = "fashion.v1.InferenceService"
 def test_not_serving_until_model_loaded_then_serving_then_not_serving_on_sigterm(
         tmp_path: Path, linear_model) -> None:
     model_dir = tmp_path / "model-arrives-later"
-    svc = start_inference(tmp_path / "run", model_dir)
+    svc = start_inference(tmp_path / "run", model_dir, FASHION_DECODE_PROCESSES="2")
     try:
         deadline = time.monotonic() + 30
         while True:  # wait for the port
@@ -61,6 +62,8 @@ def test_not_serving_until_model_loaded_then_serving_then_not_serving_on_sigterm
             except grpc.RpcError:
                 pass
 
+        helpers = children(svc.proc.pid)
+        assert len(helpers) == 2, "image decoding helper processes"
         follower = threading.Thread(target=follow, daemon=True)
         follower.start()
         big = [encode(np.kron(img, np.ones((36, 36), np.uint8))) for img in fashion_images(8)[0]] * 25
@@ -75,8 +78,42 @@ def test_not_serving_until_model_loaded_then_serving_then_not_serving_on_sigterm
         channel.close()
         assert statuses[0] == "SERVING" and "NOT_SERVING" in statuses, statuses
         assert "Shutting down" in svc.output()
+        assert not [p for p in helpers if Path(f"/proc/{p}").exists()], "helpers exit with the service"
     finally:
         svc.kill()
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_crashed_decoding_helper_is_replaced_while_serving(tmp_path: Path, linear_model) -> None:
+    svc = start_inference(tmp_path / "run", linear_model[0], FASHION_DECODE_PROCESSES="2")
+    try:
+        svc.wait_serving()
+        x, _ = fashion_images(16)
+        images = [encode(img) for img in x]
+        with InferenceClient(svc.address) as client:
+            before = [r.category for r in client.classify_batch(images).results]
+            for pid in children(svc.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            after = [r.category for r in client.classify_batch(images).results]
+            assert after == before and all(after)
+            assert client.classify(images[0]).category == before[0]
+        assert len(children(svc.proc.pid)) == 2
+        assert "died" in (tmp_path / "run" / "logs" / "api_errors.log").read_text()
+        assert health_status(svc.address, SERVICE) == "SERVING"
+    finally:
+        svc.terminate()
 
 
 def test_bad_model_folder_keeps_not_serving_and_says_why(tmp_path: Path) -> None:
@@ -117,3 +154,21 @@ def test_logs_are_written_and_rotated(tmp_path: Path, linear_model) -> None:
     assert "api.log.3" not in names, "only backup_count backups are kept"
     assert all((logs / n).stat().st_size <= 3000 + 400 for n in names)
     assert "status=INVALID_ARGUMENT" in (logs / "api_errors.log").read_text()
+
+
+def test_decoding_in_the_service_process_gives_the_same_answers(tmp_path: Path, linear_model,
+                                                                inference_server) -> None:
+    """FASHION_DECODE_PROCESSES=0 (the default on one core): no helpers, the same results."""
+    svc = start_inference(tmp_path / "run", linear_model[0], FASHION_DECODE_PROCESSES="0")
+    try:
+        svc.wait_serving()
+        assert children(svc.proc.pid) == []
+        x, _ = fashion_images(16)
+        images = [encode(img) for img in x] + [b"not an image"]
+        with InferenceClient(svc.address) as here, InferenceClient(inference_server.address) as pooled:
+            a, b = here.classify_batch(images).results, pooled.classify_batch(images).results
+        assert [(r.category, round(r.confidence, 5), r.error.message) for r in a] == \
+               [(r.category, round(r.confidence, 5), r.error.message) for r in b]
+        assert "not an image" in a[-1].error.message and all(r.category for r in a[:-1])
+    finally:
+        svc.terminate()
