@@ -117,8 +117,12 @@ class _Stdout:
         self.flush()
 
 
+WRITE_INTERVAL_S = 0.05  # how long lines may wait in the queue: the writer wakes at most this often
+
+
 class LogWriter:
-    """The background thread that writes queued lines to the sinks, flushing after each burst.
+    """The background thread that writes queued lines to the sinks, flushing after each burst,
+    at most every WRITE_INTERVAL_S.
 
     The queue carries LogRecords (from the logging module) and (level, line) pairs (the
     preformatted per-request lines of `log_line`)."""
@@ -148,6 +152,9 @@ class LogWriter:
                 except queue.Empty:
                     break
             self._flush()
+            # Let lines gather: a wake-up per line costs the event loop a GIL hand-off each time
+            # (measured: 10-13% of Classify calls per second).
+            time.sleep(WRITE_INTERVAL_S)
 
     def _write(self, item: object) -> None:
         if isinstance(item, logging.LogRecord):
