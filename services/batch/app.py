@@ -42,8 +42,8 @@ async def serve(settings: BatchSettings | None = None) -> None:
     events = JobEvents()
     queue = JobQueue(JobRunner(settings, store, events), settings.batch_max_concurrent_jobs,
                      settings.batch_history_days)
-    server = grpc_server.create_server(settings, "batch")
-    pb_grpc.add_BatchServiceServicer_to_server(BatchServicer(queue, events), server)
+    server = grpc_server.create_server(settings, "batch", [
+        (pb_grpc.add_BatchServiceServicer_to_server, BatchServicer(queue, events))])
     health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES)
     address = f"{settings.batch_host}:{settings.batch_port}"
     await grpc_server.bind(server, settings, address, health)

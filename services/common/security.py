@@ -13,7 +13,6 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -23,8 +22,6 @@ from services.common.config import CommonSettings
 
 log = logging.getLogger(__name__)
 
-# Calls that never need the token: probes and tooling must work without secrets.
-PUBLIC_METHOD_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 TOKEN_RECHECK_S = 5.0  # how often a token file is looked at again (secret rotation without restart)
 
 
@@ -113,52 +110,36 @@ class TokenSource:
         return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without the bearer token with UNAUTHENTICATED, before the handler runs.
-    Health checks and reflection pass without it."""
+def require_token(handler: grpc.RpcMethodHandler, tokens: TokenSource) -> grpc.RpcMethodHandler:
+    """`handler`, refusing calls without the bearer token with UNAUTHENTICATED before it runs.
+    Applied to each method handler once, at registration (see server.create_server); health
+    checks and reflection are registered without it."""
 
-    def __init__(self, tokens: TokenSource) -> None:
-        self._tokens = tokens
-        # One refusing handler per (method, reason): outer interceptors may cache by handler.
-        self._refusals: dict[tuple[str, str], grpc.RpcMethodHandler] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(PUBLIC_METHOD_PREFIXES):
-            return handler
-        header = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
-        refusal = self._tokens.check(header)
-        if refusal is None:
-            return handler
-        key = (details.method, refusal)
-        refusing = self._refusals.get(key)
-        if refusing is None:
-            refusing = self._refusals[key] = _refusing(handler, refusal)
-        return refusing
-
-
-def _refusing(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that aborts with UNAUTHENTICATED."""
-
-    async def abort(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
-
-    async def abort_stream(request: object, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
-        yield  # pragma: no cover - makes this an async generator, as streaming handlers are
+    async def check(context: grpc.aio.ServicerContext) -> None:
+        header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        refusal = tokens.check(header)
+        if refusal is not None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
 
     des, ser = handler.request_deserializer, handler.response_serializer
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort, des, ser)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, des, ser)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort, des, ser)
-    return grpc.stream_stream_rpc_method_handler(abort_stream, des, ser)
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary(request: object, context: grpc.aio.ServicerContext) -> object:
+            await check(context)
+            return await inner(request, context)
+
+        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+        return make(unary, des, ser)
+    inner_stream = handler.unary_stream or handler.stream_stream
+
+    async def streaming(request: object, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        await check(context)
+        async for response in inner_stream(request, context):
+            yield response
+
+    make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+    return make(streaming, des, ser)
 
 
 def client_options(settings: CommonSettings, address: str, **overrides: object) -> ChannelOptions:

@@ -36,9 +36,10 @@ async def serve(settings: InferenceSettings | None = None) -> None:
     start_metrics_server(settings.inference_metrics_port)
 
     classifier = Classifier(settings)
-    server = grpc_server.create_server(settings, "inference")
-    pb_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(classifier), server)
-    kserve_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(classifier, settings.server_name), server)
+    server = grpc_server.create_server(settings, "inference", [
+        (pb_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(classifier)),
+        (kserve_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(classifier, settings.server_name)),
+    ])
     health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES)
     address = f"{settings.inference_host}:{settings.inference_port}"
     await grpc_server.bind(server, settings, address, health)

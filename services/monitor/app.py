@@ -34,8 +34,8 @@ async def serve(settings: MonitorSettings | None = None) -> None:
     start_metrics_server(settings.monitor_metrics_port)
 
     monitor = Monitor.service(settings)
-    server = grpc_server.create_server(settings, "monitor")
-    pb_grpc.add_MonitorServiceServicer_to_server(MonitorServicer(monitor), server)
+    server = grpc_server.create_server(settings, "monitor", [
+        (pb_grpc.add_MonitorServiceServicer_to_server, MonitorServicer(monitor))])
     health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES)
     address = f"{settings.monitor_host}:{settings.monitor_port}"
     await grpc_server.bind(server, settings, address, health)
