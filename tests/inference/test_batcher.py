@@ -155,8 +155,12 @@ def _prepare(data: bytes) -> np.ndarray:
     return np.full((4,), float(data), np.float32)
 
 
+DECODED_BATCHES: list[int] = []
+
+
 def _decoder(images: list[bytes]) -> tuple[np.ndarray | None, dict[int, Exception], list[float]]:
     """A stand-in DecoderPool.decode: the whole batch at once, errors by position."""
+    DECODED_BATCHES.append(len(images))
     rows: list[np.ndarray] = []
     errors: dict[int, Exception] = {}
     for i, data in enumerate(images):
@@ -167,7 +171,7 @@ def _decoder(images: list[bytes]) -> tuple[np.ndarray | None, dict[int, Exceptio
     return (np.stack(rows) if rows else None), errors, [0.0] * len(images)
 
 
-DECODING = {"prepare": {"prepare": _prepare}, "decoder": {"decoder": _decoder}}
+DECODING = {"prepare": {"prepare": _prepare}, "decoder": {"prepare": _prepare, "decoder": _decoder}}
 
 
 @pytest.mark.parametrize("decoding", DECODING)
@@ -200,6 +204,8 @@ async def test_encoded_images_are_decoded_with_their_batch_and_fail_alone(decodi
             assert isinstance(r, ValueError)
     await batcher.stop()
     assert max(model.batches) <= 8
+    if decoding == "decoder":  # batches of several images went to the decoder, lone ones did not
+        assert DECODED_BATCHES and min(DECODED_BATCHES) > 1
 
 
 @pytest.mark.parametrize("decoding", DECODING)
