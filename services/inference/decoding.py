@@ -158,6 +158,10 @@ class DecoderPool:
         """Tensors of the usable images, in order, and why each other image (by position) is unusable.
         A helper found dead is replaced and the batch retried once, in the fresh one."""
         helper = self._idle.get()
+        if helper.proc.poll() is not None:  # died while idle (an OOM kill, say): replace it before use
+            log.error("image decoder %s (pid %d) died while idle: exit status %s; restarting it",
+                      helper.name, helper.proc.pid, helper.proc.returncode)
+            helper = self._replace(helper)
         for attempt in (1, 2):
             try:
                 result = helper.decode(images)
