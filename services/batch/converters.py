@@ -72,5 +72,6 @@ def history_to_pb(h: BatchHistory) -> pb.BatchStats:
             categories=[pb.CategoryCount(category=name, count=n)
                         for name, n in sorted(d.categories.items(), key=lambda kv: (-kv[1], kv[0]))],
         ) for d in h.daily],
-        recent_errors=h.recent_errors, active_jobs=h.active_jobs,
+        recent_errors=h.recent_errors, active_jobs=h.active_jobs, data_root=h.data_root,
+        data_total_bytes=h.data_total_bytes, data_free_bytes=h.data_free_bytes,
     )

@@ -10,8 +10,10 @@ process holds is skipped and offered again at the next round.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -101,7 +103,15 @@ class JobQueue:
         return self.store.list(limit, state)
 
     def history(self, days: int = 7) -> BatchHistory:
-        return batch_history(self.store, days)
+        """The statistics of the last `days` days, and the free space where the images are."""
+        history = batch_history(self.store, days)
+        try:
+            usage = shutil.disk_usage(self.root.real)
+        except OSError as exc:
+            log.warning("Cannot read the disk usage of the data root %s: %s", self.root.root, exc)
+            return history
+        return dataclasses.replace(history, data_root=str(self.root.root), data_total_bytes=usage.total,
+                                   data_free_bytes=usage.free)
 
     async def cancel(self, job_id: str) -> JobRecord:
         """Request the cancellation and wait (a little) for the job to stop. Raises JobFinished."""

@@ -52,6 +52,10 @@ class BatchHistory:
     daily: list[DayHistory]
     recent_errors: list[str]
     active_jobs: int
+    data_root: str = ""
+    data_total_bytes: int = 0
+    """The data root's file system (0: unknown)."""
+    data_free_bytes: int = 0
 
 
 def batch_history(store: JobStore, days: int = 7, now: float | None = None) -> BatchHistory:

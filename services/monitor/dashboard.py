@@ -93,12 +93,12 @@ def render_text(data: ReportData) -> str:
         top = list(s.top_categories)[:TOP_CATEGORIES]
         lines += [f"    - {c.category}: {c.count:,}" for c in top] or ["    (none yet)"]
     lines += ["", "DISK USAGE:"]
-    lines += [f"  {d.path}: {human_size(d.folder_bytes)}" for d in data.system.disks]
+    lines += [f"  {d.path}: {human_size(d.folder_bytes)}" for d in data.system.disks if not d.remote]
     seen: set[tuple[int, int]] = set()
     for d in data.system.disks:
         if (d.total_bytes, d.free_bytes) not in seen:
             seen.add((d.total_bytes, d.free_bytes))
-            lines.append(f"  Free space on the disk of {d.path}: {d.free_percent:.1f}% "
+            lines.append(f"  Free space on the disk of {d.label}: {d.free_percent:.1f}% "
                          f"({human_size(d.free_bytes)} of {human_size(d.total_bytes)})")
     lines += ["", "RECENT ERRORS:"]
     if bh is None:

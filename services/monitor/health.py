@@ -69,10 +69,16 @@ class DiskCheck:
     total_bytes: int
     free_bytes: int
     folder_bytes: int = 0
+    remote: str = ""
+    """The service that measured it ("" when this process did): its folder size is not known here."""
 
     @property
     def free_percent(self) -> float:
         return 100.0 * self.free_bytes / self.total_bytes if self.total_bytes else 100.0
+
+    @property
+    def label(self) -> str:
+        return f"{self.path} (on the {self.remote})" if self.remote else str(self.path)
 
 
 @dataclass(frozen=True)
@@ -224,6 +230,10 @@ class SystemChecker:
         inference, batch, disks = await asyncio.gather(
             self.check_inference(), self.check_batch(),
             asyncio.to_thread(disk_checks, folders, with_sizes))
+        stats = batch.batch_stats
+        if stats is not None and stats.data_total_bytes > 0:
+            disks.append(DiskCheck(Path(stats.data_root), stats.data_total_bytes, stats.data_free_bytes,
+                                   remote="Batch service"))
         drift = None
         if with_drift and batch.batch_stats is not None:
             try:

@@ -193,7 +193,7 @@ def disk_space_low(min_free_percent: float) -> Callable[[Observation], Verdict]:
         if not obs.system.disks:
             return Verdict(None, "no disk could be read")
         lowest = min(obs.system.disks, key=lambda d: d.free_percent)
-        text = (f"{lowest.path} is on a disk with {lowest.free_percent:.1f}% free ({human_size(lowest.free_bytes)}"
+        text = (f"{lowest.label} is on a disk with {lowest.free_percent:.1f}% free ({human_size(lowest.free_bytes)}"
                 f" of {human_size(lowest.total_bytes)}; threshold {min_free_percent:g}%)")
         return Verdict(lowest.free_percent < min_free_percent, text, lowest.free_percent)
     return check

@@ -88,7 +88,7 @@ def service_pb(s: ServiceCheck) -> pb.ServiceHealth:
 def system_health_pb(system: SystemCheck, active_alerts: int) -> pb.SystemHealth:
     return pb.SystemHealth(
         status=HEALTH[system.status], services=[service_pb(s) for s in system.services],
-        disks=[pb.DiskSpace(path=str(d.path), total_bytes=d.total_bytes, free_bytes=d.free_bytes,
+        disks=[pb.DiskSpace(path=d.label, total_bytes=d.total_bytes, free_bytes=d.free_bytes,
                             free_percent=d.free_percent, folder_bytes=d.folder_bytes) for d in system.disks],
         checked_at=_ts(system.checked_at.timestamp()), active_alerts=active_alerts)
 

@@ -172,6 +172,16 @@ def test_disk_model_and_error_rate_rules(tmp_path: Path) -> None:
     assert "5.0% free" in active["disk_space_low"].message and active["disk_space_low"].value == 5.0
 
 
+def test_disk_rule_covers_the_batch_services_data_root(tmp_path: Path) -> None:
+    """The lowest disk decides, the one the Batch service measured included, named as such."""
+    e = engine(tmp_path)
+    remote = DiskCheck(Path("/srv/fashion/data"), 1000, 30, remote="Batch service")
+    e.evaluate(observe(T0, inference(), batch(), disks=[DiskCheck(Path("data"), 1000, 500), remote]))
+    active = {a.rule: a for a in e.active()}
+    assert active["disk_space_low"].value == 3.0
+    assert active["disk_space_low"].message.startswith("/srv/fashion/data (on the Batch service) is on a disk")
+
+
 def test_api_window_judges_recent_traffic_and_detects_restarts() -> None:
     w = ApiStatsWindow(window_s=600)
     old = dict(uptime_seconds=10_000)

@@ -4,6 +4,7 @@ health, the report's batch sections and `fashion monitor health` read from GetBa
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,10 @@ def test_everything_healthy_after_a_clean_run(stack: Stack, tmp_path: Path) -> N
     assert [(s.name, s.status) for s in system.services] == [
         ("inference", pb.HEALTH_STATUS_HEALTHY), ("batch", pb.HEALTH_STATUS_HEALTHY)]
     assert system.status == pb.HEALTH_STATUS_HEALTHY
+    # The data root's free space, measured by the Batch service: the disk alert covers it from afar.
+    remote = [d for d in system.disks if d.path == f"{stack.data} (on the Batch service)"]
+    assert len(remote) == 1 and remote[0].total_bytes == shutil.disk_usage(stack.data).total
+    assert 0 < remote[0].free_percent <= 100 and remote[0].folder_bytes == 0
     assert system.services[1].batch_stats.runs == 1 and "last run 0.0 hours ago" in system.services[1].message
     assert batch.status == pb.HEALTH_STATUS_HEALTHY and batch.recent_run
     assert batch.message == "Last run was 0.0 hours ago" and batch.max_age_hours == 26

@@ -202,7 +202,7 @@ class DailyBatchStats(_message.Message):
     def __init__(self, date: _Optional[str] = ..., runs: _Optional[int] = ..., images: _Optional[int] = ..., successful: _Optional[int] = ..., failed: _Optional[int] = ..., uncertain: _Optional[int] = ..., categories: _Optional[_Iterable[_Union[CategoryCount, _Mapping]]] = ..., mean_confidence: _Optional[float] = ...) -> None: ...
 
 class BatchStats(_message.Message):
-    __slots__ = ("days", "last_run_at", "last_run_age_hours", "runs", "images", "successful", "failed", "uncertain", "success_rate", "top_categories", "daily", "recent_errors", "active_jobs")
+    __slots__ = ("days", "last_run_at", "last_run_age_hours", "runs", "images", "successful", "failed", "uncertain", "success_rate", "top_categories", "daily", "recent_errors", "active_jobs", "data_root", "data_total_bytes", "data_free_bytes")
     DAYS_FIELD_NUMBER: _ClassVar[int]
     LAST_RUN_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_RUN_AGE_HOURS_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +216,9 @@ class BatchStats(_message.Message):
     DAILY_FIELD_NUMBER: _ClassVar[int]
     RECENT_ERRORS_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_JOBS_FIELD_NUMBER: _ClassVar[int]
+    DATA_ROOT_FIELD_NUMBER: _ClassVar[int]
+    DATA_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     days: int
     last_run_at: _timestamp_pb2.Timestamp
     last_run_age_hours: float
@@ -229,4 +232,7 @@ class BatchStats(_message.Message):
     daily: _containers.RepeatedCompositeFieldContainer[DailyBatchStats]
     recent_errors: _containers.RepeatedScalarFieldContainer[str]
     active_jobs: int
-    def __init__(self, days: _Optional[int] = ..., last_run_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_run_age_hours: _Optional[float] = ..., runs: _Optional[int] = ..., images: _Optional[int] = ..., successful: _Optional[int] = ..., failed: _Optional[int] = ..., uncertain: _Optional[int] = ..., success_rate: _Optional[float] = ..., top_categories: _Optional[_Iterable[_Union[CategoryCount, _Mapping]]] = ..., daily: _Optional[_Iterable[_Union[DailyBatchStats, _Mapping]]] = ..., recent_errors: _Optional[_Iterable[str]] = ..., active_jobs: _Optional[int] = ...) -> None: ...
+    data_root: str
+    data_total_bytes: int
+    data_free_bytes: int
+    def __init__(self, days: _Optional[int] = ..., last_run_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_run_age_hours: _Optional[float] = ..., runs: _Optional[int] = ..., images: _Optional[int] = ..., successful: _Optional[int] = ..., failed: _Optional[int] = ..., uncertain: _Optional[int] = ..., success_rate: _Optional[float] = ..., top_categories: _Optional[_Iterable[_Union[CategoryCount, _Mapping]]] = ..., daily: _Optional[_Iterable[_Union[DailyBatchStats, _Mapping]]] = ..., recent_errors: _Optional[_Iterable[str]] = ..., active_jobs: _Optional[int] = ..., data_root: _Optional[str] = ..., data_total_bytes: _Optional[int] = ..., data_free_bytes: _Optional[int] = ...) -> None: ...
