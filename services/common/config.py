@@ -192,6 +192,8 @@ class MonitorSettings(CommonSettings):
     """Folder of the dashboard: report_<ts>.txt, chart PNGs and dashboard_<ts>.html."""
     report_chart_days: int = Field(default=30, ge=1, le=366)
     """Days shown by the dashboard charts."""
+    report_keep_days: float = Field(default=90.0, ge=0)
+    """Dashboard files older than this are deleted when a new report is written (0: keep them all)."""
     report_cron: str = ""
     """When the Monitor writes the dashboard and emails the text report, as the seed's daily cron job did:
     a cron expression in local time ("0 9 * * *": daily at 09:00; a 6th field counts seconds); empty: never."""

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import html
+import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -26,6 +28,8 @@ from fashion.v1 import batch_pb2
 from services.monitor.health import BatchHealthResult, Health, SystemCheck, human_size, worst
 from services.monitor.rules import measure_drift
 from services.monitor.store import AlertRecord
+
+log = logging.getLogger(__name__)
 
 RULE = "=" * 70
 MARK = {Health.HEALTHY: "✓", Health.DEGRADED: "⚠", Health.UNHEALTHY: "✗"}
@@ -322,15 +326,38 @@ class Dashboard:
 
     CHARTS = ("daily_volume", "success_failure", "category_distribution", "summary_statistics")
 
-    def __init__(self, report_dir: Path, success_rate_min: float = 95.0, min_images: int = 20) -> None:
+    def __init__(self, report_dir: Path, success_rate_min: float = 95.0, min_images: int = 20,
+                 keep_days: float = 0.0) -> None:
         self.report_dir = report_dir
         self.success_rate_min = success_rate_min
         self.min_images = min_images
+        self.keep_days = keep_days
 
     def write(self, data: ReportData, text_only: bool = False) -> ReportFiles:
-        """Blocking (run it in a worker thread). Files appear complete or not at all."""
+        """Blocking (run it in a worker thread). Files appear complete or not at all; then the
+        dashboard files older than keep_days are deleted."""
         with _render_lock:
-            return self._write(data, text_only)
+            files = self._write(data, text_only)
+        if self.keep_days > 0:
+            self.prune(time.time() - self.keep_days * 86400)
+        return files
+
+    def prune(self, before: float) -> int:
+        """Delete this dashboard's files (by their names) last modified before `before`; how many."""
+        names = ("report_*.txt", "dashboard_*.html", *(f"{chart}_*.png" for chart in self.CHARTS))
+        removed = 0
+        for pattern in names:
+            for path in self.report_dir.glob(pattern):
+                try:
+                    if path.stat().st_mtime < before:
+                        path.unlink()
+                        removed += 1
+                except OSError as exc:  # gone meanwhile, or not ours to delete: the next report retries
+                    log.warning("Could not delete the old report file %s: %s", path, exc)
+        if removed:
+            log.info("Deleted %d dashboard files older than %g days from %s", removed, self.keep_days,
+                     self.report_dir)
+        return removed
 
     def _write(self, data: ReportData, text_only: bool) -> ReportFiles:
         self.report_dir.mkdir(parents=True, exist_ok=True)

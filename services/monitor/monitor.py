@@ -59,7 +59,8 @@ class Monitor:
         self.store = store
         self.checker = SystemChecker(settings)
         self.rules = build_rules(settings)
-        self.dashboard = Dashboard(settings.report_dir, settings.alert_success_rate_min, settings.alert_min_images)
+        self.dashboard = Dashboard(settings.report_dir, settings.alert_success_rate_min, settings.alert_min_images,
+                                   settings.report_keep_days)
         self.window = ApiStatsWindow(settings.alert_api_window_s)
         self.engine: AlertEngine | None = None
         self.outbox: NotificationOutbox | None = None

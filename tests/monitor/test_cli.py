@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,10 +78,20 @@ def test_dashboard_via_the_monitor_and_embedded(monitor: ServiceProcess, inferen
     assert "by the Monitor service" in run.stdout
 
     out_dir = tmp_path / "my-reports"
+    out_dir.mkdir()
+    old, recent, other = ["report_20250101_090000.txt", "daily_volume_20250101_090000.png",
+                          "dashboard_20250101_090000.html"], "report_20261101_090000.txt", "notes.txt"
+    for name in [*old, recent, other]:
+        (out_dir / name).write_text("earlier")
+        age = 40 * 86400 if name in old or name == other else 5 * 86400
+        os.utime(out_dir / name, (time.time() - age, time.time() - age))
     env = {"FASHION_INFERENCE_ADDRESS": inference_server.address, "FASHION_BATCH_ADDRESS": unused_address(),
-           "FASHION_MONITOR_STATE_DB": str(tmp_path / "none.db")}
+           "FASHION_MONITOR_STATE_DB": str(tmp_path / "none.db"), "FASHION_REPORT_KEEP_DAYS": "30"}
     run = fashion("dashboard", "--output-dir", str(out_dir), "--json", cwd=tmp_path, **env)
     assert run.returncode == 0, run.stderr
+    # Dashboard files older than FASHION_REPORT_KEEP_DAYS are gone; newer ones and other files stay.
+    assert not [n for n in old if (out_dir / n).exists()]
+    assert (out_dir / recent).exists() and (out_dir / other).exists()
     report = json.loads(run.stdout)
     assert Path(report["textPath"]).parent == out_dir
     text = Path(report["textPath"]).read_text()
