@@ -137,7 +137,21 @@ def create_app(settings: GatewaySettings | None = None, trace_http: bool = False
         app.add_middleware(CORSMiddleware, allow_origins=settings.gateway_cors_origins,
                            allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type",
                                                                          "traceparent", "tracestate"])
+    app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, less its 422 answers: invalid requests get a 400 with our error body
+    (see errors.install), which every route documents already."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)  # builds and caches app.openapi_schema
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return app.openapi_schema
 
 
 def factory() -> FastAPI:
