@@ -4,9 +4,10 @@ real Inference service process, record, move, fsync, CSV and log) against the in
 before and after the pipeline runs in this run (the better of the two counts).
 
 Runs: the Batch service (a real process; submit, then poll GetJob), the same followed by a WatchJob
-client (an event per image: what `fashion batch submit --wait` costs), the same with batch_fsync off
-(what power-loss durability costs), and `fashion batch run` (embedded, no Batch server). Each run
-checks that every image ended in exactly one category folder and that the CSV has one row per image.
+client (an event per sorted group, naming its images: what `fashion batch submit --wait` costs),
+the same with batch_fsync off (what power-loss durability costs), and `fashion batch run`
+(embedded, no Batch server). Each run checks that every image ended in exactly one category
+folder and that the CSV has one row per image.
 
     python -m bench.batch_pipeline        # this section alone
 """
@@ -58,7 +59,8 @@ def batch_env(workdir: Path, inference: str, **extra: str) -> dict[str, str]:
 
 def via_service(workdir: Path, pngs: list[bytes], inference: str, watch: bool = True, **extra: str
                 ) -> dict[str, float]:
-    """Submit, then follow the job with WatchJob (one event per image), or poll GetJob ten times a second."""
+    """Submit, then follow the job with WatchJob (every image reported, an event per sorted group),
+    or poll GetJob ten times a second."""
     write_inbox(workdir / "data" / "inbox", pngs)
     port = free_port()
     svc = start_service("services.batch", workdir, batch_env(
@@ -114,7 +116,7 @@ def run(out_dir: Path) -> str:
     try:
         for label, fn in (
             ("Batch service (submit, poll GetJob)", lambda w: via_service(w, pngs, inference.address, False)),
-            ("Batch service (submit, WatchJob: an event per image)",
+            ("Batch service (submit, WatchJob: every image reported)",
              lambda w: via_service(w, pngs, inference.address)),
             ("Batch service, batch_fsync off (poll)", lambda w: via_service(w, pngs, inference.address, False,
                                                                              FASHION_BATCH_FSYNC="false")),

@@ -54,10 +54,8 @@ def file_to_pb(f: FileUpdate) -> pb.FileResult:
 
 
 def event_to_pb(update: JobUpdate, settings: BatchSettings) -> pb.JobEvent:
-    event = pb.JobEvent(job=job_to_pb(update.job, settings), message=update.message)
-    if update.file is not None:
-        event.file.CopyFrom(file_to_pb(update.file))
-    return event
+    return pb.JobEvent(job=job_to_pb(update.job, settings), message=update.message,
+                       files=[file_to_pb(f) for f in update.files])
 
 
 def history_to_pb(h: BatchHistory) -> pb.BatchStats:

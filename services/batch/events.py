@@ -26,7 +26,8 @@ class FileUpdate:
 @dataclass(frozen=True)
 class JobUpdate:
     job: JobRecord
-    file: FileUpdate | None = None
+    files: tuple[FileUpdate, ...] = ()
+    """The files of one sorted group, in order; empty on updates about the job itself."""
     message: str = ""
 
 
@@ -55,7 +56,7 @@ class JobEvents:
     def publish(self, update: JobUpdate) -> None:
         for queue in self._subscribers.get(update.job.job_id, ()):
             if queue.full():
-                if update.file is not None and not update.job.state.finished:
+                if update.files and not update.job.state.finished:
                     continue
                 queue.get_nowait()  # make room for a state change
             queue.put_nowait(update)

@@ -306,8 +306,8 @@ class _JobRun:
                     group.append((more, await self._verdicts(more)))
                     size += len(more.rows)
                 job, updates = await _shielded_io(self._sort, group)
-                for update in updates:
-                    self._publish(job, file=update)
+                if updates:
+                    self._publish(job, files=tuple(updates))
         finally:
             producer.cancel()
             for pending in [*taken, *(in_flight.get_nowait() for _ in range(in_flight.qsize()))]:
@@ -548,9 +548,9 @@ class _JobRun:
 
     # --- state changes ---------------------------------------------------------------------------
 
-    def _publish(self, job: JobRecord | None, file: FileUpdate | None = None, message: str = "") -> None:
+    def _publish(self, job: JobRecord | None, files: tuple[FileUpdate, ...] = (), message: str = "") -> None:
         if job is not None and self.r.events.watched(job.job_id):
-            self.r.events.publish(JobUpdate(job, file, message))
+            self.r.events.publish(JobUpdate(job, files, message))
 
     def _inference_down(self, reason: str, delay: float) -> None:
         address = self.settings.inference_address

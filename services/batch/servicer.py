@@ -96,13 +96,11 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
                             job.state, job.counts.processed, job.error):
                         continue
                     update = JobUpdate(latest, message=latest.state.value)
-                if update.job is not job or job_pb is None:  # the files of one sorted group share a snapshot
+                if update.job is not job or job_pb is None:
                     job_pb = converters.job_to_pb(update.job, self._settings)
                 job = update.job
-                event = pb.JobEvent(job=job_pb, message=update.message)
-                if update.file is not None:
-                    event.file.CopyFrom(converters.file_to_pb(update.file))
-                yield event
+                yield pb.JobEvent(job=job_pb, message=update.message,
+                                  files=[converters.file_to_pb(f) for f in update.files])
         finally:
             self._events.unsubscribe(job.job_id, updates)
 

@@ -122,8 +122,9 @@ def test_every_input_ends_in_exactly_one_place_with_the_seeds_reports(
     assert fake[0].startswith("  ✗ Error: not an image"), fake
     assert fake[1:] == ["  ✓ Moved to: data/processed_batches/_failed/fake.jpg"]
 
-    # The stream: the job first, one event per image, the end.
-    file_events = [e.file for e in events if e.HasField("file")]
+    # The stream: the job first, an event per sorted group naming its images, the end.
+    file_events = [f for e in events for f in e.files]
+    assert len(file_events) == len({f.filename for f in file_events}), "each image reported once"
     assert sorted(f.filename for f in file_events) == sorted([*images, *broken])
     by_name = {f.filename: f for f in file_events}
     assert by_name["fake.jpg"].status == "failed" and by_name["fake.jpg"].destination.endswith("_failed/fake.jpg")

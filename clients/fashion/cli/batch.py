@@ -232,8 +232,8 @@ class JobProgress:
         description = f"{job.job_id[:8]} {state_name(job.state).lower()}"
         self._progress.update(self._task, description=description, total=job.total or None,
                               completed=job.processed)
-        if event is not None and event.HasField("file") and event.file.status == "failed":
-            self.failures.append(event.file)
+        if event is not None:
+            self.failures.extend(f for f in event.files if f.status == "failed")
         message = event.message if event is not None else ""
         if job.state == pb.JOB_STATE_WAITING and message and message != self._last_message:
             self._progress.console.print(f"[yellow]{message}[/yellow]")
@@ -419,8 +419,7 @@ async def _run_with_progress(runner: JobRunner, job_id: str, lock: JobLock, cons
                 # Everything queued at once; only failures and the latest snapshot are worth converting.
                 batch = [getter.result(), *(updates.get_nowait() for _ in range(updates.qsize()))]
                 for update in batch:
-                    if update.file is not None and update.file.status == "failed":
-                        display.failures.append(converters.file_to_pb(update.file))
+                    display.failures.extend(converters.file_to_pb(f) for f in update.files if f.status == "failed")
                 latest = batch[-1]
                 display.update(converters.job_to_pb(latest.job, runner.settings),
                                pb.JobEvent(message=latest.message))

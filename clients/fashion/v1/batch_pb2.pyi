@@ -126,14 +126,14 @@ class FileResult(_message.Message):
     def __init__(self, filename: _Optional[str] = ..., category: _Optional[str] = ..., confidence: _Optional[float] = ..., status: _Optional[str] = ..., destination: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job", "file", "message")
+    __slots__ = ("job", "message", "files")
     JOB_FIELD_NUMBER: _ClassVar[int]
-    FILE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     job: Job
-    file: FileResult
     message: str
-    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., file: _Optional[_Union[FileResult, _Mapping]] = ..., message: _Optional[str] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[FileResult]
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., message: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileResult, _Mapping]]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
