@@ -3,10 +3,11 @@
 Decoding a small PNG costs about 50 µs, most of it Python inside Pillow; done on the engine
 thread, every step competes for the GIL with the event loop that serves the gRPC calls, and
 each image ends up costing several times that (measured: ClassifyStream 3,700 images/s with
-decoding in the service process, 6,300 with decoding free). A `DecoderPool` keeps one helper
-process per batch in flight; the engine thread sends a batch's encoded images over a socket and
-waits, GIL released, for the stacked tensor and the reasons for the images that could not be
-used. The helpers run the same `Preprocessor` as everything else.
+decoding in the service process, 6,300 with decoding free, 4,750 with these helpers). A
+`DecoderPool` keeps one helper process per batch in flight; the engine thread sends a batch's
+encoded images over a socket and waits, GIL released, for the stacked tensor and the reasons for
+the images that could not be used (a lone image it decodes itself: see batcher.py). The helpers
+run the same `Preprocessor` as everything else.
 
 A helper that dies (a decoder crash on a hostile file, an OOM kill) is restarted and the batch
 retried once in the new one; if that dies too, the batch's images fail with a clear reason and
@@ -148,11 +149,19 @@ class DecoderPool:
         return helper
 
     def _replace(self, dead: _Helper) -> _Helper:
-        """A fresh helper in the dead one's place, handed to the caller (not queued as idle)."""
+        """A fresh helper in the dead one's place, handed to the caller (not queued as idle). When
+        none can be started (out of processes or memory), the dead one goes back to the idle queue
+        as a placeholder, so that the pool never runs dry and hangs its callers, and this raises."""
         with self._lock:
             self._helpers.remove(dead)
         dead.close(timeout=1.0)
-        return self._add(dead.name, idle=False)
+        try:
+            return self._add(dead.name, idle=False)
+        except Exception:
+            with self._lock:
+                self._helpers.append(dead)
+            self._idle.put(dead)
+            raise
 
     def decode(self, images: Sequence[bytes]) -> Decoded:
         """Tensors of the usable images, in order, and why each other image (by position) is unusable.

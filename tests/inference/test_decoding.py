@@ -100,3 +100,25 @@ def test_closing_the_pool_ends_the_helpers() -> None:
     assert all(alive(p) for p in pids)
     pool.close()
     assert not any(alive(p) for p in pids)
+
+
+def test_a_helper_that_cannot_be_restarted_fails_the_batch_without_draining_the_pool(
+        pool: DecoderPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, _ = fashion_images(2)
+    good = [encode(img) for img in x]
+    for pid in pool.pids:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pool.pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    def no_processes(*args: object, **kwargs: object) -> None:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr("services.inference.decoding._Helper.__init__", no_processes)
+    for _ in range(3):  # more calls than helpers: none may block on an empty pool
+        with pytest.raises(OSError, match="temporarily unavailable"):
+            pool.decode(good)
+    monkeypatch.undo()
+    tensors, failed, _ = pool.decode(good)  # processes can be started again: the pool recovers
+    assert not failed and tensors is not None and len(tensors) == 2
