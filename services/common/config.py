@@ -201,6 +201,9 @@ class MonitorSettings(CommonSettings):
     """Comma-separated folders whose size the report lists and whose disks the disk-space rule watches."""
     alert_success_rate_min: float = 95.0
     """High error rate fires when the API's or the batch success rate (percent) is under this."""
+    alert_model_load_grace_s: float = Field(default=300.0, ge=0)
+    """Model load failure fires at once when a load failed, and when the model is still loading after
+    the Inference service has been up this long (a normal start is not an incident)."""
     alert_batch_max_age_h: float = 26.0
     """No recent batch run fires when the last batch run finished longer ago than this (hours)."""
     alert_disk_free_min_percent: float = 10.0

@@ -130,4 +130,4 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         m = self._c.manifest
         return pb.Stats(**self._c.stats.snapshot(), model_loaded=self._c.ready,
                         model_name=m.name if m else "", model_version=m.version if m else "",
-                        classes=len(m.labels) if m else 0)
+                        classes=len(m.labels) if m else 0, model_error=self._c.load_error or "")

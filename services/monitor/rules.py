@@ -134,15 +134,21 @@ def api_down(obs: Observation) -> Verdict:
     return Verdict(False, f"Inference service at {inf.address} answers {inf.serving_status}")
 
 
-def model_load_failure(obs: Observation) -> Verdict:
-    inf = obs.system.inference
-    if not inf.reachable or inf.inference_stats is None:
-        return Verdict(None, "Inference service statistics unavailable")
-    if not inf.inference_stats.model_loaded:
-        return Verdict(True, f"Inference service at {inf.address} reports model_loaded = false "
-                             f"(health: {inf.serving_status}); see its logs/api_errors.log")
-    stats = inf.inference_stats
-    return Verdict(False, f"Model {stats.model_name} v{stats.model_version} loaded")
+def model_load_failure(grace_s: float) -> Callable[[Observation], Verdict]:
+    def check(obs: Observation) -> Verdict:
+        inf = obs.system.inference
+        if not inf.reachable or inf.inference_stats is None:
+            return Verdict(None, "Inference service statistics unavailable")
+        stats = inf.inference_stats
+        if not stats.model_loaded:
+            where = f"Inference service at {inf.address} reports model_loaded = false (health: {inf.serving_status})"
+            if stats.model_error:
+                return Verdict(True, f"{where}: {stats.model_error}; see its logs/api_errors.log")
+            if stats.uptime_seconds < grace_s:  # starting up: neither an incident nor its end
+                return Verdict(None, f"{where}: loading for {stats.uptime_seconds} s")
+            return Verdict(True, f"{where}: still loading after {stats.uptime_seconds} s; see its logs/api.log")
+        return Verdict(False, f"Model {stats.model_name} v{stats.model_version} loaded")
+    return check
 
 
 def batch_service_down(obs: Observation) -> Verdict:
@@ -287,7 +293,9 @@ def build_rules(settings: MonitorSettings) -> list[AlertRule]:
                   f"API average response time over {s.alert_response_time_max_s:g} s",
                   high_response_time(s.alert_response_time_max_s, s.alert_min_images), s.alert_response_time_max_s),
         AlertRule("model_load_failure", "Model Load Failure", Severity.ERROR,
-                  "the Inference service reports model_loaded = false", model_load_failure),
+                  f"the Inference service reports model_loaded = false: a failed load, or still loading after "
+                  f"{s.alert_model_load_grace_s:g} s", model_load_failure(s.alert_model_load_grace_s),
+                  s.alert_model_load_grace_s),
         AlertRule("batch_service_down", "Batch Service Down", Severity.ERROR,
                   "the Batch service's grpc.health.v1 check fails", batch_service_down),
         AlertRule("drift", "Prediction Drift", Severity.WARNING,

@@ -128,8 +128,10 @@ def test_bad_model_folder_keeps_not_serving_and_says_why(tmp_path: Path) -> None
         with InferenceClient(svc.address) as client:
             with pytest.raises(grpc.RpcError) as err:
                 client.classify(b"x")
+            stats = client.stats()
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "not valid JSON" in err.value.details()
+        assert not stats.model_loaded and "not valid JSON" in stats.model_error
         assert "Model load failed" in (tmp_path / "run" / "logs" / "api_errors.log").read_text()
     finally:
         svc.terminate()

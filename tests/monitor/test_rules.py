@@ -164,12 +164,25 @@ def test_disk_model_and_error_rate_rules(tmp_path: Path) -> None:
     e = engine(tmp_path, alert_min_images=10)
     week = batch_pb2.BatchStats(days=7, images=200, successful=180, failed=20, success_rate=90.0)
     week.last_run_at.FromSeconds(int(T0))
-    e.evaluate(observe(T0, inference(model_loaded=False), batch(week), disks=[DiskCheck(Path("data"), 1000, 50)]))
+    failed = inference(model_loaded=False, model_error="ModelLoadError: manifest.json is not valid JSON")
+    e.evaluate(observe(T0, failed, batch(week), disks=[DiskCheck(Path("data"), 1000, 50)]))
     active = {a.rule: a for a in e.active()}
     assert set(active) == {"model_load_failure", "high_error_rate", "disk_space_low"}, active
     assert "model_loaded = false" in active["model_load_failure"].message
+    assert "manifest.json is not valid JSON" in active["model_load_failure"].message
     assert "batch success rate 90.0%" in active["high_error_rate"].message
     assert "5.0% free" in active["disk_space_low"].message and active["disk_space_low"].value == 5.0
+
+
+def test_a_model_still_loading_is_not_a_failure_until_the_grace_period_ends(tmp_path: Path) -> None:
+    e = engine(tmp_path, alert_model_load_grace_s=300)
+    e.evaluate(observe(T0, inference(model_loaded=False, uptime_seconds=20), batch()))
+    assert "model_load_failure" not in {a.rule for a in e.active()}, "a normal start is not an incident"
+    e.evaluate(observe(T0 + 400, inference(model_loaded=False, uptime_seconds=420), batch()))
+    active = {a.rule: a for a in e.active()}
+    assert "still loading after 420 s" in active["model_load_failure"].message
+    e.evaluate(observe(T0 + 500, inference(uptime_seconds=520), batch()))
+    assert "model_load_failure" not in {a.rule for a in e.active()}
 
 
 def test_disk_rule_covers_the_batch_services_data_root(tmp_path: Path) -> None:
