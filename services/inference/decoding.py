@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -52,21 +52,25 @@ Decoded = tuple[np.ndarray | None, dict[int, Exception], list[float]]
 Wire = tuple[np.ndarray | None, list[tuple[int, bool, str]], list[float]]
 
 
-def decode_batch(prepare: Preprocessor, images: Sequence[bytes]) -> Wire:
-    """Decode `images` with `prepare`: (stacked tensors, [(position, rejected?, reason)], seconds per image)."""
+def decode_images(prepare: Callable[[bytes], np.ndarray], images: Sequence[bytes]) -> Decoded:
+    """Decode `images` with `prepare`, in this process; an image that fails fails alone."""
     rows: list[np.ndarray] = []
-    errors: list[tuple[int, bool, str]] = []
+    errors: dict[int, Exception] = {}
     took: list[float] = []
     for i, data in enumerate(images):
         t = time.perf_counter()
         try:
             rows.append(prepare(data))
-        except ImageRejected as exc:
-            errors.append((i, True, str(exc)))
-        except Exception as exc:  # a Pillow bug on some file: that image fails, not the batch
-            errors.append((i, False, f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # ImageRejected, or a Pillow bug on some file: not the batch's fault
+            errors[i] = exc
         took.append(time.perf_counter() - t)
     return (np.stack(rows) if rows else None), errors, took
+
+
+def _to_wire(decoded: Decoded) -> Wire:
+    tensors, errors, took = decoded
+    return tensors, [(i, isinstance(e, ImageRejected), str(e) if isinstance(e, ImageRejected)
+                      else f"{type(e).__name__}: {e}") for i, e in errors.items()], took
 
 
 class _Helper:
@@ -201,7 +205,7 @@ def _serve(fd: int) -> None:
             message = conn.recv_bytes()
         except (EOFError, OSError):
             return  # the service closed the pool or is gone
-        conn.send_bytes(pickle.dumps(decode_batch(prepare, pickle.loads(message)), protocol=5))
+        conn.send_bytes(pickle.dumps(_to_wire(decode_images(prepare, pickle.loads(message))), protocol=5))
 
 
 if __name__ == "__main__":
