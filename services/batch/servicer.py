@@ -82,7 +82,6 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
         job_id = await _required(context, request.job_id, "job_id")
         job = await call(context, lambda: self._q.get(job_id))
         updates = self._events.subscribe(job.job_id)  # before the snapshot: nothing falls in between
-        job_pb: pb.Job | None = None
         try:
             job = await asyncio.to_thread(self._q.get, job.job_id)
             yield converters.event_to_pb(JobUpdate(job, message=job.state.value), self._settings)
@@ -96,11 +95,8 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
                             job.state, job.counts.processed, job.error):
                         continue
                     update = JobUpdate(latest, message=latest.state.value)
-                if update.job is not job or job_pb is None:
-                    job_pb = converters.job_to_pb(update.job, self._settings)
                 job = update.job
-                yield pb.JobEvent(job=job_pb, message=update.message,
-                                  files=[converters.file_to_pb(f) for f in update.files])
+                yield converters.event_to_pb(update, self._settings)
         finally:
             self._events.unsubscribe(job.job_id, updates)
 

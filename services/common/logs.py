@@ -38,14 +38,19 @@ CALL_TRACE_ID: ContextVar[str] = ContextVar("call_trace_id", default="-")
 trace id or a fresh one (set by the gRPC RequestObserver), so log lines always carry one."""
 
 
+def current_trace_id() -> str:
+    """The OpenTelemetry span's trace id, else the call's (CALL_TRACE_ID), "-" outside any call."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else CALL_TRACE_ID.get()
+
+
 class TraceIdFilter(logging.Filter):
     """Stamps each record with the current trace id: the OpenTelemetry span's, else the call's
     (CALL_TRACE_ID), "-" outside any call."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "trace_id"):
-            ctx = trace.get_current_span().get_span_context()
-            record.trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else CALL_TRACE_ID.get()
+            record.trace_id = current_trace_id()
         return True
 
 
@@ -206,10 +211,8 @@ def log_line(logger: logging.Logger, level: int, message: str) -> None:
         return
     if not logger.isEnabledFor(level):
         return
-    ctx = trace.get_current_span().get_span_context()
-    trace_id = format(ctx.trace_id, "032x") if ctx.is_valid else CALL_TRACE_ID.get()
     writer.queue.put((level, f"[{_clock()}] {logging.getLevelName(level)} {logger.name} "
-                             f"[trace_id={trace_id}] {message}\n"))
+                             f"[trace_id={current_trace_id()}] {message}\n"))
 
 
 def setup_logging(settings: CommonSettings, name: str) -> Path:

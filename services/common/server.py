@@ -216,8 +216,8 @@ Servicers = Iterable[tuple[Callable[[object, object], None], object]]
 class _Registrar:
     """Stands in for the server when a generated add_*Servicer_to_server registers a servicer:
     every method handler is wrapped (token check inside, access log and metrics outside) before
-    the real server gets it. Wrapping once at start-up instead of with grpc.aio interceptors,
-    which run per call, gave 17-24% more Classify calls per second."""
+    the real server gets it, once at start-up, instead of grpc.aio interceptors that run per call
+    (measured: about 7% more Classify calls per second at concurrency 16, none at 64)."""
 
     def __init__(self, server: grpc.aio.Server, wrap: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]
                  ) -> None:

@@ -11,7 +11,6 @@ traces are exported; otherwise the context alone is carried, which costs nothing
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import ssl
 import sys
@@ -33,7 +32,7 @@ from fashion.client.multiplex import ClassifyMultiplexer
 from services.common.config import GatewaySettings
 from services.common.logs import setup_logging
 from services.common.security import TokenSource, client_options, tls_enabled
-from services.common.tracing import setup_tracing, shutdown_tracing
+from services.common.tracing import exporting, setup_tracing, shutdown_tracing
 from services.gateway import errors, routes
 from services.gateway.middleware import AccessLog, BodyLimit, Limit, TraceContext
 
@@ -159,8 +158,7 @@ def factory() -> FastAPI:
     settings = GatewaySettings()
     setup_logging(settings, "gateway")
     provider = setup_tracing("fashion-gateway")
-    exporting = any(os.environ.get(v) for v in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
-    return create_app(settings, trace_http=provider is not None and exporting)
+    return create_app(settings, trace_http=provider is not None and exporting())
 
 
 def uvicorn_ssl(settings: GatewaySettings) -> dict[str, object]:

@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -237,10 +236,6 @@ class Classifier:
             top = tuple((int(i), labels[i], float(row[i])) for i in idx[:k])
             out.append(Classification(top, top[0][2] < self.min_confidence, latency_ms))
         return out
-
-
-def _span(name: str, **attributes: int) -> AbstractContextManager[object]:
-    return tracer.start_as_current_span(name, attributes=attributes) if tracing.enabled() else nullcontext()
 
 
 def _record_batch_spans(timing: BatchTiming) -> None:

@@ -235,7 +235,7 @@ class SystemChecker:
             disks.append(DiskCheck(Path(stats.data_root), stats.data_total_bytes, stats.data_free_bytes,
                                    remote="Batch service"))
         drift = None
-        if with_drift and batch.batch_stats is not None:
+        if with_drift and stats is not None:
             try:
                 drift = await self.batch_stats(DRIFT_DAYS)
             except BatchUnavailable as exc:
