@@ -92,7 +92,8 @@ def run(out_dir: Path) -> str:
         flask, flask_log = start([sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "sync",
                                   "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
                                   "bench.flask_baseline:create_app()"], work, key,
-                                 {"FLASK_BASELINE_MODEL_DIR": str(model), "FLASK_BASELINE_THREADS": threads})
+                                 {"FLASK_BASELINE_MODEL_DIR": str(model), "FLASK_BASELINE_THREADS": threads,
+                                  "FLASK_BASELINE_LOG_DIR": str(work / f"{key}-logs")})
         try:
             wait_http(f"http://127.0.0.1:{port}/predict", flask, flask_log)
             for c in levels:
