@@ -300,10 +300,10 @@ class GatewaySettings(CommonSettings):
     """uvicorn worker processes (each with its own gRPC channels); /metrics then shows one worker's counters."""
     gateway_timeout_s: float = Field(default=30.0, gt=0)
     """Deadline of each gRPC call the gateway makes (HTTP 504 when it passes)."""
-    gateway_classify_streams: int = Field(default=2, ge=0, le=64)
-    """POST /predict requests share this many long-lived ClassifyStream calls to the Inference service
-    (its batching then sees them together; several times the throughput of one Classify call per
-    request); 0: one Classify call per request. Requests carrying a traceparent always get their own call."""
+    gateway_classify_calls: int = Field(default=2, ge=0, le=64)
+    """POST /predict requests that arrive together go to the Inference service together, as
+    ClassifyBatch calls, at most this many at a time (raise it with several Inference replicas);
+    0: one Classify call per request. Requests carrying a traceparent always get their own call."""
     max_upload_bytes: int = Field(default=10 * MIB, ge=1024)
     """Largest request body of POST /predict (one image); larger: HTTP 413 before the body is read."""
     max_batch_upload_bytes: int = Field(default=15 * MIB, ge=1024)

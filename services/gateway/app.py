@@ -16,7 +16,6 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import uvicorn
@@ -25,15 +24,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.telemetry import TelemetryConfig
 
-from fashion.client import AsyncInferenceClient
-from fashion.client.batch import AsyncBatchClient
-from fashion.client.monitor import AsyncMonitorClient
-from fashion.client.multiplex import ClassifyMultiplexer
 from services.common.config import GatewaySettings
 from services.common.logs import setup_logging
-from services.common.security import TokenSource, client_options, tls_enabled
+from services.common.security import TokenSource, tls_enabled
 from services.common.tracing import exporting, setup_tracing, shutdown_tracing
 from services.gateway import errors, routes
+from services.gateway.backends import Backends
+from services.gateway.fastpath import PredictFastPath
 from services.gateway.middleware import AccessLog, BodyLimit, Limit, TraceContext
 
 log = logging.getLogger(__name__)
@@ -42,34 +39,6 @@ VERSION = "1.0.0"
 UNTRACED_PATHS = frozenset({"/health", "/healthz", "/metrics"})  # probes and scrapes: no spans
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an image of max_upload_bytes
 JSON_BODY_LIMIT = 1024 * 1024
-
-
-@dataclass
-class Backends:
-    """The gateway's clients, one channel per service, created inside the event loop."""
-
-    inference: AsyncInferenceClient
-    batch: AsyncBatchClient
-    monitor: AsyncMonitorClient
-    predictions: ClassifyMultiplexer | None
-    """Single-image predictions over shared streams (None: a Classify call each)."""
-
-    @classmethod
-    def connect(cls, settings: GatewaySettings) -> Backends:
-        def options(address: str):  # type: ignore[no-untyped-def]
-            return client_options(settings, address, timeout_s=settings.gateway_timeout_s)
-
-        inference = AsyncInferenceClient(options(settings.inference_address))
-        streams = settings.gateway_classify_streams
-        return cls(inference, AsyncBatchClient(options(settings.batch_address)),
-                   AsyncMonitorClient(options(settings.monitor_address)),
-                   ClassifyMultiplexer(inference, streams) if streams else None)
-
-    async def close(self) -> None:
-        if self.predictions is not None:
-            await self.predictions.close()
-        for client in (self.inference, self.batch, self.monitor):
-            await client.close()
 
 
 # Declares the scheme in the OpenAPI document; the check itself is TokenSource's, as on the gRPC side.
@@ -128,6 +97,8 @@ def create_app(settings: GatewaySettings | None = None, trace_http: bool = False
                                 settings.max_batch_upload_bytes),
     }
     json_limit = Limit(JSON_BODY_LIMIT, "", JSON_BODY_LIMIT)  # job submissions and the like
+    if not trace_http:
+        app.add_middleware(PredictFastPath, tokens=tokens)  # innermost of ours: logged, limited, traced
     app.add_middleware(BodyLimit, limits=limits, default=json_limit)
     app.add_middleware(AccessLog)  # outside the limit, so refusals are logged and counted
     if not trace_http:

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Annotated
 
 import grpc
-from fastapi import APIRouter, File, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -19,13 +19,15 @@ from fashion.client.monitor import AsyncMonitorClient
 from fashion.v1 import batch_pb2, monitor_pb2
 from fashion.v1 import inference_pb2 as pb
 from services.common.config import GatewaySettings
-from services.gateway import protojson
+from services.gateway import protojson, uploads
+from services.gateway.backends import Backends
 from services.gateway.errors import HTTP_STATUS, ApiError, ErrorBody
 from services.gateway.schemas import ApiStats, BatchPrediction, Health, Prediction, SubmitJob
 
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0
+TOP_K_MAX = 1000
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 429, 502, 503, 504)}
 Job = protojson.schema(batch_pb2.Job.DESCRIPTOR)
 JobList = protojson.schema(batch_pb2.ListJobsResponse.DESCRIPTOR)
@@ -55,6 +57,16 @@ def _now() -> str:
 
 def _top_k(r: pb.ClassifyResponse) -> list[dict[str, object]]:
     return [{"label": c.label, "index": c.index, "confidence": c.confidence} for c in r.top_k]
+
+
+async def prediction(backends: Backends, body: bytes, content_type: str | None, top_k: int,
+                     own_call: bool) -> dict[str, object]:
+    """POST /predict's answer: the image of the multipart field `file`, classified."""
+    upload = uploads.files(body, content_type, "file")[0]
+    r = await backends.classify(upload.data, top_k, own_call)
+    return {"filename": upload.filename, "category": r.category, "confidence": r.confidence,
+            "uncertain": r.uncertain, "top_k": _top_k(r), "model_name": r.model_name,
+            "model_version": r.model_version, "latency_ms": r.latency_ms}
 
 
 # --- no token needed: probes and scrapers ------------------------------------------------------
@@ -108,34 +120,25 @@ def inference_router(settings: GatewaySettings) -> APIRouter:
             "success_rate": float(s.success_rate), "model_loaded": s.model_loaded, "timestamp": s.timestamp,
         })
 
-    @router.post("/predict", response_model=Prediction)
-    async def predict(request: Request,
-                      file: Annotated[UploadFile, File(description="The image file (JPEG, PNG, WebP, BMP, GIF, TIFF)")],
-                      top_k: Annotated[int, Query(ge=0, le=1000, description="categories returned; 0: 3")] = 0,
+    @router.post("/predict", response_model=Prediction,
+                 openapi_extra=uploads.openapi_body("file", "The image file (JPEG, PNG, WebP, BMP, GIF, TIFF)"))
+    async def predict(request: Request, top_k: Annotated[int, Query(ge=0, le=TOP_K_MAX, description="categories "
+                                                                                         "returned; 0: 3")] = 0,
                       ) -> JSONResponse:
         """Classify one uploaded image: its category, confidence and the top-k categories."""
-        image = await file.read()
-        shared = request.app.state.backends.predictions
-        # A request that continues a trace gets its own Classify call: the trace goes on through it.
-        if shared is None or request.app.state.trace_http or "traceparent" in request.headers:
-            r = await inference(request).classify(image, top_k=top_k)
-        else:
-            r = await shared.classify(image, top_k=top_k)
-        return JSONResponse({
-            "filename": file.filename, "category": r.category, "confidence": r.confidence,
-            "uncertain": r.uncertain, "top_k": _top_k(r), "model_name": r.model_name,
-            "model_version": r.model_version, "latency_ms": r.latency_ms,
-        })
+        # Served here when traces are exported (with FastAPI's server span); else by PredictFastPath.
+        own_call = request.app.state.trace_http or "traceparent" in request.headers
+        return JSONResponse(await prediction(request.app.state.backends, await request.body(),
+                                             request.headers.get("content-type"), top_k, own_call))
 
-    @router.post("/predict/batch", response_model=BatchPrediction)
-    async def predict_batch(request: Request,
-                            files: Annotated[list[UploadFile], File(description="The image files")],
-                            top_k: Annotated[int, Query(ge=0, le=1000)] = 0) -> JSONResponse:
+    @router.post("/predict/batch", response_model=BatchPrediction,
+                 openapi_extra=uploads.openapi_body("files", "The image files", many=True))
+    async def predict_batch(request: Request, top_k: Annotated[int, Query(ge=0, le=TOP_K_MAX)] = 0) -> JSONResponse:
         """Classify several images in one call. A bad image fails only its own result (`error`)."""
+        files = uploads.files(await request.body(), request.headers.get("content-type"), "files")
         if len(files) > max_files:
             raise ApiError(400, f"{len(files)} files in one batch; at most {max_files} (FASHION_MAX_BATCH_FILES)")
-        images = [await f.read() for f in files]
-        resp = await inference(request).classify_batch(images, top_k=top_k)
+        resp = await inference(request).classify_batch([f.data for f in files], top_k=top_k)
         results = []
         for f, r in zip(files, resp.results, strict=True):
             if r.HasField("error"):

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import ChildProcess, ServiceProcess, free_port
+from tests.support import ChildProcess, OtlpCollector, ServiceProcess, free_port
 
 
 @dataclass
@@ -54,13 +54,21 @@ def start_gateway(workdir: Path, inference_address: str, scheme: str = "http", *
     return GatewayProcess(proc, f"{scheme}://127.0.0.1:{port}", workdir, log_path)
 
 
-@pytest.fixture(scope="session")
-def gateway(tmp_path_factory: pytest.TempPathFactory, inference_server: ServiceProcess) -> Iterator[GatewayProcess]:
-    """A gateway in front of the shared Inference service (no Batch or Monitor service behind it)."""
+@pytest.fixture(scope="session", params=["fast path", "framework route"])
+def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+            inference_server: ServiceProcess) -> Iterator[GatewayProcess]:
+    """A gateway in front of the shared Inference service (no Batch or Monitor service behind it).
+    Twice: as it runs by default (POST /predict answered by PredictFastPath) and with traces
+    exported (every route served by FastAPI, with its server spans), so that both ways of
+    answering /predict pass the same tests."""
+    collector = OtlpCollector() if request.param == "framework route" else None
     gw = start_gateway(tmp_path_factory.mktemp("gateway"), inference_server.address, FASHION_MAX_UPLOAD_BYTES="65536",
-                       FASHION_MAX_BATCH_UPLOAD_BYTES="262144", FASHION_MAX_BATCH_FILES="8")
+                       FASHION_MAX_BATCH_UPLOAD_BYTES="262144", FASHION_MAX_BATCH_FILES="8",
+                       **(collector.env if collector else {}))
     try:
         gw.wait_ready()
         yield gw
     finally:
         gw.terminate()
+        if collector:
+            collector.stop()

@@ -112,6 +112,12 @@ def test_bad_requests_get_clear_json_errors_and_the_gateway_keeps_serving(gatewa
                  "file")
     assert_error(httpx.post(f"{url}/predict", content=b"raw", headers={"content-type": "image/png"}), 400,
                  "INVALID_ARGUMENT", "file")
+    assert_error(httpx.post(f"{url}/predict", content=b"no parts here",
+                            headers={"content-type": "multipart/form-data; boundary=zz"}), 400, "INVALID_ARGUMENT",
+                 "multipart")
+    assert_error(httpx.post(f"{url}/predict", content=b'--zz\r\nContent-Disposition: form-data; name="file"\r\n\r\nab',
+                            headers={"content-type": "multipart/form-data; boundary=zz"}), 400, "INVALID_ARGUMENT",
+                 "truncated")
     assert_error(httpx.post(f"{url}/predict", params={"top_k": -1}, files={"file": ("x.png", images(1)[0])}),
                  400, "INVALID_ARGUMENT", "top_k")
     # Over FASHION_MAX_UPLOAD_BYTES (64 KiB here): refused from Content-Length, before reading the body ...

@@ -18,6 +18,12 @@ def _request(image: bytes | str | Path, top_k: int = 0, request_id: str = "") ->
     return pb.ClassifyRequest(image=data, top_k=top_k, request_id=request_id)
 
 
+def _batch(images: Iterable[bytes | str | Path | pb.ClassifyRequest], top_k: int) -> pb.ClassifyBatchRequest:
+    reqs = [img if isinstance(img, pb.ClassifyRequest) else _request(img, request_id=str(i))
+            for i, img in enumerate(images)]
+    return pb.ClassifyBatchRequest(images=reqs, top_k=top_k)
+
+
 class InferenceClient(ServiceClient[pb_grpc.InferenceServiceStub]):
     """Blocking client. Images are bytes or file paths. Errors raise grpc.RpcError with the
     server's status code and message (INVALID_ARGUMENT for unusable images, ...)."""
@@ -29,10 +35,11 @@ class InferenceClient(ServiceClient[pb_grpc.InferenceServiceStub]):
                  timeout_s: float | None = None) -> pb.ClassifyResponse:
         return self._stub.Classify(_request(image, top_k), **self._kw(timeout_s))
 
-    def classify_batch(self, images: Iterable[bytes | str | Path], top_k: int = 0,
+    def classify_batch(self, images: Iterable[bytes | str | Path | pb.ClassifyRequest], top_k: int = 0,
                        timeout_s: float | None = None) -> pb.ClassifyBatchResponse:
-        reqs = [_request(img, request_id=str(i)) for i, img in enumerate(images)]
-        return self._stub.ClassifyBatch(pb.ClassifyBatchRequest(images=reqs, top_k=top_k), **self._kw(timeout_s))
+        """One result per image, in order. Images are bytes, paths, or ClassifyRequest messages
+        (sent as they are: a top_k of their own)."""
+        return self._stub.ClassifyBatch(_batch(images, top_k), **self._kw(timeout_s))
 
     def classify_stream(self, requests: Iterable[pb.ClassifyRequest],
                         timeout_s: float | None = None) -> Iterator[pb.ClassifyResponse]:
@@ -55,11 +62,9 @@ class AsyncInferenceClient(AsyncServiceClient[pb_grpc.InferenceServiceStub]):
                        timeout_s: float | None = None) -> pb.ClassifyResponse:
         return await self._stub.Classify(_request(image, top_k), **self._kw(timeout_s))
 
-    async def classify_batch(self, images: Iterable[bytes | str | Path], top_k: int = 0,
+    async def classify_batch(self, images: Iterable[bytes | str | Path | pb.ClassifyRequest], top_k: int = 0,
                              timeout_s: float | None = None) -> pb.ClassifyBatchResponse:
-        reqs = [_request(img, request_id=str(i)) for i, img in enumerate(images)]
-        return await self._stub.ClassifyBatch(pb.ClassifyBatchRequest(images=reqs, top_k=top_k),
-                                              **self._kw(timeout_s))
+        return await self._stub.ClassifyBatch(_batch(images, top_k), **self._kw(timeout_s))
 
     async def classify_stream(self, requests: AsyncIterable[pb.ClassifyRequest] | Iterable[pb.ClassifyRequest],
                               timeout_s: float | None = None) -> AsyncIterator[pb.ClassifyResponse]:
