@@ -54,7 +54,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         ks = [img.top_k or request.top_k for img in images]
         loop = asyncio.get_running_loop()
         start = loop.time()
-        results = await ERRORS.call(context, lambda: self._c.classify_many([img.image for img in images], ks))
+        requests = max(1, min(request.requests, len(images)))
+        results = await ERRORS.call(context, lambda: self._c.classify_many([img.image for img in images], ks,
+                                                                           requests=requests))
         m = self._c.manifest
         return pb.ClassifyBatchResponse(
             results=[self._response(r, img.request_id) for r, img in zip(results, images, strict=True)],

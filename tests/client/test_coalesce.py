@@ -23,10 +23,10 @@ class CountingClient(AsyncInferenceClient):
 
     calls: list[list[int]]
 
-    async def classify_batch(self, images, top_k=0, timeout_s=None):  # type: ignore[no-untyped-def, override]
+    async def classify_batch(self, images, top_k=0, timeout_s=None, requests=0):  # type: ignore[no-untyped-def, override]
         images = list(images)
         self.calls.append([len(r.image) for r in images])
-        return await super().classify_batch(images, top_k, timeout_s)
+        return await super().classify_batch(images, top_k, timeout_s, requests)
 
 
 def test_concurrent_callers_get_their_own_answers_in_few_calls(inference_server: ServiceProcess) -> None:
@@ -39,6 +39,7 @@ def test_concurrent_callers_get_their_own_answers_in_few_calls(inference_server:
             client.calls = []
             coalescer = ClassifyCoalescer(client, max_calls=2)
             want = [await client.classify(img, top_k=k) for img, k in zip(images, ks, strict=True)]
+            before = await client.stats()
             got = await asyncio.gather(*(coalescer.classify(img, top_k=k) for img, k in zip(images, ks, strict=True)))
             for w, g, k in zip(want, got, ks, strict=True):
                 assert len(g.top_k) == k
@@ -48,6 +49,10 @@ def test_concurrent_callers_get_their_own_answers_in_few_calls(inference_server:
             # The first caller left alone; the others waited for it and went together.
             assert sum(len(c) for c in client.calls) == len(images)
             assert len(client.calls) <= 4 and client.calls[0] == [len(images[0])]
+            # ... and each still counts as a request in the service's statistics (the seed's /stats).
+            after = await client.stats()
+            assert after.total_requests - before.total_requests == len(images)
+            assert after.total_images_processed - before.total_images_processed == len(images)
 
             bad = await asyncio.gather(*(coalescer.classify(img) for img in [images[0], b"not an image", images[1]]),
                                        return_exceptions=True)

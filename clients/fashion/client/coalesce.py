@@ -113,7 +113,9 @@ class ClassifyCoalescer:
     async def _call(self, group: list[_Waiting]) -> None:
         timeout = max(w.deadline for w in group) - time.monotonic()
         try:
-            response = await self.client.classify_batch([w.request for w in group], timeout_s=max(timeout, 0.001))
+            # Each image is a request of its own in the service's statistics (GetStats, /stats).
+            response = await self.client.classify_batch([w.request for w in group], timeout_s=max(timeout, 0.001),
+                                                        requests=len(group))
         except grpc.aio.AioRpcError as exc:
             error: grpc.aio.AioRpcError = exc
         except Exception as exc:  # e.g. a message over the channel's limit, refused before sending
@@ -121,8 +123,6 @@ class ClassifyCoalescer:
         else:
             for w, r in zip(group, response.results, strict=True):
                 if not w.future.done():
-                    r.model_name = response.model_name
-                    r.model_version = response.model_version
                     w.future.set_result(r)
             return
         for w in group:

@@ -18,10 +18,11 @@ def _request(image: bytes | str | Path, top_k: int = 0, request_id: str = "") ->
     return pb.ClassifyRequest(image=data, top_k=top_k, request_id=request_id)
 
 
-def _batch(images: Iterable[bytes | str | Path | pb.ClassifyRequest], top_k: int) -> pb.ClassifyBatchRequest:
+def _batch(images: Iterable[bytes | str | Path | pb.ClassifyRequest], top_k: int,
+           requests: int) -> pb.ClassifyBatchRequest:
     reqs = [img if isinstance(img, pb.ClassifyRequest) else _request(img, request_id=str(i))
             for i, img in enumerate(images)]
-    return pb.ClassifyBatchRequest(images=reqs, top_k=top_k)
+    return pb.ClassifyBatchRequest(images=reqs, top_k=top_k, requests=requests)
 
 
 class InferenceClient(ServiceClient[pb_grpc.InferenceServiceStub]):
@@ -36,10 +37,11 @@ class InferenceClient(ServiceClient[pb_grpc.InferenceServiceStub]):
         return self._stub.Classify(_request(image, top_k), **self._kw(timeout_s))
 
     def classify_batch(self, images: Iterable[bytes | str | Path | pb.ClassifyRequest], top_k: int = 0,
-                       timeout_s: float | None = None) -> pb.ClassifyBatchResponse:
+                       timeout_s: float | None = None, requests: int = 0) -> pb.ClassifyBatchResponse:
         """One result per image, in order. Images are bytes, paths, or ClassifyRequest messages
-        (sent as they are: a top_k of their own)."""
-        return self._stub.ClassifyBatch(_batch(images, top_k), **self._kw(timeout_s))
+        (sent as they are: a top_k of their own). `requests`: how many client requests the images
+        stand for in the service's statistics (0: this one)."""
+        return self._stub.ClassifyBatch(_batch(images, top_k, requests), **self._kw(timeout_s))
 
     def classify_stream(self, requests: Iterable[pb.ClassifyRequest],
                         timeout_s: float | None = None) -> Iterator[pb.ClassifyResponse]:
@@ -63,8 +65,8 @@ class AsyncInferenceClient(AsyncServiceClient[pb_grpc.InferenceServiceStub]):
         return await self._stub.Classify(_request(image, top_k), **self._kw(timeout_s))
 
     async def classify_batch(self, images: Iterable[bytes | str | Path | pb.ClassifyRequest], top_k: int = 0,
-                             timeout_s: float | None = None) -> pb.ClassifyBatchResponse:
-        return await self._stub.ClassifyBatch(_batch(images, top_k), **self._kw(timeout_s))
+                             timeout_s: float | None = None, requests: int = 0) -> pb.ClassifyBatchResponse:
+        return await self._stub.ClassifyBatch(_batch(images, top_k, requests), **self._kw(timeout_s))
 
     async def classify_stream(self, requests: AsyncIterable[pb.ClassifyRequest] | Iterable[pb.ClassifyRequest],
                               timeout_s: float | None = None) -> AsyncIterator[pb.ClassifyResponse]:

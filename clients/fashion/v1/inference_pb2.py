@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x61shion/v1/inference.proto\x12\nfashion.v1\"C\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"<\n\x08\x43\x61tegory\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x12\n\nconfidence\x18\x03 \x01(\x02\"+\n\nImageError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xea\x01\n\x10\x43lassifyResponse\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12#\n\x05top_k\x18\x03 \x03(\x0b\x32\x14.fashion.v1.Category\x12\x11\n\tuncertain\x18\x04 \x01(\x08\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12%\n\x05\x65rror\x18\t \x01(\x0b\x32\x16.fashion.v1.ImageError\"R\n\x14\x43lassifyBatchRequest\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.fashion.v1.ClassifyRequest\x12\r\n\x05top_k\x18\x02 \x01(\r\"\x85\x01\n\x15\x43lassifyBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.fashion.v1.ClassifyResponse\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"K\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06layout\x18\x04 \x01(\t\"\x92\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12%\n\x05input\x18\x04 \x01(\x0b\x32\x16.fashion.v1.TensorSpec\x12&\n\x06output\x18\x05 \x01(\x0b\x32\x16.fashion.v1.TensorSpec\x12\x12\n\ncolor_mode\x18\x06 \x01(\t\x12\x12\n\nbackground\x18\x07 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x08 \x01(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x16\n\x0emin_confidence\x18\n \x01(\x02\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\"\x11\n\x0fGetStatsRequest\"\xd5\x02\n\x05Stats\x12\x16\n\x0euptime_seconds\x18\x01 \x01(\x03\x12\x14\n\x0cuptime_human\x18\x02 \x01(\t\x12\x16\n\x0etotal_requests\x18\x03 \x01(\x03\x12\x1e\n\x16total_images_processed\x18\x04 \x01(\x03\x12\x1e\n\x16successful_predictions\x18\x05 \x01(\x03\x12\x1a\n\x12\x66\x61iled_predictions\x18\x06 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\x07 \x01(\x01\x12\x14\n\x0cmodel_loaded\x18\x08 \x01(\x08\x12\x11\n\ttimestamp\x18\t \x01(\t\x12\x1a\n\x12\x61verage_latency_ms\x18\n \x01(\x01\x12\x12\n\nmodel_name\x18\x0b \x01(\t\x12\x15\n\rmodel_version\x18\x0c \x01(\t\x12\x0f\n\x07\x63lasses\x18\r \x01(\r\x12\x13\n\x0bmodel_error\x18\x0e \x01(\t2\x84\x03\n\x10InferenceService\x12\x45\n\x08\x43lassify\x12\x1b.fashion.v1.ClassifyRequest\x1a\x1c.fashion.v1.ClassifyResponse\x12T\n\rClassifyBatch\x12 .fashion.v1.ClassifyBatchRequest\x1a!.fashion.v1.ClassifyBatchResponse\x12O\n\x0e\x43lassifyStream\x12\x1b.fashion.v1.ClassifyRequest\x1a\x1c.fashion.v1.ClassifyResponse(\x01\x30\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.fashion.v1.GetModelInfoRequest\x1a\x15.fashion.v1.ModelInfo\x12:\n\x08GetStats\x12\x1b.fashion.v1.GetStatsRequest\x1a\x11.fashion.v1.StatsB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x61shion/v1/inference.proto\x12\nfashion.v1\"C\n\x0f\x43lassifyRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"<\n\x08\x43\x61tegory\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x12\n\nconfidence\x18\x03 \x01(\x02\"+\n\nImageError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xea\x01\n\x10\x43lassifyResponse\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x12\n\nconfidence\x18\x02 \x01(\x02\x12#\n\x05top_k\x18\x03 \x03(\x0b\x32\x14.fashion.v1.Category\x12\x11\n\tuncertain\x18\x04 \x01(\x08\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x12\n\nlatency_ms\x18\x07 \x01(\x01\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12%\n\x05\x65rror\x18\t \x01(\x0b\x32\x16.fashion.v1.ImageError\"d\n\x14\x43lassifyBatchRequest\x12+\n\x06images\x18\x01 \x03(\x0b\x32\x1b.fashion.v1.ClassifyRequest\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x10\n\x08requests\x18\x03 \x01(\r\"\x85\x01\n\x15\x43lassifyBatchResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.fashion.v1.ClassifyResponse\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\"\x15\n\x13GetModelInfoRequest\"K\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06layout\x18\x04 \x01(\t\"\x92\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12%\n\x05input\x18\x04 \x01(\x0b\x32\x16.fashion.v1.TensorSpec\x12&\n\x06output\x18\x05 \x01(\x0b\x32\x16.fashion.v1.TensorSpec\x12\x12\n\ncolor_mode\x18\x06 \x01(\t\x12\x12\n\nbackground\x18\x07 \x01(\t\x12\x1a\n\x12\x65xecution_provider\x18\x08 \x01(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x16\n\x0emin_confidence\x18\n \x01(\x02\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\"\x11\n\x0fGetStatsRequest\"\xd5\x02\n\x05Stats\x12\x16\n\x0euptime_seconds\x18\x01 \x01(\x03\x12\x14\n\x0cuptime_human\x18\x02 \x01(\t\x12\x16\n\x0etotal_requests\x18\x03 \x01(\x03\x12\x1e\n\x16total_images_processed\x18\x04 \x01(\x03\x12\x1e\n\x16successful_predictions\x18\x05 \x01(\x03\x12\x1a\n\x12\x66\x61iled_predictions\x18\x06 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\x07 \x01(\x01\x12\x14\n\x0cmodel_loaded\x18\x08 \x01(\x08\x12\x11\n\ttimestamp\x18\t \x01(\t\x12\x1a\n\x12\x61verage_latency_ms\x18\n \x01(\x01\x12\x12\n\nmodel_name\x18\x0b \x01(\t\x12\x15\n\rmodel_version\x18\x0c \x01(\t\x12\x0f\n\x07\x63lasses\x18\r \x01(\r\x12\x13\n\x0bmodel_error\x18\x0e \x01(\t2\x84\x03\n\x10InferenceService\x12\x45\n\x08\x43lassify\x12\x1b.fashion.v1.ClassifyRequest\x1a\x1c.fashion.v1.ClassifyResponse\x12T\n\rClassifyBatch\x12 .fashion.v1.ClassifyBatchRequest\x1a!.fashion.v1.ClassifyBatchResponse\x12O\n\x0e\x43lassifyStream\x12\x1b.fashion.v1.ClassifyRequest\x1a\x1c.fashion.v1.ClassifyResponse(\x01\x30\x01\x12\x46\n\x0cGetModelInfo\x12\x1f.fashion.v1.GetModelInfoRequest\x1a\x15.fashion.v1.ModelInfo\x12:\n\x08GetStats\x12\x1b.fashion.v1.GetStatsRequest\x1a\x11.fashion.v1.StatsB\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,19 +41,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFYRESPONSE']._serialized_start=219
   _globals['_CLASSIFYRESPONSE']._serialized_end=453
   _globals['_CLASSIFYBATCHREQUEST']._serialized_start=455
-  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=537
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=540
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=673
-  _globals['_GETMODELINFOREQUEST']._serialized_start=675
-  _globals['_GETMODELINFOREQUEST']._serialized_end=696
-  _globals['_TENSORSPEC']._serialized_start=698
-  _globals['_TENSORSPEC']._serialized_end=773
-  _globals['_MODELINFO']._serialized_start=776
-  _globals['_MODELINFO']._serialized_end=1050
-  _globals['_GETSTATSREQUEST']._serialized_start=1052
-  _globals['_GETSTATSREQUEST']._serialized_end=1069
-  _globals['_STATS']._serialized_start=1072
-  _globals['_STATS']._serialized_end=1413
-  _globals['_INFERENCESERVICE']._serialized_start=1416
-  _globals['_INFERENCESERVICE']._serialized_end=1804
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=555
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=558
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=691
+  _globals['_GETMODELINFOREQUEST']._serialized_start=693
+  _globals['_GETMODELINFOREQUEST']._serialized_end=714
+  _globals['_TENSORSPEC']._serialized_start=716
+  _globals['_TENSORSPEC']._serialized_end=791
+  _globals['_MODELINFO']._serialized_start=794
+  _globals['_MODELINFO']._serialized_end=1068
+  _globals['_GETSTATSREQUEST']._serialized_start=1070
+  _globals['_GETSTATSREQUEST']._serialized_end=1087
+  _globals['_STATS']._serialized_start=1090
+  _globals['_STATS']._serialized_end=1431
+  _globals['_INFERENCESERVICE']._serialized_start=1434
+  _globals['_INFERENCESERVICE']._serialized_end=1822
 # @@protoc_insertion_point(module_scope)

@@ -57,12 +57,14 @@ class ClassifyResponse(_message.Message):
     def __init__(self, category: _Optional[str] = ..., confidence: _Optional[float] = ..., top_k: _Optional[_Iterable[_Union[Category, _Mapping]]] = ..., uncertain: _Optional[bool] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., latency_ms: _Optional[float] = ..., request_id: _Optional[str] = ..., error: _Optional[_Union[ImageError, _Mapping]] = ...) -> None: ...
 
 class ClassifyBatchRequest(_message.Message):
-    __slots__ = ("images", "top_k")
+    __slots__ = ("images", "top_k", "requests")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[ClassifyRequest]
     top_k: int
-    def __init__(self, images: _Optional[_Iterable[_Union[ClassifyRequest, _Mapping]]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    requests: int
+    def __init__(self, images: _Optional[_Iterable[_Union[ClassifyRequest, _Mapping]]] = ..., top_k: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class ClassifyBatchResponse(_message.Message):
     __slots__ = ("results", "model_name", "model_version", "latency_ms")
