@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0
 TOP_K_MAX = 1000
+TopK = Annotated[int, Query(ge=0, le=TOP_K_MAX, description="categories returned per image; 0: 3")]
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 429, 502, 503, 504)}
 Job = protojson.schema(batch_pb2.Job.DESCRIPTOR)
 JobList = protojson.schema(batch_pb2.ListJobsResponse.DESCRIPTOR)
@@ -122,9 +123,7 @@ def inference_router(settings: GatewaySettings) -> APIRouter:
 
     @router.post("/predict", response_model=Prediction,
                  openapi_extra=uploads.openapi_body("file", "The image file (JPEG, PNG, WebP, BMP, GIF, TIFF)"))
-    async def predict(request: Request, top_k: Annotated[int, Query(ge=0, le=TOP_K_MAX, description="categories "
-                                                                                         "returned; 0: 3")] = 0,
-                      ) -> JSONResponse:
+    async def predict(request: Request, top_k: TopK = 0) -> JSONResponse:
         """Classify one uploaded image: its category, confidence and the top-k categories."""
         # Served here when traces are exported (with FastAPI's server span); else by PredictFastPath.
         own_call = request.app.state.trace_http or "traceparent" in request.headers
@@ -133,7 +132,7 @@ def inference_router(settings: GatewaySettings) -> APIRouter:
 
     @router.post("/predict/batch", response_model=BatchPrediction,
                  openapi_extra=uploads.openapi_body("files", "The image files", many=True))
-    async def predict_batch(request: Request, top_k: Annotated[int, Query(ge=0, le=TOP_K_MAX)] = 0) -> JSONResponse:
+    async def predict_batch(request: Request, top_k: TopK = 0) -> JSONResponse:
         """Classify several images in one call. A bad image fails only its own result (`error`)."""
         files = uploads.files(await request.body(), request.headers.get("content-type"), "files")
         if len(files) > max_files:

@@ -105,9 +105,12 @@ class ClassifyCoalescer:
 
     def _finished(self, call: asyncio.Task[None]) -> None:
         # A call cancelled (by close) before or while it ran leaves its images to fail here.
-        for w in self._calls.pop(call):
-            if not w.future.done():
-                w.future.set_exception(rpc_error(grpc.StatusCode.CANCELLED, "the client was closed"))
+        unanswered = [w for w in self._calls.pop(call) if not w.future.done()]
+        if unanswered:
+            error = rpc_error(grpc.StatusCode.CANCELLED, "the client was closed") if call.cancelled() else \
+                rpc_error(grpc.StatusCode.INTERNAL, f"ClassifyBatch failed: {call.exception()!r}")
+            for w in unanswered:
+                w.future.set_exception(error)
         self._launch()
 
     async def _call(self, group: list[_Waiting]) -> None:
@@ -121,10 +124,13 @@ class ClassifyCoalescer:
         except Exception as exc:  # e.g. a message over the channel's limit, refused before sending
             error = rpc_error(grpc.StatusCode.INTERNAL, f"ClassifyBatch failed: {exc}")
         else:
-            for w, r in zip(group, response.results, strict=True):
-                if not w.future.done():
-                    w.future.set_result(r)
-            return
+            if len(response.results) == len(group):
+                for w, r in zip(group, response.results, strict=True):
+                    if not w.future.done():
+                        w.future.set_result(r)
+                return
+            error = rpc_error(grpc.StatusCode.INTERNAL,
+                              f"ClassifyBatch answered {len(response.results)} results for {len(group)} images")
         for w in group:
             if not w.future.done():
                 w.future.set_exception(error)
