@@ -32,6 +32,7 @@ from tests.support import start_service
 
 N = 10_000
 GOAL = 0.60
+TRIES = 2  # each pipeline is timed twice and the better counts, as the ceiling is (a job takes ~2 s)
 
 
 def write_inbox(folder: Path, pngs: list[bytes]) -> None:
@@ -122,10 +123,14 @@ def run(out_dir: Path) -> str:
                                                                              FASHION_BATCH_FSYNC="false")),
             ("`fashion batch run` (embedded)", lambda w: embedded(w, pngs, inference.address)),
         ):
-            print(f"batch: {label} ...", flush=True)
-            workdir = work / f"run{len(results)}"
-            results.append((label, fn(workdir)))
-            shutil.rmtree(workdir / "data")  # 10,000 images; the CSV, summary and logs stay
+            tries = []
+            for attempt in range(TRIES):
+                print(f"batch: {label} ({attempt + 1}/{TRIES}) ...", flush=True)
+                workdir = work / f"run{len(results)}-{attempt}"
+                tries.append(fn(workdir))
+                shutil.rmtree(workdir / "data")  # 10,000 images; the CSV, summary and logs stay
+            best_try = max(tries, key=lambda r: r["images_per_s"])
+            results.append((label, {**best_try, "tries": [r["images_per_s"] for r in tries]}))
     finally:
         inference.terminate()
     print("batch: in-process ceiling again ...", flush=True)
@@ -134,8 +139,8 @@ def run(out_dir: Path) -> str:
 
     rows: list[list[object]] = [[f"in-process ceiling (decode + preprocess + ONNX, no I/O; best of "
                                  f"{', '.join(f'{c:,.0f}' for c in ceilings)})", ceil, "", "100%"]]
-    rows += [[label, r["images_per_s"], r["wall_per_s"], f"{100 * r['images_per_s'] / ceil:.0f}%"]
-             for label, r in results]
+    rows += [[f"{label}; best of {', '.join(f'{t:,.0f}' for t in r['tries'])}", r["images_per_s"], r["wall_per_s"],
+              f"{100 * r['images_per_s'] / ceil:.0f}%"] for label, r in results]
     best = results[0][1]["images_per_s"] / ceil
     watched = results[1][1]["images_per_s"] / ceil
     return "\n".join([
@@ -143,8 +148,8 @@ def run(out_dir: Path) -> str:
         f"Model: {manifest.name} v{manifest.version} ({model_label}). {N:,} Fashion-MNIST PNGs in one folder, "
         "sorted end to end: read, ClassifyBatch through a real Inference service process (default settings), "
         "write-ahead record, move, fsync, CSV and per-image log; every run checked for lost or duplicated "
-        "images. Job rate = images / job duration; wall rate includes submitting, process start (embedded) "
-        "and waiting.\n",
+        "images. Job rate = images / job duration (the better of two jobs, as the ceiling is the better of "
+        "two measurements); wall rate includes submitting, process start (embedded) and waiting.\n",
         table(["pipeline", "job images/s", "wall images/s", "of ceiling"], rows),
         "",
         f"Goal: the Batch service at ≥ {100 * GOAL:.0f}% of the in-process ceiling: **{100 * best:.0f}%** "
