@@ -82,9 +82,11 @@ def test_compose_matches_the_manifests(name: str) -> None:
         if not key.startswith("FASHION_EXECUTION"):
             assert env[key] == value, key
     # Shared settings agree, except how services are reached (Kubernetes: Service names, a headless
-    # Service with round robin for Inference) and who runs the nightly job (Kubernetes: a CronJob).
+    # Service with round robin over up to maxReplicas Inference pods, the gateway's calls sized to
+    # match) and who runs the nightly job (Kubernetes: a CronJob).
     local = {"FASHION_INFERENCE_ADDRESS", "FASHION_GRPC_LB_POLICY", "FASHION_MAX_CONNECTION_AGE_S",
-             "FASHION_BATCH_ADDRESS", "FASHION_MONITOR_ADDRESS", "FASHION_BATCH_SCHEDULE"}
+             "FASHION_GATEWAY_CLASSIFY_CALLS", "FASHION_BATCH_ADDRESS", "FASHION_MONITOR_ADDRESS",
+             "FASHION_BATCH_SCHEDULE"}
     for key, value in k8s_config().items():
         if key not in local:
             assert env.get(key) == value, key

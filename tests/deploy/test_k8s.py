@@ -125,6 +125,8 @@ def test_base_services_probes_ports_and_scaling() -> None:
     config = next(iter(by_kind(docs, "ConfigMap").values()))["data"]
     assert config["FASHION_INFERENCE_ADDRESS"] == "dns:///fashion-inference-headless:50051"
     assert config["FASHION_GRPC_LB_POLICY"] == "round_robin"
+    # The gateway keeps a ClassifyBatch call for every Inference pod the HPA may run.
+    assert int(config["FASHION_GATEWAY_CLASSIFY_CALLS"]) >= hpa["spec"]["maxReplicas"]
     assert config["FASHION_BATCH_SCHEDULE"] == "", "the CronJob, not the service's timer, runs the nightly job"
     batch = deployments["fashion-batch"]["spec"]["template"]["spec"]
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "fashion-data"}} in batch["volumes"]
