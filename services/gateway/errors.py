@@ -100,27 +100,27 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def response_for(exc: Exception, method: str, path: str) -> JSONResponse:
+    """The JSON error answer to `exc` raised while serving `method` `path`: the one mapping of
+    failures to error bodies, for FastAPI's exception handlers and the /predict fast path."""
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return from_grpc(exc, service_of(path))
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    if isinstance(exc, RequestValidationError):
+        return error_response(400, "INVALID_ARGUMENT", _validation_message(exc))
+    if isinstance(exc, StarletteHTTPException):
+        code = HTTP_CODES.get(exc.status_code, "ERROR")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+    log.exception("Unhandled error on %s %s", method, path, exc_info=exc)
+    return error_response(500, "INTERNAL", f"internal error ({type(exc).__name__})")
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every failure into the JSON error body."""
 
-    @app.exception_handler(grpc.aio.AioRpcError)
-    async def _grpc(request: Request, exc: grpc.aio.AioRpcError) -> JSONResponse:
-        return from_grpc(exc, service_of(request.url.path))
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        return response_for(exc, request.method, request.url.path)
 
-    @app.exception_handler(ApiError)
-    async def _api(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, "INVALID_ARGUMENT", _validation_message(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = HTTP_CODES.get(exc.status_code, "ERROR")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("Unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "INTERNAL", f"internal error ({type(exc).__name__})")
+    for kind in (grpc.aio.AioRpcError, ApiError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handle)

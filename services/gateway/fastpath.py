@@ -1,12 +1,12 @@
 """POST /predict answered below FastAPI's routing, dependency solving and exception middleware.
 
 Those cost the gateway more CPU per prediction than the rest of the request (HTTP parsing, the
-multipart body, the gRPC call, the JSON answer): answered here, POST /predict serves about 1.35x
-the requests per second at concurrency 64 (1.3-1.4x, A/B on this machine). The route itself stays declared in
+multipart body, the gRPC call, the JSON answer): answered here, POST /predict serves 1.3-1.4x
+the requests per second at concurrency 64 (A/B on this machine). The route itself stays declared in
 routes.py: it documents /predict in the OpenAPI document and serves it when traces are exported
 (this middleware is installed only when they are not, so FastAPI's server span is never skipped).
-Both call routes.prediction; the token check, the top_k rule, the error bodies and the codes are
-the route's: tests/gateway run the same assertions through both.
+Both call routes.prediction and answer failures with errors.response_for; the token check and
+the top_k rule are the route's: tests/gateway run the same assertions through both.
 
 It sits inside the access log, trace context and body limit middleware, so /predict is still
 logged, counted, limited and traced into its gRPC call as before.
@@ -15,19 +15,13 @@ logged, counted, limited and traced into its gRPC call as before.
 from __future__ import annotations
 
 import json
-import logging
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qsl
 
-import grpc
-from starlette.exceptions import HTTPException
-
 from services.common.security import TokenSource
 from services.gateway import errors, routes
 from services.gateway.middleware import ASGIApp, Receive, Scope, Send
-
-log = logging.getLogger(__name__)
 
 ROUTE = SimpleNamespace(path="/predict")  # the route template AccessLog labels metrics with
 
@@ -58,21 +52,12 @@ class PredictFastPath:
             answer = await routes.prediction(scope["app"].state.backends, body,
                                              content_type.decode("latin-1") if content_type else None,
                                              top_k, own_call=b"traceparent" in headers)
-            status, payload, extra = 200, _json(answer), None
-        except errors.ApiError as exc:
-            status, payload, extra = exc.status, _error(exc.status, exc.code, exc.message), exc.headers
-        except HTTPException as exc:  # the body limit, passed while reading
-            status, extra = exc.status_code, getattr(exc, "headers", None)
-            payload = _error(status, errors.HTTP_CODES.get(status, "ERROR"), str(exc.detail))
-        except grpc.aio.AioRpcError as exc:
-            await errors.from_grpc(exc, "Inference")(scope, receive, send)
+        except Exception as exc:  # the body limit's HTTPException included, raised while reading
+            await errors.response_for(exc, "POST", "/predict")(scope, receive, send)
             return
-        except Exception as exc:
-            log.exception("Unhandled error on POST /predict")
-            status, payload, extra = 500, _error(500, "INTERNAL", f"internal error ({type(exc).__name__})"), None
-        raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (extra or {}).items()]
-        await send({"type": "http.response.start", "status": status, "headers": raw})
+        payload = _json(answer)
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})
 
 
@@ -107,7 +92,3 @@ async def _body(receive: Receive) -> bytes | None:
 def _json(value: Any) -> bytes:
     # As Starlette's JSONResponse renders it.
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-
-
-def _error(status: int, code: str, message: str) -> bytes:
-    return _json({"error": {"status": status, "code": code, "message": message}})
