@@ -84,8 +84,11 @@ class InferenceSettings(CommonSettings):
     """Prometheus /metrics port of the Inference service; 0 disables it."""
     model_dir: Path = SHIPPED_MODEL_DIR
     """Model folder: model.onnx plus manifest.json. Defaults to the shipped Fashion-MNIST model."""
-    max_batch_size: int = 64
-    """Most images merged into one ONNX Runtime run by the dynamic batcher."""
+    max_batch_size: int = 256
+    """Most images merged into one ONNX Runtime run by the dynamic batcher. A batch is only as big as
+    what is waiting (max_delay_ms 0), so this bounds busy moments: there, fewer and bigger batches
+    mean fewer hand-offs to the engine thread and decoding helpers (measured on 2 cores:
+    ClassifyStream +12-20%, ClassifyBatch +10% against 64; the model alone is no faster per image)."""
     max_delay_ms: float = 0.0
     """How long the oldest queued image may wait for a fuller batch (0: run when the engine is free)."""
     max_queue_size: int = 4096
