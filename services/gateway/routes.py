@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fashion.client import AsyncInferenceClient
 from fashion.client.batch import AsyncBatchClient
+from fashion.client.inference import image_error_code
 from fashion.client.monitor import AsyncMonitorClient
 from fashion.v1 import batch_pb2, monitor_pb2
 from fashion.v1 import inference_pb2 as pb
@@ -141,8 +142,7 @@ def inference_router(settings: GatewaySettings) -> APIRouter:
         results = []
         for f, r in zip(files, resp.results, strict=True):
             if r.HasField("error"):
-                code = grpc.StatusCode.INVALID_ARGUMENT
-                code = next((c for c in grpc.StatusCode if c.value[0] == r.error.code), code)
+                code = image_error_code(r.error)
                 results.append({"filename": f.filename, "error": {
                     "status": HTTP_STATUS.get(code, 500), "code": code.name, "message": r.error.message}})
             else:

@@ -23,7 +23,7 @@ import time
 
 import grpc
 
-from fashion.client.inference import AsyncInferenceClient
+from fashion.client.inference import AsyncInferenceClient, image_error_code
 from fashion.v1 import inference_pb2 as pb
 
 FRAMING_BYTES = 64 * 1024  # room for the message's other fields under max_message_bytes
@@ -32,10 +32,6 @@ FRAMING_BYTES = 64 * 1024  # room for the message's other fields under max_messa
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     """An error shaped like the one a unary call raises."""
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-
-
-def status_code(number: int) -> grpc.StatusCode:
-    return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
 
 
 class _Waiting:
@@ -79,7 +75,7 @@ class ClassifyCoalescer:
         except TimeoutError:
             raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         if response.HasField("error"):
-            raise rpc_error(status_code(response.error.code), response.error.message)
+            raise rpc_error(image_error_code(response.error), response.error.message)
         return response
 
     def _launch(self) -> None:

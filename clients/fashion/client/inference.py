@@ -5,12 +5,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
+import grpc
+
 from fashion.client._base import AsyncServiceClient, ServiceClient
 from fashion.client._channel import ChannelOptions
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
 
 SERVICE = "fashion.v1.InferenceService"
+
+
+def image_error_code(error: pb.ImageError) -> grpc.StatusCode:
+    """The status code of one failed image of a ClassifyBatch or ClassifyStream answer."""
+    return next((c for c in grpc.StatusCode if c.value[0] == error.code), grpc.StatusCode.UNKNOWN)
 
 
 def _request(image: bytes | str | Path, top_k: int = 0, request_id: str = "") -> pb.ClassifyRequest:
