@@ -20,6 +20,12 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
+# Child processes (services run from their own folders, the CLI, the benchmarks' load) import this
+# checkout's code even when the virtual environment's editable install points at another checkout,
+# as it does after a second clone that shares the environment ran `make`: tests and benchmarks
+# would otherwise run that clone's code and say nothing.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "clients"), str(REPO),
+                                                         os.environ.get("PYTHONPATH")]))
 LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
