@@ -51,10 +51,10 @@ train: install-train
 evaluate: $(STAMP)
 	$(VENV)/bin/fashion model evaluate
 
-## make install-gpu: onnxruntime-gpu over the CPU wheel (both provide the `onnxruntime` module)
+## make install-gpu: onnxruntime-gpu (the `gpu` extra: CUDA 13 and cuDNN wheels) in place of the CPU wheel
 install-gpu: $(STAMP)
-	$(PIP) install --quiet -e ".[gpu]"
-	$(PIP) install --quiet --force-reinstall --no-deps onnxruntime-gpu==1.32.0
+	$(PIP) uninstall --quiet --yes onnxruntime
+	$(PIP) install --quiet "$$($(PY) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"][0])')"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

@@ -4,7 +4,7 @@
 # Build from the repository root:
 #   CPU: docker build -f deploy/docker/inference.Dockerfile -t fashion/inference:0.1.0 .
 #   GPU: docker build -f deploy/docker/inference.Dockerfile --build-arg ONNXRUNTIME=gpu -t fashion/inference-gpu:0.1.0 .
-#        (onnxruntime-gpu with its CUDA 12 and cuDNN wheels; the node provides the NVIDIA driver)
+#        (onnxruntime-gpu with its CUDA 13 and cuDNN 9 wheels; the node provides the NVIDIA driver, 580 or newer)
 # Runs as uid 10001 with a read-only root filesystem: only /tmp and /var/log/fashion need to be writable.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
