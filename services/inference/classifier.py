@@ -139,8 +139,8 @@ class Classifier:
         self.load_error = None
 
     def _open_model(self, manifest: ModelManifest) -> OnnxModel:
-        model = OnnxModel(manifest, self.settings.execution_provider,
-                          self.settings.intra_op_threads, self.settings.inter_op_threads)
+        model = OnnxModel(manifest, self.settings.execution_provider, self.settings.intra_op_threads,
+                          self.settings.inter_op_threads, cuda_batch=self.settings.max_batch_size)
         model.warm_up()
         return model
 

@@ -16,6 +16,7 @@ import pytest
 from fashion.client import InferenceClient
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
+from services.inference.engine import choose_providers
 from services.inference.imaging import Preprocessor
 from tests.images import encode, fashion_images, png_declaring
 from tests.support import linear_expected
@@ -179,7 +180,7 @@ def test_model_info_and_stats(inference_server) -> None:
         info = client.model_info()
     assert info.name == "linear-test" and len(info.labels) == 10
     assert list(info.input.shape) == [-1, 1, 28, 28] and info.input.layout == "NCHW"
-    assert info.execution_provider == "CPUExecutionProvider"
+    assert info.execution_provider == choose_providers("auto")[0]  # CUDA where onnxruntime-gpu has a GPU
     assert after.total_requests - before.total_requests == 2
     assert after.successful_predictions - before.successful_predictions == 1
     assert after.failed_predictions - before.failed_predictions == 1
