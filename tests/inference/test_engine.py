@@ -37,6 +37,21 @@ def test_session_runs_the_model_and_reports_its_provider(linear_model) -> None:
     model.warm_up()
 
 
+def test_padded_batches_give_each_row_its_own_answer(linear_model) -> None:
+    """On CUDA, batches are padded to a fixed size (cuda_batch); the padding must never reach the
+    caller. The padding itself does not depend on the provider, so it is checked here on the CPU."""
+    folder, wb = linear_model
+    model = engine.OnnxModel(ModelManifest.load(folder), "cpu", intra_op_threads=1, cuda_batch=16)
+    assert model.pad_to == 0  # only CUDA pads
+    model.pad_to = 16
+    rng = np.random.default_rng(1)
+    for n in (1, 7, 16, 20):  # under, at and over the padded size
+        x = rng.normal(size=(n, 1, 28, 28)).astype(np.float32)
+        out = model.run(x)
+        assert out.shape == (n, 10)
+        np.testing.assert_allclose(out, linear_expected(wb, x), rtol=1e-4, atol=1e-6)
+
+
 def test_manifest_errors_name_the_problem(tmp_path) -> None:
     with pytest.raises(ModelFolderError, match=r"no manifest\.json"):
         ModelManifest.load(tmp_path)
