@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -12,14 +13,19 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 VENV = REPO / ".venv-mlserver"
-REQUIREMENTS = ["mlserver==1.7.1", "uvloop<0.22", "onnxruntime==1.32.0"]
+# The peer runs the same ONNX Runtime release as our service, so that the comparison is of the servers.
+REQUIREMENTS = ["mlserver==1.7.1", "uvloop<0.22", f"onnxruntime=={importlib.metadata.version('onnxruntime')}"]
 
 
 def ensure_venv() -> Path:
     python = VENV / "bin" / "python"
+    installed = VENV / "requirements.txt"
+    wanted = "\n".join(REQUIREMENTS)
     if not (VENV / "bin" / "mlserver").exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    if not installed.exists() or installed.read_text() != wanted:
         subprocess.run([str(python), "-m", "pip", "install", "--quiet", *REQUIREMENTS], check=True)
+        installed.write_text(wanted)
     return VENV / "bin" / "mlserver"
 
 
