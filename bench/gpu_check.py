@@ -96,7 +96,6 @@ def main() -> int:
     provider = parser.parse_args().provider
     expected = engine.CUDA if provider == "cuda" else engine.CPU
 
-    engine.preload_cuda_libraries()  # as the engine does before a CUDA session
     report: dict[str, object] = {"onnxruntime": ort.__version__, "available": ort.get_available_providers(),
                                  "auto_prefers": engine.choose_providers("auto")}
     manifest = ModelManifest.load(SHIPPED_MODEL_DIR)

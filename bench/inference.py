@@ -168,14 +168,15 @@ def run(out_dir: Path) -> str:
             lines.append(f"- {mode} c={c}: {ratio:.2f}x MLServer's throughput (goal ≥ 2x), p99 "
                          f"{ours['p99_ms']:.1f} ms vs {peer_r['p99_ms']:.1f} ms (goal: lower)")
     lines.append(f"- Classify p50 at c=1: {results[('classify', 1)]['p50_ms']:.2f} ms (goal < 1.5 ms)")
-    for mode, client in (("batch", ""), ("stream", "Python load generator"), ("native", "C++ load generator")):
+    for mode, label in (("batch", "batch"), ("stream", "stream, Python load generator"),
+                        ("native", "stream, C++ load generator")):
         if mode == "native" and not stream_load:
-            lines.append(f"- stream, C++ load generator: {native_note}")
+            lines.append(f"- {label}: {native_note}")
             continue
         best = max(results[(mode, c)]["images_per_s"] for c in CONCURRENCY)
         bound = f"; transport bound {100 * stream_bound / ceil['images_per_s']:.0f}%" if mode == "stream" else ""
-        lines.append(f"- {'stream' if client else mode}{', ' + client if client else ''}: best {best:,.0f} images/s"
-                     f" = {100 * best / ceil['images_per_s']:.0f}% of the in-process ceiling (goal ≥ 70%){bound}")
+        lines.append(f"- {label}: best {best:,.0f} images/s = {100 * best / ceil['images_per_s']:.0f}% of the "
+                     f"in-process ceiling (goal ≥ 70%){bound}")
     lines.append(f"- photo preprocessing: {ph['plain_us'] / ph['ours_us']:.1f}x faster than a plain full decode "
                  "(goal ≥ 3x)")
     return "\n".join(lines) + "\n"
