@@ -11,10 +11,13 @@ Requests are preprocessed tensors (`submit`, e.g. KServe ModelInfer) or encoded 
 it: one thread hand-off per batch, not two per image (a decoding stage of its own cost 17% of
 Classify calls per second, its hand-offs contending with the event loop for the GIL). The engine
 thread decodes with `prepare` itself, or sends the whole batch to a `decoder` (a DecoderPool of
-helper processes, see decoding.py) and waits for it with the GIL released.
-Two batches may be in flight, one decoding while the other is in the model, whose runs are
-serialized (ONNX Runtime releases the GIL and uses every core for one run); the second only for
-full batches, so that a stream of single images still forms large batches.
+helper processes, see decoding.py) and waits for it with the GIL released; when the decoder
+answers with the model's outputs (helpers that run the model on the CPU), only tensor requests
+run the model here.
+Two batches may be in flight, one decoding while the other is in the model, whose runs in this
+process are serialized (ONNX Runtime releases the GIL and uses every core for one run; helpers
+that run the model have a session each); the second only for full batches, so that a stream of
+single images still forms large batches.
 
 The contract (tested in tests/inference/test_batcher.py): `submit(rows)` resolves with exactly
 `len(rows)` output rows, those computed from `rows`, in order, whatever else shares the batch;
@@ -238,13 +241,24 @@ class DynamicBatcher:
                 decoded = self._decoder(encoded)
             else:
                 decoded = decode_images(self._prepare, encoded)  # type: ignore[arg-type]
-            for took in decoded[2]:
+            for took in decoded.took:
                 metrics.DECODE_DURATION.observe(took)
-        inputs = _assemble(items, decoded, errors)
-        batch = None if not inputs else inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+        if decoded is not None and decoded.compute_s is not None:
+            # The helper ran the model on the images: only tensor requests (KServe) run here, and
+            # each gets its own output rows in its place.
+            decoded_at = max(started, time.perf_counter() - decoded.compute_s)
+            tensors = [item for item in items if isinstance(item, np.ndarray)]
+            if tensors:
+                with self._model_lock:
+                    outputs = self._run_batch(_concat(tensors))
+                rows = iter(np.split(outputs, np.cumsum([len(t) for t in tensors])[:-1]))
+                items = [next(rows) if isinstance(item, np.ndarray) else item for item in items]
+            pieces = _assemble(items, decoded, errors)
+            return _BatchRun(_concat(pieces) if pieces else None, errors, started, decoded_at, time.perf_counter())
+        pieces = _assemble(items, decoded, errors)
         with self._model_lock:  # the other batch in flight may decode meanwhile, not run
             decoded_at = time.perf_counter()
-            outputs = None if batch is None else self._run_batch(batch)
+            outputs = None if not pieces else self._run_batch(_concat(pieces))
         return _BatchRun(outputs, errors, started, decoded_at, time.perf_counter())
 
     async def _wait_for_fuller_batch(self) -> None:
@@ -299,11 +313,16 @@ class DynamicBatcher:
             offset += n
 
 
+def _concat(pieces: list[np.ndarray]) -> np.ndarray:
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
 def _assemble(items: list[np.ndarray | list[bytes]], decoded: Decoded | None,
               errors: list[dict[int, Exception]]) -> list[np.ndarray]:
-    """The model's input pieces in request order: tensors as they came, each request's decoded
-    images in its place; why an image could not be used goes to `errors` (per request, by position)."""
-    tensors, failed = (decoded[0], decoded[1]) if decoded is not None else (None, {})
+    """The pieces in request order: arrays as they came, each request's decoded rows (tensors, or
+    outputs when a helper ran the model) in its place; why an image could not be used goes to
+    `errors` (per request, by position)."""
+    tensors, failed = (decoded.rows, decoded.errors) if decoded is not None else (None, {})
     inputs: list[np.ndarray] = []
     at = row = 0  # position among the encoded images; next unused decoded row
     for i, item in enumerate(items):

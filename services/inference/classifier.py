@@ -20,8 +20,8 @@ from opentelemetry import trace
 from services.common import metrics, tracing
 from services.common.config import InferenceSettings
 from services.inference.batcher import IN_FLIGHT, BatchTiming, DynamicBatcher
-from services.inference.decoding import DecoderPool
-from services.inference.engine import OnnxModel
+from services.inference.decoding import DecoderPool, HelperModel
+from services.inference.engine import CPU, OnnxModel
 from services.inference.imaging import ImageRejected, Preprocessor
 from services.inference.model import ModelManifest
 
@@ -129,7 +129,11 @@ class Classifier:
         if processes < 0:
             processes = IN_FLIGHT if len(os.sched_getaffinity(0)) >= 2 else 0
         if processes:
-            self._decoders = await asyncio.to_thread(DecoderPool, pre, processes)
+            helper_model = None
+            if self.settings.helpers_run_model and model.provider == CPU:
+                threads = max(1, (self.settings.intra_op_threads or os.cpu_count() or 1) // processes)
+                helper_model = HelperModel(manifest, threads)
+            self._decoders = await asyncio.to_thread(DecoderPool, pre, processes, helper_model)
         self._batcher = DynamicBatcher(model.run, prepare=pre, decoder=self._decoders and self._decoders.decode,
                                        max_batch_size=self.settings.max_batch_size,
                                        max_delay_s=self.settings.max_delay_ms / 1000,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from services.inference.batcher import DynamicBatcher, QueueFull
+from services.inference.decoding import Decoded
 
 
 class RecordingModel:
@@ -158,7 +159,7 @@ def _prepare(data: bytes) -> np.ndarray:
 DECODED_BATCHES: list[int] = []
 
 
-def _decoder(images: list[bytes]) -> tuple[np.ndarray | None, dict[int, Exception], list[float]]:
+def _decoder(images: list[bytes]) -> Decoded:
     """A stand-in DecoderPool.decode: the whole batch at once, errors by position."""
     DECODED_BATCHES.append(len(images))
     rows: list[np.ndarray] = []
@@ -168,10 +169,23 @@ def _decoder(images: list[bytes]) -> tuple[np.ndarray | None, dict[int, Exceptio
             rows.append(_prepare(data))
         except ValueError as exc:
             errors[i] = exc
-    return (np.stack(rows) if rows else None), errors, [0.0] * len(images)
+    return Decoded((np.stack(rows) if rows else None), errors, [0.0] * len(images))
 
 
-DECODING = {"prepare": {"prepare": _prepare}, "decoder": {"prepare": _prepare, "decoder": _decoder}}
+INFERRED_ROWS: list[int] = []
+
+
+def _inferring_decoder(images: list[bytes]) -> Decoded:
+    """A stand-in for helpers that run the model: RecordingModel's outputs for the usable images."""
+    decoded = _decoder(images)
+    if decoded.rows is None:
+        return decoded
+    INFERRED_ROWS.append(len(decoded.rows))
+    return decoded._replace(rows=RecordingModel(delay_s=0)(decoded.rows), compute_s=0.001)
+
+
+DECODING = {"prepare": {"prepare": _prepare}, "decoder": {"prepare": _prepare, "decoder": _decoder},
+            "decoder running the model": {"prepare": _prepare, "decoder": _inferring_decoder}}
 
 
 @pytest.mark.parametrize("decoding", DECODING)
@@ -179,6 +193,8 @@ async def test_encoded_images_are_decoded_with_their_batch_and_fail_alone(decodi
     model = RecordingModel()
     batcher = DynamicBatcher(model, **DECODING[decoding], max_batch_size=8)  # type: ignore[arg-type]
     batcher.start()
+    DECODED_BATCHES.clear()
+    INFERRED_ROWS.clear()
     rows = np.ones((3, 4), np.float32)
     mixed = await asyncio.gather(
         batcher.submit(rows),
@@ -204,8 +220,13 @@ async def test_encoded_images_are_decoded_with_their_batch_and_fail_alone(decodi
             assert isinstance(r, ValueError)
     await batcher.stop()
     assert max(model.batches) <= 8
-    if decoding == "decoder":  # batches of several images went to the decoder, lone ones did not
+    if decoding != "prepare":  # batches of several images went to the decoder, lone ones did not
         assert DECODED_BATCHES and min(DECODED_BATCHES) > 1
+    # Every usable row (3 tensor rows, 10 + 2 + 18 images) went through the model exactly once:
+    # here, or in the decoder that runs it.
+    assert sum(model.batches) + sum(INFERRED_ROWS) == 33
+    if decoding == "decoder running the model":
+        assert INFERRED_ROWS and sum(model.batches) < 33
 
 
 @pytest.mark.parametrize("decoding", DECODING)

@@ -16,9 +16,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fashion.client import InferenceClient
+from services.inference.imaging import Preprocessor
 from tests.conftest import start_inference
 from tests.images import encode, fashion_images
-from tests.support import health_status
+from tests.support import health_status, linear_expected
 
 SERVICE = "fashion.v1.InferenceService"
 
@@ -175,3 +176,32 @@ def test_decoding_in_the_service_process_gives_the_same_answers(tmp_path: Path, 
         assert "not an image" in a[-1].error.message and all(r.category for r in a[:-1])
     finally:
         svc.terminate()
+
+
+def test_helpers_running_the_model_answer_exactly_as_the_model(tmp_path: Path, linear_model) -> None:
+    """On the CPU the decoding helpers run the model on large batches: each image still gets the
+    model's own probabilities, in its place, and a bad image fails alone."""
+    model_dir, wb = linear_model
+    svc = start_inference(tmp_path / "run", model_dir, FASHION_DECODE_PROCESSES="2")
+    try:
+        svc.wait_serving()
+        x, _ = fashion_images(40)
+        images = [encode(img) for img in x]
+        bad = {5: b"not an image", 23: b"", 31: encode(x[31])[:50]}
+        sent = [bad.get(i, img) for i, img in enumerate(images)]
+        pre = Preprocessor(28, 28, mean=(0.5,), std=(0.5,))
+        want = linear_expected(wb, np.stack([pre(img) for img in images]))
+        with InferenceClient(svc.address) as client:
+            results = client.classify_batch(sent, top_k=10).results
+        assert len(results) == 40
+        for i, r in enumerate(results):
+            if i in bad:
+                assert r.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and not r.category
+                continue
+            probs = np.zeros(10)
+            for c in r.top_k:
+                probs[c.index] = c.confidence
+            np.testing.assert_allclose(probs, want[i], rtol=1e-4, atol=1e-6)
+    finally:
+        svc.terminate()
+    assert "and running the model" in (tmp_path / "run" / "logs" / "api.log").read_text()
