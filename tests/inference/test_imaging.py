@@ -60,6 +60,48 @@ def test_draft_decoding_matches_full_decoding() -> None:
     assert np.mean(diffs) < 15, diffs
 
 
+def _pillow_draft_only(p: Preprocessor) -> Preprocessor:
+    """`p` with every JPEG decoded by Pillow's draft (the simplejpeg fast path turned off)."""
+    object.__setattr__(p, "_jpeg_scaled", lambda img, data: None)
+    return p
+
+
+def _jpeg(pixels: np.ndarray, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("color_mode", ["L", "RGB"])
+def test_the_fast_jpeg_path_gives_the_same_tensors_as_pillows_draft(color_mode: str) -> None:
+    """simplejpeg decodes upright YCbCr and grayscale JPEGs at the scale Pillow's draft would choose:
+    same pixels. Sizes where the two libraries' own scale rules differ (217 px: Pillow takes 1/4,
+    a smallest-size-above rule 1/8) are included."""
+    x, _ = fashion_images(12)
+    rng = np.random.default_rng(5)
+    fast = Preprocessor(28, 28, color_mode=color_mode)
+    pillow = _pillow_draft_only(Preprocessor(28, 28, color_mode=color_mode))
+    photos = [fashion_mnist.render_product_photo(img, rng) for img in x]
+    big = np.kron(255 - x[0], np.ones((9, 9), np.uint8))  # 252 px, grayscale
+    photos += [_jpeg(big), _jpeg(big[:217, :241]), _jpeg(np.dstack([big] * 3), progressive=True),
+               _jpeg(np.dstack([big] * 3), subsampling=0, quality=70)]
+    for photo in photos:
+        assert fast._jpeg_scaled(Image.open(io.BytesIO(photo)), photo) is not None, "the fast path was taken"
+        np.testing.assert_array_equal(fast(photo), pillow(photo))
+
+
+def test_jpegs_the_fast_path_does_not_take_still_decode() -> None:
+    """CMYK JPEGs and EXIF-rotated ones go through Pillow, with the same result as before."""
+    x, _ = fashion_images(1)
+    big = np.kron(255 - x[0], np.ones((9, 9), np.uint8))
+    cmyk = io.BytesIO()
+    Image.fromarray(big).convert("CMYK").save(cmyk, format="JPEG")
+    assert pre._jpeg_scaled(Image.open(cmyk), cmyk.getvalue()) is None
+    out = pre.to_model_pixels(cmyk.getvalue())
+    np.testing.assert_array_equal(out, _pillow_draft_only(Preprocessor(28, 28)).to_model_pixels(cmyk.getvalue()))
+    assert out.shape == (28, 28) and out.max() > 200
+
+
 def test_exif_orientation_is_applied() -> None:
     # A tall white bar on black; stored rotated with EXIF orientation 6 (rotate 90 CW to view).
     pixels = np.zeros((28, 28), np.uint8)
