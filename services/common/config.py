@@ -103,7 +103,7 @@ class InferenceSettings(CommonSettings):
     helpers_run_model: bool = True
     """On the CPU, the decoding helpers also run the model on batches of 16 images or more (a
     session each, the intra-op threads shared out between them), so that those batches never come
-    back into the service process and two run at once (measured on 2 cores: ClassifyBatch +24%,
+    back into the service process and two run at once (measured on 2 cores: ClassifyBatch +20-24%,
     ClassifyStream +15-17%). Tensor requests (KServe ModelInfer) and smaller batches run in the
     service process either way; on CUDA the helpers only decode."""
     execution_provider: Literal["auto", "cuda", "cpu"] = "auto"

@@ -14,7 +14,7 @@ answers a large batch with the model's outputs instead of the tensors: the batch
 into the service process, two batches run the model at once (one per helper, each on its share
 of the cores) instead of one after the other, and the engine thread's work per batch (unpickling
 tensors, concatenating, the session call) leaves the service's GIL as well. Measured A/B on 2
-cores (medians of 3-4 runs each): ClassifyBatch +24%, ClassifyStream +15-17%, Classify at
+cores (medians of 2-4 runs each): ClassifyBatch +20-24%, ClassifyStream +15-17%, Classify at
 concurrency 64 +3%, at concurrency 16 unchanged.
 
 A helper that dies (a decoder crash on a hostile file, an OOM kill) is restarted and the batch
