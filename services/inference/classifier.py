@@ -131,8 +131,7 @@ class Classifier:
         if processes:
             helper_model = None
             if self.settings.helpers_run_model and model.provider == CPU:
-                threads = max(1, (self.settings.intra_op_threads or os.cpu_count() or 1) // processes)
-                helper_model = HelperModel(manifest, threads)
+                helper_model = HelperModel(manifest, max(1, model.intra_op_threads // processes))
             self._decoders = await asyncio.to_thread(DecoderPool, pre, processes, helper_model)
         self._batcher = DynamicBatcher(model.run, prepare=pre, decoder=self._decoders and self._decoders.decode,
                                        max_batch_size=self.settings.max_batch_size,

@@ -73,6 +73,7 @@ class OnnxModel:
         path = manifest.model_path_for(providers[0])
         self.session = ort.InferenceSession(str(path), options, providers=[_with_options(p) for p in providers])
         self.provider = self.session.get_providers()[0]
+        self.intra_op_threads = options.intra_op_num_threads
         if execution_provider == "cuda" and self.provider != CUDA:
             # ONNX Runtime falls back to the CPU when the CUDA provider cannot load (its log says why).
             raise RuntimeError("execution_provider=cuda but ONNX Runtime could not start its CUDA provider "

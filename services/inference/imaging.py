@@ -135,7 +135,7 @@ class Preprocessor:
                     return Image.fromarray(scaled), scaled
                 # DCT scaling to the smallest size still >= draft_factor x the model input: enough
                 # detail for the crop-and-fit below, at a fraction of a full decode.
-                img.draft(self.color_mode, (self.width * self.draft_factor, self.height * self.draft_factor))
+                img.draft(self.color_mode, self._draft_size)
             img.load()
             img = self._upright(img)
             img = self._to_color_mode(img)
@@ -153,11 +153,16 @@ class Preprocessor:
                 or img.getexif().get(_EXIF_ORIENTATION, 1) != 1 \
                 or simplejpeg.decode_jpeg_header(data)[2] not in ("YCbCr", "Gray"):
             return None
-        (w, h), (tw, th) = img.size, (self.width * self.draft_factor, self.height * self.draft_factor)
+        (w, h), (tw, th) = img.size, self._draft_size
         scale = next(s for s in (8, 4, 2, 1) if min(w // tw, h // th) >= s or s == 1)  # Pillow's draft rule
         pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if self.color_mode == "L" else "RGB",
                                         min_width=-(-w // scale), min_height=-(-h // scale))
         return pixels[:, :, 0] if self.color_mode == "L" else pixels
+
+    @property
+    def _draft_size(self) -> tuple[int, int]:
+        """The smallest size a reduced-scale JPEG decode may produce: draft_factor x the model input."""
+        return self.width * self.draft_factor, self.height * self.draft_factor
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 pixels (HxW or HxWxC) -> float32 tensor in the model's layout and normalization."""
