@@ -7,17 +7,17 @@ max_delay 0 a lone request runs at once, and batches form from whatever arrived 
 previous batch was computing.
 
 Requests are preprocessed tensors (`submit`, e.g. KServe ModelInfer) or encoded images
-(`submit_encoded`); an engine thread decodes the images of a batch and runs the model on all of
-it: one thread hand-off per batch, not two per image (a decoding stage of its own cost 17% of
-Classify calls per second, its hand-offs contending with the event loop for the GIL). The engine
-thread decodes with `prepare` itself, or sends the whole batch to a `decoder` (a DecoderPool of
-helper processes, see decoding.py) and waits for it with the GIL released; when the decoder
-answers with the model's outputs (helpers that run the model on the CPU), only tensor requests
-run the model here.
-Two batches may be in flight, one decoding while the other is in the model, whose runs in this
-process are serialized (ONNX Runtime releases the GIL and uses every core for one run; helpers
-that run the model have a session each); the second only for full batches, so that a stream of
-single images still forms large batches.
+(`submit_encoded`). Where the `helpers` (a DecoderPool, see decoding.py) run the model, the CPU
+default, a batch goes to them whole from the event loop and comes back as the model's outputs:
+no thread of this process takes part. Otherwise an engine thread runs the model here, one
+thread hand-off per batch, not two per image (a decoding stage of its own cost 17% of Classify
+calls per second, its hand-offs contending with the event loop for the GIL); the batch's images
+were decoded by helpers that only decode, or, for a lone image or without helpers, by the
+engine thread itself with `prepare`.
+Two batches may be in flight, one decoding while the other is in the model (with helpers that
+run it, one in each helper); runs of this process's model are serialized (ONNX Runtime releases
+the GIL and uses every core for one run). The second batch only starts when full, so that a
+stream of single images still forms large batches.
 
 The contract (tested in tests/inference/test_batcher.py): `submit(rows)` resolves with exactly
 `len(rows)` output rows, those computed from `rows`, in order, whatever else shares the batch;
@@ -35,16 +35,34 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from services.common import metrics
-from services.inference.decoding import Decoded, decode_images
+from services.inference.decoding import (
+    Decoded,
+    Item,
+    concat,
+    decode_images,
+    encoded_images,
+    model_inputs,
+    request_errors,
+)
 
 log = logging.getLogger(__name__)
 IN_FLIGHT = 2  # batches being decoded or run at once
 
 Result = tuple[np.ndarray, "BatchTiming"]
+
+
+class Helpers(Protocol):
+    """What the batcher needs of a DecoderPool."""
+
+    @property
+    def runs_model(self) -> bool: ...
+
+    async def run(self, items: Sequence[Item]) -> Decoded: ...
 
 
 class QueueFull(RuntimeError):
@@ -70,7 +88,7 @@ class BatchTiming:
 class _Pending:
     __slots__ = ("data", "future", "queued_at", "rows")
 
-    def __init__(self, data: np.ndarray | list[bytes], future: asyncio.Future[_Outcome]) -> None:
+    def __init__(self, data: Item, future: asyncio.Future[_Outcome]) -> None:
         self.data = data  # preprocessed rows, or encoded images
         self.rows = len(data)
         self.future = future
@@ -103,15 +121,16 @@ class DynamicBatcher:
 
     def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *,
                  prepare: Callable[[bytes], np.ndarray] | None = None,
-                 decoder: Callable[[Sequence[bytes]], Decoded] | None = None, max_batch_size: int = 64,
+                 helpers: Helpers | None = None, max_batch_size: int = 64,
                  max_delay_s: float = 0.0, max_queue_size: int = 4096, executor: Executor | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
-        if decoder is not None and prepare is None:
-            raise ValueError("a batcher with a decoder needs prepare too: lone images are decoded on the engine thread")
+        if helpers is not None and not helpers.runs_model and prepare is None:
+            raise ValueError("a batcher with decoding helpers needs prepare too: lone images are decoded "
+                             "on the engine thread")
         self._run_batch = run_batch
         self._prepare = prepare
-        self._decoder = decoder
+        self._helpers = helpers
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
@@ -153,8 +172,8 @@ class DynamicBatcher:
 
     async def submit_encoded(self, image: bytes) -> Result:
         """One encoded image: its output row (1, classes), or the error `prepare` raised for it."""
-        if self._prepare is None:
-            raise TypeError("this batcher has no prepare function for encoded images")
+        if self._prepare is None and self._helpers is None:
+            raise TypeError("this batcher can not decode images: it has no prepare function nor helpers")
         self._admit(1)  # the per-request hot path of Classify: no chunking, no gather
         outcome = await self._enqueue([image])
         if outcome.errors:
@@ -163,8 +182,8 @@ class DynamicBatcher:
 
     async def submit_encoded_many(self, images: Sequence[bytes]) -> tuple[list[np.ndarray | Exception], BatchTiming]:
         """Many encoded images: per image its output row (1, classes) or its error, in order."""
-        if self._prepare is None:
-            raise TypeError("this batcher has no prepare function for encoded images")
+        if self._prepare is None and self._helpers is None:
+            raise TypeError("this batcher can not decode images: it has no prepare function nor helpers")
         if not images:
             raise ValueError("nothing to infer: 0 images")
         outcomes = await self._submit_chunks(list(images))
@@ -175,7 +194,7 @@ class DynamicBatcher:
             results.extend(o.errors[j] if j in o.errors else next(rows)[None] for j in range(size))
         return results, _merged_timing(outcomes)
 
-    async def _submit_chunks(self, data: np.ndarray | list[bytes]) -> list[_Outcome]:
+    async def _submit_chunks(self, data: Item) -> list[_Outcome]:
         """Queue `data` in pieces of at most max_batch_size; their outcomes, in order."""
         self._admit(len(data))
         step = self.max_batch_size
@@ -191,7 +210,7 @@ class DynamicBatcher:
             raise QueueFull(f"server overloaded: {self._queued_rows} images already waiting "
                             f"(max_queue_size {self.max_queue_size})")
 
-    def _enqueue(self, data: np.ndarray | list[bytes]) -> asyncio.Future[_Outcome]:
+    def _enqueue(self, data: Item) -> asyncio.Future[_Outcome]:
         future: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
         pending = _Pending(data, future)
         self._queue.append(pending)
@@ -217,8 +236,18 @@ class DynamicBatcher:
             batch = self._take_batch()
             if not batch:
                 continue
+            items = [p.data for p in batch]
             try:
-                run = await loop.run_in_executor(self._executor, self._run, [p.data for p in batch])
+                if self._helpers is not None and self._helpers.runs_model:
+                    run = await self._run_in_helper(items)
+                else:
+                    started = time.perf_counter()
+                    decoded = None
+                    if self._helpers is not None and len(encoded := encoded_images(items)) > 1:
+                        # A lone image is decoded on the engine thread: the round trip to a helper
+                        # costs more than the GIL contention it saves when nothing else is waiting.
+                        decoded = _observed(await self._helpers.run([encoded]))
+                    run = await loop.run_in_executor(self._executor, self._run, items, decoded, started)
             except Exception as exc:  # the whole batch failed: every caller in it gets the error
                 log.exception("Batch of %d requests failed", len(batch))
                 for p in batch:
@@ -227,38 +256,26 @@ class DynamicBatcher:
                 continue
             self._deliver(batch, run)
 
-    def _run(self, items: list[np.ndarray | list[bytes]]) -> _BatchRun:
-        """On an engine thread: decode the batch's images, then one model run over every row."""
+    async def _run_in_helper(self, items: list[Item]) -> _BatchRun:
+        """The whole batch through a helper that decodes its images and runs the model."""
+        assert self._helpers is not None
         started = time.perf_counter()
-        errors: list[dict[int, Exception]] = [{} for _ in items]
-        encoded = [image for item in items if not isinstance(item, np.ndarray) for image in item]
-        decoded: Decoded | None = None
-        if encoded:
-            # A lone image is decoded here: the round trip to a helper costs more than the GIL
-            # contention it saves when nothing else is waiting (Classify at concurrency 1: p50
-            # 1.06 ms here, 1.20 ms through a helper).
-            if self._decoder is not None and len(encoded) > 1:
-                decoded = self._decoder(encoded)
-            else:
-                decoded = decode_images(self._prepare, encoded)  # type: ignore[arg-type]
-            for took in decoded.took:
-                metrics.DECODE_DURATION.observe(took)
-        if decoded is not None and decoded.compute_s is not None:
-            # The helper ran the model on the images: only tensor requests (KServe) run here, and
-            # each gets its own output rows in its place.
-            decoded_at = max(started, time.perf_counter() - decoded.compute_s)
-            tensors = [item for item in items if isinstance(item, np.ndarray)]
-            if tensors:
-                with self._model_lock:
-                    outputs = self._run_batch(_concat(tensors))
-                rows = iter(np.split(outputs, np.cumsum([len(t) for t in tensors])[:-1]))
-                items = [next(rows) if isinstance(item, np.ndarray) else item for item in items]
-            pieces = _assemble(items, decoded, errors)
-            return _BatchRun(_concat(pieces) if pieces else None, errors, started, decoded_at, time.perf_counter())
-        pieces = _assemble(items, decoded, errors)
+        decoded = _observed(await self._helpers.run(items))
+        finished = time.perf_counter()
+        decoded_at = max(started, finished - (decoded.compute_s or 0.0))
+        return _BatchRun(decoded.rows, request_errors(items, decoded.errors), started, decoded_at, finished)
+
+    def _run(self, items: list[Item], decoded: Decoded | None, started: float) -> _BatchRun:
+        """On an engine thread: decode the batch's images unless `decoded` already, then one model
+        run over every row."""
+        if decoded is None and (encoded := encoded_images(items)):
+            assert self._prepare is not None
+            decoded = _observed(decode_images(self._prepare, encoded))
+        errors = request_errors(items, decoded.errors if decoded is not None else {})
+        pieces = model_inputs(items, decoded.rows if decoded is not None else None, errors)
         with self._model_lock:  # the other batch in flight may decode meanwhile, not run
             decoded_at = time.perf_counter()
-            outputs = None if not pieces else self._run_batch(_concat(pieces))
+            outputs = None if not pieces else self._run_batch(concat(pieces))
         return _BatchRun(outputs, errors, started, decoded_at, time.perf_counter())
 
     async def _wait_for_fuller_batch(self) -> None:
@@ -313,34 +330,10 @@ class DynamicBatcher:
             offset += n
 
 
-def _concat(pieces: list[np.ndarray]) -> np.ndarray:
-    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-
-
-def _assemble(items: list[np.ndarray | list[bytes]], decoded: Decoded | None,
-              errors: list[dict[int, Exception]]) -> list[np.ndarray]:
-    """The pieces in request order: arrays as they came, each request's decoded rows (tensors, or
-    outputs when a helper ran the model) in its place; why an image could not be used goes to
-    `errors` (per request, by position)."""
-    tensors, failed = (decoded.rows, decoded.errors) if decoded is not None else (None, {})
-    inputs: list[np.ndarray] = []
-    at = row = 0  # position among the encoded images; next unused decoded row
-    for i, item in enumerate(items):
-        if isinstance(item, np.ndarray):
-            inputs.append(item)
-            continue
-        usable = 0
-        for j in range(len(item)):
-            if at + j in failed:
-                errors[i][j] = failed[at + j]
-            else:
-                usable += 1
-        if usable:
-            assert tensors is not None
-            inputs.append(tensors[row: row + usable])
-            row += usable
-        at += len(item)
-    return inputs
+def _observed(decoded: Decoded) -> Decoded:
+    for took in decoded.took:
+        metrics.DECODE_DURATION.observe(took)
+    return decoded
 
 
 def _merged_timing(outcomes: list[_Outcome]) -> BatchTiming:

@@ -132,8 +132,8 @@ class Classifier:
             helper_model = None
             if self.settings.helpers_run_model and model.provider == CPU:
                 helper_model = HelperModel(manifest, max(1, model.intra_op_threads // processes))
-            self._decoders = await asyncio.to_thread(DecoderPool, pre, processes, helper_model)
-        self._batcher = DynamicBatcher(model.run, prepare=pre, decoder=self._decoders and self._decoders.decode,
+            self._decoders = await DecoderPool.open(pre, processes, helper_model)
+        self._batcher = DynamicBatcher(model.run, prepare=pre, helpers=self._decoders,
                                        max_batch_size=self.settings.max_batch_size,
                                        max_delay_s=self.settings.max_delay_ms / 1000,
                                        max_queue_size=self.settings.max_queue_size)
@@ -153,7 +153,7 @@ class Classifier:
             await batcher.stop()
         if self._decoders is not None:
             decoders, self._decoders = self._decoders, None
-            await asyncio.to_thread(decoders.close)
+            await decoders.close()
         if self.manifest is not None:
             metrics.MODEL_LOADED.labels(self.manifest.name).set(0)
 

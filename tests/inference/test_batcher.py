@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 
 from services.inference.batcher import DynamicBatcher, QueueFull
-from services.inference.decoding import Decoded
+from services.inference.decoding import (
+    Decoded,
+    Item,
+    concat,
+    decode_images,
+    encoded_images,
+    model_inputs,
+    request_errors,
+)
 
 
 class RecordingModel:
@@ -148,53 +156,56 @@ async def test_cancelled_caller_does_not_disturb_others() -> None:
     await batcher.stop()
 
 
-def _prepare(data: bytes) -> np.ndarray:
+def _row(data: bytes) -> np.ndarray:
     """A stand-in decoder: b"<n>" -> a row of n's; anything else is unusable."""
     if not data.isdigit():
         raise ValueError(f"not a number: {data!r}")
-    assert threading.current_thread().name.startswith("onnx"), "images are decoded on the engine thread"
     return np.full((4,), float(data), np.float32)
 
 
-DECODED_BATCHES: list[int] = []
+def _prepare(data: bytes) -> np.ndarray:
+    assert threading.current_thread().name.startswith("onnx"), "images are decoded on the engine thread"
+    return _row(data)
 
 
-def _decoder(images: list[bytes]) -> Decoded:
-    """A stand-in DecoderPool.decode: the whole batch at once, errors by position."""
-    DECODED_BATCHES.append(len(images))
-    rows: list[np.ndarray] = []
-    errors: dict[int, Exception] = {}
-    for i, data in enumerate(images):
-        try:
-            rows.append(_prepare(data))
-        except ValueError as exc:
-            errors[i] = exc
-    return Decoded((np.stack(rows) if rows else None), errors, [0.0] * len(images))
+class StandInHelpers:
+    """A stand-in DecoderPool: decodes the whole batch at once, errors by position, and, when it
+    `runs_model`, answers with RecordingModel's outputs for every usable row in request order."""
+
+    def __init__(self, runs_model: bool) -> None:
+        self.runs_model = runs_model
+        self.batches: list[int] = []  # encoded images per batch
+        self.inferred: list[int] = []  # rows per model run
+
+    async def run(self, items: list[Item]) -> Decoded:
+        encoded = encoded_images(items)
+        assert self.runs_model or len(encoded) == sum(len(i) for i in items), "tensors only go to a model"
+        self.batches.append(len(encoded))
+        decoded = decode_images(_row, encoded)
+        if not self.runs_model:
+            return decoded
+        pieces = model_inputs(items, decoded.rows, request_errors(items, decoded.errors))
+        if not pieces:
+            return decoded
+        self.inferred.append(sum(len(p) for p in pieces))
+        return decoded._replace(rows=RecordingModel(delay_s=0)(concat(pieces)), compute_s=0.001)
 
 
-INFERRED_ROWS: list[int] = []
+DECODING = ("prepare", "decoding helpers", "helpers running the model")
 
 
-def _inferring_decoder(images: list[bytes]) -> Decoded:
-    """A stand-in for helpers that run the model: RecordingModel's outputs for the usable images."""
-    decoded = _decoder(images)
-    if decoded.rows is None:
-        return decoded
-    INFERRED_ROWS.append(len(decoded.rows))
-    return decoded._replace(rows=RecordingModel(delay_s=0)(decoded.rows), compute_s=0.001)
-
-
-DECODING = {"prepare": {"prepare": _prepare}, "decoder": {"prepare": _prepare, "decoder": _decoder},
-            "decoder running the model": {"prepare": _prepare, "decoder": _inferring_decoder}}
+def decoding_kwargs(decoding: str) -> dict[str, object]:
+    if decoding == "prepare":
+        return {"prepare": _prepare}
+    return {"prepare": _prepare, "helpers": StandInHelpers(runs_model=decoding == "helpers running the model")}
 
 
 @pytest.mark.parametrize("decoding", DECODING)
 async def test_encoded_images_are_decoded_with_their_batch_and_fail_alone(decoding: str) -> None:
     model = RecordingModel()
-    batcher = DynamicBatcher(model, **DECODING[decoding], max_batch_size=8)  # type: ignore[arg-type]
+    kwargs = decoding_kwargs(decoding)
+    batcher = DynamicBatcher(model, **kwargs, max_batch_size=8)  # type: ignore[arg-type]
     batcher.start()
-    DECODED_BATCHES.clear()
-    INFERRED_ROWS.clear()
     rows = np.ones((3, 4), np.float32)
     mixed = await asyncio.gather(
         batcher.submit(rows),
@@ -219,22 +230,26 @@ async def test_encoded_images_are_decoded_with_their_batch_and_fail_alone(decodi
         else:
             assert isinstance(r, ValueError)
     await batcher.stop()
-    assert max(model.batches) <= 8
-    if decoding != "prepare":  # batches of several images went to the decoder, lone ones did not
-        assert DECODED_BATCHES and min(DECODED_BATCHES) > 1
-    # Every usable row (3 tensor rows, 10 + 2 + 18 images) went through the model exactly once:
-    # here, or in the decoder that runs it.
-    assert sum(model.batches) + sum(INFERRED_ROWS) == 33
-    if decoding == "decoder running the model":
-        assert INFERRED_ROWS and sum(model.batches) < 33
+    helpers = kwargs.get("helpers")
+    inferred = helpers.inferred if isinstance(helpers, StandInHelpers) else []
+    assert max(model.batches + inferred) <= 8
+    # Every usable row (3 tensor rows, 10 + 2 + 18 images) went through a model exactly once:
+    # here, or in the helpers that run it.
+    assert sum(model.batches) + sum(inferred) == 33
+    if decoding == "decoding helpers":  # batches of several images went to the helpers, lone ones did not
+        assert isinstance(helpers, StandInHelpers) and helpers.batches and min(helpers.batches) > 1
+    if decoding == "helpers running the model":  # everything did, tensors included: no model run here
+        assert model.batches == [] and inferred
 
 
 @pytest.mark.parametrize("decoding", DECODING)
 async def test_a_batch_of_only_bad_images_runs_no_model(decoding: str) -> None:
     model = RecordingModel()
-    batcher = DynamicBatcher(model, **DECODING[decoding], max_batch_size=8)  # type: ignore[arg-type]
+    kwargs = decoding_kwargs(decoding)
+    batcher = DynamicBatcher(model, **kwargs, max_batch_size=8)  # type: ignore[arg-type]
     batcher.start()
     outcomes, _ = await batcher.submit_encoded_many([b"a", b"b"])
     assert all(isinstance(o, ValueError) for o in outcomes)
-    assert model.batches == []
+    helpers = kwargs.get("helpers")
+    assert model.batches == [] and not (isinstance(helpers, StandInHelpers) and helpers.inferred)
     await batcher.stop()

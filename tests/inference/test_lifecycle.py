@@ -179,7 +179,7 @@ def test_decoding_in_the_service_process_gives_the_same_answers(tmp_path: Path, 
 
 
 def test_helpers_running_the_model_answer_exactly_as_the_model(tmp_path: Path, linear_model) -> None:
-    """On the CPU the decoding helpers run the model on large batches: each image still gets the
+    """On the CPU the decoding helpers run the model on every batch: each image still gets the
     model's own probabilities, in its place, and a bad image fails alone."""
     model_dir, wb = linear_model
     svc = start_inference(tmp_path / "run", model_dir, FASHION_DECODE_PROCESSES="2")
