@@ -132,7 +132,7 @@ class Classifier:
             helper_model = None
             if self.settings.helpers_run_model and model.provider == CPU:
                 helper_model = HelperModel(manifest, max(1, model.intra_op_threads // processes))
-            self._decoders = await DecoderPool.open(pre, processes, helper_model)
+            self._decoders = await DecoderPool.open(pre, processes, helper_model, nice=self.settings.helper_nice)
         self._batcher = DynamicBatcher(model.run, prepare=pre, helpers=self._decoders,
                                        max_batch_size=self.settings.max_batch_size,
                                        max_delay_s=self.settings.max_delay_ms / 1000,

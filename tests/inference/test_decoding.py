@@ -44,11 +44,15 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 async def pool() -> AsyncIterator[DecoderPool]:
-    p = await DecoderPool.open(CrashingPreprocessor(width=28, height=28), 2)
+    p = await DecoderPool.open(CrashingPreprocessor(width=28, height=28), 2, nice=3)
     try:
         yield p
     finally:
         await p.close()
+
+
+def niceness(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
 
 
 async def wait_dead(pids: list[int]) -> None:
@@ -90,6 +94,7 @@ async def test_a_killed_helper_is_replaced_and_the_batch_still_answered(pool: De
     tensors, failed, *_ = await pool.run([images])
     assert not failed and tensors is not None and len(tensors) == 8
     assert set(pool.pids) - set(before), "a new helper took the dead one's place"
+    assert [niceness(p) for p in pool.pids] == [min(19, niceness(os.getpid()) + 3)] * 2, "at the pool's priority"
 
 
 async def test_an_image_that_crashes_the_decoder_fails_and_the_pool_goes_on(pool: DecoderPool) -> None:
