@@ -253,3 +253,50 @@ async def test_a_batch_of_only_bad_images_runs_no_model(decoding: str) -> None:
     helpers = kwargs.get("helpers")
     assert model.batches == [] and not (isinstance(helpers, StandInHelpers) and helpers.inferred)
     await batcher.stop()
+
+
+class GatedHelpers(StandInHelpers):
+    """Helpers running the model whose batches wait for `gate`: counts the batches in them at once."""
+
+    def __init__(self) -> None:
+        super().__init__(runs_model=True)
+        self.gate = asyncio.Event()
+        self.running = 0
+
+    async def run(self, items: list[Item]) -> Decoded:
+        self.running += 1
+        try:
+            await self.gate.wait()
+            return await super().run(items)
+        finally:
+            self.running -= 1
+
+
+async def test_batches_run_by_helpers_start_beside_each_other() -> None:
+    helpers = GatedHelpers()
+    batcher = DynamicBatcher(RecordingModel(), prepare=_prepare, helpers=helpers, max_batch_size=8)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit_encoded(b"1"))
+    await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(batcher.submit_encoded(b"2"))
+    await asyncio.sleep(0.01)
+    assert helpers.running == 2, "a lone image does not wait for a batch in the other helper"
+    helpers.gate.set()
+    assert (await first)[0][0, 0] == 4 and (await second)[0][0, 0] == 8
+    await batcher.stop()
+
+
+async def test_batches_sharing_the_model_here_wait_to_form_a_fuller_batch() -> None:
+    model = RecordingModel(delay_s=0.05)
+    batcher = DynamicBatcher(model, prepare=_prepare, max_batch_size=8)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit_encoded(b"1"))
+    await asyncio.sleep(0.01)
+    rest = []
+    for i in range(2, 5):  # one by one while the first runs
+        rest.append(asyncio.ensure_future(batcher.submit_encoded(str(i).encode())))
+        await asyncio.sleep(0.01)
+    outs = [await f for f in (first, *rest)]
+    assert [o[0][0, 0] for o in outs] == [4, 8, 12, 16]
+    assert model.batches == [1, 3], "the three that came while the first ran formed one batch"
+    await batcher.stop()

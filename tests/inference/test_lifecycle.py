@@ -160,22 +160,31 @@ def test_logs_are_written_and_rotated(tmp_path: Path, linear_model) -> None:
     assert "status=INVALID_ARGUMENT" in (logs / "api_errors.log").read_text()
 
 
-def test_decoding_in_the_service_process_gives_the_same_answers(tmp_path: Path, linear_model,
-                                                                inference_server) -> None:
-    """FASHION_DECODE_PROCESSES=0 (the default on one core): no helpers, the same results."""
-    svc = start_inference(tmp_path / "run", linear_model[0], FASHION_DECODE_PROCESSES="0")
+@pytest.mark.parametrize("setting", [
+    # the default on one core: no helpers, the engine thread decodes and runs the model
+    {"FASHION_DECODE_PROCESSES": "0"},
+    # what CUDA runs: helpers that only decode, the model in the service process
+    {"FASHION_DECODE_PROCESSES": "2", "FASHION_HELPERS_RUN_MODEL": "false"},
+], ids=["no helpers", "helpers only decode"])
+def test_other_decoding_settings_give_the_same_answers(tmp_path: Path, linear_model, inference_server,
+                                                       setting: dict[str, str]) -> None:
+    svc = start_inference(tmp_path / "run", linear_model[0], **setting)
     try:
         svc.wait_serving()
-        assert children(svc.proc.pid) == []
+        assert len(children(svc.proc.pid)) == int(setting["FASHION_DECODE_PROCESSES"])
         x, _ = fashion_images(16)
         images = [encode(img) for img in x] + [b"not an image"]
         with InferenceClient(svc.address) as here, InferenceClient(inference_server.address) as pooled:
             a, b = here.classify_batch(images).results, pooled.classify_batch(images).results
+            lone = here.classify(images[3])
         assert [(r.category, round(r.confidence, 5), r.error.message) for r in a] == \
                [(r.category, round(r.confidence, 5), r.error.message) for r in b]
         assert "not an image" in a[-1].error.message and all(r.category for r in a[:-1])
+        assert (lone.category, round(lone.confidence, 5)) == (a[3].category, round(a[3].confidence, 5))
     finally:
         svc.terminate()
+    log = (tmp_path / "run" / "logs" / "api.log").read_text()
+    assert "running the model" not in log
 
 
 def test_helpers_running_the_model_answer_exactly_as_the_model(tmp_path: Path, linear_model) -> None:
