@@ -11,16 +11,9 @@ import time
 import numpy as np
 import pytest
 
+from services.inference import decoding as dec
 from services.inference.batcher import DynamicBatcher, QueueFull
-from services.inference.decoding import (
-    Decoded,
-    Item,
-    concat,
-    decode_images,
-    encoded_images,
-    model_inputs,
-    request_errors,
-)
+from services.inference.decoding import Decoded, Item
 
 
 class RecordingModel:
@@ -178,17 +171,17 @@ class StandInHelpers:
         self.inferred: list[int] = []  # rows per model run
 
     async def run(self, items: list[Item]) -> Decoded:
-        encoded = encoded_images(items)
+        encoded = dec.encoded_images(items)
         assert self.runs_model or len(encoded) == sum(len(i) for i in items), "tensors only go to a model"
         self.batches.append(len(encoded))
-        decoded = decode_images(_row, encoded)
+        decoded = dec.decode_images(_row, encoded)
         if not self.runs_model:
             return decoded
-        pieces = model_inputs(items, decoded.rows, request_errors(items, decoded.errors))
+        pieces = dec.model_inputs(items, decoded.rows, dec.request_errors(items, decoded.errors))
         if not pieces:
             return decoded
         self.inferred.append(sum(len(p) for p in pieces))
-        return decoded._replace(rows=RecordingModel(delay_s=0)(concat(pieces)), compute_s=0.001)
+        return decoded._replace(rows=RecordingModel(delay_s=0)(dec.concat(pieces)), compute_s=0.001)
 
 
 DECODING = ("prepare", "decoding helpers", "helpers running the model")
