@@ -104,7 +104,7 @@ class InferenceSettings(CommonSettings):
     """On the CPU, the decoding helpers also run the model (a session each, the intra-op threads
     shared out between them): every batch, KServe tensors included, goes from the event loop to a
     helper and comes back as probabilities, and two batches run at once (measured on 2 cores
-    against the service's own session: Classify +13% at concurrency 16, ClassifyBatch +7%). On
+    against the service's own session: Classify +13% at concurrency 16, ClassifyBatch +5%). On
     CUDA the helpers only decode and the model runs in the service process."""
     helper_nice: int = Field(default=10, ge=0, le=19)
     """How far below the service's CPU priority the helpers run (an `os.nice` increment). The event

@@ -141,8 +141,9 @@ class DynamicBatcher:
         self._model_lock = threading.Lock()
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_rows = 0
-        # Batches run in separate helpers may start beside each other whatever their size.
-        self._parallel = helpers is not None and helpers.runs_model
+        # Whole batches go to helpers that run the model; such batches may start beside each other
+        # whatever their size.
+        self._in_helpers = helpers is not None and helpers.runs_model
         self._wakeups = [asyncio.Event() for _ in range(IN_FLIGHT)]  # one per worker
         self._sleeping = [False] * IN_FLIGHT
         self._tasks: list[asyncio.Task[None]] = []
@@ -236,7 +237,7 @@ class DynamicBatcher:
         process's model, the second worker only takes full batches: while the first is busy,
         small requests gather into the next batch instead of being split between two smaller runs
         that take turns anyway."""
-        return bool(self._queue) and (worker == 0 or self._parallel or self._queued_rows >= self.max_batch_size)
+        return bool(self._queue) and (worker == 0 or self._in_helpers or self._queued_rows >= self.max_batch_size)
 
     async def _sleep(self, worker: int) -> None:
         """Until `_enqueue` or `stop` wakes this worker."""
@@ -263,7 +264,7 @@ class DynamicBatcher:
                 continue
             items = [p.data for p in batch]
             try:
-                if self._helpers is not None and self._helpers.runs_model:
+                if self._in_helpers:
                     run = await self._run_in_helper(items)
                 else:
                     started = time.perf_counter()

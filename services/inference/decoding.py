@@ -15,7 +15,7 @@ back into the service process, two batches run the model at once, one per helper
 the cores, and the service process does nothing per batch but write the request and read the
 probabilities. Measured A/B on 2 cores against helpers that were called from an engine thread
 and left small batches to the service's own session (medians of 2 runs each): Classify +13% at
-concurrency 16 and +18% at 64, ClassifyBatch +7%, ClassifyStream +3%.
+concurrency 16 and +24% at 64, ModelInfer +7%, ClassifyBatch +5%, ClassifyStream +3%.
 
 The helpers run at a lower CPU priority than the service (`nice`, 10 steps by default): the event
 loop is the one stage every call passes through, and when it and a helper both want a core, the
@@ -222,8 +222,10 @@ class _Helper(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.dead = True
         if self._reply is not None and not self._reply.done():
-            self._reply.set_exception(DecoderCrashed(
-                f"image decoder {self.name} (pid {self.proc.pid}) died: exit status {self.proc.poll()}"))
+            self._reply.set_exception(self._died())
+
+    def _died(self) -> DecoderCrashed:
+        return DecoderCrashed(f"image decoder {self.name} (pid {self.proc.pid}) died: exit status {self.proc.poll()}")
 
     def _send(self, payload: bytes) -> None:
         assert self.transport is not None
@@ -231,8 +233,7 @@ class _Helper(asyncio.Protocol):
 
     async def call(self, items: Sequence[Item], run_model: bool) -> Decoded:
         if self.dead:
-            raise DecoderCrashed(f"image decoder {self.name} (pid {self.proc.pid}) died: "
-                                 f"exit status {self.proc.poll()}")
+            raise self._died()
         self._reply = asyncio.get_running_loop().create_future()
         self._send(pickle.dumps((list(items), run_model), protocol=5))
         try:
