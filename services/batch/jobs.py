@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from services.batch.paths import DataRoot, PathRefused
+from services.batch.reports import printable
 from services.batch.runner import JobBusy, JobRunner
 from services.batch.stats import BatchHistory, batch_history
 from services.batch.store import JobRecord, JobSpec, JobState, JobStore
@@ -93,7 +94,8 @@ class JobQueue:
         job = await asyncio.to_thread(self.store.create, spec, trigger)
         if job.state == JobState.QUEUED:
             self._enqueue(job.job_id)
-        log.info("Job %s submitted (%s): %s -> %s, %s", job.job_id, trigger, job.input_dir, job.output_dir, job.mode)
+        log.info("Job %s submitted (%s): %s -> %s, %s", job.job_id, trigger, printable(job.input_dir),
+                 printable(job.output_dir), job.mode)
         return job
 
     def get(self, job_id: str) -> JobRecord:

@@ -1,37 +1,42 @@
-"""Moving and copying sorted images without ever overwriting or losing one.
+"""Moving and copying sorted images without ever overwriting, losing or duplicating one.
+
+Source and destination are names in folders held open (services/batch/tree.py): nothing here
+resolves a path, and no call follows a link.
 
 Same filesystem, move: `link(source, destination)` then `unlink(source)`. link() fails when the
 destination exists, so a name taken at the last moment is never overwritten (rename() would
 silently replace it). Other filesystem, or copy mode: copy to a hidden staging file in the
 destination folder, fsync, link it to the destination name, remove the staging file, then (move)
 remove the source. Filesystems without hard links fall back to an existence check and rename().
+If the source cannot be removed (a read-only or sticky folder, a read-only mount), the new copy
+is removed again: a file is never left in two places.
 
 Every step leaves a state `complete()` can finish after a crash: given the recorded source,
 destination and staging name it tells whether the transfer happened (and removes the leftovers),
-must be redone, or whether the source vanished.
+must be redone, or whether the source vanished. It unlinks a source only when the destination is
+the same inode, reached without links.
 """
 
 from __future__ import annotations
 
 import enum
 import errno
-import filecmp
 import os
 import re
-import shutil
 import stat
 from collections.abc import Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from services.batch import failpoints
+from services.batch.tree import Entry, lstat_or_none, remove
 
 UNCERTAIN_FOLDER = "_uncertain"
 FAILED_FOLDER = "_failed"
 NAME_MAX_BYTES = 255
 _UNSAFE = re.compile(r"[^A-Za-z0-9 ._-]+")
-# errno values meaning "this filesystem has no hard links".
 FSYNC_THREADS = 16
+COPY_BLOCK = 1024 * 1024
+# errno values meaning "this filesystem has no hard links".
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 
@@ -70,6 +75,11 @@ class Resume(enum.Enum):
     """Neither source nor destination exists: someone else removed the file."""
 
 
+class SourceNotRemovable(OSError):
+    """The file reached its destination but its source could not be removed: the new copy was
+    removed again and the file is where it was."""
+
+
 class FileMover:
     """Moves or copies one file at a time; never overwrites."""
 
@@ -78,82 +88,108 @@ class FileMover:
         self._pool: ThreadPoolExecutor | None = None
 
     @staticmethod
-    def staging_path(destination: str | Path, tag: str) -> str:
-        return os.path.join(os.path.dirname(destination), f".batch-{tag}.part")
+    def staging(destination: Entry, tag: str) -> Entry:
+        return Entry(destination.folder, f".batch-{tag}.part")
 
-    def transfer(self, source: str | Path, destination: str | Path, copy: bool, tag: str) -> None:
+    def transfer(self, source: Entry, destination: Entry, copy: bool, tag: str) -> None:
         """Move or copy `source` to `destination`. Raises FileExistsError when the destination
-        name is taken (pick another), OSError for the rest (source vanished, no space, ...)."""
-        if not copy:
-            try:
-                os.link(source, destination, follow_symlinks=False)  # a link swapped in is moved, not followed
-            except FileExistsError:
-                raise
-            except OSError as exc:
-                if exc.errno == errno.EXDEV:
-                    self._copy(source, destination, tag)
-                    self.sync_folders([os.path.dirname(destination)])  # the copy is durable before the source goes
-                    os.unlink(source)
-                    return
-                if exc.errno not in _NO_LINKS:
-                    raise
-                self._rename_if_free(source, destination)
-                return
-            failpoints.reached("linked")
-            os.unlink(source)
+        name is taken (pick another), SourceNotRemovable, OSError for the rest (source vanished,
+        no space, ...)."""
+        if copy:
+            self._copy(source, destination, tag)
             return
-        self._copy(source, destination, tag)
-
-    def _copy(self, source: str | Path, destination: str | Path, tag: str) -> None:
-        if not stat.S_ISREG(os.lstat(source).st_mode):  # copying would follow a link or block on a FIFO
-            raise OSError(errno.EINVAL, "no longer a regular file", str(source))
-        staging = self.staging_path(destination, tag)
-        _remove(staging)  # a partial copy from an interrupted attempt
         try:
-            shutil.copyfile(source, staging)
-            shutil.copystat(source, staging)
-            if self.fsync:
-                fd = os.open(staging, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            try:
-                os.link(staging, destination)
-            except OSError as exc:
-                if exc.errno not in _NO_LINKS:
-                    raise
-                self._rename_if_free(staging, destination)
-        finally:
-            _remove(staging)
+            os.link(source.name, destination.name, src_dir_fd=source.folder, dst_dir_fd=destination.folder,
+                    follow_symlinks=False)  # a link swapped in is moved as a link, never followed
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                self._copy(source, destination, tag)
+                self.sync_folders([destination.folder])  # the copy is durable before the source goes
+                self._remove_source(source, destination)
+                return
+            if exc.errno not in _NO_LINKS:
+                raise
+            _rename_if_free(source, destination)
+            return
+        failpoints.reached("linked")
+        self._remove_source(source, destination)
 
     @staticmethod
-    def _rename_if_free(source: str | Path, destination: str | Path) -> None:
-        # Only for filesystems without hard links: a tiny window remains between check and rename.
-        if os.path.lexists(destination):
-            raise FileExistsError(errno.EEXIST, "destination exists", str(destination))
-        os.rename(source, destination)
+    def _remove_source(source: Entry, destination: Entry) -> None:
+        try:
+            os.unlink(source.name, dir_fd=source.folder)
+        except FileNotFoundError:
+            pass  # removed by someone else meanwhile: the file is at its destination
+        except OSError as exc:
+            remove(destination)  # never two copies: the file stays where it was
+            raise SourceNotRemovable(exc.errno, exc.strerror) from exc
 
-    def complete(self, source: str | Path, destination: str | Path, copy: bool, tag: str) -> Resume:
-        """Finish or diagnose a transfer recorded as started (after a crash)."""
+    def _copy(self, source: Entry, destination: Entry, tag: str) -> None:
+        staging = self.staging(destination, tag)
+        remove(staging)  # a partial copy from an interrupted attempt
+        src = os.open(source.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=source.folder)
+        try:
+            st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode):  # copying would block on a FIFO or read a device
+                raise OSError(errno.EINVAL, "no longer a regular file")
+            dst = os.open(staging.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          0o600, dir_fd=staging.folder)
+            try:
+                _copy_bytes(src, dst)
+                os.fchmod(dst, stat.S_IMODE(st.st_mode))
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+                if self.fsync:
+                    os.fsync(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        try:
+            try:
+                os.link(staging.name, destination.name, src_dir_fd=staging.folder, dst_dir_fd=destination.folder,
+                        follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in _NO_LINKS:
+                    raise
+                _rename_if_free(staging, destination)
+            failpoints.reached("copied")
+        finally:
+            remove(staging)
+
+    def complete(self, source: Entry, destination: Entry, copy: bool, tag: str) -> Resume:
+        """Finish or diagnose a transfer recorded as started (after a crash). Raises
+        SourceNotRemovable (the destination's copy removed again) and OSError."""
         # A staging file is either already linked to the destination or an unfinished copy: drop it.
-        _remove(self.staging_path(destination, tag))
-        if not os.path.lexists(destination):
-            return Resume.REDO if os.path.lexists(source) else Resume.MISSING
-        if not os.path.lexists(source):
+        remove(self.staging(destination, tag))
+        at_source, at_destination = lstat_or_none(source), lstat_or_none(destination)
+        if at_destination is None or not stat.S_ISREG(at_destination.st_mode):
+            # Nothing there, or a link or folder someone put there: never followed, never ours.
+            if at_source is not None:
+                return Resume.REDO
+            return Resume.MISSING
+        if at_source is None:
             return Resume.DONE
-        if os.path.samefile(source, destination) or filecmp.cmp(source, destination, shallow=False):
+        if (at_source.st_dev, at_source.st_ino) == (at_destination.st_dev, at_destination.st_ino):
             if not copy:
-                os.unlink(source)  # linked or copied, but the source was not removed yet
+                self._remove_source(source, destination)  # linked, but the source was not removed yet
             return Resume.DONE
+        if stat.S_ISREG(at_source.st_mode) and _same_bytes(source, destination):
+            if copy:
+                return Resume.DONE
+            # A finished copy across filesystems whose source was not removed yet: a different inode
+            # is never proof enough to delete the source, so the copy goes and the move starts again.
+            remove(destination)
+            return Resume.REDO
         return Resume.REDO  # the name was taken by another file: transfer again under a new name
 
-    def sync_folders(self, folders: Iterable[str | Path]) -> None:
-        """fsync folders so that the links and unlinks in them survive a power loss. In parallel: the
-        filesystem commits concurrent fsyncs together (on ext4, 12 folders cost about a fifth)."""
+    def sync_folders(self, folders: Iterable[int]) -> None:
+        """fsync folders (descriptors) so that the links and unlinks in them survive a power loss.
+        In parallel: the filesystem commits concurrent fsyncs together."""
         if not self.fsync:
             return
-        unique = list(set(map(str, folders)))
+        unique = list(set(folders))
         if len(unique) == 1:
             _fsync_folder(unique[0])
         elif unique:
@@ -166,21 +202,50 @@ class FileMover:
             self._pool.shutdown()
 
 
-def _fsync_folder(folder: str) -> None:
+def _rename_if_free(source: Entry, destination: Entry) -> None:
+    # Only for filesystems without hard links: a tiny window remains between check and rename.
+    if lstat_or_none(destination) is not None:
+        raise FileExistsError(errno.EEXIST, "destination exists", destination.name)
+    os.rename(source.name, destination.name, src_dir_fd=source.folder, dst_dir_fd=destination.folder)
+
+
+def _copy_bytes(src: int, dst: int) -> None:
+    while True:
+        try:
+            n = os.sendfile(dst, src, None, COPY_BLOCK)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            break  # no sendfile between these two: plain reads and writes
+        if n == 0:
+            return
+    while block := os.read(src, COPY_BLOCK):
+        view = memoryview(block)
+        while view:
+            view = view[os.write(dst, view):]
+
+
+def _same_bytes(a: Entry, b: Entry) -> bool:
+    fa = os.open(a.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=a.folder)
     try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
+        fb = os.open(b.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=b.folder)
+        try:
+            if os.fstat(fa).st_size != os.fstat(fb).st_size:
+                return False
+            while True:
+                block = os.read(fa, COPY_BLOCK)
+                if block != os.read(fb, COPY_BLOCK):
+                    return False
+                if not block:
+                    return True
+        finally:
+            os.close(fb)
+    finally:
+        os.close(fa)
+
+
+def _fsync_folder(fd: int) -> None:
     try:
         os.fsync(fd)
     except OSError:
         pass  # some filesystems (SMB) refuse fsync on folders; the data itself was synced
-    finally:
-        os.close(fd)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

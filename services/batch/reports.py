@@ -8,6 +8,11 @@
 CSV status is "success", "uncertain" or "error" (the seed's word for an image that could not be
 classified: the monitoring guide greps for it). The CSV grows while the job runs and is rebuilt
 from the jobs database when it ends, so it is complete and duplicate-free even after a crash.
+
+File names are data, never markup: a CSV cell that a spreadsheet would run as a formula (it begins
+with =, +, -, @, tab or carriage return) is written with a leading ' (OWASP's CSV injection rule;
+FASHION_BATCH_CSV_ESCAPE_FORMULAS=false turns it off), and the per-run log escapes control
+characters in names and reasons, so a name cannot forge log lines.
 """
 
 from __future__ import annotations
@@ -28,6 +33,20 @@ RESULTS_SUBDIR = "batch_results"
 CSV_COLUMNS = ("filename", "category", "confidence", "status", "timestamp")
 CSV_STATUS = {Outcome.SUCCESS: "success", Outcome.UNCERTAIN: "uncertain", Outcome.FAILED: "error"}
 RULE = "=" * 60
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (newlines, escape sequences, line separators) written as Python
+    escapes: "a\\nb" for a newline."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def formula_safe(cell: str) -> str:
+    """A cell a spreadsheet shows as text: a leading ' where it would start a formula."""
+    return f"'{cell}" if cell.startswith(FORMULA_STARTS) else cell
 
 
 @dataclass(frozen=True)
@@ -66,24 +85,26 @@ def csv_rows(files: list[FileRecord], input_dir: str) -> list[list[str]]:
                     local_iso(f.finished_at)) for f in files]
 
 
-def append_csv(path: Path, rows: list[list[str]]) -> None:
+def append_csv(path: Path, rows: list[list[str]], escape_formulas: bool = True) -> None:
     """Add rows while the job runs (the header first when the file is new)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with open(path, "a", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(CSV_COLUMNS)
-        writer.writerows(rows)
+        _write_rows(f, rows, new, escape_formulas)
 
 
-def write_csv(path: Path, rows: list[list[str]]) -> None:
+def write_csv(path: Path, rows: list[list[str]], escape_formulas: bool = True) -> None:
     """Replace the CSV atomically with exactly these rows."""
     buf = io.StringIO(newline="")
-    writer = csv.writer(buf)
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows(rows)
+    _write_rows(buf, rows, True, escape_formulas)
     _write_atomic(path, buf.getvalue())
+
+
+def _write_rows(f: io.TextIOBase, rows: list[list[str]], header: bool, escape_formulas: bool) -> None:
+    writer = csv.writer(f)
+    if header:
+        writer.writerow(CSV_COLUMNS)
+    writer.writerows([[formula_safe(cell) for cell in row] for row in rows] if escape_formulas else rows)
 
 
 def summary(job: JobRecord, files: RunFiles, errors: list[FileRecord], skipped: list[FileRecord],
@@ -156,7 +177,8 @@ class RunLog:
         close_file_logger(self._log)
 
     def line(self, message: str, *args: object) -> None:
-        self._log.info(message, *args)
+        """One record; text arguments (names, reasons) with their control characters escaped."""
+        self._log.info(message, *(printable(a) if isinstance(a, str) else a for a in args))
 
     def banner(self, title: str) -> None:
         self.line(RULE)
@@ -175,17 +197,17 @@ class RunLog:
         stamp = f"\n[{datetime.now().strftime(DATE_FORMAT)}] "
         lines: list[str] = []
         for e in entries:
-            lines.append(f"\nProcessing [{e.index}/{total}]: {e.name}")
+            lines.append(f"\nProcessing [{e.index}/{total}]: {printable(e.name)}")
             if e.outcome == Outcome.SUCCESS:
                 lines.append(f"  ✓ Category: {e.category} (confidence: {100 * (e.confidence or 0):.1f}%)")
             elif e.outcome == Outcome.UNCERTAIN:
                 lines.append(f"  ⚠ Uncertain: {e.category} (confidence: {100 * (e.confidence or 0):.1f}%, "
                              f"below {100 * (min_confidence or 0):.1f}%)")
             if e.error:
-                lines.append(f"  ✗ Error: {e.error}")
-            lines.append(f"  {e.where}")
+                lines.append(f"  ✗ Error: {printable(e.error)}")
+            lines.append(f"  {printable(e.where)}")
         if lines:
-            self.line("%s", stamp.join(lines))
+            self._log.info("%s", stamp.join(lines))
 
     def finished(self, job: JobRecord, files: RunFiles) -> None:
         c = job.counts

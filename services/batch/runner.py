@@ -8,6 +8,12 @@ destinations recorded (write-ahead), files moved, folders fsynced, rows marked d
 per-run log and CSV appended. A crash leaves every row pending, moving or done; a restarted
 runner finishes the moving rows from their records before going on (see store.py, mover.py).
 
+Files are reached only through folders opened from the data root down without following links
+(tree.py), afresh for each read pass and each sorted group: a folder swapped for a link mid-job
+makes its files fail with the reason and stay untouched, and the job goes on with the rest.
+A job's end state is recorded before its reports are written, so a restart that only has the
+reports left to write ends the job in that state (a failure is never turned into a success).
+
 A job is run by one process at a time: an flock on <db folder>/locks/<job_id>.lock, which the
 kernel releases when the process dies, so a restarted service can adopt the job at once.
 """
@@ -25,7 +31,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -34,12 +40,21 @@ from fashion.client import AsyncInferenceClient, ChannelOptions
 from services.batch import failpoints, reports
 from services.batch.classifying import InferenceRefused, RemoteClassifier, Verdict
 from services.batch.events import FileUpdate, JobEvents, JobUpdate
-from services.batch.mover import FAILED_FOLDER, UNCERTAIN_FOLDER, FileMover, Resume, category_folder, unique_name
+from services.batch.mover import (
+    FAILED_FOLDER,
+    UNCERTAIN_FOLDER,
+    FileMover,
+    Resume,
+    SourceNotRemovable,
+    category_folder,
+    unique_name,
+)
 from services.batch.paths import DataRoot
 from services.batch.reports import RunFiles, RunLog
-from services.batch.scanner import scan_folder
+from services.batch.scanner import FolderScan, scan_folder
 from services.batch.sharding import Shard
 from services.batch.store import FileDone, FilePlan, FileRecord, JobRecord, JobState, JobStore, Outcome
+from services.batch.tree import FolderRefused, OpenFolders, basename, join, lstat_or_none, parent
 from services.common import metrics
 from services.common.config import BatchSettings
 
@@ -61,6 +76,11 @@ class _Cancelled(Exception):
 
 class _InputMissing(Exception):
     """The job's input folder does not exist (any more)."""
+
+
+class _Untouchable(str):
+    """Why a file could not be read because of its folder (swapped for a link, gone): the file is
+    left exactly where it is, not moved to _failed/."""
 
 
 def default_db_path(settings: BatchSettings) -> Path:
@@ -95,7 +115,7 @@ class JobLock:
 class _Chunk:
     rows: list[FileRecord]
     data: list[bytes | str]
-    """Per row: the image bytes, or why the file could not be read."""
+    """Per row: the image bytes, or why the file could not be read (an _Untouchable: not to be moved)."""
     verdicts: asyncio.Future[list[Verdict]] | None
     """The Inference service's answers for the readable ones (None when none is readable)."""
 
@@ -158,6 +178,8 @@ class _JobRun:
         self.copy = job.mode == "copy"
         self.phase = ""
         self._folder_names: dict[str, set[str]] = {}
+        self.recovery_failures: list[str] = []
+        """Why interrupted transfers could not be finished (their files are left in place)."""
         self.files: RunFiles
         self.log: RunLog
 
@@ -171,7 +193,10 @@ class _JobRun:
         self.log = RunLog(self.files.log, self.job.job_id, self.settings)
         try:
             self._set_phase("running")
-            state, error = await self._run(resumed)
+            if self.job.ending is not None:  # a run before ended it; only its reports are left to write
+                state, error = self.job.ending, self.job.error
+            else:
+                state, error = await self._run(resumed)
             job = await _shielded_io(self._finalize, state, error)
             self._publish(job, message=state.name.lower())
             return job
@@ -204,10 +229,13 @@ class _JobRun:
             if not self.job.scanned:
                 await self._scan()
             else:
-                await _io(self._recover)
+                await _io(self._recover_all)
                 rows = await _io(self.store.files, self.job.job_id)
-                await _io(reports.write_csv, self.files.csv, reports.csv_rows(rows, self.job.input_dir))
+                await _io(reports.write_csv, self.files.csv, reports.csv_rows(rows, self.job.input_dir),
+                          self.settings.batch_csv_escape_formulas)
             await self._process(remote)
+            if self.recovery_failures:
+                return JobState.FAILED, self._recovery_error()
             return JobState.SUCCEEDED, ""
         except _Cancelled:
             return JobState.CANCELLED, "cancelled on request"
@@ -234,16 +262,10 @@ class _JobRun:
         self._publish(self.job, message="resumed" if resumed else "started")
 
     async def _scan(self) -> None:
-        folder = self.root.absolute(self.job.input_dir)
-        if not folder.is_dir():
-            raise _InputMissing(f"the input folder {self.root.display(self.job.input_dir)} does not exist")
-        output = self.root.absolute(self.job.output_dir)
-        found = await _io(scan_folder, folder, self.job.recursive, [output, self.store.path.parent],
-                          self.settings.batch_min_file_age_s)
+        found = await _io(self._list_input)
         shard = Shard.resolve(self.settings.batch_shard_index, self.settings.batch_shard_count)
-        images = [rel for rel in map(self.root.relative, found.images) if shard.owns(rel)]
-        skipped = [(rel, why) for rel, why in ((self.root.relative(p), why) for p, why in found.skipped)
-                   if shard.owns(rel)]
+        images = [rel for rel in found.images if shard.owns(rel)]
+        skipped = [(rel, why) for rel, why in found.skipped if shard.owns(rel)]
         if shard.count > 1:
             self.log.line("Sorting %s of the folder", shard)
         self.job = await _io(self.store.add_files, self.job.job_id, images, skipped)
@@ -256,20 +278,40 @@ class _JobRun:
         metrics.BATCH_FILES.labels(Outcome.SKIPPED.value).inc(self.job.skipped)
         self._publish(self.job, message=f"found {self.job.total} images; {self.job.skipped} other files skipped")
 
-    def _finalize(self, state: JobState, error: str) -> JobRecord:
-        """Reports first, the terminal state last: a crash in between only makes the next start redo this."""
-        job_id, now = self.job.job_id, time.time()
+    def _list_input(self) -> FolderScan:
+        store_folder = Path(os.path.realpath(self.store.path.parent))
+        exclude = {self.job.output_dir}
+        if store_folder.is_relative_to(self.root.real):
+            exclude.add(self.root.relative(store_folder))
         try:
-            self._recover()  # transfers left recorded as moving when the job stopped early
-        except Exception:
-            log.exception("Job %s: could not finish its interrupted transfers", job_id)
-            state, error = JobState.FAILED, error or "could not finish the transfers interrupted by a crash"
+            with OpenFolders(self.root) as folders:
+                return scan_folder(folders, self.job.input_dir, self.job.recursive, exclude,
+                                   self.settings.batch_min_file_age_s)
+        except OSError as exc:
+            shown = self.root.display(self.job.input_dir)
+            reason = exc.strerror if isinstance(exc, FolderRefused) else f"{shown} cannot be read: {exc.strerror}"
+            raise _InputMissing(f"the input folder cannot be used: {reason}") from exc
+
+    def _finalize(self, state: JobState, error: str) -> JobRecord:
+        """The end state is recorded first (a restart finishes the job in it), then the reports, then the
+        terminal state: a crash in between only makes the next start write the reports again."""
+        job_id, now = self.job.job_id, time.time()
+        self.store.set_ending(job_id, state, error)
+        self._recover_all()  # transfers left recorded as moving when the job stopped early
+        if self.recovery_failures and state != JobState.FAILED:
+            state, error = JobState.FAILED, _joined(error, self._recovery_error())
         self.store.release_pending(job_id, now)
         job = dataclasses.replace(self.store.get(job_id), state=state, error=error, finished_at=now)
-        reports.write_csv(self.files.csv, reports.csv_rows(self.store.files(job_id), job.input_dir))
-        content = reports.summary(job, self.files, self.store.files(job_id, (Outcome.FAILED,)),
-                                  self.store.files(job_id, (Outcome.SKIPPED,)), self.root.root)
-        reports.write_summary(self.files.summary, content)
+        try:
+            self._write_reports(job)
+        except OSError as exc:
+            log.error("Job %s: could not write its results: %s", job_id, exc)
+            state, error = JobState.FAILED, _joined(error, f"could not write the job's results: {exc}")
+            self.store.set_ending(job_id, state, error)
+            job = dataclasses.replace(job, state=state, error=error)
+            with contextlib.suppress(OSError):
+                self._write_reports(job)  # the summary may still fit where the CSV did not
+        failpoints.reached("finishing")
         job = self.store.finish(job_id, state, error, now)
         self.log.finished(job, self.files)
         metrics.BATCH_JOBS.labels(state.value).inc()
@@ -279,6 +321,19 @@ class _JobRun:
                  job_id, state.name, job.counts.processed, job.counts.successful, job.counts.uncertain,
                  job.counts.failed, job.skipped, job.duration_s(), f": {error}" if error else "")
         return job
+
+    def _write_reports(self, job: JobRecord) -> None:
+        job_id = job.job_id
+        reports.write_csv(self.files.csv, reports.csv_rows(self.store.files(job_id), job.input_dir),
+                          self.settings.batch_csv_escape_formulas)
+        content = reports.summary(job, self.files, self.store.files(job_id, (Outcome.FAILED,)),
+                                  self.store.files(job_id, (Outcome.SKIPPED,)), self.root.root)
+        reports.write_summary(self.files.summary, content)
+
+    def _recovery_error(self) -> str:
+        n = len(self.recovery_failures)
+        return (f"could not finish {n} transfer{'s' if n > 1 else ''} interrupted by a crash (left in place): "
+                f"{self.recovery_failures[0]}")
 
     # --- the pipeline ----------------------------------------------------------------------------
 
@@ -332,34 +387,32 @@ class _JobRun:
 
     def _read(self, rows: list[FileRecord]) -> list[tuple[list[FileRecord], list[bytes | str]]]:
         """The files' bytes (or why one cannot be read), in chunks of at most batch_chunk_size images and
-        batch_chunk_bytes bytes. Links are not followed, FIFOs not waited on, and each folder is checked to
-        still lie under the data root: the tree may have changed since the scan."""
+        batch_chunk_bytes bytes. Folders are opened afresh from the data root, links are not followed and
+        FIFOs not waited on: the tree may have changed since the scan."""
         limit = self.r.max_image_bytes
         chunk_bytes = min(self.settings.batch_chunk_bytes, limit)
-        folders_inside: dict[str, bool] = {}
         chunks: list[tuple[list[FileRecord], list[bytes | str]]] = [([], [])]
         size = 0
-        for row in rows:
-            folder = _parent(row.source)
-            inside = folders_inside.get(folder)
-            if inside is None:
-                inside = folders_inside[folder] = self.root.contains(Path(self.root.path(folder)))
-            data = self._read_one(self.root.path(row.source), inside, limit)
-            n = len(data) if isinstance(data, bytes) else 0
-            if chunks[-1][0] and (len(chunks[-1][0]) >= self.settings.batch_chunk_size or size + n > chunk_bytes):
-                chunks.append(([], []))
-                size = 0
-            chunks[-1][0].append(row)
-            chunks[-1][1].append(data)
-            size += n
+        with OpenFolders(self.root) as folders:
+            for row in rows:
+                data = self._read_one(folders, row.source, limit)
+                n = len(data) if isinstance(data, bytes) else 0
+                if chunks[-1][0] and (len(chunks[-1][0]) >= self.settings.batch_chunk_size or size + n > chunk_bytes):
+                    chunks.append(([], []))
+                    size = 0
+                chunks[-1][0].append(row)
+                chunks[-1][1].append(data)
+                size += n
         return chunks
 
     @staticmethod
-    def _read_one(path: str, inside: bool, limit: int) -> bytes | str:
+    def _read_one(folders: OpenFolders, source: str, limit: int) -> bytes | str:
         try:
-            if not inside:
-                raise PermissionError(errno.EPERM, "its folder now leads outside the data root")
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            entry = folders.entry(source)
+        except FolderRefused as exc:
+            return _Untouchable(f"cannot read: {exc.strerror}")
+        try:
+            fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=entry.folder)
             with open(fd, "rb") as f:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
@@ -376,26 +429,32 @@ class _JobRun:
         """Record, move, sync, mark done, then log and append the CSV. Returns what to publish."""
         start = time.perf_counter()
         decided: list[tuple[FileRecord, Verdict]] = []
+        untouchable: set[int] = set()
         for chunk, verdicts in group:
             answers = iter(verdicts)
-            decided += [(row, next(answers) if isinstance(data, bytes) else Verdict(error=data))
-                        for row, data in zip(chunk.rows, chunk.data, strict=True)]
-        plans, in_place = self._plan(decided)
-        failpoints.reached("planned")
-        rows = {row.seq: row for row, _ in decided}
-        moved = [self._transfer(p, rows[p.seq]) for p in plans.values() if p.seq not in in_place]
-        self.r.mover.sync_folders(self._folders_touched(decided, moved))
+            for row, data in zip(chunk.rows, chunk.data, strict=True):
+                decided.append((row, next(answers) if isinstance(data, bytes) else Verdict(error=data)))
+                if isinstance(data, _Untouchable):
+                    untouchable.add(row.seq)
+        with OpenFolders(self.root) as folders:
+            plans, in_place = self._plan(decided, untouchable, folders)
+            failpoints.reached("planned")
+            rows = {row.seq: row for row, _ in decided}
+            moved = [self._transfer(p, rows[p.seq], folders) for p in plans.values() if p.seq not in in_place]
+            self.r.mover.sync_folders(self._folders_touched(decided, moved, folders))
         failpoints.reached("moved")
         now = time.time()
         done = {d.seq: d for d in [*moved, *in_place.values()]}
         self.store.done(self.job.job_id, list(done.values()), now)
+        failpoints.reached("recorded")
         updates = self._report(decided, plans, done, now)
         metrics.BATCH_SORT_DURATION.observe(time.perf_counter() - start)
         return (self.store.get(self.job.job_id) if updates else None), updates
 
-    def _plan(self, decided: list[tuple[FileRecord, Verdict]]) -> tuple[dict[int, FilePlan], dict[int, FileDone]]:
-        """Destinations for a group, recorded (write-ahead) before anything moves.
-        Returns every image's plan, and the images already where they belong (nothing to move)."""
+    def _plan(self, decided: list[tuple[FileRecord, Verdict]], untouchable: set[int], folders: OpenFolders
+              ) -> tuple[dict[int, FilePlan], dict[int, FileDone]]:
+        """Destinations for a group, recorded (write-ahead) before anything moves. Returns every image's
+        plan, and the images that stay where they are (in their folder already, or not to be touched)."""
         for _ in range(5):
             reserved = self.store.reserved_destinations()  # names other jobs are moving files to right now
             chosen: dict[str, set[str]] = {}
@@ -403,22 +462,26 @@ class _JobRun:
             in_place: dict[int, FileDone] = {}
             for row, v in decided:
                 outcome, category, confidence = self._judge(v)
-                folder = _join(self.job.output_dir, FAILED_FOLDER if outcome == Outcome.FAILED else
-                               UNCERTAIN_FOLDER if outcome == Outcome.UNCERTAIN else category_folder(category))
-                existing = self._names(folder)
-                if folder == _parent(row.source) or existing is None:
-                    error = v.error
-                    if existing is None:  # e.g. a category folder replaced by a link out of the root
-                        outcome, error = Outcome.FAILED, f"{self.root.display(folder)} leads outside the data root"
+                folder = join(self.job.output_dir, FAILED_FOLDER if outcome == Outcome.FAILED else
+                              UNCERTAIN_FOLDER if outcome == Outcome.UNCERTAIN else category_folder(category))
+                error, existing = v.error, None
+                if row.seq in untouchable:
+                    outcome = Outcome.FAILED
+                elif folder != parent(row.source):
+                    try:
+                        existing = self._names(folder, folders)
+                    except FolderRefused as exc:
+                        outcome, error = Outcome.FAILED, _joined(v.error, f"cannot be moved: {exc.strerror}")
+                if existing is None:
                     plans[row.seq] = FilePlan(row.seq, outcome, category, confidence, row.source, error)
                     in_place[row.seq] = FileDone(row.seq, outcome, row.source, error)
                     continue
                 taken = chosen.get(folder)
                 if taken is None:
-                    taken = chosen[folder] = {_name(d) for d in reserved if _parent(d) == folder}
-                name = unique_name(_name(row.source), existing, taken)
+                    taken = chosen[folder] = {basename(d) for d in reserved if parent(d) == folder}
+                name = unique_name(basename(row.source), existing, taken)
                 taken.add(name)
-                plans[row.seq] = FilePlan(row.seq, outcome, category, confidence, _join(folder, name), v.error)
+                plans[row.seq] = FilePlan(row.seq, outcome, category, confidence, join(folder, name), v.error)
             try:
                 self.store.plan(self.job.job_id, [p for p in plans.values() if p.seq not in in_place])
             except sqlite3.IntegrityError:
@@ -428,17 +491,14 @@ class _JobRun:
             return plans, in_place
         raise RuntimeError("could not reserve destinations: other jobs keep taking the same names")
 
-    def _names(self, folder: str, refresh: bool = False) -> set[str] | None:
-        """Names present in a destination folder (created if needed), listed once per run and kept up
-        to date with the files this run adds; None when the folder leads outside the data root. A name
-        taken behind our back is still never overwritten: link() refuses it and the file is renamed."""
+    def _names(self, folder: str, folders: OpenFolders, refresh: bool = False) -> set[str]:
+        """Names present in a destination folder, which is opened (created if needed) for every group;
+        listed once per run and kept up to date with the files this run adds. A name taken behind our
+        back is still never overwritten: link() refuses it and the file is renamed. Raises FolderRefused."""
+        fd = folders.folder(folder, create=True)
         names = self._folder_names.get(folder)
         if names is None or refresh:
-            path = self.root.path(folder)
-            os.makedirs(path, exist_ok=True)
-            if not self.root.contains(Path(path)):
-                return None
-            names = self._folder_names[folder] = set(os.listdir(path))
+            names = self._folder_names[folder] = set(os.listdir(fd))
         return names
 
     def _judge(self, v: Verdict) -> tuple[Outcome, str, float | None]:
@@ -448,68 +508,96 @@ class _JobRun:
         uncertain = v.confidence < threshold if threshold is not None else v.uncertain
         return (Outcome.UNCERTAIN if uncertain else Outcome.SUCCESS), v.category, v.confidence
 
-    def _transfer(self, plan: FilePlan, row: FileRecord) -> FileDone:
+    def _transfer(self, plan: FilePlan, row: FileRecord, folders: OpenFolders) -> FileDone:
         """Carry out one recorded plan; a destination taken meanwhile gets the next free name."""
-        source, destination = self.root.path(row.source), plan.destination
+        destination = plan.destination
         tag = f"{self.job.job_id}-{plan.seq}"
         for _ in range(1000):
             try:
-                self.r.mover.transfer(source, self.root.path(destination), self.copy, tag)
+                self.r.mover.transfer(folders.entry(row.source), folders.entry(destination, create=True),
+                                      self.copy, tag)
                 return FileDone(plan.seq, plan.outcome, destination, plan.error)
             except FileExistsError:
-                destination = self._replan(plan.seq, row.source, _parent(destination))
+                pass
             except OSError as exc:
-                return self._left_in_place(plan, row, destination, exc)
-        raise RuntimeError(f"no free name for {row.source} in {_parent(destination)}")
+                return self._left_in_place(plan, row, destination, exc, folders)
+            try:
+                destination = self._replan(plan.seq, row.source, parent(destination), folders)
+            except FolderRefused as exc:
+                return self._left_in_place(plan, row, destination, exc, folders)
+            failpoints.reached("replanned")
+        raise RuntimeError(f"no free name for {row.source} in {parent(destination)}")
 
-    def _replan(self, seq: int, source: str, folder: str) -> str:
+    def _replan(self, seq: int, source: str, folder: str, folders: OpenFolders) -> str:
         while True:
-            existing = self._names(folder, refresh=True) or set()
-            reserved = {_name(d) for d in self.store.reserved_destinations() if _parent(d) == folder}
-            candidate = _join(folder, unique_name(_name(source), existing, reserved))
+            existing = self._names(folder, folders, refresh=True)
+            reserved = {basename(d) for d in self.store.reserved_destinations() if parent(d) == folder}
+            candidate = join(folder, unique_name(basename(source), existing, reserved))
             try:
                 self.store.replan(self.job.job_id, seq, candidate)
             except sqlite3.IntegrityError:
                 continue
-            existing.add(_name(candidate))
+            existing.add(basename(candidate))
             return candidate
 
-    def _left_in_place(self, plan: FilePlan, row: FileRecord, destination: str, exc: OSError) -> FileDone:
-        if not os.path.lexists(self.root.path(row.source)):
-            return FileDone(plan.seq, Outcome.FAILED, "", "the file disappeared before it could be moved")
-        verb = "copy" if self.copy else "move"
-        why = f"cannot {verb} it to {self.root.display(destination)}: {exc.strerror or exc}"
+    def _left_in_place(self, plan: FilePlan, row: FileRecord, destination: str, exc: OSError,
+                       folders: OpenFolders) -> FileDone:
+        with contextlib.suppress(FolderRefused):  # a refused folder was not touched: its file is still there
+            if lstat_or_none(folders.entry(row.source)) is None:
+                return FileDone(plan.seq, Outcome.FAILED, "", "the file disappeared before it could be moved")
+        if isinstance(exc, FolderRefused):
+            why = f"left untouched: {exc.strerror}"
+        elif isinstance(exc, SourceNotRemovable):
+            why = f"cannot be moved: {exc.strerror} (its copy in {self.root.display(parent(destination))} was removed)"
+        else:
+            verb = "copy" if self.copy else "move"
+            why = f"cannot {verb} it to {self.root.display(destination)}: {exc.strerror or exc}"
         if plan.outcome != Outcome.FAILED:
             why = f"classified as {plan.category}, but {why}"
-        return FileDone(plan.seq, Outcome.FAILED, row.source, f"{plan.error}; {why}" if plan.error else why)
+        return FileDone(plan.seq, Outcome.FAILED, row.source, _joined(plan.error, why))
 
-    def _recover(self) -> None:
-        """Finish the transfers a crash interrupted, from their records."""
+    def _recover_all(self) -> None:
+        with OpenFolders(self.root) as folders:
+            self._recover(folders)
+
+    def _recover(self, folders: OpenFolders) -> None:
+        """Finish the transfers a crash interrupted, from their records. A transfer that cannot be finished
+        leaves its file in place, is released for later jobs, and fails the job (recovery_failures)."""
         rows = self.store.in_flight(self.job.job_id)
         if not rows:
             return
         results = []
         for row in rows:
             plan = FilePlan(row.seq, Outcome(row.outcome), row.category, row.confidence, row.destination, row.error)
-            state = self.r.mover.complete(self.root.path(row.source), self.root.path(row.destination), self.copy,
-                                          f"{self.job.job_id}-{row.seq}")
+            try:
+                state = self.r.mover.complete(folders.entry(row.source), folders.entry(row.destination, create=True),
+                                              self.copy, f"{self.job.job_id}-{row.seq}")
+            except OSError as exc:
+                reason = f"{reports.display_name(row.source, self.job.input_dir)}: {exc.strerror or exc}"
+                self.recovery_failures.append(reason)
+                log.error("Job %s: could not finish the transfer of %s", self.job.job_id, reports.printable(reason))
+                results.append(FileDone(row.seq, Outcome.FAILED, row.source,
+                                        f"could not finish the transfer interrupted by a crash: {exc.strerror or exc}"))
+                continue
+            failpoints.reached("recovering")
             if state == Resume.DONE:
                 results.append(FileDone(row.seq, plan.outcome, row.destination, row.error))
             elif state == Resume.MISSING:
                 results.append(FileDone(row.seq, Outcome.FAILED, "",
                                         "the file disappeared: neither at its source nor at its destination"))
             else:
-                results.append(self._transfer(plan, row))
-        folders = {_parent(d.destination) for d in results if d.destination} | {_parent(r.source) for r in rows}
-        self.r.mover.sync_folders(self.root.path(f) for f in folders)
+                results.append(self._transfer(plan, row, folders))
+        touched = {parent(d.destination) for d in results if d.destination} | {parent(r.source) for r in rows}
+        self.r.mover.sync_folders(_open_only(folders, touched))
         self.store.done(self.job.job_id, results)
         self.log.line("Recovered %d transfers interrupted by a crash", len(results))
 
-    def _folders_touched(self, decided: list[tuple[FileRecord, Verdict]], moved: list[FileDone]) -> list[str]:
-        folders = {_parent(d.destination) for d in moved if d.destination}
+    def _folders_touched(self, decided: list[tuple[FileRecord, Verdict]], moved: list[FileDone],
+                         folders: OpenFolders) -> list[int]:
+        touched = {parent(d.destination) for d in moved if d.destination}
         if not self.copy:
-            folders |= {_parent(row.source) for row, _ in decided}
-        return [self.root.path(f) for f in folders]
+            touched |= {parent(row.source) for row, _ in decided}
+        return _open_only(folders, touched)
 
     def _report(self, decided: list[tuple[FileRecord, Verdict]], plans: dict[int, FilePlan],
                 done: dict[int, FileDone], now: float) -> list[FileUpdate]:
@@ -532,7 +620,10 @@ class _JobRun:
                 updates.append(FileUpdate(name, p.category, confidence or 0.0, d.outcome.value, d.destination,
                                           d.error))
         self.log.file_results(entries, self.job.total, self.job.min_confidence)
-        reports.append_csv(self.files.csv, rows)
+        try:
+            reports.append_csv(self.files.csv, rows, self.settings.batch_csv_escape_formulas)
+        except OSError as exc:  # the CSV is written again from the database when the job ends
+            log.warning("Job %s: could not append to %s: %s", self.job.job_id, self.files.csv, exc)
         for outcome, n in counts.items():
             metrics.BATCH_FILES.labels(outcome).inc(n)
         return updates
@@ -606,17 +697,17 @@ class _JobRun:
         raise _Cancelled
 
 
-def _join(folder: str, name: str) -> str:
-    """Stored (root-relative, posix) paths are handled as strings: pathlib costs too much per image."""
-    return name if folder == "." else f"{folder}/{name}"
+def _joined(first: str, second: str) -> str:
+    return f"{first}; {second}" if first else second
 
 
-def _parent(rel: str) -> str:
-    return rel.rpartition("/")[0] or "."
-
-
-def _name(rel: str) -> str:
-    return rel.rpartition("/")[2]
+def _open_only(folders: OpenFolders, rels: Iterable[str]) -> list[int]:
+    """Descriptors of the folders that can still be reached (the others were not touched)."""
+    fds = []
+    for rel in rels:
+        with contextlib.suppress(FolderRefused):
+            fds.append(folders.folder(rel))
+    return fds
 
 
 async def _io(fn: Callable[..., T], *args: object) -> T:

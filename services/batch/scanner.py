@@ -4,7 +4,11 @@ Images are recognised by extension (the formats the Inference service decodes); 
 image extension that turns out unreadable is the Inference service's to judge and ends in
 _failed/. Other regular files are reported as skipped and stay where they are. Hidden files
 (".name") and temporary files (partial downloads, editor swap files, Office lock files) are
-ignored: they are usually still being written. Symbolic links are never followed.
+ignored: they are usually still being written. Symbolic links are never followed: folders are
+opened through descriptors from the data root down (services/batch/tree.py).
+
+A problem with one entry (a subfolder that cannot be read, a file deleted while the folder is
+listed) skips that entry, with the reason; only an unreadable input folder stops the scan.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Container
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from services.batch.tree import OpenFolders, join
 
 IMAGE_SUFFIXES = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff",
@@ -33,62 +38,76 @@ def is_hidden_or_temporary(name: str) -> bool:
 @dataclass
 class FolderScan:
     images: list[str] = field(default_factory=list)
-    """Absolute paths as strings: a Path per image costs more than listing the folder."""
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-    """Files left in place, with the reason."""
+    """Root-relative posix paths, sorted by component."""
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """Entries left in place (root-relative), with the reason."""
     ignored: int = 0
     """Hidden and temporary files (not reported one by one)."""
 
 
-def scan_folder(folder: Path, recursive: bool, exclude: Iterable[Path] = (),
+def scan_folder(folders: OpenFolders, folder: str, recursive: bool, exclude: Container[str] = (),
                 min_age_s: float = 0.0) -> FolderScan:
-    """The images under `folder` (sorted by path) and the files left alone.
+    """The images under the root-relative `folder` and the entries left alone.
 
-    `exclude` are folders not descended into (the job's output folder when it lies inside the input).
+    `exclude` are root-relative folders not descended into (the job's output folder when it lies
+    inside the input, the jobs database folder). Raises OSError when `folder` itself cannot be read.
     """
     result = FolderScan()
-    excluded = {os.path.realpath(p) for p in exclude}
     now = time.time()
     pending = [folder]
     while pending:
         current = pending.pop()
-        with os.scandir(current) as entries:
-            for entry in sorted(entries, key=lambda e: e.name):
-                _classify_entry(entry, result, pending, recursive, excluded, now, min_age_s)
-    result.images.sort(key=lambda p: p.split(os.sep))  # the order Path sorts in: by component
+        try:
+            with os.scandir(folders.folder(current)) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+            for entry in entries:
+                _classify_entry(entry, join(current, entry.name), result, pending, recursive, exclude, now,
+                                min_age_s)
+        except OSError as exc:
+            if current == folder:
+                raise
+            result.skipped.append((current, f"folder cannot be read: {exc.strerror or exc}"))
+        finally:
+            if current != folder:
+                folders.release(current)  # a deep tree must not hold a descriptor per folder
+    result.images.sort(key=lambda p: p.split("/"))  # the order Path sorts in: by component
     result.skipped.sort()
     return result
 
 
-def _classify_entry(entry: os.DirEntry[str], result: FolderScan, pending: list[Path], recursive: bool,
-                    excluded: set[str], now: float, min_age_s: float) -> None:
+def _classify_entry(entry: os.DirEntry[str], rel: str, result: FolderScan, pending: list[str], recursive: bool,
+                    exclude: Container[str], now: float, min_age_s: float) -> None:
     if is_hidden_or_temporary(entry.name):
         result.ignored += 1
         return
     try:
-        entry.path.encode("utf-8")
+        rel.encode("utf-8")
     except UnicodeEncodeError:  # undecodable bytes (a legacy-encoded share): named in reports, never touched
-        shown = os.fsencode(entry.path).decode("utf-8", "backslashreplace")
-        result.skipped.append((Path(shown), "the file name is not valid UTF-8"))
+        shown = os.fsencode(rel).decode("utf-8", "backslashreplace")
+        result.skipped.append((shown, "the file name is not valid UTF-8"))
         return
-    if entry.is_symlink():
-        result.skipped.append((Path(entry.path), "symbolic link (links are not followed)"))
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        result.skipped.append((rel, "disappeared while the folder was being listed"))
         return
-    if entry.is_dir(follow_symlinks=False):
-        if recursive and os.path.realpath(entry.path) not in excluded:
-            pending.append(Path(entry.path))
+    if stat.S_ISLNK(st.st_mode):
+        result.skipped.append((rel, "symbolic link (links are not followed)"))
         return
-    st = entry.stat(follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):
+        if recursive and rel not in exclude:
+            pending.append(rel)
+        return
     if not stat.S_ISREG(st.st_mode):
-        result.skipped.append((Path(entry.path), "not a regular file"))
+        result.skipped.append((rel, "not a regular file"))
         return
     suffix = os.path.splitext(entry.name)[1].lower()
     if suffix not in IMAGE_SUFFIXES:
-        result.skipped.append((Path(entry.path), f"not an image ({suffix or 'no extension'})"))
+        result.skipped.append((rel, f"not an image ({suffix or 'no extension'})"))
         return
     age = now - st.st_mtime
     if age < min_age_s:
-        result.skipped.append((Path(entry.path),
-                               f"modified {age:.1f}s ago, maybe still being written: left for the next run"))
+        result.skipped.append((rel, f"modified {age:.1f}s ago, maybe still being written: left for the next run"))
         return
-    result.images.append(entry.path)
+    result.images.append(rel)
+

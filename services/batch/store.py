@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     skipped INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     error TEXT NOT NULL DEFAULT '',
-    totals TEXT
+    totals TEXT,
+    ending TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_finish ON jobs(finished_at);
 CREATE INDEX IF NOT EXISTS jobs_by_creation ON jobs(created_at);
@@ -156,6 +157,8 @@ class JobRecord:
     cancel_requested: bool
     error: str
     counts: Counts
+    ending: JobState | None = None
+    """The end state decided before the reports were written (None until then)."""
 
     def duration_s(self, now: float | None = None) -> float:
         if self.started_at is None:
@@ -214,6 +217,9 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        if "ending" not in columns:  # a database of an earlier release
+            self._db.execute("ALTER TABLE jobs ADD COLUMN ending TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -306,7 +312,8 @@ class JobStore:
                     if db.execute("SELECT 1 FROM jobs WHERE stamp = ?", (stamp,)).fetchone() is None:
                         break
                     t += 1  # two runs in one second: the later is named one second on
-            db.execute("UPDATE jobs SET state = ?, stamp = ?, started_at = ?, error = '' WHERE job_id = ?",
+            db.execute("UPDATE jobs SET state = ?, stamp = ?, started_at = ?,"
+                       " error = CASE WHEN ending IS NULL THEN '' ELSE error END WHERE job_id = ?",
                        (JobState.RUNNING, stamp, started or now, job_id))
         return self.get(job_id)
 
@@ -336,6 +343,12 @@ class JobStore:
     def cancel_requested(self, job_id: str) -> bool:
         rows = self._rows("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,))
         return bool(rows and rows[0]["cancel_requested"])
+
+    def set_ending(self, job_id: str, state: JobState, error: str) -> None:
+        """Record the end state a job is finishing in, before its reports are written: a restart that
+        finds it only writes the reports again and ends the job in this state."""
+        with self._tx(durable=True) as db:
+            db.execute("UPDATE jobs SET ending = ?, error = ? WHERE job_id = ?", (state, error, job_id))
 
     def finish(self, job_id: str, state: JobState, error: str = "", now: float | None = None) -> JobRecord:
         """Terminal state, with the totals frozen (file rows may be pruned later)."""
@@ -465,8 +478,10 @@ class JobStore:
         data = dict(row)
         totals = data.pop("totals")
         counts = _counts_from_json(totals) if totals else self.counts(data["job_id"])
+        ending = data.pop("ending")
         return JobRecord(
-            **{**data, "state": JobState(data["state"]), "recursive": bool(data["recursive"]),
+            **{**data, "state": JobState(data["state"]), "ending": JobState(ending) if ending else None,
+               "recursive": bool(data["recursive"]),
                "scanned": bool(data["scanned"]), "cancel_requested": bool(data["cancel_requested"])},
             counts=counts)
 

@@ -167,6 +167,9 @@ class BatchSettings(CommonSettings):
     """Longest wait between two attempts to reach the Inference service."""
     batch_fsync: bool = True
     """fsync copied files and the folders of every move before recording them done (survives power loss)."""
+    batch_csv_escape_formulas: bool = True
+    """Write CSV cells that begin with =, +, -, @, tab or carriage return with a leading ' so that a
+    spreadsheet shows a hostile file name as text instead of running it as a formula."""
     batch_min_file_age_s: float = Field(default=0.0, ge=0)
     """Images modified more recently than this are left for the next run (files still being uploaded)."""
     batch_stale_hours: float = Field(default=26.0, gt=0)

@@ -18,6 +18,7 @@ from services.batch.paths import DataRoot, FolderMissing, PathRefused
 from services.batch.scanner import scan_folder
 from services.batch.schedule import Schedule
 from services.batch.store import FileDone, FilePlan, JobSpec, JobState, JobStore, Outcome
+from services.batch.tree import Entry, FolderRefused, OpenFolders
 from tests.support import LABELS
 
 
@@ -69,23 +70,48 @@ def test_scan_finds_images_reports_other_files_and_ignores_hidden_and_temporary(
                  "~$doc.png", "backup.png~", "sub/d.png"):
         (folder / name).write_bytes(b"data")
     (folder / "link.png").symlink_to(folder / "a.jpg")
+    (folder / "dirlink").symlink_to(folder / "sub", target_is_directory=True)
     os.mkfifo(folder / "pipe.png")
-    flat = scan_folder(folder, recursive=False)
-    assert [os.path.basename(p) for p in flat.images] == ["a.jpg", "b.PNG", "c.webp"]
-    assert {p.name: why for p, why in flat.skipped} == {
-        "notes.txt": "not an image (.txt)", "README": "not an image (no extension)",
-        "link.png": "symbolic link (links are not followed)", "pipe.png": "not a regular file"}
-    assert flat.ignored == 5
-    deep = scan_folder(folder, recursive=True, exclude=[folder / "sub"])
-    assert [os.path.basename(p) for p in deep.images] == ["a.jpg", "b.PNG", "c.webp"]
-    assert [os.path.relpath(p, folder) for p in scan_folder(folder, recursive=True).images] == [
-        "a.jpg", "b.PNG", "c.webp", "sub/d.png"]
-    (folder / os.fsdecode(b"caf\xe9.png")).write_bytes(b"latin-1 name")
-    odd = dict((p.name, why) for p, why in scan_folder(folder, recursive=False).skipped)
-    assert odd["caf\\xe9.png"] == "the file name is not valid UTF-8"
-    (folder / os.fsdecode(b"caf\xe9.png")).unlink()
-    young = scan_folder(folder, recursive=False, min_age_s=3600)
-    assert not young.images and "still being written" in dict((p.name, w) for p, w in young.skipped)["a.jpg"]
+    with OpenFolders(DataRoot(tmp_path)) as folders:
+        flat = scan_folder(folders, "in", recursive=False)
+        assert flat.images == ["in/a.jpg", "in/b.PNG", "in/c.webp"]
+        assert dict(flat.skipped) == {
+            "in/notes.txt": "not an image (.txt)", "in/README": "not an image (no extension)",
+            "in/link.png": "symbolic link (links are not followed)", "in/pipe.png": "not a regular file",
+            "in/dirlink": "symbolic link (links are not followed)"}
+        assert flat.ignored == 5
+        deep = scan_folder(folders, "in", recursive=True, exclude={"in/sub"})
+        assert deep.images == ["in/a.jpg", "in/b.PNG", "in/c.webp"]
+        assert scan_folder(folders, "in", recursive=True).images == [
+            "in/a.jpg", "in/b.PNG", "in/c.webp", "in/sub/d.png"]
+        (folder / os.fsdecode(b"caf\xe9.png")).write_bytes(b"latin-1 name")
+        odd = dict(scan_folder(folders, "in", recursive=False).skipped)
+        assert odd["in/caf\\xe9.png"] == "the file name is not valid UTF-8"
+        (folder / os.fsdecode(b"caf\xe9.png")).unlink()
+        young = scan_folder(folders, "in", recursive=False, min_age_s=3600)
+        assert not young.images and "still being written" in dict(young.skipped)["in/a.jpg"]
+
+
+def entry(path: Path) -> Entry:
+    """A file as the mover takes it: its folder opened (closed at exit by the test's process end)."""
+    return Entry(os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY), path.name)
+
+
+def test_folders_are_opened_without_following_links(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "inbox").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "out").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "file").write_bytes(b"x")
+    with OpenFolders(DataRoot(root)) as folders:
+        assert os.fstat(folders.folder("inbox")).st_ino == (root / "inbox").stat().st_ino
+        folders.folder("new/deeper", create=True)
+        assert (root / "new" / "deeper").is_dir()
+        for rel, why in (("out", "is now a symbolic link"), ("out/Bag", "is now a symbolic link"),
+                         ("file", "is no longer a folder"), ("gone", "does not exist"), ("inbox/..", "not a plain")):
+            with pytest.raises(FolderRefused, match=why):
+                folders.folder(rel, create=rel == "out/Bag")
+        assert not any((tmp_path / "elsewhere").iterdir())  # nothing created through the link
 
 
 def test_move_and_copy_never_overwrite(tmp_path: Path) -> None:
@@ -96,11 +122,11 @@ def test_move_and_copy_never_overwrite(tmp_path: Path) -> None:
     (src / "a.png").write_bytes(b"A")
     (dst / "a.png").write_bytes(b"other")
     with pytest.raises(FileExistsError):
-        mover.transfer(src / "a.png", dst / "a.png", copy=False, tag="t1")
+        mover.transfer(entry(src / "a.png"), entry(dst / "a.png"), copy=False, tag="t1")
     assert (src / "a.png").read_bytes() == b"A" and (dst / "a.png").read_bytes() == b"other"
-    mover.transfer(src / "a.png", dst / "a_1.png", copy=True, tag="t1")
+    mover.transfer(entry(src / "a.png"), entry(dst / "a_1.png"), copy=True, tag="t1")
     assert (src / "a.png").read_bytes() == (dst / "a_1.png").read_bytes() == b"A"
-    mover.transfer(src / "a.png", dst / "a_2.png", copy=False, tag="t2")
+    mover.transfer(entry(src / "a.png"), entry(dst / "a_2.png"), copy=False, tag="t2")
     assert not (src / "a.png").exists() and (dst / "a_2.png").read_bytes() == b"A"
     assert sorted(p.name for p in dst.iterdir()) == ["a.png", "a_1.png", "a_2.png"]  # no staging left
 
@@ -113,7 +139,7 @@ def test_move_across_filesystems_copies_syncs_then_removes(tmp_path: Path) -> No
     try:
         (src / "a.png").write_bytes(b"A" * 5000)
         os.utime(src / "a.png", (1_600_000_000, 1_600_000_000))
-        FileMover(fsync=True).transfer(src / "a.png", tmp_path / "a.png", copy=False, tag="x")
+        FileMover(fsync=True).transfer(entry(src / "a.png"), entry(tmp_path / "a.png"), copy=False, tag="x")
         assert not (src / "a.png").exists() and (tmp_path / "a.png").read_bytes() == b"A" * 5000
         assert (tmp_path / "a.png").stat().st_mtime == 1_600_000_000  # metadata kept
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # no staging file left
@@ -139,25 +165,37 @@ def test_complete_finishes_every_interrupted_transfer(tmp_path: Path, copy: bool
         elif at_destination is not None:
             d.write_bytes(at_destination)
         if staging is not None:
-            Path(mover.staging_path(d, name)).write_bytes(staging)
+            (dst / f".batch-{name}.part").write_bytes(staging)
         return s, d
 
-    body = {n: b"image " + n.encode() for n in ("p", "q", "r", "s", "t", "u")}
+    def complete(s: Path, d: Path, tag: str) -> Resume:
+        return mover.complete(entry(s), entry(d), copy, tag)
+
+    body = {n: b"image " + n.encode() for n in ("p", "q", "r", "s", "t", "u", "v", "w")}
     s, d = case("p", True, None, staging=b"image")  # crashed while copying: partial staging file
-    assert mover.complete(s, d, copy, "p") == Resume.REDO and not os.path.exists(mover.staging_path(d, "p"))
+    assert complete(s, d, "p") == Resume.REDO and not (dst / ".batch-p.part").exists()
     s, d = case("q", True, None, linked=not copy, staging=None)  # moved by link, source not yet removed
     if not copy:
-        assert mover.complete(s, d, copy, "q") == Resume.DONE and not s.exists() and d.read_bytes() == body["q"]
+        assert complete(s, d, "q") == Resume.DONE and not s.exists() and d.read_bytes() == body["q"]
     s, d = case("r", True, body["r"])  # copied completely (other filesystem or copy mode), source still there
-    assert mover.complete(s, d, copy, "r") == Resume.DONE and d.read_bytes() == body["r"]
-    assert s.exists() == copy
+    if copy:
+        assert complete(s, d, "r") == Resume.DONE and d.read_bytes() == s.read_bytes() == body["r"]
+    else:  # another inode is no proof: the source stays, the copy goes, the move starts again
+        assert complete(s, d, "r") == Resume.REDO and s.read_bytes() == body["r"] and not d.exists()
     s, d = case("s", False, body["s"])  # finished
-    assert mover.complete(s, d, copy, "s") == Resume.DONE
+    assert complete(s, d, "s") == Resume.DONE
     s, d = case("t", True, b"someone else's file")  # the name was taken meanwhile: ours must not be lost
-    assert mover.complete(s, d, copy, "t") == Resume.REDO and s.read_bytes() == body["t"]
+    assert complete(s, d, "t") == Resume.REDO and s.read_bytes() == body["t"]
     assert d.read_bytes() == b"someone else's file"
     s, d = case("u", False, None)  # gone from both places (removed by someone else)
-    assert mover.complete(s, d, copy, "u") == Resume.MISSING
+    assert complete(s, d, "u") == Resume.MISSING
+    # A link planted at the recorded destination, back to the source: never followed, the source stays.
+    s, d = case("v", True, None)
+    d.symlink_to(s)
+    assert complete(s, d, "v") == Resume.REDO and s.read_bytes() == body["v"] and d.is_symlink()
+    s, d = case("w", False, None)  # the same with the source gone: not ours, nothing recorded as moved there
+    d.symlink_to(tmp_path / "elsewhere.png")
+    assert complete(s, d, "w") == Resume.MISSING and d.is_symlink()
 
 
 def test_store_keeps_jobs_apart_and_write_ahead_records(tmp_path: Path) -> None:
