@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -134,14 +135,35 @@ class ServiceProcess(ChildProcess):
 
 
 
-def start_service(module: str, workdir: Path, env: Mapping[str, str], address: str) -> ServiceProcess:
-    """Start `python -m module` in `workdir` with FASHION_* settings from `env`."""
+# CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER: what lets root ignore file permissions.
+FILE_CAPABILITIES = (1, 2, 3)
+PR_CAPBSET_DROP = 24
+
+
+def drop_file_privileges() -> None:
+    """In a child before exec: as root, leave the capabilities that bypass file permissions out of
+    the bounding set, so the program runs as an ordinary owner of its files (read-only folders,
+    unreadable subfolders refuse it). Root's own interpreter under /root stays reachable, which a
+    setuid to another user would lose. Nothing to drop when not root."""
+    if os.geteuid() != 0:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in FILE_CAPABILITIES:
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def start_service(module: str, workdir: Path, env: Mapping[str, str], address: str,
+                  unprivileged: bool = False) -> ServiceProcess:
+    """Start `python -m module` in `workdir` with FASHION_* settings from `env` (without the right to
+    ignore file permissions when `unprivileged`)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "FASHION_LOG_STDOUT": "true", **env}
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{module.replace('.', '_')}.out"
     out = open(log_path, "ab")
     proc = subprocess.Popen([sys.executable, "-m", module], cwd=workdir, env=full_env,
-                            stdout=out, stderr=subprocess.STDOUT)
+                            stdout=out, stderr=subprocess.STDOUT,
+                            preexec_fn=drop_file_privileges if unprivileged else None)
     return ServiceProcess(proc, address, log_path, full_env)
 
 

@@ -270,13 +270,16 @@ class _JobRun:
             self.log.line("Sorting %s of the folder", shard)
         self.job = await _io(self.store.add_files, self.job.job_id, images, skipped)
         self.log.line("Found %d images to process", self.job.total)
+        left = []
         for f in await _io(self.store.files, self.job.job_id, (Outcome.SKIPPED,)):
-            self.log.line("  - Skipped (left in place): %s: %s", reports.display_name(f.source, self.job.input_dir),
-                          f.error)
+            name = reports.display_name(f.source, self.job.input_dir)
+            self.log.line("  - Skipped (left in place): %s: %s", name, f.error)
+            left.append(FileUpdate(name, "", 0.0, Outcome.SKIPPED.value, f.source, f.error))
         if found.ignored:
             self.log.line("  - Ignored %d hidden or temporary files", found.ignored)
         metrics.BATCH_FILES.labels(Outcome.SKIPPED.value).inc(self.job.skipped)
-        self._publish(self.job, message=f"found {self.job.total} images; {self.job.skipped} other files skipped")
+        self._publish(self.job, files=tuple(left),
+                      message=f"found {self.job.total} images; {self.job.skipped} other files skipped")
 
     def _list_input(self) -> FolderScan:
         store_folder = Path(os.path.realpath(self.store.path.parent))

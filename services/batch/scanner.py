@@ -19,7 +19,7 @@ import time
 from collections.abc import Container
 from dataclasses import dataclass, field
 
-from services.batch.tree import OpenFolders, join
+from services.batch.tree import FolderRefused, OpenFolders, join
 
 IMAGE_SUFFIXES = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff",
@@ -66,7 +66,8 @@ def scan_folder(folders: OpenFolders, folder: str, recursive: bool, exclude: Con
         except OSError as exc:
             if current == folder:
                 raise
-            result.skipped.append((current, f"folder cannot be read: {exc.strerror or exc}"))
+            reason = exc.strerror if isinstance(exc, FolderRefused) else f"folder cannot be read: {exc.strerror}"
+            result.skipped.append((current, reason))
         finally:
             if current != folder:
                 folders.release(current)  # a deep tree must not hold a descriptor per folder
@@ -90,6 +91,9 @@ def _classify_entry(entry: os.DirEntry[str], rel: str, result: FolderScan, pendi
         st = entry.stat(follow_symlinks=False)
     except FileNotFoundError:
         result.skipped.append((rel, "disappeared while the folder was being listed"))
+        return
+    except OSError as exc:
+        result.skipped.append((rel, f"cannot be examined: {exc.strerror or exc}"))
         return
     if stat.S_ISLNK(st.st_mode):
         result.skipped.append((rel, "symbolic link (links are not followed)"))

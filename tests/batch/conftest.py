@@ -4,10 +4,14 @@ against the shared Inference service (fixture model) or their own; folders of re
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
+import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,10 +55,12 @@ class BatchHome:
             "PYTHONFAULTHANDLER": "1", **extra,
         }
 
-    def start(self, inference_address: str, **extra: str) -> ServiceProcess:
+    def start(self, inference_address: str, unprivileged: bool = False, **extra: str) -> ServiceProcess:
+        """A Batch service on a free port, SERVING; `unprivileged`: file permissions apply to it even in CI
+        (which runs as root)."""
         port = free_port()
         env = self.env(inference_address, FASHION_BATCH_HOST="127.0.0.1", FASHION_BATCH_PORT=str(port), **extra)
-        svc = start_service("services.batch", self.workdir, env, f"127.0.0.1:{port}")
+        svc = start_service("services.batch", self.workdir, env, f"127.0.0.1:{port}", unprivileged)
         try:
             svc.wait_serving(timeout=60)
         except BaseException:
@@ -98,6 +104,59 @@ def files_under(root: Path) -> dict[str, list[Path]]:
         if (p.is_file() or p.is_symlink()) and p.relative_to(root).parts[0] != ".batch":
             found.setdefault(p.name, []).append(p)
     return found
+
+
+def contents(root: Path, skip: tuple[str, ...] = (".batch",)) -> dict[str, str]:
+    """Every entry under `root` by relative path: a file's SHA-256, a link's target, "dir" for folders
+    (the folders named in `skip` left out): a snapshot to compare byte for byte."""
+    found: dict[str, str] = {}
+    for folder, dirs, files in os.walk(root):  # links are listed, never followed
+        dirs[:] = [d for d in dirs if not (Path(folder) == root and d in skip)]
+        for name in [*dirs, *files]:
+            p = Path(folder) / name
+            found[str(p.relative_to(root))] = (f"-> {os.readlink(p)}" if p.is_symlink() else "dir" if p.is_dir()
+                                               else digest(p.read_bytes()))
+    return dict(sorted(found.items()))
+
+
+def regular_files_by_digest(root: Path) -> dict[str, list[str]]:
+    """Digest -> the regular files under `root` with those bytes (jobs database left out)."""
+    by_digest: dict[str, list[str]] = {}
+    for rel, what in contents(root).items():
+        if what != "dir" and not what.startswith("-> "):
+            by_digest.setdefault(what, []).append(rel)
+    return by_digest
+
+
+@contextmanager
+def tmpfs(path: Path, size: str = "4m") -> Iterator[Path]:
+    """A size-limited tmpfs mounted at `path` (created), unmounted at exit: another filesystem, or one
+    that fills up. Skips the test where this process may not mount (not root, no CAP_SYS_ADMIN)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def remount(path: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file in `folder` until its filesystem is full; returns the file (delete it to free the space)."""
+    filler = folder / ".filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
