@@ -3,8 +3,12 @@ SIGKILL the n-th time execution reaches `reached(<name>)`, exactly where a crash
 recover from. Unset (production), a check is one dictionary lookup.
 
 Points: "planned" (destinations recorded, nothing moved yet), "linked" (a file linked to its
-destination, not yet removed from its source: in two places), "moved" (a group moved, not yet
-recorded as done).
+destination, not yet removed from its source: in two places), "copied" (a copy, in copy mode or
+across filesystems, linked to its destination; staging file and source not yet removed),
+"replanned" (a taken destination replaced by a new one in the record, not yet tried), "moved" (a
+group moved, not yet recorded as done), "recorded" (recorded as done, not yet in the log and CSV),
+"recovering" (an interrupted transfer finished by recovery, not yet recorded), "finishing" (the
+end state and the reports written, the job not yet marked finished).
 """
 
 from __future__ import annotations

@@ -134,29 +134,32 @@ class FileMover:
             st = os.fstat(src)
             if not stat.S_ISREG(st.st_mode):  # copying would block on a FIFO or read a device
                 raise OSError(errno.EINVAL, "no longer a regular file")
-            dst = os.open(staging.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          0o600, dir_fd=staging.folder)
             try:
-                _copy_bytes(src, dst)
-                os.fchmod(dst, stat.S_IMODE(st.st_mode))
-                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-                if self.fsync:
-                    os.fsync(dst)
+                self._write_staging(src, st, staging)
+                try:
+                    os.link(staging.name, destination.name, src_dir_fd=staging.folder,
+                            dst_dir_fd=destination.folder, follow_symlinks=False)
+                except OSError as exc:
+                    if exc.errno not in _NO_LINKS:
+                        raise
+                    _rename_if_free(staging, destination)
+                failpoints.reached("copied")
             finally:
-                os.close(dst)
+                remove(staging)  # linked already, or a partial copy (no space left, ...)
         finally:
             os.close(src)
+
+    def _write_staging(self, src: int, st: os.stat_result, staging: Entry) -> None:
+        dst = os.open(staging.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                      dir_fd=staging.folder)
         try:
-            try:
-                os.link(staging.name, destination.name, src_dir_fd=staging.folder, dst_dir_fd=destination.folder,
-                        follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in _NO_LINKS:
-                    raise
-                _rename_if_free(staging, destination)
-            failpoints.reached("copied")
+            _copy_bytes(src, dst)
+            os.fchmod(dst, stat.S_IMODE(st.st_mode))
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            if self.fsync:
+                os.fsync(dst)
         finally:
-            remove(staging)
+            os.close(dst)
 
     def complete(self, source: Entry, destination: Entry, copy: bool, tag: str) -> Resume:
         """Finish or diagnose a transfer recorded as started (after a crash). Raises

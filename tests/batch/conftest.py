@@ -55,12 +55,15 @@ class BatchHome:
             "PYTHONFAULTHANDLER": "1", **extra,
         }
 
-    def start(self, inference_address: str, unprivileged: bool = False, **extra: str) -> ServiceProcess:
-        """A Batch service on a free port, SERVING; `unprivileged`: file permissions apply to it even in CI
-        (which runs as root)."""
+    def start(self, inference_address: str, unprivileged: bool = False, wait: bool = True,
+              **extra: str) -> ServiceProcess:
+        """A Batch service on a free port, SERVING unless not `wait`ed for; `unprivileged`: file permissions
+        apply to it even in CI (which runs as root)."""
         port = free_port()
         env = self.env(inference_address, FASHION_BATCH_HOST="127.0.0.1", FASHION_BATCH_PORT=str(port), **extra)
         svc = start_service("services.batch", self.workdir, env, f"127.0.0.1:{port}", unprivileged)
+        if not wait:
+            return svc
         try:
             svc.wait_serving(timeout=60)
         except BaseException:

@@ -7,6 +7,7 @@ touched. Permission faults run the Batch service without root's right to ignore 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -350,3 +351,58 @@ def test_hostile_file_names_become_neither_formulas_nor_log_lines(
     finally:
         batch.terminate()
     assert sorted(r["filename"] for r in read_csv(unescaped.workdir / job.results_csv)) == sorted(hostile)
+
+
+# --- crash points: SIGKILL where recovery has the most to do, then restart ------------------------------
+
+@pytest.mark.parametrize(("points", "mode", "across_filesystems"), [
+    (["copied"], "copy", False),
+    (["planned"], "copy", False),
+    (["copied"], "move", True),
+    (["linked", "recovering"], "move", False),
+    (["planned", "replanned"], "move", False),
+    (["recorded"], "move", False),
+    (["finishing"], "move", False),
+], ids=["copy-copied", "copy-planned", "across-filesystems-copied", "recovery-interrupted", "replanning",
+        "recorded-before-csv", "finishing"])
+def test_a_crash_at_every_step_loses_and_duplicates_nothing(
+        tmp_path: Path, inference_server: ServiceProcess, points: list[str], mode: str,
+        across_filesystems: bool) -> None:
+    """Each point in turn kills the service (the later ones while it recovers from the earlier);
+    a last clean start finishes the job."""
+    home = BatchHome(tmp_path)
+    inbox = home.data / "inbox"
+    with contextlib.ExitStack() as stack:
+        if across_filesystems:
+            stack.enter_context(tmpfs(inbox))
+        images = write_images(inbox, 24)
+        job_id = crash_at(home, inference_server, points[0], mode=mode)
+        assert moving_rows(home) or points[0] in ("recorded", "finishing")
+        planted = {}
+        if "replanned" in points:  # someone else's files appear at the recorded names: recovery must pick others
+            for _, destination in moving_rows(home):
+                planted[destination] = b"someone else's file " + destination.encode()
+                (home.data / destination).write_bytes(planted[destination])
+        for point in points[1:]:
+            batch = home.start(inference_server.address, wait=False, FASHION_BATCH_FAILPOINT=f"{point}:1")
+            try:
+                assert batch.proc.wait(timeout=60) == -signal.SIGKILL, batch.output()
+            finally:
+                batch.kill()
+        batch = home.start(inference_server.address)
+        try:
+            with BatchClient(batch.address) as client:
+                job = client.wait(job_id, timeout_s=60)
+        finally:
+            batch.terminate()
+        assert job.state == pb.JOB_STATE_SUCCEEDED and (job.processed, job.failed) == (24, 0), job
+        assert_conserved(home, images, copy=mode == "copy")
+        if mode == "move":
+            assert not list(inbox.iterdir())
+    rows = read_csv(home.workdir / job.results_csv)
+    assert sorted(r["filename"] for r in rows) == sorted(images)  # complete, no duplicates
+    summary = read_summary(home.workdir / job.summary_json)
+    assert (summary["state"], summary["total_processed"], summary["failed"]) == ("succeeded", 24, 0)
+    log = (home.workdir / job.log_file).read_text(encoding="utf-8")
+    assert log.count("BATCH PROCESSING COMPLETED") == 1
+    assert {rel: (home.data / rel).read_bytes() for rel in planted} == planted  # untouched, beside the images
