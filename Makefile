@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install proto lint bench train evaluate install-gpu install-train clean
+.PHONY: run test chaos install proto lint bench train evaluate install-gpu install-train clean
 
 # The virtual environment, created and filled when missing or when pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -24,6 +24,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+## make chaos SEEDS=50: the Batch service's seeded chaos test over more seeds than `make test` runs (5)
+SEEDS ?= 50
+chaos: $(STAMP)
+	FASHION_CHAOS_SEEDS=$(SEEDS) $(PY) -m pytest -q -s -p no:cacheprovider tests/batch/test_chaos.py
 
 ## make proto: regenerate clients/fashion/{v1,kserve} from protos/
 proto: $(STAMP)
