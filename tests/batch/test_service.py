@@ -122,10 +122,12 @@ def test_every_input_ends_in_exactly_one_place_with_the_seeds_reports(
     assert fake[0].startswith("  ✗ Error: not an image"), fake
     assert fake[1:] == ["  ✓ Moved to: data/processed_batches/_failed/fake.jpg"]
 
-    # The stream: the job first, an event per sorted group naming its images, the end.
+    # The stream: the job first, the scan's skipped files, an event per sorted group naming its images, the end.
     file_events = [f for e in events for f in e.files]
-    assert len(file_events) == len({f.filename for f in file_events}), "each image reported once"
-    assert sorted(f.filename for f in file_events) == sorted([*images, *broken])
+    assert len(file_events) == len({f.filename for f in file_events}), "each file reported once"
+    assert sorted(f.filename for f in file_events if f.status != "skipped") == sorted([*images, *broken])
+    assert {f.filename: f.error for f in file_events if f.status == "skipped"} == {
+        "notes.txt": "not an image (.txt)", "escape.png": "symbolic link (links are not followed)"}
     by_name = {f.filename: f for f in file_events}
     assert by_name["fake.jpg"].status == "failed" and by_name["fake.jpg"].destination.endswith("_failed/fake.jpg")
     assert by_name["item_0000.png"].destination == f"processed_batches/{taken.parent.name}/item_0000_1.png"
