@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test chaos install proto lint bench train evaluate install-gpu install-train clean
+.PHONY: run test chaos install dataset test-tools proto lint bench train evaluate install-gpu install-train clean
 
 # The virtual environment, created and filled when missing or when pyproject.toml changed.
 $(STAMP): pyproject.toml
@@ -16,18 +16,35 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Fashion-MNIST (tests, training, evaluation, benchmarks): Debian's dataset-fashion-mnist, installed with
+# apt-get when missing and we are root; otherwise one line saying what to install, before anything runs.
+FASHION_MNIST_DIR ?= /usr/share/datasets/fashion-mnist
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+dataset:
+	@ls $(FASHION_MNIST_DIR)/t10k-images-idx3-ubyte* >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get && \
+		{ $(APT_INSTALL) dataset-fashion-mnist || { apt-get update -qq && $(APT_INSTALL) dataset-fashion-mnist; }; }; } \
+		>/dev/null 2>&1; ls $(FASHION_MNIST_DIR)/t10k-images-idx3-ubyte* >/dev/null 2>&1 || \
+		{ echo "make: Fashion-MNIST is missing: install Debian's dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist) or set FASHION_MNIST_DIR to a folder of its idx files"; exit 2; }
+
+# Tools some tests use (kubectl for the manifests): installed when root and apt-get exist; without them those tests skip and say why.
+test-tools:
+	@command -v kubectl >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get && \
+		{ $(APT_INSTALL) kubectl || $(APT_INSTALL) kubernetes-client || \
+		  { apt-get update -qq && { $(APT_INSTALL) kubectl || $(APT_INSTALL) kubernetes-client; }; }; }; } >/dev/null 2>&1; \
+		command -v kubectl >/dev/null || echo "make: kubectl not found (apt-get install kubectl): the Kubernetes manifest tests will be skipped"
+
 ## make run: start the whole local stack in the foreground (Ctrl-C stops it)
 run: $(STAMP)
 	$(VENV)/bin/fashion run
 
 ## make test: install and run the whole test suite
-test: $(STAMP)
+test: $(STAMP) dataset test-tools
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 ## make chaos SEEDS=50: the Batch service's seeded chaos test over more seeds than `make test` runs (5)
 SEEDS ?= 50
-chaos: $(STAMP)
+chaos: $(STAMP) dataset
 	FASHION_CHAOS_SEEDS=$(SEEDS) $(PY) -m pytest -q -s -p no:cacheprovider tests/batch/test_chaos.py
 
 ## make proto: regenerate clients/fashion/{v1,kserve} from protos/
@@ -38,7 +55,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 ## make bench: benchmarks, results written to bench/results/
-bench: $(STAMP)
+bench: $(STAMP) dataset
 	@# The C++ stream load generator needs gRPC C++; installed when this is a Debian machine and we are root.
 	@pkg-config --exists grpc++ 2>/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
@@ -50,10 +67,10 @@ bench: $(STAMP)
 install-train: $(STAMP)
 	$(PIP) install --quiet -e ".[dev,train]"
 
-train: install-train
+train: install-train dataset
 	$(PY) -m services.inference.training
 
-evaluate: $(STAMP)
+evaluate: $(STAMP) dataset
 	$(VENV)/bin/fashion model evaluate
 
 ## make install-gpu: onnxruntime-gpu (the `gpu` extra: CUDA 13 and cuDNN wheels) in place of the CPU wheel

@@ -4,7 +4,8 @@ A job may only read and write under the configured data root. Paths given by cal
 resolved (symbolic links followed, `..` collapsed) before they are checked, so `../x`, an
 absolute path elsewhere and a link inside the root that points out of it are all refused.
 Inside the root, paths are stored relative to it (posix form), so records stay valid if the
-whole data folder is moved.
+whole data folder is moved. While a job runs, stored paths are never resolved again: its files
+are reached through folder descriptors (tree.py).
 """
 
 from __future__ import annotations
@@ -61,35 +62,14 @@ class DataRoot:
             raise PathRefused(f"{what} {raw!r} is not a folder ({real})")
         return real
 
-    def contains(self, path: Path) -> bool:
-        """Whether `path`, links resolved, lies under the root (checked again at read and move time)."""
-        return Path(os.path.realpath(path)).is_relative_to(self.real)
-
-    def relative(self, path: Path | str) -> str:
+    def relative(self, path: Path) -> str:
         """`path` (under the real root) as stored in records: posix, relative to the root."""
-        if isinstance(path, str) and os.sep == "/" and path.startswith(self._real_prefix):
-            return path[len(self._real_prefix):]  # a scan's images: no Path per image
-        rel = Path(path).relative_to(self.real)
+        rel = path.relative_to(self.real)
         return PurePosixPath(*rel.parts).as_posix() if rel.parts else "."
-
-    def absolute(self, rel: str) -> Path:
-        return self.real / rel if rel != "." else self.real
-
-    @cached_property
-    def _real_str(self) -> str:
-        return str(self.real)
-
-    @cached_property
-    def _real_prefix(self) -> str:
-        return self._real_str.rstrip("/") + "/"
 
     @cached_property
     def _shown(self) -> str:
         return str(self.root)
-
-    def path(self, rel: str) -> str:
-        """absolute() as a string: cheap enough for every image of a job."""
-        return self._real_str if rel == "." else f"{self._real_str}/{rel}"
 
     def display(self, rel: str) -> str:
         """How logs show a stored path: under the root as the user configured it (data/processed_batches/...)."""

@@ -571,29 +571,45 @@ class _JobRun:
             return
         results = []
         for row in rows:
-            plan = FilePlan(row.seq, Outcome(row.outcome), row.category, row.confidence, row.destination, row.error)
             try:
-                state = self.r.mover.complete(folders.entry(row.source), folders.entry(row.destination, create=True),
-                                              self.copy, f"{self.job.job_id}-{row.seq}")
+                results.append(self._resume(row, folders))
             except OSError as exc:
-                reason = f"{reports.display_name(row.source, self.job.input_dir)}: {exc.strerror or exc}"
-                self.recovery_failures.append(reason)
-                log.error("Job %s: could not finish the transfer of %s", self.job.job_id, reports.printable(reason))
+                self._recovery_failed(row, exc)
                 results.append(FileDone(row.seq, Outcome.FAILED, row.source,
                                         f"could not finish the transfer interrupted by a crash: {exc.strerror or exc}"))
-                continue
-            failpoints.reached("recovering")
-            if state == Resume.DONE:
-                results.append(FileDone(row.seq, plan.outcome, row.destination, row.error))
-            elif state == Resume.MISSING:
-                results.append(FileDone(row.seq, Outcome.FAILED, "",
-                                        "the file disappeared: neither at its source nor at its destination"))
-            else:
-                results.append(self._transfer(plan, row, folders))
         touched = {parent(d.destination) for d in results if d.destination} | {parent(r.source) for r in rows}
         self.r.mover.sync_folders(_open_only(folders, touched))
         self.store.done(self.job.job_id, results)
         self.log.line("Recovered %d transfers interrupted by a crash", len(results))
+
+    def _resume(self, row: FileRecord, folders: OpenFolders) -> FileDone:
+        """One interrupted transfer finished from its record. Raises OSError when it cannot be."""
+        plan = FilePlan(row.seq, Outcome(row.outcome), row.category, row.confidence, row.destination, row.error)
+        destination = folders.entry(row.destination, create=True)
+        try:
+            source = folders.entry(row.source)
+        except FolderRefused as exc:
+            # The source's folder was swapped: where its file went cannot be known. A copy already at the
+            # destination is kept (removing it could lose the only one) and the job fails with the reason.
+            at_destination = lstat_or_none(destination)
+            if at_destination is None or not stat.S_ISREG(at_destination.st_mode):
+                raise
+            self._recovery_failed(row, exc)
+            return FileDone(row.seq, plan.outcome, row.destination, _joined(
+                row.error, f"{exc.strerror}: a copy may remain where that folder went"))
+        state = self.r.mover.complete(source, destination, self.copy, f"{self.job.job_id}-{row.seq}")
+        failpoints.reached("recovering")
+        if state == Resume.DONE:
+            return FileDone(row.seq, plan.outcome, row.destination, row.error)
+        if state == Resume.MISSING:
+            return FileDone(row.seq, Outcome.FAILED, "",
+                            "the file disappeared: neither at its source nor at its destination")
+        return self._transfer(plan, row, folders)
+
+    def _recovery_failed(self, row: FileRecord, exc: OSError) -> None:
+        reason = f"{reports.display_name(row.source, self.job.input_dir)}: {exc.strerror or exc}"
+        self.recovery_failures.append(reason)
+        log.error("Job %s: could not finish the transfer of %s", self.job.job_id, reports.printable(reason))
 
     def _folders_touched(self, decided: list[tuple[FileRecord, Verdict]], moved: list[FileDone],
                          folders: OpenFolders) -> list[int]:

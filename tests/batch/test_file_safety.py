@@ -231,6 +231,38 @@ def test_a_transfer_recovery_cannot_finish_fails_the_job_and_frees_its_file(
     assert_conserved(home, images)
 
 
+def test_recovery_with_the_source_folder_swapped_keeps_what_reached_its_destination(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    home = BatchHome(tmp_path / "home")
+    inbox = home.data / "inbox"
+    images = write_images(inbox, 12)
+    elsewhere = tmp_path / "elsewhere"
+    others = write_images(tmp_path / "others", 12, start=500)
+    elsewhere.mkdir()
+    for name, data in zip(sorted(images), others.values(), strict=True):
+        (elsewhere / name).write_bytes(data)
+    before = contents(elsewhere)
+    job_id = crash_at(home, inference_server, "linked")  # one image linked to its destination, still at its source
+    linked = [(s, d) for s, d in moving_rows(home) if (home.data / d).exists()]
+    assert len(linked) == 1
+    inbox.rename(home.data / "inbox_moved")
+    inbox.symlink_to(elsewhere, target_is_directory=True)
+    batch = home.start(inference_server.address)
+    try:
+        with BatchClient(batch.address) as client:
+            job = client.wait(job_id, timeout_s=60)
+    finally:
+        batch.terminate()
+    assert contents(elsewhere) == before
+    assert job.state == pb.JOB_STATE_FAILED and "is now a symbolic link" in job.error, job
+    with sqlite3.connect(home.data / ".batch" / "jobs.db") as db:
+        recorded = db.execute("SELECT destination FROM files WHERE source = ?", (linked[0][0],)).fetchone()[0]
+    assert recorded == linked[0][1]  # recorded where it surely is
+    found = regular_files_by_digest(home.data)
+    for name, data in images.items():  # nothing lost; only the linked one may have a second name
+        assert 1 <= len(found.get(digest(data), [])) <= (2 if linked[0][0].endswith(name) else 1), name
+
+
 # --- 6: a job that cannot write its results ---------------------------------------------------------------
 
 def test_a_full_disk_while_finishing_fails_the_job_and_no_restart_turns_it_into_success(

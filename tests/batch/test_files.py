@@ -41,7 +41,7 @@ def test_data_root_refuses_every_way_out(tmp_path: Path) -> None:
     with pytest.raises(FolderMissing, match="does not exist"):
         dr.folder("nothing/here", "input_dir")
     assert dr.relative((root / "inbox" / "deep").resolve()) == "inbox/deep"
-    assert dr.relative(str((root / "inbox" / "deep" / "a.png").resolve())) == "inbox/deep/a.png"
+    assert dr.relative((root / "inbox" / "deep" / "a.png").resolve()) == "inbox/deep/a.png"
     assert dr.display("inbox/deep") == f"{root}/inbox/deep"
 
 
