@@ -9,7 +9,9 @@ is not followed, and one swapped before it is opened is refused.
 
 An OpenFolders holds the descriptors of one short piece of work (one read pass, one sorted group)
 and closes them together: the next piece opens them again from the root, so a swap between two
-pieces is seen by the next one.
+pieces is seen by the next one. It keeps at most MAX_OPEN of them (a catalog with a folder per
+product must not run out of descriptors), closing the least recently used first: a descriptor it
+returned is good until MAX_OPEN other folders were opened after it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import NamedTuple
 from services.batch.paths import DataRoot
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_OPEN = 256
 
 
 class FolderRefused(OSError):
@@ -64,8 +67,9 @@ class OpenFolders:
     def folder(self, rel: str, create: bool = False) -> int:
         """The descriptor of the folder `rel` (root-relative, posix), created when `create`.
         Raises FolderRefused naming the component that is a link, not a folder, or missing."""
-        fd = self._fds.get(rel)
+        fd = self._fds.pop(rel, None)
         if fd is not None:
+            self._fds[rel] = fd  # the most recently used last
             return fd
         parent_fd = self.folder(parent(rel), create)
         name = basename(rel)
@@ -83,6 +87,8 @@ class OpenFolders:
         except OSError as exc:
             raise FolderRefused(exc.errno, self._why(parent_fd, name, rel, exc)) from exc
         self._fds[rel] = fd
+        if len(self._fds) > MAX_OPEN:
+            self.release(next(k for k in self._fds if k != "."))
         return fd
 
     def entry(self, rel: str, create: bool = False) -> Entry:

@@ -18,7 +18,7 @@ from services.batch.paths import DataRoot, FolderMissing, PathRefused
 from services.batch.scanner import scan_folder
 from services.batch.schedule import Schedule
 from services.batch.store import FileDone, FilePlan, JobSpec, JobState, JobStore, Outcome
-from services.batch.tree import Entry, FolderRefused, OpenFolders
+from services.batch.tree import MAX_OPEN, Entry, FolderRefused, OpenFolders
 from tests.support import LABELS
 
 
@@ -112,6 +112,22 @@ def test_folders_are_opened_without_following_links(tmp_path: Path) -> None:
             with pytest.raises(FolderRefused, match=why):
                 folders.folder(rel, create=rel == "out/Bag")
         assert not any((tmp_path / "elsewhere").iterdir())  # nothing created through the link
+
+
+def test_open_folders_hold_a_bounded_number_of_descriptors(tmp_path: Path) -> None:
+    """A catalog with a folder per product: thousands of folders in one sorted group or scan."""
+    for i in range(1500):
+        (tmp_path / "inbox" / f"sku{i:04d}").mkdir(parents=True)
+        (tmp_path / "inbox" / f"sku{i:04d}" / "photo.png").write_bytes(b"x")
+    before = len(os.listdir("/proc/self/fd"))
+    with OpenFolders(DataRoot(tmp_path)) as folders:
+        for i in range(1500):
+            entry = folders.entry(f"inbox/sku{i:04d}/photo.png")
+            assert os.stat(entry.name, dir_fd=entry.folder).st_size == 1  # the descriptor is the right folder
+        assert len(os.listdir("/proc/self/fd")) - before <= MAX_OPEN + 1
+        scan = scan_folder(folders, "inbox", recursive=True)
+        assert len(scan.images) == 1500 and not scan.skipped
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_move_and_copy_never_overwrite(tmp_path: Path) -> None:
