@@ -33,7 +33,7 @@ async def serve(settings: BatchSettings | None = None) -> None:
     setup_logging(settings, "batch_service")
     schedule = Schedule.parse(settings.batch_schedule)  # a bad schedule stops the start, with the reason
     setup_tracing("fashion-batch")
-    start_metrics_server(settings.batch_metrics_port)
+    start_metrics_server(settings.batch_metrics_port, settings.listen_host(settings.batch_host))
 
     settings.data_root.mkdir(parents=True, exist_ok=True)
     store = JobStore(default_db_path(settings))
@@ -45,7 +45,7 @@ async def serve(settings: BatchSettings | None = None) -> None:
     server = grpc_server.create_server(settings, "batch", [
         (pb_grpc.add_BatchServiceServicer_to_server, BatchServicer(queue, events))])
     health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES)
-    address = f"{settings.batch_host}:{settings.batch_port}"
+    address = settings.grpc_listen_address(settings.batch_host, settings.batch_port)
     await grpc_server.bind(server, settings, address, health)
     await server.start()
     await queue.start()

@@ -22,6 +22,9 @@ class CommonSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FASHION_", extra="ignore", use_attribute_docstrings=True)
 
+    bind_address: str = "127.0.0.1"
+    """Interface every listener of this process binds (gRPC, HTTP, metrics): loopback unless asked, so a
+    default run is not open to the network; deployments (compose, Kubernetes) set 0.0.0.0."""
     log_dir: Path = Path("logs")
     """Folder of the rotating log files (api.log, api_errors.log, batch_*.log, ...)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -72,12 +75,22 @@ class CommonSettings(BaseSettings):
     """Servers close client connections older than this (in-flight calls finish), so clients re-resolve
     and spread over new replicas; 0: never."""
 
+    def listen_host(self, host: str | None) -> str:
+        """The interface a listener binds: its service's own setting, else bind_address (an IPv6
+        literal without brackets: HTTP servers take the bare address)."""
+        return (host or self.bind_address).strip("[]")
+
+    def grpc_listen_address(self, host: str | None, port: int) -> str:
+        """host:port for a gRPC server's add_*_port (an IPv6 literal in brackets)."""
+        bare = self.listen_host(host)
+        return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
+
 
 class InferenceSettings(CommonSettings):
     """The Inference service."""
 
-    inference_host: str = "[::]"
-    """Interface the Inference service listens on."""
+    inference_host: str | None = None
+    """Interface the Inference service listens on (gRPC and metrics); unset: bind_address."""
     inference_port: int = 50051
     """gRPC port of the Inference service (fashion.v1, KServe V2, health, reflection)."""
     inference_metrics_port: int = 9101
@@ -126,8 +139,8 @@ class InferenceSettings(CommonSettings):
 class BatchSettings(CommonSettings):
     """The Batch service and `fashion batch run` (embedded): sorts folders of images into category folders."""
 
-    batch_host: str = "[::]"
-    """Interface the Batch service listens on."""
+    batch_host: str | None = None
+    """Interface the Batch service listens on (gRPC and metrics); unset: bind_address."""
     batch_port: int = 50052
     """gRPC port of the Batch service (fashion.v1.BatchService, health, reflection)."""
     batch_metrics_port: int = 9102
@@ -193,8 +206,8 @@ def _comma_list(value: object) -> object:
 class MonitorSettings(CommonSettings):
     """The Monitor service: health checks, alert rules, notifications, dashboard."""
 
-    monitor_host: str = "[::]"
-    """Interface the Monitor service listens on."""
+    monitor_host: str | None = None
+    """Interface the Monitor service listens on (gRPC and metrics); unset: bind_address."""
     monitor_port: int = 50053
     """gRPC port of the Monitor service (fashion.v1.MonitorService, health, reflection)."""
     monitor_metrics_port: int = 9103
@@ -309,8 +322,8 @@ class MonitorSettings(CommonSettings):
 class GatewaySettings(CommonSettings):
     """The REST gateway: HTTP/JSON in front of the gRPC services, with no logic of its own."""
 
-    gateway_host: str = "0.0.0.0"
-    """Interface the gateway listens on."""
+    gateway_host: str | None = None
+    """Interface the gateway listens on; unset: bind_address."""
     gateway_port: int = 8080
     """HTTP port of the gateway (/predict, /health, /stats, /batch/jobs, /monitor, /metrics, /docs)."""
     gateway_workers: int = Field(default=1, ge=1, le=64)

@@ -97,7 +97,7 @@ HTTP_LATENCY = Histogram(
 HTTP_IN_FLIGHT = Gauge("fashion_http_requests_in_flight", "HTTP requests being handled by the gateway")
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> int:
+def start_metrics_server(port: int, addr: str) -> int:
     """Serve /metrics on `port` (0 disables). Returns the port, or 0 when disabled."""
     if port <= 0:
         return 0

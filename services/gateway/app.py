@@ -148,7 +148,8 @@ def main() -> None:
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit 0 then, with the logs flushed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.run(
-        "services.gateway.app:factory", factory=True, host=settings.gateway_host, port=settings.gateway_port,
+        "services.gateway.app:factory", factory=True, host=settings.listen_host(settings.gateway_host),
+        port=settings.gateway_port,
         workers=settings.gateway_workers, loop="uvloop", http="httptools", log_config=None, access_log=False,
         server_header=False, limit_concurrency=settings.gateway_max_concurrency or None,
         timeout_graceful_shutdown=int(settings.shutdown_grace_s), **uvicorn_ssl(settings),  # type: ignore[arg-type]

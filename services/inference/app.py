@@ -33,7 +33,7 @@ async def serve(settings: InferenceSettings | None = None) -> None:
     settings = settings or InferenceSettings()
     setup_logging(settings, "api")
     setup_tracing("fashion-inference")
-    start_metrics_server(settings.inference_metrics_port)
+    start_metrics_server(settings.inference_metrics_port, settings.listen_host(settings.inference_host))
 
     classifier = Classifier(settings)
     server = grpc_server.create_server(settings, "inference", [
@@ -41,7 +41,7 @@ async def serve(settings: InferenceSettings | None = None) -> None:
         (kserve_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(classifier, settings.server_name)),
     ])
     health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES)
-    address = f"{settings.inference_host}:{settings.inference_port}"
+    address = settings.grpc_listen_address(settings.inference_host, settings.inference_port)
     await grpc_server.bind(server, settings, address, health)
     await server.start()
     log.info("Inference service listening on %s (NOT_SERVING until the model is loaded)", address)

@@ -31,13 +31,13 @@ async def serve(settings: MonitorSettings | None = None) -> None:
     settings = settings or MonitorSettings()
     setup_logging(settings, "monitor")
     setup_tracing("fashion-monitor")  # before any channel: the checks carry trace context
-    start_metrics_server(settings.monitor_metrics_port)
+    start_metrics_server(settings.monitor_metrics_port, settings.listen_host(settings.monitor_host))
 
     monitor = Monitor.service(settings)
     server = grpc_server.create_server(settings, "monitor", [
         (pb_grpc.add_MonitorServiceServicer_to_server, MonitorServicer(monitor))])
     health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES)
-    address = f"{settings.monitor_host}:{settings.monitor_port}"
+    address = settings.grpc_listen_address(settings.monitor_host, settings.monitor_port)
     await grpc_server.bind(server, settings, address, health)
     await server.start()
     await grpc_server.set_serving(health, SERVICE_NAMES, True)

@@ -1,9 +1,10 @@
 """`fashion run` (what `make run` runs) as a user runs it: Inference, Batch, Monitor and the gateway
-start together, answer through the gateway (predictions, batch jobs, monitoring), and all stop on
-Ctrl-C (SIGINT)."""
+start together, listen on loopback only (nothing set), answer through the gateway (predictions,
+batch jobs, monitoring), and all stop on Ctrl-C (SIGINT)."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from tests.images import encode, fashion_images
-from tests.support import free_port, health_status
+from tests.support import free_port, health_status, listening_addresses
 
 
 def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen[bytes], log: Path) -> None:  # type: ignore[no-untyped-def]
@@ -43,13 +44,12 @@ def pid_alive(pid: int) -> bool:
 
 def test_fashion_run_starts_everything_and_ctrl_c_stops_everything(tmp_path: Path, linear_model) -> None:
     ports = {name: free_port() for name in ("inference", "batch", "monitor", "gateway", "m1", "m2", "m3")}
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_")}  # the defaults, as shipped
     env = {
-        **os.environ, "PYTHONUNBUFFERED": "1", "OTEL_SDK_DISABLED": "true",
+        **inherited, "PYTHONUNBUFFERED": "1", "OTEL_SDK_DISABLED": "true",
         "FASHION_MODEL_DIR": str(linear_model[0]), "FASHION_INTRA_OP_THREADS": "1",
-        "FASHION_INFERENCE_HOST": "127.0.0.1", "FASHION_INFERENCE_PORT": str(ports["inference"]),
-        "FASHION_BATCH_HOST": "127.0.0.1", "FASHION_BATCH_PORT": str(ports["batch"]),
-        "FASHION_MONITOR_HOST": "127.0.0.1", "FASHION_MONITOR_PORT": str(ports["monitor"]),
-        "FASHION_GATEWAY_HOST": "127.0.0.1", "FASHION_GATEWAY_PORT": str(ports["gateway"]),
+        "FASHION_INFERENCE_PORT": str(ports["inference"]), "FASHION_BATCH_PORT": str(ports["batch"]),
+        "FASHION_MONITOR_PORT": str(ports["monitor"]), "FASHION_GATEWAY_PORT": str(ports["gateway"]),
         "FASHION_INFERENCE_METRICS_PORT": str(ports["m1"]), "FASHION_BATCH_METRICS_PORT": str(ports["m2"]),
         "FASHION_MONITOR_METRICS_PORT": str(ports["m3"]),
         "FASHION_INFERENCE_ADDRESS": f"127.0.0.1:{ports['inference']}",
@@ -73,6 +73,11 @@ def test_fashion_run_starts_everything_and_ctrl_c_stops_everything(tmp_path: Pat
         wait_until(lambda: httpx.get(f"{gateway}/health").json()["status"] == "healthy", 60, "gateway", proc, log)
         pids = dict(re.findall(r"started (\w+) \(pid (\d+)\)", log.read_text()))
         assert set(pids) == {"inference", "batch", "monitor", "gateway"}, log.read_text()
+        assert f"started gateway (pid {pids['gateway']}): HTTP http://127.0.0.1:{ports['gateway']}" in log.read_text()
+        # Secure by default: every listening socket of the whole process tree is on loopback.
+        listening = listening_addresses(proc.pid)
+        assert {port for _, port in listening} >= set(ports.values()), (listening, ports)
+        assert all(ipaddress.ip_address(address).is_loopback for address, _ in listening), listening
 
         with httpx.Client(base_url=gateway, timeout=30) as client:
             assert client.post("/predict", files={"file": ("a.png", encode(x[0]))}).json()["category"]

@@ -24,6 +24,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def listeners() -> dict[str, str]:
+    """Where each service listens, from the same settings the services read (FASHION_BIND_ADDRESS and
+    the per-service host and port variables)."""
+    from services.common.config import BatchSettings, GatewaySettings, InferenceSettings, MonitorSettings
+
+    def metrics(settings: InferenceSettings | BatchSettings | MonitorSettings, host: str | None, port: int) -> str:
+        if port <= 0:
+            return "metrics off"
+        bare = settings.listen_host(host)
+        return f"metrics http://{f'[{bare}]' if ':' in bare else bare}:{port}/metrics"
+
+    inference, batch, monitor, gateway = InferenceSettings(), BatchSettings(), MonitorSettings(), GatewaySettings()
+    web = gateway.listen_host(gateway.gateway_host)
+    return {
+        "inference": f"gRPC {inference.grpc_listen_address(inference.inference_host, inference.inference_port)}, "
+                     + metrics(inference, inference.inference_host, inference.inference_metrics_port),
+        "batch": f"gRPC {batch.grpc_listen_address(batch.batch_host, batch.batch_port)}, "
+                 + metrics(batch, batch.batch_host, batch.batch_metrics_port),
+        "monitor": f"gRPC {monitor.grpc_listen_address(monitor.monitor_host, monitor.monitor_port)}, "
+                   + metrics(monitor, monitor.monitor_host, monitor.monitor_metrics_port),
+        "gateway": f"HTTP http://{f'[{web}]' if ':' in web else web}:{gateway.gateway_port} (/docs, /metrics)",
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     names = args.only or list(SERVICES)
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -39,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         # Own process group: the terminal's Ctrl-C reaches us once; we stop the children in order.
         procs[name] = subprocess.Popen([sys.executable, "-m", "fashion.cli", "serve", name],
                                        env=os.environ.copy(), start_new_session=True)
-        print(f"fashion run: started {name} (pid {procs[name].pid})", flush=True)
+        print(f"fashion run: started {name} (pid {procs[name].pid}): {listeners()[name]}", flush=True)
     print("fashion run: Ctrl-C stops everything", flush=True)
     exit_code = 0
     while not stopping:
