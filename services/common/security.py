@@ -3,26 +3,25 @@ from certificate files, and an optional bearer token checked on every call but h
 reflection and metrics.
 
 One set of settings (FASHION_TLS*, FASHION_AUTH_TOKEN[_FILE], see config.CommonSettings) configures
-a process's server side and its calls to the other services. The token is compared in constant
-time and never logged: refusals name the reason ("missing", "invalid"), not the value.
+a process's server side and its calls to the other services. A token file may list several tokens,
+one per line: servers accept any of them and clients send the first, and both follow the file as
+it changes (fashion.client.TokenFile), so a token rotates without a restart or a failed call. Tokens
+are compared in constant time and never logged: refusals name the reason ("missing", "invalid"),
+not the value.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import os
-import time
 from pathlib import Path
 
 import grpc
 
-from fashion.client import ChannelOptions
+from fashion.client import ChannelOptions, TokenFileError, token_file
 from services.common.config import CommonSettings
 
 log = logging.getLogger(__name__)
-
-TOKEN_RECHECK_S = 5.0  # how often a token file is looked at again (secret rotation without restart)
 
 
 class SecurityConfigError(ValueError):
@@ -59,53 +58,40 @@ def server_credentials(settings: CommonSettings) -> grpc.ServerCredentials | Non
 
 
 class TokenSource:
-    """The expected bearer token, from auth_token or auth_token_file. A file is re-read when it
-    changes (checked every few seconds), so a rotated Kubernetes Secret needs no restart."""
+    """The bearer tokens a server accepts: auth_token, or every line of auth_token_file as it is now."""
 
     def __init__(self, settings: CommonSettings) -> None:
-        self._fixed = settings.auth_token.get_secret_value() if settings.auth_token else None
-        self._path = settings.auth_token_file if self._fixed is None else None
-        self._token: bytes | None = self._fixed.encode() if self._fixed else None
-        self._mtime = 0.0
-        self._checked = 0.0
-        if self._path is not None:
-            self._reload()
-            if not self._token:
-                raise SecurityConfigError(f"the token file {self._path} is empty")
+        fixed = settings.auth_token.get_secret_value() if settings.auth_token else None
+        self._fixed = (fixed.encode(),) if fixed else None
+        self._file = token_file(settings.auth_token_file) if fixed is None and settings.auth_token_file else None
+        if self._file is not None:
+            try:
+                self._file.tokens()
+            except TokenFileError as exc:
+                raise SecurityConfigError(str(exc)) from exc
 
     @property
     def enabled(self) -> bool:
-        return self._token is not None
+        return self._fixed is not None or self._file is not None
 
-    def _reload(self) -> None:
-        assert self._path is not None
-        try:
-            mtime = os.stat(self._path).st_mtime
-        except OSError as exc:
-            if self._token is None:
-                raise SecurityConfigError(f"cannot read the token file {self._path}: {exc.strerror}") from exc
-            return  # keep the last good token while a Secret update swaps the file
-        if mtime != self._mtime:
-            token = _read(self._path, "token file").strip()
-            if token:
-                self._token, self._mtime = token, mtime
-
-    def current(self) -> bytes | None:
-        if self._path is not None and time.monotonic() - self._checked > TOKEN_RECHECK_S:
-            self._checked = time.monotonic()
-            self._reload()
-        return self._token
+    def current(self) -> tuple[bytes, ...]:
+        """The accepted tokens (none: no authentication)."""
+        if self._file is not None:
+            return tuple(t.encode() for t in self._file.tokens())
+        return self._fixed or ()
 
     def check(self, authorization: str | bytes | None) -> str | None:
-        """None when the `authorization` header value carries the token, else why not."""
-        expected = self.current()
-        if expected is None:
+        """None when the `authorization` header value carries an accepted token, else why not."""
+        accepted = self.current()
+        if not accepted:
             return None
         if not authorization:
             return "missing bearer token (send 'authorization: Bearer <token>')"
         value = authorization.encode() if isinstance(authorization, str) else authorization
         scheme, _, token = value.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), expected):
+        token = token.strip()
+        matches = [hmac.compare_digest(token, expected) for expected in accepted]  # every one: constant time
+        if scheme.lower() != b"bearer" or not any(matches):
             return "invalid bearer token"
         return None
 
@@ -146,7 +132,7 @@ def client_options(settings: CommonSettings, address: str, **overrides: object) 
     """ChannelOptions for calls from this process to another service, from the same settings that
     configure its server side: TLS when tls (or tls_ca) is set, the client certificate for mTLS,
     the bearer token, message limits, load-balancing policy."""
-    token = TokenSource(settings).current() if (settings.auth_token or settings.auth_token_file) else None
+    fixed = settings.auth_token.get_secret_value() if settings.auth_token else None
     values: dict[str, object] = {
         "address": address,
         "tls": settings.tls or settings.tls_ca is not None,
@@ -154,7 +140,8 @@ def client_options(settings: CommonSettings, address: str, **overrides: object) 
         "client_cert": settings.tls_cert,
         "client_key": settings.tls_key,
         "server_name": settings.tls_server_name,
-        "token": token.decode() if token else None,
+        "token": fixed,
+        "token_file": settings.auth_token_file if fixed is None else None,
         "max_message_bytes": settings.max_message_bytes,
         "lb_policy": settings.grpc_lb_policy,
     }
@@ -164,13 +151,13 @@ def client_options(settings: CommonSettings, address: str, **overrides: object) 
 
 class _BearerToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
                    grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call of a channel."""
+    """Adds `authorization: Bearer <token>` to every call of a channel, the token as of the call."""
 
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, options: ChannelOptions) -> None:
+        self._options = options
 
     def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._header)
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._options.metadata)
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                           details.wait_for_ready)
 
@@ -192,7 +179,7 @@ def aio_channel(settings: CommonSettings, address: str,
     """A channel to another service for code that uses raw stubs: TLS and the bearer token from the
     settings, as fashion.client's channels have them."""
     client = client_options(settings, address)
-    interceptors = [_BearerToken(client.token)] if client.token else None
+    interceptors = [_BearerToken(client)] if client.token or client.token_file else None
     creds = client.credentials()
     opts = list(options or ())
     if client.server_name:

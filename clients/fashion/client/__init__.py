@@ -6,11 +6,12 @@
 """
 
 from fashion.client._channel import ChannelOptions
+from fashion.client._token import TokenFile, TokenFileError, token_file
 from fashion.client.batch import AsyncBatchClient, BatchClient
 from fashion.client.inference import AsyncInferenceClient, InferenceClient
 from fashion.client.monitor import AsyncMonitorClient, MonitorClient
 
 __all__ = [
     "AsyncBatchClient", "AsyncInferenceClient", "AsyncMonitorClient", "BatchClient", "ChannelOptions",
-    "InferenceClient", "MonitorClient",
+    "InferenceClient", "MonitorClient", "TokenFile", "TokenFileError", "token_file",
 ]

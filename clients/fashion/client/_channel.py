@@ -10,6 +10,8 @@ from pathlib import Path
 
 import grpc
 
+from fashion.client._token import token_file
+
 MIB = 1024 * 1024
 
 
@@ -35,6 +37,9 @@ class ChannelOptions:
     client_key: Path | None = None
     token: str | None = field(default=None, repr=False)
     """Bearer token sent as `authorization: Bearer <token>`."""
+    token_file: Path | None = None
+    """File holding the bearer token (its first line), used when `token` is unset; read again whenever
+    it changes, so a rotated Secret is sent from the next call on (see fashion.client.TokenFile)."""
     server_name: str = ""
     """Name expected in the server certificate when it differs from the address's host."""
     lb_policy: str = "pick_first"
@@ -48,8 +53,6 @@ class ChannelOptions:
     def from_env(cls, address: str, **overrides: object) -> ChannelOptions:
         env = os.environ
         token = env.get("FASHION_AUTH_TOKEN")
-        if not token and env.get("FASHION_AUTH_TOKEN_FILE"):
-            token = Path(env["FASHION_AUTH_TOKEN_FILE"]).read_text(encoding="utf-8").strip()
         values: dict[str, object] = {
             "address": address,
             "tls": env.get("FASHION_TLS", "").lower() in ("1", "true", "yes", "on"),
@@ -59,6 +62,8 @@ class ChannelOptions:
             "server_name": env.get("FASHION_TLS_SERVER_NAME", ""),
             "lb_policy": env.get("FASHION_GRPC_LB_POLICY") or "pick_first",
             "token": token or None,
+            "token_file": Path(env["FASHION_AUTH_TOKEN_FILE"]) if not token and env.get("FASHION_AUTH_TOKEN_FILE")
+            else None,
             "max_message_bytes": int(env.get("FASHION_MAX_MESSAGE_BYTES", 16 * MIB)),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -66,7 +71,10 @@ class ChannelOptions:
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        """The call metadata: the bearer token, as of now. Raises TokenFileError when the token file
+        cannot be read (and never could be)."""
+        token = self.token or (token_file(self.token_file).primary() if self.token_file else None)
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
     def grpc_options(self) -> list[tuple[str, object]]:
         retry: dict[str, object] = {
