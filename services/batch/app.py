@@ -20,6 +20,7 @@ from services.common import server as grpc_server
 from services.common.config import BatchSettings
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
+from services.common.security import metrics_token_check
 from services.common.tracing import setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ async def serve(settings: BatchSettings | None = None) -> None:
     setup_logging(settings, "batch_service")
     schedule = Schedule.parse(settings.batch_schedule)  # a bad schedule stops the start, with the reason
     setup_tracing("fashion-batch")
-    start_metrics_server(settings.batch_metrics_port, settings.listen_host(settings.batch_host))
+    start_metrics_server(settings.batch_metrics_port, settings.listen_host(settings.batch_host),
+                         metrics_token_check(settings))
 
     settings.data_root.mkdir(parents=True, exist_ok=True)
     store = JobStore(default_db_path(settings))
@@ -44,7 +46,7 @@ async def serve(settings: BatchSettings | None = None) -> None:
                      settings.batch_history_days)
     server = grpc_server.create_server(settings, "batch", [
         (pb_grpc.add_BatchServiceServicer_to_server, BatchServicer(queue, events))])
-    health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES)
+    health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES, settings.reflection)
     address = settings.grpc_listen_address(settings.batch_host, settings.batch_port)
     await grpc_server.bind(server, settings, address, health)
     await server.start()

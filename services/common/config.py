@@ -64,10 +64,17 @@ class CommonSettings(BaseSettings):
     """With TLS on, also serve grpc.health.v1 alone in plaintext on this port, for Kubernetes
     grpc probes (which cannot speak TLS); 0: off."""
     auth_token: SecretStr | None = None
-    """Bearer token: servers refuse calls without it (UNAUTHENTICATED, HTTP 401; health, reflection and
-    metrics excepted) and clients send it. Unset with auth_token_file unset: no authentication."""
+    """Bearer token: servers refuse calls without it (UNAUTHENTICATED, HTTP 401; health and reflection
+    excepted, metrics unless metrics_public) and clients send it. Unset with auth_token_file unset: no
+    authentication."""
     auth_token_file: Path | None = None
-    """File holding the bearer token (a mounted secret), used when auth_token is unset."""
+    """File of bearer tokens (a mounted secret), one per line, used when auth_token is unset: servers
+    accept any, clients send the first; followed as it changes."""
+    metrics_public: bool = False
+    """Serve /metrics without the bearer token even when one is set (by default scrapes must send it:
+    Prometheus' `authorization: credentials_file`)."""
+    reflection: bool = True
+    """Serve gRPC server reflection (what `grpcurl list` reads); false hides the API description."""
     grpc_lb_policy: Literal["pick_first", "round_robin"] = "pick_first"
     """Client load balancing: round_robin spreads calls over every address a name resolves to (use it
     with a headless Kubernetes Service, e.g. dns:///fashion-inference-headless:50051)."""

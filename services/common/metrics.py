@@ -1,14 +1,22 @@
 """Prometheus metrics of every service, in one registry (prometheus-client's default).
 
-Each service process exposes them on its own HTTP port (see README); names follow Prometheus
-conventions, and queue time is kept apart from compute time, as Triton does.
+Each service process exposes them on its own HTTP port (see README), on the service's bind
+address, and behind its bearer token when one is set (unless FASHION_METRICS_PUBLIC=true); names
+follow Prometheus conventions, and queue time is kept apart from compute time, as Triton does.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +105,50 @@ HTTP_LATENCY = Histogram(
 HTTP_IN_FLIGHT = Gauge("fashion_http_requests_in_flight", "HTTP requests being handled by the gateway")
 
 
-def start_metrics_server(port: int, addr: str) -> int:
-    """Serve /metrics on `port` (0 disables). Returns the port, or 0 when disabled."""
+TokenCheck = Callable[[str | None], str | None]
+"""An Authorization header value -> None when it is accepted, else why not (security.TokenSource.check)."""
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _MetricsServer6(_MetricsServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass  # a scrape every few seconds is not worth a log line
+
+
+def start_metrics_server(port: int, addr: str, token_check: TokenCheck | None = None) -> int:
+    """Serve /metrics on `addr`:`port` (port 0 disables it) in a background thread; with `token_check`,
+    scrapes without an accepted bearer token get 401. Returns the port, or 0 when disabled."""
     if port <= 0:
         return 0
-    start_http_server(port, addr=addr)
-    log.info("Prometheus metrics on http://%s:%d/metrics", addr, port)
+    app = make_wsgi_app()
+    if token_check is not None:
+        app = _requiring_token(app, token_check)
+    server = make_server(addr, port, app, _MetricsServer6 if ":" in addr else _MetricsServer,
+                         handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("Prometheus metrics on http://%s:%d/metrics%s", f"[{addr}]" if ":" in addr else addr, port,
+             " (bearer token required)" if token_check is not None else "")
     return port
+
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _requiring_token(app: WsgiApp, token_check: TokenCheck) -> WsgiApp:
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        refusal = token_check(environ.get("HTTP_AUTHORIZATION"))
+        if refusal is None:
+            return app(environ, start_response)
+        body = json.dumps({"error": {"code": "UNAUTHENTICATED", "message": refusal}}).encode()
+        start_response("401 Unauthorized", [("Content-Type", "application/json"), ("WWW-Authenticate", "Bearer"),
+                                            ("Content-Length", str(len(body)))])
+        return [body]
+
+    return guarded

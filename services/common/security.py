@@ -1,6 +1,6 @@
 """Transport security shared by the gRPC services and the REST gateway: TLS (optionally mutual)
-from certificate files, and an optional bearer token checked on every call but health checks,
-reflection and metrics.
+from certificate files, and an optional bearer token checked on every call but health checks and
+reflection (and on metrics ports unless metrics_public).
 
 One set of settings (FASHION_TLS*, FASHION_AUTH_TOKEN[_FILE], see config.CommonSettings) configures
 a process's server side and its calls to the other services. A token file may list several tokens,
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -94,6 +95,13 @@ class TokenSource:
         if scheme.lower() != b"bearer" or not any(matches):
             return "invalid bearer token"
         return None
+
+
+def metrics_token_check(settings: CommonSettings) -> Callable[[str | None], str | None] | None:
+    """What a metrics port asks of a scrape: the service's bearer token when one is set, unless
+    metrics_public; None: nothing."""
+    tokens = TokenSource(settings)
+    return tokens.check if tokens.enabled and not settings.metrics_public else None
 
 
 def require_token(handler: grpc.RpcMethodHandler, tokens: TokenSource) -> grpc.RpcMethodHandler:

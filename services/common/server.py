@@ -285,16 +285,17 @@ async def bind(server: grpc.aio.Server, settings: CommonSettings, address: str,
     return port
 
 
-async def add_health_and_reflection(server: grpc.aio.Server,
-                                    service_names: Iterable[str]) -> health.aio.HealthServicer:
-    """Register grpc.health.v1 and server reflection. Overall ("") and every named service start
-    NOT_SERVING (the library's default for "" is SERVING): the caller says when it is ready."""
+async def add_health_and_reflection(server: grpc.aio.Server, service_names: Iterable[str],
+                                    with_reflection: bool = True) -> health.aio.HealthServicer:
+    """Register grpc.health.v1 and (unless turned off) server reflection. Overall ("") and every named
+    service start NOT_SERVING (the library's default for "" is SERVING): the caller says when it is ready."""
     names = list(service_names)
     health_servicer = health.aio.HealthServicer()
     await set_serving(health_servicer, names, False)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    if with_reflection:
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
     return health_servicer
 
 

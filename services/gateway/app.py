@@ -2,8 +2,8 @@
 and Monitor services over gRPC with the shared client, TLS and token settings.
 
 HTTP side: optional TLS (mutual with FASHION_TLS_CLIENT_CA), optional bearer token on everything
-but /health, /healthz, /metrics and the API docs, upload limits, JSON errors, access log in
-logs/gateway.log, Prometheus /metrics, and OpenTelemetry spans that continue an incoming
+but /health, /healthz and the API docs (/metrics too with FASHION_METRICS_PUBLIC), upload limits,
+JSON errors, access log in logs/gateway.log, Prometheus /metrics, and OpenTelemetry spans that continue an incoming
 `traceparent` into the gRPC calls (FastAPI's own OpenTelemetry server spans, recorded only when
 traces are exported; otherwise the context alone is carried, which costs nothing measurable).
 """
@@ -87,6 +87,7 @@ def create_app(settings: GatewaySettings | None = None, trace_http: bool = False
     errors.install(app)
     protected = [Depends(_token_check(tokens))] if tokens.enabled else []
     app.include_router(routes.public)
+    app.include_router(routes.metrics, dependencies=[] if settings.metrics_public else protected)
     app.include_router(routes.inference_router(settings), dependencies=protected)
     app.include_router(routes.batch_router(), dependencies=protected)
     app.include_router(routes.monitor_router(), dependencies=protected)

@@ -100,7 +100,10 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@public.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+metrics = APIRouter(tags=["metrics"])
+
+
+@metrics.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def prometheus_metrics() -> Response:
     """Prometheus metrics of the gateway: HTTP requests by route and status, latency, in flight."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -14,6 +14,7 @@ from services.common import server as grpc_server
 from services.common.config import InferenceSettings
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
+from services.common.security import metrics_token_check
 from services.common.tracing import setup_tracing, shutdown_tracing
 from services.inference.classifier import Classifier
 from services.inference.kserve import KServeServicer
@@ -33,14 +34,15 @@ async def serve(settings: InferenceSettings | None = None) -> None:
     settings = settings or InferenceSettings()
     setup_logging(settings, "api")
     setup_tracing("fashion-inference")
-    start_metrics_server(settings.inference_metrics_port, settings.listen_host(settings.inference_host))
+    start_metrics_server(settings.inference_metrics_port, settings.listen_host(settings.inference_host),
+                         metrics_token_check(settings))
 
     classifier = Classifier(settings)
     server = grpc_server.create_server(settings, "inference", [
         (pb_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(classifier)),
         (kserve_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(classifier, settings.server_name)),
     ])
-    health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES)
+    health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES, settings.reflection)
     address = settings.grpc_listen_address(settings.inference_host, settings.inference_port)
     await grpc_server.bind(server, settings, address, health)
     await server.start()

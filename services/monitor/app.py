@@ -15,6 +15,7 @@ from services.common import server as grpc_server
 from services.common.config import MonitorSettings
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
+from services.common.security import metrics_token_check
 from services.common.tracing import setup_tracing, shutdown_tracing
 from services.monitor.monitor import Monitor
 from services.monitor.notifiers import NotificationError, build_notifiers
@@ -31,12 +32,13 @@ async def serve(settings: MonitorSettings | None = None) -> None:
     settings = settings or MonitorSettings()
     setup_logging(settings, "monitor")
     setup_tracing("fashion-monitor")  # before any channel: the checks carry trace context
-    start_metrics_server(settings.monitor_metrics_port, settings.listen_host(settings.monitor_host))
+    start_metrics_server(settings.monitor_metrics_port, settings.listen_host(settings.monitor_host),
+                         metrics_token_check(settings))
 
     monitor = Monitor.service(settings)
     server = grpc_server.create_server(settings, "monitor", [
         (pb_grpc.add_MonitorServiceServicer_to_server, MonitorServicer(monitor))])
-    health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES)
+    health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES, settings.reflection)
     address = settings.grpc_listen_address(settings.monitor_host, settings.monitor_port)
     await grpc_server.bind(server, settings, address, health)
     await server.start()

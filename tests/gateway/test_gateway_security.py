@@ -35,10 +35,12 @@ def test_https_mtls_and_token(tmp_path: Path, linear_model) -> None:
         x, _ = fashion_images(1)
         files = {"file": ("item.png", encode(x[0]))}
         with httpx.Client(base_url=gw.url, timeout=30, **client_kw) as client:  # type: ignore[arg-type]
-            # Health, metrics and the API description need no token.
+            # Health and the API description need no token; metrics do (FASHION_METRICS_PUBLIC=false).
             health = client.get("/health")
             assert health.status_code == 200 and health.json()["status"] == "healthy", health.text
-            assert client.get("/metrics").status_code == 200
+            assert client.get("/metrics").status_code == 401
+            metrics = client.get("/metrics", headers={"authorization": f"Bearer {TOKEN}"})
+            assert metrics.status_code == 200 and "fashion_http_requests" in metrics.text
             doc = client.get("/openapi.json").json()
             assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
             for headers, reason in (({}, "missing bearer token"), ({"authorization": "Bearer nope"}, "invalid"),

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
@@ -78,6 +79,30 @@ def test_health_and_reflection_need_no_token(token_service: ServiceProcess) -> N
     with grpc.insecure_channel(token_service.address) as ch:
         services = ProtoReflectionDescriptorDatabase(ch).get_services()
     assert "fashion.v1.InferenceService" in services
+
+
+def test_metrics_need_the_token_unless_made_public(token_service: ServiceProcess, tmp_path: Path,
+                                                   linear_model) -> None:
+    url = f"http://127.0.0.1:{token_service.env['FASHION_INFERENCE_METRICS_PORT']}/metrics"
+    for headers in ({}, {"authorization": "Bearer wrong"}):
+        refused = httpx.get(url, headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "UNAUTHENTICATED", refused.text
+        assert refused.headers["www-authenticate"] == "Bearer"
+    scraped = httpx.get(url, headers={"authorization": f"Bearer {TOKEN}"})
+    assert scraped.status_code == 200 and "fashion_inference_model_loaded" in scraped.text
+    public = start_inference(tmp_path, linear_model[0], FASHION_AUTH_TOKEN=TOKEN, FASHION_METRICS_PUBLIC="true",
+                             FASHION_REFLECTION="false")
+    try:
+        public.wait_serving()
+        assert httpx.get(f"http://127.0.0.1:{public.env['FASHION_INFERENCE_METRICS_PORT']}/metrics").status_code == 200
+        # Reflection turned off: grpcurl-style listing is UNIMPLEMENTED, health still answers.
+        with grpc.insecure_channel(public.address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                ProtoReflectionDescriptorDatabase(channel).get_services()
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert health_status(public.address) == "SERVING"
+    finally:
+        public.terminate()
 
 
 def test_refusals_are_logged_without_the_token(token_service: ServiceProcess) -> None:
