@@ -276,6 +276,9 @@ class MonitorSettings(CommonSettings):
     """CA bundle that signed the SMTP server's certificate; system roots when unset."""
     smtp_user: str = ""
     """SMTP login; empty: no login."""
+    smtp_allow_plaintext_auth: bool = False
+    """Log in (send the password) over a connection without TLS; by default a login needs STARTTLS or
+    implicit TLS, and the Monitor refuses to start otherwise."""
     smtp_password: SecretStr | None = None
     """SMTP password (FASHION_SMTP_PASSWORD); never logged."""
     smtp_password_file: Path | None = None

@@ -3,12 +3,16 @@
 and the outbox delivery that retries a failing notifier with exponential backoff.
 
 Secrets (SMTP password, webhook URL) come from the environment or a secrets file, are read at each
-send (a rotated secret needs no restart), and are scrubbed from every error message we log.
+send (a rotated secret needs no restart), and never leave a notifier: every failure of a send is a
+NotificationError whose text has them scrubbed, which is all the outbox logs and stores. The SMTP
+password is only sent over TLS (unless smtp_allow_plaintext_auth), and webhooks only over https
+(http only to a loopback address, for local relays and tests).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import smtplib
@@ -123,11 +127,26 @@ class EmailNotifier:
     def __init__(self, settings: MonitorSettings) -> None:
         if not settings.smtp_to:
             raise ValueError("FASHION_SMTP_HOST is set but FASHION_SMTP_TO has no recipient")
+        if settings.smtp_user and not (settings.smtp_starttls or settings.smtp_ssl or
+                                       settings.smtp_allow_plaintext_auth):
+            raise ValueError("FASHION_SMTP_USER is set but the connection has no TLS, so the password would cross "
+                             "in clear text: set FASHION_SMTP_STARTTLS=true or FASHION_SMTP_SSL=true (or "
+                             "FASHION_SMTP_ALLOW_PLAINTEXT_AUTH=true on a network you trust)")
         self.settings = settings
 
     def send(self, notification: Notification) -> None:
+        password = ""
+        try:
+            password = _secret(self.settings.smtp_password, self.settings.smtp_password_file) \
+                if self.settings.smtp_user else ""
+            self._send(notification, password)
+        except NotificationError:
+            raise
+        except Exception as exc:  # whatever it is, its text may quote the password: scrub it
+            raise NotificationError(_scrubbed(exc, [password])) from None
+
+    def _send(self, notification: Notification, password: str) -> None:
         s = self.settings
-        password = _secret(s.smtp_password, s.smtp_password_file) if s.smtp_user else ""
         msg = EmailMessage()
         msg["From"] = s.smtp_from
         msg["To"] = ", ".join(s.smtp_to)
@@ -163,6 +182,23 @@ class EmailNotifier:
             raise NotificationError(_scrubbed(exc, [password])) from None
 
 
+def webhook_url_problem(url: str) -> str | None:
+    """Why a webhook URL is refused (https only; http only to a loopback address), None when usable.
+    The answer never quotes the URL: it is a secret."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return None
+    if parts.scheme == "http" and parts.hostname:
+        try:
+            if ipaddress.ip_address(parts.hostname).is_loopback:
+                return None
+        except ValueError:
+            if parts.hostname == "localhost":
+                return None
+        return "the Slack webhook URL must start with https:// (http:// is accepted only for a loopback address)"
+    return "the Slack webhook URL must start with https:// and name its host"
+
+
 class SlackNotifier:
     """Posts the seed's payload to a Slack incoming webhook (urllib; any 2xx is success)."""
 
@@ -170,12 +206,18 @@ class SlackNotifier:
 
     def __init__(self, settings: MonitorSettings) -> None:
         self.settings = settings
-        url = self._url()
-        if urllib.parse.urlsplit(url).scheme not in ("https", "http"):
-            raise ValueError("the Slack webhook URL must start with https://")  # the URL itself is secret
+        try:
+            self._url()  # a wrong URL stops the start, with the reason (never the URL)
+        except NotificationError as exc:
+            raise ValueError(str(exc)) from None
 
     def _url(self) -> str:
-        return _secret(self.settings.slack_webhook_url, self.settings.slack_webhook_url_file)
+        """The webhook URL as the secret holds it now. Raises NotificationError when it is unusable."""
+        url = _secret(self.settings.slack_webhook_url, self.settings.slack_webhook_url_file)
+        problem = webhook_url_problem(url)
+        if problem is not None:
+            raise NotificationError(problem)
+        return url
 
     def payload(self, notification: Notification) -> dict[str, str]:
         if notification.kind == "report":
@@ -194,10 +236,10 @@ class SlackNotifier:
 
     def send(self, notification: Notification) -> None:
         url = self._url()
-        request = urllib.request.Request(
-            url, data=json.dumps(self.payload(notification)).encode(), method="POST",
-            headers={"Content-Type": "application/json; charset=utf-8"})
         try:
+            request = urllib.request.Request(
+                url, data=json.dumps(self.payload(notification)).encode(), method="POST",
+                headers={"Content-Type": "application/json; charset=utf-8"})
             with urllib.request.urlopen(request, timeout=self.settings.notify_timeout_s) as resp:
                 resp.read()
         except urllib.error.HTTPError as exc:
@@ -263,7 +305,8 @@ class NotificationOutbox:
 
     def _failed(self, item_id: int, attempts: int, created_at: float, notifier: str,
                 notification: Notification, exc: Exception) -> None:
-        error = str(exc) if isinstance(exc, NotificationError) else f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+        # Notifiers scrub their own errors; anything else is a bug whose text might quote a secret.
+        error = str(exc) if isinstance(exc, NotificationError) else f"{type(exc).__name__} (details not shown)"
         now = time.time()
         if now - created_at > self.settings.notify_give_up_h * 3600:
             log.error("Dropping %s notification %r after %d failed attempts over %.1f h: %s",

@@ -77,10 +77,15 @@ def test_email_over_starttls_with_login_from_a_secrets_file(
                 EmailNotifier(settings).send(FIRED)
         assert "SMTPAuthenticationError" in str(err.value)
         assert PASSWORD not in str(err.value) and PASSWORD not in caplog.text
-        # Without STARTTLS the server refuses to go on: no credentials ever cross in clear text.
-        with pytest.raises(NotificationError, match="FASHION_SMTP_STARTTLS=true"):
-            EmailNotifier(email_settings(inbox.port, smtp_user="alerts",
-                                         smtp_password=SecretStr(PASSWORD))).send(FIRED)
+        # A login without TLS is refused before anything is sent: no password ever crosses in clear text.
+        logins = len(inbox.logins)
+        with pytest.raises(ValueError, match="FASHION_SMTP_STARTTLS=true"):
+            EmailNotifier(email_settings(inbox.port, smtp_user="alerts", smtp_password=SecretStr(PASSWORD)))
+        # Allowed explicitly, it is tried; this server offers no login without TLS, and says so.
+        with pytest.raises(NotificationError, match="offers no login without TLS"):
+            EmailNotifier(email_settings(inbox.port, smtp_user="alerts", smtp_password=SecretStr(PASSWORD),
+                                         smtp_allow_plaintext_auth=True)).send(FIRED)
+        assert len(inbox.logins) == logins  # no password sent without TLS
     finally:
         inbox.stop()
 
@@ -170,3 +175,47 @@ def test_outbox_gives_up_after_the_configured_time(tmp_path: Path, caplog: pytes
         assert NotificationOutbox(store, build_notifiers(settings), settings).deliver_due() == 0
     assert "Dropping email notification '[CRITICAL] API Down' after 1 failed attempts" in caplog.text
     assert store.outbox_size() == 0
+
+
+def test_notifier_secrets_never_reach_logs_outbox_rows_or_errors(
+        tmp_path: Path, webhook: WebhookReceiver, caplog: pytest.LogCaptureFixture) -> None:
+    """Every way a webhook secret turned bad at run time: each send fails with a reason that names no
+    part of it, and neither the log, the outbox rows in the database nor any error text holds it."""
+    secret = "leaky-webhook-secret-9z"
+    url_file = tmp_path / "slack_url"
+    url_file.write_text(webhook.url)
+    settings = MonitorSettings(slack_webhook_url_file=url_file, notify_retry_initial_s=0.01, notify_timeout_s=2)
+    store = MonitorStore(tmp_path / "monitor.db")
+    slack = SlackNotifier(settings)
+    outbox = NotificationOutbox(store, {"slack": slack}, settings)
+    errors: list[str] = []
+    bad_urls = {  # URL -> refused at start too (its form is wrong), not only when sending
+        f"hooks.slack.com/services/T0/B0/{secret}": True,  # no scheme: urllib's own error quotes the URL
+        f"http://hooks.slack.com/services/T0/B0/{secret}": True,  # not https, not loopback
+        f"https://127.0.0.1:{free_port()}/services/T0/B0/{secret}": False,  # nothing listens there
+        f"https://hooks.slack.com:badport/services/{secret}": False,  # urllib's error names the port
+        f"ftp://{secret}.example/x": True,
+    }
+    with caplog.at_level(logging.DEBUG):
+        for bad, wrong_form in bad_urls.items():
+            url_file.write_text(bad)
+            with pytest.raises(NotificationError) as err:
+                slack.send(FIRED)
+            errors.append(str(err.value))
+            _queue(store, ("slack", FIRED))
+            time.sleep(0.02)
+            assert outbox.deliver_due() == 0
+            if wrong_form:
+                with pytest.raises(ValueError) as refused:  # the same URL at start: refused, never quoted
+                    SlackNotifier(settings)
+                errors.append(str(refused.value))
+    assert "must start with https://" in errors[0] and "loopback" in errors[2]
+    assert "Connection refused" in errors[4]
+    assert not [e for e in errors if secret in e], errors
+    assert secret not in caplog.text
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("monitor.db*"))
+    assert secret.encode() not in stored
+    assert store.outbox_size() == len(bad_urls)  # still queued, delivered once the secret is right again
+    url_file.write_text(webhook.url)
+    time.sleep(0.4)
+    assert outbox.deliver_due() == len(bad_urls) and len(webhook.texts()) == len(bad_urls)
