@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,17 +46,56 @@ def tls_enabled(settings: CommonSettings) -> bool:
     return settings.tls_cert is not None
 
 
+class CertificateFiles:
+    """A server's TLS files (key, certificate chain, client CA), read again when one of them changes:
+    grpcio asks before every new connection's handshake (dynamic server credentials), so a renewed
+    certificate (cert-manager) is served from the next connection on, without a restart."""
+
+    def __init__(self, settings: CommonSettings) -> None:
+        assert settings.tls_cert is not None and settings.tls_key is not None
+        self.paths = [p for p in (settings.tls_key, settings.tls_cert, settings.tls_client_ca) if p is not None]
+        self.require_client_auth = settings.tls_client_ca is not None
+        self._signature = self._stat()
+        self.initial = self._configuration()
+
+    def _stat(self) -> tuple[tuple[int, ...], ...]:
+        signature = []
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return ()  # one file missing while a Secret is swapped: try again at the next connection
+            signature.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        return tuple(signature)
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        key, chain, *ca = [_read(path, what) for path, what in zip(
+            self.paths, ("TLS key", "TLS certificate", "client CA"), strict=False)]
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca[0] if ca else None)
+
+    def changed(self) -> grpc.ServerCertificateConfiguration | None:
+        """The new configuration when the files changed (and read whole), else None: keep the current."""
+        signature = self._stat()
+        if not signature or signature == self._signature:
+            return None
+        try:
+            configuration = self._configuration()
+        except SecurityConfigError as exc:
+            log.error("Keeping the current TLS certificate: %s", exc)
+            return None
+        self._signature = signature
+        log.info("TLS certificate files changed: new connections get the new certificate")
+        return configuration
+
+
 def server_credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
-    """TLS credentials of a gRPC server, requiring client certificates when tls_client_ca is set;
-    None for plaintext."""
+    """TLS credentials of a gRPC server, requiring client certificates when tls_client_ca is set, and
+    following the files as they are renewed (CertificateFiles); None for plaintext."""
     if not tls_enabled(settings):
         return None
-    assert settings.tls_cert is not None and settings.tls_key is not None
-    client_ca = _read(settings.tls_client_ca, "client CA") if settings.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(_read(settings.tls_key, "TLS key"), _read(settings.tls_cert, "TLS certificate"))],
-        root_certificates=client_ca, require_client_auth=client_ca is not None,
-    )
+    files = CertificateFiles(settings)
+    return grpc.dynamic_ssl_server_credentials(files.initial, files.changed,
+                                               require_client_authentication=files.require_client_auth)
 
 
 class TokenSource:

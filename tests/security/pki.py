@@ -75,3 +75,17 @@ def make_pki(folder: Path) -> Pki:
     rogue_cert, rogue_key_path = _write(
         folder, "rogue", _issue("intruder", rogue_key, _name("rogue-ca"), rogue_ca_key), rogue_key)
     return Pki(ca_path, server_cert, server_key_path, client_cert, client_key_path, rogue_cert, rogue_key_path)
+
+
+def renew_server_certificate(pki: Pki, folder: Path) -> tuple[Path, Path, int]:
+    """A new server certificate and key from the same CA (as cert-manager renews one), written to
+    `folder` as tls.crt and tls.key; returns their paths and the new serial number."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca.with_suffix(".key").read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _issue("localhost", key, ca.subject, ca_key, sans=[
+        x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    cert_path, key_path = _write(folder, "tls", cert, key)
+    return cert_path, key_path, cert.serial_number

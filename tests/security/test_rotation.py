@@ -1,11 +1,14 @@
-"""Token rotation under load: one token file shared by the Inference service, the Batch service and
+"""Secrets rotated under load. Tokens: one token file shared by the Inference service, the Batch service and
 the gateway (as one mounted Secret would be) is rewritten in the documented three steps while a
 batch job of thousands of images runs and a client keeps calling the gateway and the Inference
-service. Nothing may fail; afterwards the old token is refused everywhere."""
+service; nothing may fail, and afterwards the old token is refused everywhere. Certificates: a
+renewed certificate reaches the next connection, no restart, no failed call."""
 
 from __future__ import annotations
 
 import os
+import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -13,6 +16,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from cryptography import x509
 
 from fashion.client import BatchClient, ChannelOptions, InferenceClient, TokenFile, TokenFileError
 from fashion.client._token import RECHECK_S
@@ -21,6 +25,8 @@ from tests.batch.conftest import BatchHome, wait_for, write_images
 from tests.conftest import start_inference
 from tests.gateway.conftest import start_gateway
 from tests.images import encode, fashion_images
+from tests.security.pki import make_pki, renew_server_certificate
+from tests.support import ServiceProcess, free_port
 
 pytestmark = pytest.mark.timeout(300)
 OLD, NEW = "old-token-3f9c0d", "new-token-7a1e52"
@@ -137,3 +143,66 @@ def test_a_token_file_is_followed_through_every_way_it_is_rewritten(tmp_path: Pa
     assert tokens.tokens() == (NEW, OLD)
     path.unlink()
     assert tokens.tokens() == (NEW, OLD)
+
+
+def served_serial(port: int, ca: Path) -> int:
+    """The serial number of the certificate a new TLS connection to `port` is shown."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_renewed_certificate_reaches_new_connections_without_a_restart_or_a_failed_call(
+        tmp_path: Path, linear_model) -> None:
+    """The files change as a Kubernetes Secret volume changes them: a new folder, then one rename of
+    the link that points at it, so the key and the certificate switch together."""
+    pki = make_pki(tmp_path / "pki")
+    mount = tmp_path / "mount"
+    *_, first_serial = renew_server_certificate(pki, mount / "v1")
+    (mount / "current").symlink_to("v1")
+    health_port = free_port()
+    inference = start_inference(tmp_path / "inference", linear_model[0], FASHION_HEALTH_PORT=str(health_port),
+                                FASHION_TLS_CERT=str(mount / "current" / "tls.crt"),
+                                FASHION_TLS_KEY=str(mount / "current" / "tls.key"))
+    port = int(inference.address.rsplit(":", 1)[1])
+    image = encode(fashion_images(1)[0][0])
+    failures: list[str] = []
+    calls = 0
+    stop = threading.Event()
+
+    def steady_calls() -> None:  # one long-lived channel, calling throughout the renewal
+        nonlocal calls
+        with InferenceClient(ChannelOptions(inference.address, root_ca=pki.ca, server_name="localhost")) as client:
+            while not stop.is_set():
+                try:
+                    client.classify(image)
+                    calls += 1
+                except grpc.RpcError as exc:
+                    failures.append(f"{exc.code().name}: {exc.details()}")
+
+    try:
+        ServiceProcess(inference.proc, f"127.0.0.1:{health_port}", inference.log_path, {}).wait_serving()
+        assert served_serial(port, pki.ca) == first_serial
+        caller = threading.Thread(target=steady_calls)
+        caller.start()
+        time.sleep(0.5)
+        _, _, second_serial = renew_server_certificate(pki, mount / "v2")
+        (mount / "next").symlink_to("v2")
+        os.replace(mount / "next", mount / "current")
+        assert served_serial(port, pki.ca) == second_serial  # the very next connection
+        with InferenceClient(ChannelOptions(inference.address, root_ca=pki.ca, server_name="localhost")) as fresh:
+            assert fresh.classify(image).category
+        time.sleep(0.5)
+        stop.set()
+        caller.join(30)
+        assert not failures, failures[:5]
+        assert calls > 10
+        assert inference.proc.poll() is None  # no restart
+        assert "TLS certificate files changed" in inference.output()
+    finally:
+        stop.set()
+        inference.terminate()
