@@ -31,6 +31,10 @@ _IMAGE_REJECTED = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 class InferenceRefused(RuntimeError):
     """The Inference service refused the job's calls for a reason that waiting will not fix."""
 
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -69,7 +73,7 @@ class RemoteClassifier:
                 reason = "NOT_SERVING (model loading)"
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in TRANSIENT:
-                    raise InferenceRefused(f"{exc.code().name}: {exc.details()}") from None
+                    raise InferenceRefused(exc.code(), exc.details() or "") from None
                 reason = f"{exc.code().name}: {exc.details()}"
             self._on_wait(reason, delay)
             await asyncio.sleep(delay)
@@ -83,7 +87,7 @@ class RemoteClassifier:
                 resp = await self._client.classify_batch(images, top_k=1, timeout_s=self._timeout_s)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in TRANSIENT or _too_large(exc):
-                    raise InferenceRefused(f"{exc.code().name}: {exc.details()}") from None
+                    raise InferenceRefused(exc.code(), exc.details() or "") from None
                 self._went_down(f"{exc.code().name}: {exc.details()}")
                 continue
             # An image error other than INVALID_ARGUMENT is the server's failure, not the image's: retry.

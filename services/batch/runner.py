@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
+
 from fashion.client import AsyncInferenceClient, ChannelOptions
 from services.batch import failpoints, reports
 from services.batch.classifying import InferenceRefused, RemoteClassifier, Verdict
@@ -57,6 +59,7 @@ from services.batch.store import FileDone, FilePlan, FileRecord, JobRecord, JobS
 from services.batch.tree import FolderRefused, OpenFolders, basename, join, lstat_or_none, parent
 from services.common import metrics
 from services.common.config import BatchSettings
+from services.common.security import token_refused
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -240,6 +243,8 @@ class _JobRun:
         except _Cancelled:
             return JobState.CANCELLED, "cancelled on request"
         except InferenceRefused as exc:
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                return JobState.FAILED, token_refused(self.settings, "the Inference service", exc.details)
             return JobState.FAILED, f"the Inference service refused the job: {exc}"
         except _InputMissing as exc:
             return JobState.FAILED, str(exc)

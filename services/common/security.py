@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,6 +136,27 @@ class TokenSource:
         if scheme.lower() != b"bearer" or not any(matches):
             return "invalid bearer token"
         return None
+
+
+REFUSAL_LOG_INTERVAL_S = 300.0
+_refusals_logged: dict[str, float] = {}
+
+
+def token_refused(settings: CommonSettings, peer: str, details: str) -> str:
+    """What to say when `peer` refuses our bearer token: logged as an ERROR naming where our token
+    comes from (never the token), and returned for the caller's own report (job error, health)."""
+    if settings.auth_token is not None:
+        ours = "FASHION_AUTH_TOKEN"
+    elif settings.auth_token_file is not None:
+        ours = f"the token file FASHION_AUTH_TOKEN_FILE={settings.auth_token_file} (first line)"
+    else:
+        ours = "no token: set FASHION_AUTH_TOKEN_FILE to the token file the other services use"
+    message = f"{peer} refused our bearer token ({details}); we send {ours}"
+    now = time.monotonic()
+    if now - _refusals_logged.get(message, -REFUSAL_LOG_INTERVAL_S) >= REFUSAL_LOG_INTERVAL_S:
+        _refusals_logged[message] = now  # repeated checks do not flood the errors log
+        log.error("%s", message)
+    return message
 
 
 def metrics_token_check(settings: CommonSettings) -> Callable[[str | None], str | None] | None:

@@ -45,6 +45,10 @@ def worst(*statuses: Health) -> Health:
 class BatchUnavailable(Exception):
     """The Batch service did not answer GetBatchStats."""
 
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.code = code
+
 
 @dataclass(frozen=True)
 class ServiceCheck:
@@ -271,6 +275,11 @@ class SystemChecker:
                 inference_pb.GetStatsRequest(), timeout=self.settings.monitor_check_timeout_s)
         except grpc.aio.AioRpcError as exc:
             stats_error = f"{exc.code().name}: {short_details(exc.details())}"
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                refused = security.token_refused(self.settings, f"the Inference service at {address}",
+                                                 exc.details() or "")
+                result = ServiceCheck("inference", address, Health.UNHEALTHY, serving, refused, latency, now, True)
+                return self._observed(result, start)
         if serving != "SERVING":
             why = "model not loaded" if stats is not None and not stats.model_loaded else "not serving"
             status, message = Health.UNHEALTHY, f"{serving} ({why})"
@@ -299,6 +308,9 @@ class SystemChecker:
             stats = await self.batch_stats(STATS_DAYS)
         except BatchUnavailable as exc:
             stats_error = str(exc)
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                result = ServiceCheck("batch", address, Health.UNHEALTHY, serving, stats_error, latency, now, True)
+                return self._observed(result, start)
         if serving != "SERVING":
             status, message = Health.UNHEALTHY, f"{serving}"
         elif stats is None:
@@ -318,9 +330,12 @@ class SystemChecker:
             return await batch_pb2_grpc.BatchServiceStub(self._channel(address)).GetBatchStats(
                 batch_pb2.GetBatchStatsRequest(days=days), timeout=self.settings.monitor_check_timeout_s)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise BatchUnavailable(security.token_refused(self.settings, f"the Batch service at {address}",
+                                                     exc.details() or ""), exc.code()) from exc
             raise BatchUnavailable(
                 f"GetBatchStats of the Batch service at {address} failed ({exc.code().name}: "
-                f"{short_details(exc.details())})"
+                f"{short_details(exc.details())})", exc.code()
             ) from exc
 
     @staticmethod

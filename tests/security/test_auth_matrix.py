@@ -1,7 +1,11 @@
-"""Every door checked: with a token set, every RPC of every service (listed from the protos'
-descriptors, not by hand) and every operation of the gateway (listed from its OpenAPI document) is
-called without a token, with a wrong one and with the right one. The public ones are a short
-explicit list; everything else must refuse the first two and let the third through."""
+"""Every door checked: with a token set, every RPC of every service (listed from the descriptors each
+server publishes by reflection, checked against the protos' service names, not by hand) and every
+operation of the gateway (listed from its OpenAPI document) is called without a token, with a
+wrong one and with the right one. The public ones are a short explicit list; everything else must
+refuse the first two and let the third through.
+
+The KServe descriptors come from the server, not from fashion.kserve: the test process may hold
+tritonclient's protos, which register the same `inference.*` names (see tests/inference/test_kserve.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +16,10 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from google.protobuf import message_factory
-from google.protobuf.descriptor import FileDescriptor, MethodDescriptor
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.descriptor import MethodDescriptor
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from fashion.kserve.v2 import grpc_service_pb2 as kserve_pb
 from fashion.v1 import batch_pb2, inference_pb2, monitor_pb2
 from tests.batch.conftest import BatchHome
 from tests.conftest import start_inference
@@ -28,10 +32,18 @@ WRONG = {"": (), "wrong": (("authorization", "Bearer not-the-token"),)}
 PUBLIC_ROUTES = {("GET", "/health")}  # the old API's health check; /healthz and the docs are not operations
 
 
-def methods(*files: FileDescriptor) -> Iterator[MethodDescriptor]:
-    for file in files:
-        for service in file.services_by_name.values():
-            yield from service.methods
+NOT_OURS = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+
+
+def served_methods(channel: grpc.Channel, expected: set[str]) -> Iterator[MethodDescriptor]:
+    """Every method of every service the server publishes (health and reflection aside), after checking
+    that these services are exactly `expected`."""
+    database = ProtoReflectionDescriptorDatabase(channel)
+    services = set(database.get_services()) - NOT_OURS
+    assert services == expected, services
+    pool = descriptor_pool.DescriptorPool(database)
+    for name in sorted(services):
+        yield from pool.FindServiceByName(name).methods
 
 
 def call(channel: grpc.Channel, method: MethodDescriptor, metadata: tuple[tuple[str, str], ...]) -> grpc.StatusCode:
@@ -73,13 +85,16 @@ def test_every_rpc_and_every_route_refuses_a_missing_or_wrong_token(tmp_path: Pa
         processes.append(gateway)
         gateway.wait_ready()
 
-        servers = {inference.address: [inference_pb2.DESCRIPTOR, kserve_pb.DESCRIPTOR],
-                   batch.address: [batch_pb2.DESCRIPTOR], monitor.address: [monitor_pb2.DESCRIPTOR]}
+        def names(*files: object) -> set[str]:
+            return {s.full_name for f in files for s in f.services_by_name.values()}  # type: ignore[attr-defined]
+
+        servers = {inference.address: names(inference_pb2.DESCRIPTOR) | {"inference.GRPCInferenceService"},
+                   batch.address: names(batch_pb2.DESCRIPTOR), monitor.address: names(monitor_pb2.DESCRIPTOR)}
         checked, leaks = 0, []
         right = (("authorization", f"Bearer {TOKEN}"),)
-        for address, files in servers.items():
+        for address, expected in servers.items():
             with grpc.insecure_channel(address) as channel:
-                for method in methods(*files):
+                for method in served_methods(channel, expected):
                     for name, metadata in WRONG.items():
                         code = call(channel, method, metadata)
                         if code != grpc.StatusCode.UNAUTHENTICATED:
