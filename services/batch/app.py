@@ -17,7 +17,7 @@ from services.batch.servicer import BatchServicer
 from services.batch.store import JobStore
 from services.common import metrics
 from services.common import server as grpc_server
-from services.common.config import BatchSettings
+from services.common.config import BatchSettings, load_settings
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
 from services.common.security import metrics_token_check
@@ -68,7 +68,7 @@ async def serve(settings: BatchSettings | None = None) -> None:
 
 
 def main() -> None:
-    settings = BatchSettings()
+    settings = load_settings(BatchSettings)
     try:
         Schedule.parse(settings.batch_schedule)
     except ValueError as exc:  # say why before anything starts, and exit non-zero

@@ -7,10 +7,12 @@ folders, SQLite and no external server.
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -359,3 +361,34 @@ class GatewaySettings(CommonSettings):
     @classmethod
     def _split_origins(cls, value: object) -> object:
         return _comma_list(value)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def invalid_settings_message(exc: ValidationError) -> str:
+    """One line per unusable FASHION_* value, naming the variable, what it holds and why it is refused."""
+    lines = []
+    for error in exc.errors():
+        variable = f"FASHION_{str(error['loc'][0]).upper()}" if error["loc"] else "FASHION_*"
+        value = error.get("input")
+        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+        lines.append(f"error: {variable}{shown}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(settings_class: type[S]) -> S:
+    """The settings of a process's entry point; unusable values end it with exit code 2 and one line
+    per problem on stderr (no traceback)."""
+    try:
+        return settings_class()
+    except ValidationError as exc:
+        print(invalid_settings_message(exc), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def raw_setting(name: str) -> str:
+    """A string setting of CommonSettings as the environment has it, without validating the others: for
+    defaults shown by `--help`, which must work even when some other value is unusable."""
+    value = os.environ.get(f"FASHION_{name.upper()}")
+    return value if value is not None else str(CommonSettings.model_fields[name].default)

@@ -24,7 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.telemetry import TelemetryConfig
 
-from services.common.config import GatewaySettings
+from services.common.config import GatewaySettings, load_settings
 from services.common.logs import setup_logging
 from services.common.security import TokenSource, tls_enabled
 from services.common.tracing import exporting, setup_tracing, shutdown_tracing
@@ -144,7 +144,7 @@ def uvicorn_ssl(settings: GatewaySettings) -> dict[str, object]:
 
 
 def main() -> None:
-    settings = GatewaySettings()
+    settings = load_settings(GatewaySettings)
     TokenSource(settings)  # a bad token file fails here, with its reason, before workers start
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit 0 then, with the logs flushed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))

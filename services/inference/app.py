@@ -11,7 +11,7 @@ from fashion.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
 from services.common import server as grpc_server
-from services.common.config import InferenceSettings
+from services.common.config import InferenceSettings, load_settings
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
 from services.common.security import metrics_token_check
@@ -78,4 +78,4 @@ async def _load_until_ready(classifier: Classifier, health: grpc_server.health.a
 
 
 def main() -> None:
-    grpc_server.run_service(serve())
+    grpc_server.run_service(serve(load_settings(InferenceSettings)))

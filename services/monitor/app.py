@@ -12,7 +12,7 @@ import sys
 from fashion.v1 import monitor_pb2 as pb
 from fashion.v1 import monitor_pb2_grpc as pb_grpc
 from services.common import server as grpc_server
-from services.common.config import MonitorSettings
+from services.common.config import MonitorSettings, load_settings
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
 from services.common.security import metrics_token_check
@@ -65,8 +65,8 @@ async def serve(settings: MonitorSettings | None = None) -> None:
 
 
 def main() -> None:
+    settings = load_settings(MonitorSettings)
     try:  # a wrong setting stops the start with the reason, before anything listens
-        settings = MonitorSettings()
         build_rules(settings)
         build_notifiers(settings)
     except (ValueError, NotificationError) as exc:

@@ -19,11 +19,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from services.common.config import invalid_settings_message
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ValidationError as exc:  # an unusable FASHION_* value: say which, in one line each, exit 2
+        print(invalid_settings_message(exc), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

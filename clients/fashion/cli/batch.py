@@ -123,9 +123,9 @@ def _output_options(p: argparse.ArgumentParser) -> None:
 
 
 def _address(p: argparse.ArgumentParser) -> None:
-    from services.common.config import CommonSettings
+    from services.common.config import raw_setting
 
-    p.add_argument("--address", default=CommonSettings().batch_address,
+    p.add_argument("--address", default=raw_setting("batch_address"),
                    help="Batch service host:port (FASHION_BATCH_ADDRESS)")
 
 
@@ -347,8 +347,8 @@ def run_embedded(args: argparse.Namespace) -> int:
         overrides["batch_shard_count"] = args.shard_count
     if args.shard_index is not None:
         overrides["batch_shard_index"] = args.shard_index
+    settings = BatchSettings(**overrides)  # an unusable FASHION_* value: reported by fashion.cli.main, exit 2
     try:
-        settings = BatchSettings(**overrides)
         Shard.resolve(settings.batch_shard_index, settings.batch_shard_count)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

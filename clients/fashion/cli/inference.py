@@ -42,9 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _address(p: argparse.ArgumentParser) -> None:
-    from services.common.config import CommonSettings
+    from services.common.config import raw_setting
 
-    p.add_argument("--address", default=CommonSettings().inference_address,
+    p.add_argument("--address", default=raw_setting("inference_address"),
                    help="Inference service host:port (FASHION_INFERENCE_ADDRESS)")
 
 

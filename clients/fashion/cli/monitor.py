@@ -53,9 +53,9 @@ def _limit(text: str) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from services.common.config import CommonSettings
+    from services.common.config import raw_setting
 
-    default = CommonSettings().monitor_address
+    default = raw_setting("monitor_address")
     monitor = sub.add_parser("monitor", help="system health, dashboard and alerts (the Monitor service)")
     msub = monitor.add_subparsers(dest="monitor_command", required=True, metavar="COMMAND")
 

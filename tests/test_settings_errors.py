@@ -1,0 +1,44 @@
+"""An unusable FASHION_* value, met as a user meets it: every command and service says which variable
+and why in one line and exits 2 (not 1, which means "unhealthy"); `--help` works regardless."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BAD = {"FASHION_BATCH_CHUNK_SIZE": "abc"}
+LINE = "error: FASHION_BATCH_CHUNK_SIZE='abc': Input should be a valid integer, unable to parse string as an integer"
+
+
+def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env={**os.environ, **BAD, **env}, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.mark.parametrize("command", [["--help"], ["batch", "--help"], ["batch", "run", "--help"],
+                                     ["monitor", "health", "--help"], ["classify", "--help"], ["serve", "--help"]])
+def test_help_works_whatever_the_settings(tmp_path: Path, command: list[str]) -> None:
+    done = run(["-m", "fashion.cli", *command], tmp_path)
+    assert done.returncode == 0 and done.stdout.startswith("usage: fashion"), done.stderr
+    assert not done.stderr
+
+
+@pytest.mark.parametrize("command", [["-m", "fashion.cli", "batch", "run", "inbox"], ["-m", "fashion.cli", "config"],
+                                     ["-m", "fashion.cli", "serve", "batch"], ["-m", "services.batch"]])
+def test_an_unusable_value_is_one_line_naming_the_variable_and_exit_2(tmp_path: Path, command: list[str]) -> None:
+    done = run(command, tmp_path)
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert done.stderr.splitlines() == [LINE], done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_each_unusable_value_gets_its_own_line(tmp_path: Path) -> None:
+    done = run(["-m", "services.monitor"], tmp_path, FASHION_LOG_LEVEL="LOUD", FASHION_MONITOR_PORT="http")
+    assert done.returncode == 2
+    assert sorted(done.stderr.splitlines()) == sorted([  # the Batch service's own setting is not the Monitor's
+        "error: FASHION_LOG_LEVEL='LOUD': Input should be 'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'",
+        "error: FASHION_MONITOR_PORT='http': Input should be a valid integer, unable to parse string as an integer"])
