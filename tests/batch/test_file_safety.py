@@ -62,6 +62,28 @@ def run_job(home: BatchHome, batch: ServiceProcess, folder: str, **options: obje
         return client.wait(job.job_id, timeout_s=120)
 
 
+def resume(home: BatchHome, inference: ServiceProcess, job_id: str, unprivileged: bool = False) -> pb.Job:
+    """Start the Batch service again (it adopts the unfinished job) and wait for the job's end."""
+    batch = home.start(inference.address, unprivileged=unprivileged)
+    try:
+        with BatchClient(batch.address) as client:
+            return client.wait(job_id, timeout_s=60)
+    finally:
+        batch.terminate()
+
+
+def outside_with_the_same_names(folder: Path, images: dict[str, bytes]) -> dict[str, bytes]:
+    """A folder outside the data root holding other pictures under the job's own names: the files a
+    swapped link would lead to. Returns name -> bytes."""
+    others = write_images(folder.with_name(folder.name + "_pictures"), len(images), start=500)
+    folder.mkdir()
+    outsiders = {}
+    for name, data in zip(sorted(os.path.basename(n) for n in images), others.values(), strict=True):
+        (folder / name).write_bytes(data)
+        outsiders[name] = data
+    return outsiders
+
+
 # --- 1, 2: folders swapped for symbolic links mid-job ---------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["move", "copy"])
@@ -74,14 +96,8 @@ def test_a_folder_swapped_for_a_link_mid_job_touches_nothing_outside(
         images = {**write_images(inbox / "a", 50), **write_images(inbox / "b", 50, start=50)}
     else:
         images = write_images(inbox, 100)
-    # Outside the data root, other pictures under the job's own names: must stay byte for byte as they are.
-    elsewhere = tmp_path / "elsewhere"
-    others = write_images(tmp_path / "others", len(images), start=500)
-    elsewhere.mkdir()
-    outsiders = {}
-    for name, data in zip(sorted(images), others.values(), strict=True):
-        (elsewhere / name).write_bytes(data)
-        outsiders[name] = data
+    elsewhere = tmp_path / "elsewhere"  # must stay byte for byte as it is
+    outsiders = outside_with_the_same_names(elsewhere, images)
     (elsewhere / "Bag").mkdir()
     before = contents(elsewhere)
     batch = home.start(inference_server.address, **SLOW)
@@ -189,12 +205,7 @@ def test_recovery_never_follows_a_link_planted_at_the_recorded_destination(
     assert moving
     for source, destination in moving:  # each recorded destination: a link back to its source
         (home.data / destination).symlink_to(home.data / source)
-    batch = home.start(inference_server.address)
-    try:
-        with BatchClient(batch.address) as client:
-            job = client.wait(job_id, timeout_s=60)
-    finally:
-        batch.terminate()
+    job = resume(home, inference_server, job_id)
     assert job.state == pb.JOB_STATE_SUCCEEDED and job.failed == 0, job
     assert_conserved(home, images)
     for _, destination in moving:
@@ -209,12 +220,9 @@ def test_a_transfer_recovery_cannot_finish_fails_the_job_and_frees_its_file(
     job_id = crash_at(home, inference_server, "linked")  # one image in two places (hard link), not yet unlinked
     assert len(moving_rows(home)) >= 1
     inbox.chmod(0o555)  # now the source cannot be removed: recovery must undo, not leave two copies
-    batch = home.start(inference_server.address, unprivileged=True)
     try:
-        with BatchClient(batch.address) as client:
-            job = client.wait(job_id, timeout_s=60)
+        job = resume(home, inference_server, job_id, unprivileged=True)
     finally:
-        batch.terminate()
         inbox.chmod(0o755)
     assert job.state == pb.JOB_STATE_FAILED, job
     assert "could not finish 1 transfer interrupted by a crash" in job.error and "Permission denied" in job.error
@@ -237,22 +245,14 @@ def test_recovery_with_the_source_folder_swapped_keeps_what_reached_its_destinat
     inbox = home.data / "inbox"
     images = write_images(inbox, 12)
     elsewhere = tmp_path / "elsewhere"
-    others = write_images(tmp_path / "others", 12, start=500)
-    elsewhere.mkdir()
-    for name, data in zip(sorted(images), others.values(), strict=True):
-        (elsewhere / name).write_bytes(data)
+    outside_with_the_same_names(elsewhere, images)
     before = contents(elsewhere)
     job_id = crash_at(home, inference_server, "linked")  # one image linked to its destination, still at its source
     linked = [(s, d) for s, d in moving_rows(home) if (home.data / d).exists()]
     assert len(linked) == 1
     inbox.rename(home.data / "inbox_moved")
     inbox.symlink_to(elsewhere, target_is_directory=True)
-    batch = home.start(inference_server.address)
-    try:
-        with BatchClient(batch.address) as client:
-            job = client.wait(job_id, timeout_s=60)
-    finally:
-        batch.terminate()
+    job = resume(home, inference_server, job_id)
     assert contents(elsewhere) == before
     assert job.state == pb.JOB_STATE_FAILED and "is now a symbolic link" in job.error, job
     with sqlite3.connect(home.data / ".batch" / "jobs.db") as db:
