@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,8 +82,9 @@ class CertificateFiles:
             return None
         try:
             configuration = self._configuration()
-        except SecurityConfigError as exc:
-            log.error("Keeping the current TLS certificate: %s", exc)
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.paths[1], self.paths[0])
+        except (SecurityConfigError, ssl.SSLError) as exc:  # e.g. a new key beside the old certificate
+            log.error("Keeping the current TLS certificate until the files agree: %s", exc)
             return None
         self._signature = signature
         log.info("TLS certificate files changed: new connections get the new certificate")

@@ -190,7 +190,14 @@ def test_a_renewed_certificate_reaches_new_connections_without_a_restart_or_a_fa
         caller = threading.Thread(target=steady_calls)
         caller.start()
         time.sleep(0.5)
-        _, _, second_serial = renew_server_certificate(pki, mount / "v2")
+        # A careless renewal first: the new key beside the old certificate. Not used: the old pair stays.
+        _, second_key, second_serial = renew_server_certificate(pki, mount / "v2")
+        (mount / "half").mkdir()
+        (mount / "half" / "tls.crt").write_bytes((mount / "v1" / "tls.crt").read_bytes())
+        (mount / "half" / "tls.key").write_bytes(second_key.read_bytes())
+        (mount / "next").symlink_to("half")
+        os.replace(mount / "next", mount / "current")
+        assert served_serial(port, pki.ca) == first_serial
         (mount / "next").symlink_to("v2")
         os.replace(mount / "next", mount / "current")
         assert served_serial(port, pki.ca) == second_serial  # the very next connection
