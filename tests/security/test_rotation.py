@@ -104,6 +104,8 @@ def test_rotating_the_token_under_load_fails_no_image_and_no_call(tmp_path: Path
             job = client.wait(job.job_id, timeout_s=120)
         assert not load.failures, load.failures[:5]
         assert load.ok > 20, "the load hardly ran"
+        print(f"token rotation under load: {job.processed} images sorted, {load.ok} gateway and {load.ok} gRPC "
+              f"calls, {len(load.failures)} failed")
         assert job.state == pb.JOB_STATE_SUCCEEDED and (job.processed, job.failed) == (IMAGES, 0), job
 
         # The old token is refused now, by every server; the new one is served.
@@ -208,6 +210,7 @@ def test_a_renewed_certificate_reaches_new_connections_without_a_restart_or_a_fa
         caller.join(30)
         assert not failures, failures[:5]
         assert calls > 10
+        print(f"certificate renewal: {calls} calls on a long-lived channel, {len(failures)} failed")
         assert inference.proc.poll() is None  # no restart
         assert "TLS certificate files changed" in inference.output()
     finally:
