@@ -66,7 +66,7 @@ def history_to_pb(h: BatchHistory) -> pb.BatchStats:
         top_categories=[pb.CategoryCount(category=name, count=n) for name, n in h.top_categories],
         daily=[pb.DailyBatchStats(
             date=d.date, runs=d.runs, images=d.images, successful=d.successful, failed=d.failed,
-            uncertain=d.uncertain, mean_confidence=d.mean_confidence,
+            uncertain=d.uncertain, mean_confidence=d.mean_confidence, success_rate=d.success_rate,
             categories=[pb.CategoryCount(category=name, count=n)
                         for name, n in sorted(d.categories.items(), key=lambda kv: (-kv[1], kv[0]))],
         ) for d in h.daily],

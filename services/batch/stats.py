@@ -20,6 +20,13 @@ ERROR_WINDOW_S = 24 * 3600
 MAX_ERRORS = 50
 
 
+def success_rate(images: int, failed: int) -> float:
+    """The batch success rate in percent, two decimals: the images classified (successful or uncertain:
+    an uncertain image was classified, only below the confidence threshold) of those processed;
+    100 when none was processed. successful + uncertain + failed = images."""
+    return round(100.0 * (images - failed) / images, 2) if images else 100.0
+
+
 @dataclass
 class DayHistory:
     date: str
@@ -30,6 +37,10 @@ class DayHistory:
     uncertain: int = 0
     categories: dict[str, int] = field(default_factory=dict)
     confidence_sum: float = 0.0
+
+    @property
+    def success_rate(self) -> float:
+        return success_rate(self.images, self.failed)
 
     @property
     def mean_confidence(self) -> float:
@@ -85,7 +96,7 @@ def batch_history(store: JobStore, days: int = 7, now: float | None = None) -> B
         last_run_age_hours=round((now - last_at) / 3600, 2) if last_at is not None else 0.0,
         runs=totals.runs, images=totals.images, successful=totals.successful, failed=totals.failed,
         uncertain=totals.uncertain,
-        success_rate=round(100.0 * totals.successful / totals.images, 2) if totals.images else 100.0,
+        success_rate=totals.success_rate,
         top_categories=sorted(categories.items(), key=lambda kv: (-kv[1], kv[0])),
         daily=list(daily.values()),
         recent_errors=recent_errors(store, now),

@@ -204,15 +204,13 @@ def success_failure_chart(history: batch_pb2.BatchStats | None, success_rate_min
     ax.bar(days, unsure, width=0.8, bottom=ok, color=COLORS["uncertain"], label="Uncertain")
     ax.bar(days, bad, width=0.8, bottom=[a + b for a, b in zip(ok, unsure, strict=True)], color=COLORS["failed"],
            label="Failed")
-    total = sum(d.images for d in history.daily)
-    rate = 100.0 * sum(ok) / total if total else 100.0
-    _style(ax, f"{title} — last {len(days)} days (success rate {rate:.1f}%, {sum(bad):,} failed)",
+    _style(ax, f"{title} — last {len(days)} days (success rate {history.success_rate:.1f}%, {sum(bad):,} failed)",
            "Date", "Images per day")
     _date_axis(ax, days)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(0, max(max(d.images for d in history.daily) * 1.2, 1))
     rate_ax = ax.twinx()
-    rated = [(day, 100.0 * d.successful / d.images) for day, d in zip(days, history.daily, strict=True) if d.images]
+    rated = [(day, d.success_rate) for day, d in zip(days, history.daily, strict=True) if d.images]
     if rated:
         rate_ax.plot([r[0] for r in rated], [r[1] for r in rated], color="#212121", marker="o", markersize=3,
                      linewidth=1.5, label="Success rate")

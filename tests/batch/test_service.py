@@ -249,7 +249,12 @@ def test_batch_stats_add_up_to_the_jobs(batch_home: BatchHome, batch_server: Ser
     for j in jobs:
         totals.update(dict(j.categories))
     assert {c.category: c.count for c in stats.top_categories} == totals
-    assert stats.success_rate == pytest.approx(round(100 * stats.successful / stats.images, 2))
+    # Uncertain images were classified (below the threshold): they count as successes, not failures.
+    assert stats.successful + stats.uncertain + stats.failed == stats.images and stats.uncertain > 0
+    assert stats.success_rate == pytest.approx(round(100 * (stats.successful + stats.uncertain) / stats.images, 2))
+    assert stats.success_rate > 100 * stats.successful / stats.images
+    today = stats.daily[-1]
+    assert today.success_rate == pytest.approx(round(100 * (today.images - today.failed) / today.images, 2))
     assert stats.last_run_age_hours < 0.1 and stats.HasField("last_run_at")
     assert any("fake.jpg: not an image" in line for line in stats.recent_errors), stats.recent_errors
     assert os.path.exists(batch_home.data / ".batch" / "jobs.db")

@@ -182,7 +182,7 @@ class CategoryCount(_message.Message):
     def __init__(self, category: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class DailyBatchStats(_message.Message):
-    __slots__ = ("date", "runs", "images", "successful", "failed", "uncertain", "categories", "mean_confidence")
+    __slots__ = ("date", "runs", "images", "successful", "failed", "uncertain", "categories", "mean_confidence", "success_rate")
     DATE_FIELD_NUMBER: _ClassVar[int]
     RUNS_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +191,7 @@ class DailyBatchStats(_message.Message):
     UNCERTAIN_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     MEAN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_RATE_FIELD_NUMBER: _ClassVar[int]
     date: str
     runs: int
     images: int
@@ -199,7 +200,8 @@ class DailyBatchStats(_message.Message):
     uncertain: int
     categories: _containers.RepeatedCompositeFieldContainer[CategoryCount]
     mean_confidence: float
-    def __init__(self, date: _Optional[str] = ..., runs: _Optional[int] = ..., images: _Optional[int] = ..., successful: _Optional[int] = ..., failed: _Optional[int] = ..., uncertain: _Optional[int] = ..., categories: _Optional[_Iterable[_Union[CategoryCount, _Mapping]]] = ..., mean_confidence: _Optional[float] = ...) -> None: ...
+    success_rate: float
+    def __init__(self, date: _Optional[str] = ..., runs: _Optional[int] = ..., images: _Optional[int] = ..., successful: _Optional[int] = ..., failed: _Optional[int] = ..., uncertain: _Optional[int] = ..., categories: _Optional[_Iterable[_Union[CategoryCount, _Mapping]]] = ..., mean_confidence: _Optional[float] = ..., success_rate: _Optional[float] = ...) -> None: ...
 
 class BatchStats(_message.Message):
     __slots__ = ("days", "last_run_at", "last_run_age_hours", "runs", "images", "successful", "failed", "uncertain", "success_rate", "top_categories", "daily", "recent_errors", "active_jobs", "data_root", "data_total_bytes", "data_free_bytes")
