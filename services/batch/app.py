@@ -34,7 +34,7 @@ async def serve(settings: BatchSettings | None = None) -> None:
     setup_logging(settings, "batch_service")
     schedule = Schedule.parse(settings.batch_schedule)  # a bad schedule stops the start, with the reason
     setup_tracing("fashion-batch")
-    start_metrics_server(settings.batch_metrics_port, settings.listen_host(settings.batch_host),
+    start_metrics_server("batch", settings.batch_metrics_port, settings.listen_host(settings.batch_host),
                          metrics_token_check(settings))
 
     settings.data_root.mkdir(parents=True, exist_ok=True)

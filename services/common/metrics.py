@@ -3,6 +3,9 @@
 Each service process exposes them on its own HTTP port (see README), on the service's bind
 address, and behind its bearer token when one is set (unless FASHION_METRICS_PUBLIC=true); names
 follow Prometheus conventions, and queue time is kept apart from compute time, as Triton does.
+
+Every family is defined here, but a process exposes only its own (`expose(service)`): a Batch
+service's port shows no Inference families at zero to mislead a dashboard.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,35 @@ HTTP_LATENCY = Histogram(
 HTTP_IN_FLIGHT = Gauge("fashion_http_requests_in_flight", "HTTP requests being handled by the gateway")
 
 
+FAMILIES = {
+    "grpc": (GRPC_REQUESTS, GRPC_LATENCY, GRPC_IN_FLIGHT),
+    "inference": (IMAGES_PROCESSED, BATCH_SIZE, QUEUE_DEPTH, QUEUE_DURATION, COMPUTE_DURATION, DECODE_DURATION,
+                  MODEL_LOADED),
+    "batch": (BATCH_JOBS, BATCH_JOBS_ACTIVE, BATCH_FILES, BATCH_JOB_DURATION, BATCH_SORT_DURATION,
+              BATCH_INFERENCE_WAITS, BATCH_LAST_RUN),
+    "monitor": (MONITOR_CHECK_DURATION, MONITOR_SERVICE_HEALTHY, MONITOR_ALERT_FIRING, MONITOR_EVALUATIONS,
+                MONITOR_NOTIFICATIONS, MONITOR_PENDING_NOTIFICATIONS),
+    "gateway": (HTTP_REQUESTS, HTTP_LATENCY, HTTP_IN_FLIGHT),
+}
+"""The metric families by what owns them."""
+SERVICE_FAMILIES = {"inference": ("grpc", "inference"), "batch": ("grpc", "batch"), "monitor": ("grpc", "monitor"),
+                    "gateway": ("gateway",)}
+"""What each service exposes."""
+for _family in (f for group in FAMILIES.values() for f in group):
+    REGISTRY.unregister(_family)  # defined (counted) everywhere, exposed only by expose()
+
+
+def expose(service: str) -> None:
+    """Put this process's own metric families (and no other service's) in the registry its /metrics
+    serves. Idempotent."""
+    for group in SERVICE_FAMILIES[service]:
+        for family in FAMILIES[group]:
+            try:
+                REGISTRY.register(family)
+            except ValueError:
+                pass  # exposed already (a second call)
+
+
 TokenCheck = Callable[[str | None], str | None]
 """An Authorization header value -> None when it is accepted, else why not (security.TokenSource.check)."""
 
@@ -122,9 +154,11 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # a scrape every few seconds is not worth a log line
 
 
-def start_metrics_server(port: int, addr: str, token_check: TokenCheck | None = None) -> int:
-    """Serve /metrics on `addr`:`port` (port 0 disables it) in a background thread; with `token_check`,
-    scrapes without an accepted bearer token get 401. Returns the port, or 0 when disabled."""
+def start_metrics_server(service: str, port: int, addr: str, token_check: TokenCheck | None = None) -> int:
+    """Serve `service`'s own metrics (expose()) on `addr`:`port` (port 0 disables it) in a background
+    thread; with `token_check`, scrapes without an accepted bearer token get 401. Returns the port, or 0
+    when disabled."""
+    expose(service)
     if port <= 0:
         return 0
     app = make_wsgi_app()

@@ -24,6 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.telemetry import TelemetryConfig
 
+from services.common import metrics
 from services.common.config import GatewaySettings, load_settings
 from services.common.logs import setup_logging
 from services.common.security import TokenSource, tls_enabled
@@ -65,6 +66,7 @@ def create_app(settings: GatewaySettings | None = None, trace_http: bool = False
     still continued into the gRPC calls."""
     settings = settings or GatewaySettings()
     tokens = TokenSource(settings)
+    metrics.expose("gateway")  # its /metrics shows the gateway's own families only
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

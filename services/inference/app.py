@@ -34,7 +34,7 @@ async def serve(settings: InferenceSettings | None = None) -> None:
     settings = settings or InferenceSettings()
     setup_logging(settings, "api")
     setup_tracing("fashion-inference")
-    start_metrics_server(settings.inference_metrics_port, settings.listen_host(settings.inference_host),
+    start_metrics_server("inference", settings.inference_metrics_port, settings.listen_host(settings.inference_host),
                          metrics_token_check(settings))
 
     classifier = Classifier(settings)

@@ -32,7 +32,7 @@ async def serve(settings: MonitorSettings | None = None) -> None:
     settings = settings or MonitorSettings()
     setup_logging(settings, "monitor")
     setup_tracing("fashion-monitor")  # before any channel: the checks carry trace context
-    start_metrics_server(settings.monitor_metrics_port, settings.listen_host(settings.monitor_host),
+    start_metrics_server("monitor", settings.monitor_metrics_port, settings.listen_host(settings.monitor_host),
                          metrics_token_check(settings))
 
     monitor = Monitor.service(settings)

@@ -74,6 +74,15 @@ def test_fashion_run_starts_everything_and_ctrl_c_stops_everything(tmp_path: Pat
         pids = dict(re.findall(r"started (\w+) \(pid (\d+)\)", log.read_text()))
         assert set(pids) == {"inference", "batch", "monitor", "gateway"}, log.read_text()
         assert f"started gateway (pid {pids['gateway']}): HTTP http://127.0.0.1:{ports['gateway']}" in log.read_text()
+        # Each metrics port shows its own service's families only (none of another's at zero).
+        own = {"m1": "fashion_inference_", "m2": "fashion_batch_", "m3": "fashion_monitor_"}
+        for port_name, prefix in own.items():
+            families = set(re.findall(r"^# TYPE (fashion_\w+) ", httpx.get(
+                f"http://127.0.0.1:{ports[port_name]}/metrics").text, re.M))
+            assert any(f.startswith(prefix) for f in families), (port_name, families)
+            assert all(f.startswith((prefix, "fashion_grpc_")) for f in families), (port_name, families)
+        gateway_families = set(re.findall(r"^# TYPE (fashion_\w+) ", httpx.get(f"{gateway}/metrics").text, re.M))
+        assert gateway_families and all(f.startswith("fashion_http_") for f in gateway_families), gateway_families
         # Secure by default: every listening socket of the whole process tree is on loopback.
         listening = listening_addresses(proc.pid)
         assert {port for _, port in listening} >= set(ports.values()), (listening, ports)
