@@ -47,7 +47,7 @@ async def serve(settings: BatchSettings | None = None) -> None:
     server = grpc_server.create_server(settings, "batch", [
         (pb_grpc.add_BatchServiceServicer_to_server, BatchServicer(queue, events))])
     health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES, settings.reflection)
-    address = settings.grpc_listen_address(settings.batch_host, settings.batch_port)
+    address = settings.listen_address(settings.batch_host, settings.batch_port)
     await grpc_server.bind(server, settings, address, health)
     await server.start()
     await queue.start()

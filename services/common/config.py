@@ -89,8 +89,9 @@ class CommonSettings(BaseSettings):
         literal without brackets: HTTP servers take the bare address)."""
         return (host or self.bind_address).strip("[]")
 
-    def grpc_listen_address(self, host: str | None, port: int) -> str:
-        """host:port for a gRPC server's add_*_port (an IPv6 literal in brackets)."""
+    def listen_address(self, host: str | None, port: int) -> str:
+        """host:port of a listener (an IPv6 literal in brackets): what a gRPC server binds, and the
+        authority of an HTTP listener's URL."""
         bare = self.listen_host(host)
         return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
 

@@ -43,7 +43,7 @@ async def serve(settings: InferenceSettings | None = None) -> None:
         (kserve_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(classifier, settings.server_name)),
     ])
     health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES, settings.reflection)
-    address = settings.grpc_listen_address(settings.inference_host, settings.inference_port)
+    address = settings.listen_address(settings.inference_host, settings.inference_port)
     await grpc_server.bind(server, settings, address, health)
     await server.start()
     log.info("Inference service listening on %s (NOT_SERVING until the model is loaded)", address)

@@ -39,7 +39,7 @@ async def serve(settings: MonitorSettings | None = None) -> None:
     server = grpc_server.create_server(settings, "monitor", [
         (pb_grpc.add_MonitorServiceServicer_to_server, MonitorServicer(monitor))])
     health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES, settings.reflection)
-    address = settings.grpc_listen_address(settings.monitor_host, settings.monitor_port)
+    address = settings.listen_address(settings.monitor_host, settings.monitor_port)
     await grpc_server.bind(server, settings, address, health)
     await server.start()
     await grpc_server.set_serving(health, SERVICE_NAMES, True)

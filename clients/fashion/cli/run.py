@@ -29,22 +29,20 @@ def listeners() -> dict[str, str]:
     the per-service host and port variables)."""
     from services.common.config import BatchSettings, GatewaySettings, InferenceSettings, MonitorSettings
 
-    def metrics(settings: InferenceSettings | BatchSettings | MonitorSettings, host: str | None, port: int) -> str:
-        if port <= 0:
-            return "metrics off"
-        bare = settings.listen_host(host)
-        return f"metrics http://{f'[{bare}]' if ':' in bare else bare}:{port}/metrics"
+    def grpc_and_metrics(settings: InferenceSettings | BatchSettings | MonitorSettings, host: str | None,
+                         port: int, metrics_port: int) -> str:
+        metrics = (f"metrics http://{settings.listen_address(host, metrics_port)}/metrics" if metrics_port > 0
+                   else "metrics off")
+        return f"gRPC {settings.listen_address(host, port)}, {metrics}"
 
     inference, batch, monitor, gateway = InferenceSettings(), BatchSettings(), MonitorSettings(), GatewaySettings()
-    web = gateway.listen_host(gateway.gateway_host)
+    web = gateway.listen_address(gateway.gateway_host, gateway.gateway_port)
     return {
-        "inference": f"gRPC {inference.grpc_listen_address(inference.inference_host, inference.inference_port)}, "
-                     + metrics(inference, inference.inference_host, inference.inference_metrics_port),
-        "batch": f"gRPC {batch.grpc_listen_address(batch.batch_host, batch.batch_port)}, "
-                 + metrics(batch, batch.batch_host, batch.batch_metrics_port),
-        "monitor": f"gRPC {monitor.grpc_listen_address(monitor.monitor_host, monitor.monitor_port)}, "
-                   + metrics(monitor, monitor.monitor_host, monitor.monitor_metrics_port),
-        "gateway": f"HTTP http://{f'[{web}]' if ':' in web else web}:{gateway.gateway_port} (/docs, /metrics)",
+        "inference": grpc_and_metrics(inference, inference.inference_host, inference.inference_port,
+                                      inference.inference_metrics_port),
+        "batch": grpc_and_metrics(batch, batch.batch_host, batch.batch_port, batch.batch_metrics_port),
+        "monitor": grpc_and_metrics(monitor, monitor.monitor_host, monitor.monitor_port, monitor.monitor_metrics_port),
+        "gateway": f"HTTP http://{web} (/docs, /metrics)",
     }
 
 
@@ -59,11 +57,12 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    where = listeners()
     for name in names:
         # Own process group: the terminal's Ctrl-C reaches us once; we stop the children in order.
         procs[name] = subprocess.Popen([sys.executable, "-m", "fashion.cli", "serve", name],
                                        env=os.environ.copy(), start_new_session=True)
-        print(f"fashion run: started {name} (pid {procs[name].pid}): {listeners()[name]}", flush=True)
+        print(f"fashion run: started {name} (pid {procs[name].pid}): {where[name]}", flush=True)
     print("fashion run: Ctrl-C stops everything", flush=True)
     exit_code = 0
     while not stopping:
