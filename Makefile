@@ -5,13 +5,15 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test chaos install dataset test-tools proto lint bench train evaluate install-gpu install-train clean
+.PHONY: run test chaos install lock dataset test-tools proto lint bench train evaluate install-gpu install-train clean
 
-# The virtual environment, created and filled when missing or when pyproject.toml changed.
-$(STAMP): pyproject.toml
+# The virtual environment, created and filled when missing or when the project or its lock changed:
+# the exact versions of requirements-dev.lock, then the two distributions of this checkout (editable).
+$(STAMP): pyproject.toml clients/pyproject.toml requirements-dev.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -r requirements-dev.lock
+	$(PIP) install --quiet --no-deps -e ./clients -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -40,6 +42,7 @@ run: $(STAMP)
 ## make test: install and run the whole test suite
 test: $(STAMP) dataset test-tools
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q
 
 ## make chaos SEEDS=50: the Batch service's seeded chaos test over more seeds than `make test` runs (5)
@@ -53,6 +56,15 @@ proto: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
+
+## make lock: pin every dependency again from pyproject.toml and clients/pyproject.toml (uv pip compile):
+## requirements.lock for the images, requirements-dev.lock (with the dev extra) for make and CI
+LOCK := $(VENV)/bin/uv pip compile - --universal --python-version 3.11 --quiet --no-header \
+	--no-emit-package fashion-client --no-emit-package fashion-classifier
+lock: $(STAMP)
+	printf './clients\n.\n' | $(LOCK) -o requirements.lock
+	printf './clients\n.[dev]\n' | $(LOCK) -o requirements-dev.lock
 
 ## make bench: benchmarks, results written to bench/results/
 bench: $(STAMP) dataset
@@ -65,7 +77,7 @@ bench: $(STAMP) dataset
 
 ## make train: train the default model (needs torch; about 30 minutes on 2 cores)
 install-train: $(STAMP)
-	$(PIP) install --quiet -e ".[dev,train]"
+	$(PIP) install --quiet -e ./clients -e ".[dev,train]"
 
 train: install-train dataset
 	$(PY) -m services.inference.training

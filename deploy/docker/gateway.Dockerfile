@@ -9,13 +9,14 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first (pinned in pyproject.toml), so that code changes reuse this layer.
+# Dependencies first, the exact versions of requirements.lock (make lock), so that code changes reuse
+# this layer.
+COPY requirements.lock ./
+RUN pip install --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
-RUN mkdir -p clients/fashion services && touch clients/fashion/__init__.py services/__init__.py \
-    && pip install . && pip uninstall --yes fashion-classifier
 COPY clients ./clients
 COPY services ./services
-RUN pip install --no-deps .
+RUN pip install --no-deps ./clients .
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 fashion \

@@ -14,19 +14,20 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first (pinned in pyproject.toml), so that code changes reuse this layer.
-COPY pyproject.toml README.md ./
-RUN mkdir -p clients/fashion services && touch clients/fashion/__init__.py services/__init__.py \
-    && pip install . && pip uninstall --yes fashion-classifier
+# Dependencies first, the exact versions of requirements.lock (make lock), so that code changes reuse
+# this layer.
+COPY requirements.lock ./
+RUN pip install --no-deps -r requirements.lock
 # onnxruntime-gpu provides the same `onnxruntime` module: it replaces the CPU wheel (same pin).
 RUN if [ "$ONNXRUNTIME" = "gpu" ]; then \
         version="$(pip show onnxruntime | sed -n 's/^Version: //p')" \
         && pip uninstall --yes onnxruntime \
         && pip install "onnxruntime-gpu[cuda,cudnn]==${version}"; \
     fi
+COPY pyproject.toml README.md ./
 COPY clients ./clients
 COPY services ./services
-RUN pip install --no-deps . \
+RUN pip install --no-deps ./clients . \
     && python -c "from services.common.config import SHIPPED_MODEL_DIR as d; assert (d / 'model.onnx').exists(), d"
 
 FROM ${PYTHON_IMAGE} AS runtime

@@ -7,13 +7,14 @@ folders, SQLite and no external server.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from fashion.defaults import DEFAULT_ADDRESSES
 
 MIB = 1024 * 1024
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "inference" / "models" / "fashion-mnist"
@@ -39,11 +40,11 @@ class CommonSettings(BaseSettings):
     """Also write log lines to stdout."""
     max_message_bytes: int = 16 * MIB
     """Largest gRPC message accepted or sent, on servers and client channels."""
-    inference_address: str = "localhost:50051"
+    inference_address: str = DEFAULT_ADDRESSES["inference"]
     """host:port of the Inference service, for the other services and the CLI."""
-    batch_address: str = "localhost:50052"
+    batch_address: str = DEFAULT_ADDRESSES["batch"]
     """host:port of the Batch service."""
-    monitor_address: str = "localhost:50053"
+    monitor_address: str = DEFAULT_ADDRESSES["monitor"]
     """host:port of the Monitor service."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM, how long in-flight calls may take to finish before the server exits."""
@@ -378,18 +379,25 @@ def invalid_settings_message(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_settings(settings_class: type[S]) -> S:
-    """The settings of a process's entry point; unusable values end it with exit code 2 and one line
-    per problem on stderr (no traceback)."""
+def load_settings(settings_class: type[S], **overrides: object) -> S:
+    """The settings of a process's entry point (with the caller's overrides); unusable values end it with
+    exit code 2 and one line per problem on stderr (no traceback)."""
     try:
-        return settings_class()
+        return settings_class(**overrides)
     except ValidationError as exc:
         print(invalid_settings_message(exc), file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def raw_setting(name: str) -> str:
-    """A string setting of CommonSettings as the environment has it, without validating the others: for
-    defaults shown by `--help`, which must work even when some other value is unusable."""
-    value = os.environ.get(f"FASHION_{name.upper()}")
-    return value if value is not None else str(CommonSettings.model_fields[name].default)
+def settings_rows() -> list[tuple[str, str, str]]:
+    """Every setting once, as (environment variable, current value, description): `fashion config`."""
+    classes = [c for c in globals().values() if isinstance(c, type) and issubclass(c, CommonSettings)]
+    seen: set[str] = set()
+    rows = []
+    for cls in sorted(classes, key=lambda c: (c is not CommonSettings, c.__name__)):
+        settings = load_settings(cls)
+        for name, field in cls.model_fields.items():
+            if name not in seen:
+                seen.add(name)
+                rows.append((f"FASHION_{name.upper()}", str(getattr(settings, name)), field.description or ""))
+    return rows

@@ -11,7 +11,6 @@ No torch here: this runs with the services' runtime dependencies only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -339,44 +338,16 @@ def format_report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The evaluate options, for a CLI that mounts them on its own subcommand parser."""
-    parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR, help="model folder")
-    parser.add_argument("--photos", type=int, default=2000,
-                        help="test images also rendered as product photos (0 skips; 10000 = all)")
-    parser.add_argument("--non-fashion", type=int, default=300,
-                        help="blank pages, noise images and text photos scored, of each kind")
-    parser.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--no-benchmark", action="store_true", help="skip the model-only throughput run")
-    parser.add_argument("--out", type=Path, default=Path("results/evaluation"),
-                        help="where metrics.json and the plots go")
-    parser.add_argument("--json", action="store_true", help="print the metrics JSON instead of the report")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Evaluate, write the artifacts and print the report, for parsed `add_arguments` options."""
+def evaluate_and_write(model_dir: Path | None = None, photos: int = 2000, non_fashion: int = 300, threads: int = 2,
+                       batch_size: int = 64, benchmark: bool = True, out: Path = Path("results/evaluation"),
+                       ) -> tuple[dict[str, Any], str, list[Path]]:
+    """`fashion model evaluate`: evaluate the model folder (default: the shipped model), write metrics.json
+    and the plots into `out`; returns the metrics, the text report and the files written. Progress goes to
+    stderr. Raises ValueError when Fashion-MNIST is not installed."""
     if not fashion_mnist.available():
-        print("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist", file=sys.stderr)
-        return 2
-    metrics = evaluate(args.model_dir, photos=args.photos, non_fashion=args.non_fashion, threads=args.threads,
-                       batch_size=args.batch_size, benchmark=not args.no_benchmark,
-                       log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    labels = ModelManifest.load(args.model_dir).labels
-    paths = write_artifacts(metrics, labels, args.out)
-    print(json.dumps(metrics, indent=1) if args.json else format_report(metrics))
-    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fashion model evaluate", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--"]:  # forwarded as an argparse REMAINDER: `fashion model evaluate -- --photos 10`
-        argv = argv[1:]
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        raise ValueError("Fashion-MNIST is not installed: apt-get install dataset-fashion-mnist")
+    model_dir = model_dir or DEFAULT_MODEL_DIR
+    metrics = evaluate(model_dir, photos=photos, non_fashion=non_fashion, threads=threads, batch_size=batch_size,
+                       benchmark=benchmark, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    paths = write_artifacts(metrics, ModelManifest.load(model_dir).labels, out)
+    return metrics, format_report(metrics), paths

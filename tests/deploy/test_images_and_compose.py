@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from fashion.cli.serve import SERVICES as SERVABLE
+from services.launcher import SERVICES as SERVABLE
 from tests.support import REPO
 
 DOCKER = REPO / "deploy" / "docker"

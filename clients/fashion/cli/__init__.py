@@ -1,35 +1,30 @@
-"""The `fashion` command: one CLI for serving, classifying, batch jobs and monitoring."""
+"""The `fashion` command: one CLI for serving, classifying, batch jobs and monitoring.
+
+Commands parse their arguments (fashion.cli.arguments), call one entry point (a client call, or the
+server package's entry point for what runs in this process) and print. Invalid FASHION_* values are
+reported by the server package's entry points: one line per variable, exit 2."""
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
-# Each module registers its subcommands with `register(subparsers)`.
-_COMMAND_MODULES = ("serve", "run", "inference", "batch", "monitor", "config")
+from fashion.cli.arguments import build_parser
+from fashion.cli.server import ServerNotInstalled
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fashion", description="Fashion-image classifier: services and tools.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        importlib.import_module(f"fashion.cli.{name}").register(sub)
-    return parser
+__all__ = ["build_parser", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
-
-    from services.common.config import invalid_settings_message
-
     args = build_parser().parse_args(argv)
+    module, function = args.handler.split(":")
+    command = getattr(importlib.import_module(f"fashion.cli.{module}"), function)
     try:
-        return int(args.func(args) or 0)
+        return int(command(args) or 0)
     except KeyboardInterrupt:
         return 130
-    except ValidationError as exc:  # an unusable FASHION_* value: say which, in one line each, exit 2
-        print(invalid_settings_message(exc), file=sys.stderr)
+    except ServerNotInstalled as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

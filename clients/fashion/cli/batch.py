@@ -11,16 +11,12 @@ unhealthy; 2 bad arguments or the service could not be reached; 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
 import sys
 import time
 from collections.abc import Iterable
 from datetime import datetime
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -39,108 +35,22 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from fashion.cli.server import server_function
 from fashion.client.batch import BatchClient, state_name
 from fashion.v1 import batch_pb2 as pb
-
-if TYPE_CHECKING:  # the services are imported only by the commands that run them locally
-    from services.batch.runner import JobLock, JobRunner
-    from services.common.config import BatchSettings
 
 RULE = "=" * 60
 ERROR_WINDOW_H = 24.0
 EXIT_OK, EXIT_UNHEALTHY, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    batch = sub.add_parser("batch", help="batch jobs: sort folders of images into category folders")
-    bsub = batch.add_subparsers(dest="batch_command", required=True, metavar="COMMAND")
-
-    p = bsub.add_parser("submit", help="start a job on the Batch service")
-    p.add_argument("dir", metavar="DIR", help="folder to process, under the data root")
-    _job_options(p)
-    p.add_argument("--key", default="", help="idempotency key: submitting twice returns the first job")
-    p.add_argument("--wait", action="store_true", help="show progress until the job ends, then a summary")
-    _output_options(p)
-    p.set_defaults(func=submit)
-
-    p = bsub.add_parser("run", help="run a job in this process, without a Batch server (for cron)")
-    p.add_argument("dir", metavar="DIR", help="folder to process, under the data root")
-    _job_options(p)
-    p.add_argument("--inference-address", default=None, help="Inference service host:port "
-                                                             "(FASHION_INFERENCE_ADDRESS)")
-    p.add_argument("--json", action="store_true", help="print the final job as JSON instead of a table")
-    p.add_argument("--shard-count", type=int, default=None, metavar="N",
-                   help="scale-out: split the images into N shards by a stable hash of their path "
-                        "(FASHION_BATCH_SHARD_COUNT)")
-    p.add_argument("--shard-index", type=int, default=None, metavar="I",
-                   help="the shard this process sorts, 0..N-1 (default: JOB_COMPLETION_INDEX of a Kubernetes "
-                        "Indexed Job, else 0)")
-    p.set_defaults(func=run_embedded)
-
-    p = bsub.add_parser("status", help="one job's state and counts")
-    p.add_argument("job_id", metavar="JOB")
-    _output_options(p)
-    p.set_defaults(func=status)
-
-    p = bsub.add_parser("list", help="recent jobs, most recent first")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--state", choices=[state_name(v).lower() for v in pb.JobState.values() if v], default=None)
-    _output_options(p)
-    p.set_defaults(func=list_jobs)
-
-    p = bsub.add_parser("watch", help="follow a job's progress until it ends")
-    p.add_argument("job_id", metavar="JOB")
-    _address(p)
-    p.set_defaults(func=watch)
-
-    p = bsub.add_parser("cancel", help="stop a queued or running job (sorted files stay sorted)")
-    p.add_argument("job_id", metavar="JOB")
-    _output_options(p)
-    p.set_defaults(func=cancel)
-
-    p = bsub.add_parser("health", help="batch processing health check (exit 1 when unhealthy)")
-    p.add_argument("--days", type=int, default=7, help="statistics window in days (default 7)")
-    p.add_argument("--max-age-hours", type=float, default=None,
-                   help="a last run older than this is unhealthy (FASHION_BATCH_STALE_HOURS, default 26)")
-    p.add_argument("--local", action="store_true",
-                   help="read the jobs database under FASHION_DATA_ROOT directly instead of asking the service")
-    _output_options(p)
-    p.set_defaults(func=health)
-
-
-def _job_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--copy", action="store_true", help="copy images instead of moving them")
-    p.add_argument("--recursive", "-r", action="store_true", help="also process subfolders")
-    p.add_argument("--min-confidence", type=float, default=None,
-                   help="below it images go to _uncertain/ (default: the model's)")
-    p.add_argument("--output", default="", help="folder of the category folders, under the data root "
-                                                "(default processed_batches)")
-
-
-def _output_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    _address(p)
-
-
-def _address(p: argparse.ArgumentParser) -> None:
-    from services.common.config import raw_setting
-
-    p.add_argument("--address", default=raw_setting("batch_address"),
-                   help="Batch service host:port (FASHION_BATCH_ADDRESS)")
-
-
 def _folder_arg(raw: str) -> str:
-    """A folder as the server understands it: relative to the data root when it is a local path inside
-    it, else as typed (the server resolves it against its own data root)."""
-    from services.common.config import BatchSettings
-
+    """A folder as the server understands it: a path that exists on this machine as its absolute real path
+    (the server accepts it when it lies under the data root, and says why not otherwise), anything else as
+    typed (relative to the server's data root)."""
     if not raw or not os.path.exists(raw):
         return raw
-    root = Path(os.path.realpath(BatchSettings().data_root))
-    real = Path(os.path.realpath(raw))
-    if not real.is_relative_to(root):
-        return raw  # the server refuses it with the reason
-    return real.relative_to(root).as_posix()
+    return os.path.realpath(raw)
 
 
 def _rpc_error(exc: grpc.RpcError) -> int:
@@ -333,120 +243,45 @@ def cancel(args: argparse.Namespace) -> int:
 # --- embedded run ------------------------------------------------------------------------------
 
 
-class _Refused(Exception):
-    pass
-
-
 def run_embedded(args: argparse.Namespace) -> int:
-    from services.batch.sharding import Shard
-    from services.common.config import BatchSettings
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    overrides: dict[str, object] = {"inference_address": args.inference_address} if args.inference_address else {}
-    if args.shard_count is not None:
-        overrides["batch_shard_count"] = args.shard_count
-    if args.shard_index is not None:
-        overrides["batch_shard_index"] = args.shard_index
-    settings = BatchSettings(**overrides)  # an unusable FASHION_* value: reported by fashion.cli.main, exit 2
-    try:
-        Shard.resolve(settings.batch_shard_index, settings.batch_shard_count)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    run_folder = server_function("batch_run", "batch run")
     console = Console(stderr=args.json)
+    display = JobProgress(console)
+
+    def started(job_id: str, resumed: bool) -> None:
+        if resumed:
+            console.print(f"Resuming interrupted job {job_id}")
+        display.failures.clear()
+
     try:
-        job = asyncio.run(_embedded(settings, args, console))
+        with display:
+            job = run_folder(_folder_arg(args.dir), _folder_arg(args.output), args.copy, args.min_confidence,
+                             args.recursive, args.inference_address, args.shard_count, args.shard_index,
+                             on_start=started, on_update=display.update)
     except KeyboardInterrupt:
         console.print("Interrupted: run the same command again to resume the job where it stopped")
         return EXIT_INTERRUPTED
-    except _Refused as exc:
+    except ValueError as exc:  # folders or options refused, with the reason
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    return EXIT_OK if job.state == pb.JOB_STATE_SUCCEEDED else EXIT_UNHEALTHY
-
-
-async def _embedded(settings: BatchSettings, args: argparse.Namespace, console: Console) -> pb.Job:
-    """Resume this folder's interrupted embedded jobs, then run a new one, each with a progress bar."""
-    from services.batch.events import JobEvents
-    from services.batch.jobs import job_spec
-    from services.batch.paths import FolderMissing, PathRefused
-    from services.batch.runner import JobLock, JobRunner, default_db_path
-    from services.batch.store import JobStore, new_job_id
-
-    store = JobStore(default_db_path(settings))
-    runner = JobRunner(settings, store, JobEvents())
-    try:
-        try:
-            spec = job_spec(runner.root, store.path.parent, _folder_arg(args.dir),
-                            _folder_arg(args.output) or settings.batch_output_dir,
-                            "copy" if args.copy else settings.batch_mode,
-                            args.min_confidence if args.min_confidence is not None else settings.batch_min_confidence,
-                            args.recursive)
-        except (PathRefused, FolderMissing) as exc:
-            raise _Refused(str(exc)) from None
-        for old in store.unfinished():
-            if old.trigger == "cli" and old.input_dir == spec.input_dir:
-                lock = JobLock.try_acquire(runner.lock_dir, old.job_id)
-                if lock is not None:
-                    console.print(f"Resuming interrupted job {old.job_id}")
-                    await _run_with_progress(runner, old.job_id, lock, console, args.json)
-        job_id = new_job_id()
-        lock = JobLock.try_acquire(runner.lock_dir, job_id)  # before the job exists: no service adopts it
-        assert lock is not None
-        store.create(spec, "cli", job_id=job_id)
-        return await _run_with_progress(runner, job_id, lock, console, args.json)
-    finally:
-        await runner.close()
-        store.close()
-
-
-async def _run_with_progress(runner: JobRunner, job_id: str, lock: JobLock, console: Console,
-                             as_json: bool) -> pb.Job:
-    from services.batch import converters
-
-    updates = runner.events.subscribe(job_id)
-    task = asyncio.ensure_future(runner.run(job_id, lock=lock))
-    display = JobProgress(console)
-    try:
-        with display:
-            display.update(converters.job_to_pb(runner.store.get(job_id), runner.settings))
-            while not task.done():
-                getter = asyncio.ensure_future(updates.get())
-                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    continue
-                # Everything queued at once; only failures and the latest snapshot are worth converting.
-                batch = [getter.result(), *(updates.get_nowait() for _ in range(updates.qsize()))]
-                for update in batch:
-                    display.failures.extend(converters.file_to_pb(f) for f in update.files if f.status == "failed")
-                latest = batch[-1]
-                display.update(converters.job_to_pb(latest.job, runner.settings),
-                               pb.JobEvent(message=latest.message))
-        record = await task
-    finally:
-        runner.events.unsubscribe(job_id, updates)
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    job = converters.job_to_pb(record, runner.settings)
-    if as_json:
+    if args.json:
         print(_as_json(job))
     else:
         print_summary(console, job, display.failures)
-    return job
+    return EXIT_OK if job.state == pb.JOB_STATE_SUCCEEDED else EXIT_UNHEALTHY
 
 
 # --- health ------------------------------------------------------------------------------------
 
 
 def health(args: argparse.Namespace) -> int:
-    from services.common.config import BatchSettings
-
-    settings = BatchSettings()
-    max_age = args.max_age_hours if args.max_age_hours is not None else settings.batch_stale_hours
     try:
-        stats, last_failed = _local_health(settings, args.days) if args.local else _remote_health(args)
+        if args.local:
+            stats, last_failed, stale_hours = server_function("batch_health", "batch health --local")(args.days)
+        else:
+            stats, last_failed = _remote_health(args)
+            stale_hours = float(os.environ.get("FASHION_BATCH_STALE_HOURS") or 26.0)
+        max_age = args.max_age_hours if args.max_age_hours is not None else stale_hours
     except grpc.RpcError as exc:
         print(f"error: the Batch service at {args.address} did not answer: {exc.code().name}: {exc.details()}",
               file=sys.stderr)
@@ -470,24 +305,6 @@ def _remote_health(args: argparse.Namespace) -> tuple[pb.BatchStats, pb.Job | No
         stats = client.stats(args.days)
         failed = client.list(1, pb.JOB_STATE_FAILED)
     return stats, (failed[0] if failed else None)
-
-
-def _local_health(settings: BatchSettings, days: int) -> tuple[pb.BatchStats, pb.Job | None]:
-    from services.batch import converters
-    from services.batch.runner import default_db_path
-    from services.batch.stats import batch_history
-    from services.batch.store import JobState, JobStore
-
-    path = default_db_path(settings)
-    if not path.exists():
-        return pb.BatchStats(days=days), None
-    store = JobStore(path)
-    try:
-        failed = store.list(1, JobState.FAILED)
-        return (converters.history_to_pb(batch_history(store, days)),
-                converters.job_to_pb(failed[0], settings) if failed else None)
-    finally:
-        store.close()
 
 
 def _print_health(stats: pb.BatchStats, stale: bool, max_age: float, failed: pb.Job | None) -> None:

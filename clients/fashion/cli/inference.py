@@ -12,40 +12,23 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from fashion.cli.server import server_function
 from fashion.client import InferenceClient
 
 BATCH = 64
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("classify", help="classify image files with the Inference service")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-    _address(p)
-    p.set_defaults(func=classify)
-
-    p = sub.add_parser("stats", help="the Inference service's statistics (JSON)")
-    _address(p)
-    p.set_defaults(func=stats)
-
-    model = sub.add_parser("model", help="the model: info, evaluate")
-    msub = model.add_subparsers(dest="model_command", required=True)
-    p = msub.add_parser("info", help="the served model (name, version, labels, input, provider)")
-    _address(p)
-    p.set_defaults(func=model_info)
-    from services.inference import evaluation
-
-    p = msub.add_parser("evaluate", help="accuracy, calibration and speed of a model folder, offline")
-    evaluation.add_arguments(p)
-    p.set_defaults(func=evaluation.run)
-
-
-def _address(p: argparse.ArgumentParser) -> None:
-    from services.common.config import raw_setting
-
-    p.add_argument("--address", default=raw_setting("inference_address"),
-                   help="Inference service host:port (FASHION_INFERENCE_ADDRESS)")
+def evaluate(args: argparse.Namespace) -> int:
+    evaluate_and_write = server_function("model_evaluate", "model evaluate")
+    try:
+        metrics, report, written = evaluate_and_write(args.model_dir, args.photos, args.non_fashion, args.threads,
+                                                      args.batch_size, not args.no_benchmark, args.out)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics, indent=1) if args.json else report)
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
 
 
 def classify(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ Monitor service, which keeps the alert state.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from datetime import datetime
@@ -21,6 +20,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from fashion.cli.server import server_function
 from fashion.client import ChannelOptions, MonitorClient
 from fashion.v1 import monitor_pb2 as pb
 
@@ -30,62 +30,6 @@ FALLBACK_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 STATUS = {pb.HEALTH_STATUS_HEALTHY: ("✓", "HEALTHY", "green"), pb.HEALTH_STATUS_DEGRADED: ("⚠", "DEGRADED", "yellow"),
           pb.HEALTH_STATUS_UNHEALTHY: ("✗", "UNHEALTHY", "red"), pb.HEALTH_STATUS_UNSPECIFIED: ("?", "UNKNOWN", "red")}
 SEVERITY_STYLE = {"INFO": "cyan", "WARNING": "yellow", "ERROR": "red", "CRITICAL": "bold red"}
-
-
-def _positive_days(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of days: {text!r}") from None
-    if not 1 <= value <= 366:
-        raise argparse.ArgumentTypeError(f"days must be between 1 and 366, got {value}")
-    return value
-
-
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 10000, got {value}")
-    return value
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from services.common.config import raw_setting
-
-    default = raw_setting("monitor_address")
-    monitor = sub.add_parser("monitor", help="system health, dashboard and alerts (the Monitor service)")
-    msub = monitor.add_subparsers(dest="monitor_command", required=True, metavar="COMMAND")
-
-    def common(p: argparse.ArgumentParser, embeddable: bool = True) -> None:
-        p.add_argument("--address", default=default, help="Monitor service host:port (FASHION_MONITOR_ADDRESS)")
-        if embeddable:
-            p.add_argument("--embedded", action="store_true",
-                           help="check from this process instead of asking the Monitor service "
-                                "(uses FASHION_INFERENCE_ADDRESS and FASHION_BATCH_ADDRESS)")
-        p.add_argument("--json", action="store_true", help="print JSON instead of text")
-
-    p = msub.add_parser("health", help="check every service and batch processing; exit 1 when anything is unhealthy")
-    p.add_argument("--days", type=_positive_days, default=7, help="batch statistics window (default 7)")
-    common(p)
-    p.set_defaults(func=health)
-
-    p = msub.add_parser("dashboard", help="write the monitoring report: text, PNG charts, HTML page")
-    p.add_argument("--days", type=_positive_days, default=None, help="days shown by the charts (default 30)")
-    p.add_argument("--text-only", action="store_true", help="only the text report, no charts")
-    p.add_argument("--output-dir", type=Path, default=None,
-                   help="report folder (implies --embedded; default FASHION_REPORT_DIR, monitoring/reports)")
-    common(p)
-    p.set_defaults(func=dashboard)
-
-    p = msub.add_parser("alerts", help="active alerts, their history and the rules")
-    p.add_argument("--history", type=_limit, default=20, help="history entries shown (default 20)")
-    p.add_argument("--rule", default="", help="only this rule")
-    p.add_argument("--rules", action="store_true", help="also list the rules and their thresholds")
-    common(p, embeddable=False)
-    p.set_defaults(func=alerts)
 
 
 def _error(exc: grpc.RpcError) -> int:
@@ -100,25 +44,7 @@ def _console() -> Console:
 # --- health ----------------------------------------------------------------------------------------
 
 def _embedded_health(days: int) -> tuple[pb.SystemHealth, pb.BatchHealth | None, str]:
-    from services.common.config import MonitorSettings
-    from services.monitor.health import BatchUnavailable
-    from services.monitor.monitor import Monitor
-    from services.monitor.servicer import batch_health_pb, system_health_pb
-
-    async def run() -> tuple[pb.SystemHealth, pb.BatchHealth | None, str]:
-        monitor = Monitor.embedded(MonitorSettings())
-        try:
-            system = await monitor.system_health()
-            active = monitor.active_alerts()
-            try:
-                batch, error = batch_health_pb(await monitor.batch_health(days)), ""
-            except BatchUnavailable as exc:
-                batch, error = None, str(exc)
-            return system_health_pb(system, len(active or [])), batch, error
-        finally:
-            await monitor.close()
-
-    return asyncio.run(run())
+    return server_function("monitor_health", "monitor health --embedded")(days)
 
 
 def health(args: argparse.Namespace) -> int:
@@ -198,26 +124,7 @@ def _batch_block(batch: pb.BatchHealth | None, error: str) -> str:
 # --- dashboard -------------------------------------------------------------------------------------
 
 def _embedded_report(days: int | None, text_only: bool, output_dir: Path | None) -> pb.Report:
-    from services.common.config import MonitorSettings
-    from services.monitor.monitor import Monitor
-    from services.monitor.servicer import HEALTH
-
-    overrides = {"report_dir": output_dir} if output_dir is not None else {}
-    settings = MonitorSettings(**overrides)  # type: ignore[arg-type]
-
-    async def run() -> pb.Report:
-        monitor = Monitor.embedded(settings)
-        try:
-            files, status = await monitor.generate_report(days or 0, text_only)
-        finally:
-            await monitor.close()
-        report = pb.Report(text_path=str(files.text_path.absolute()), text=files.text, status=HEALTH[status],
-                           html_path=str(files.html_path.absolute()) if files.html_path else "",
-                           chart_paths=[str(p.absolute()) for p in files.chart_paths])
-        report.generated_at.FromDatetime(files.generated_at)
-        return report
-
-    return asyncio.run(run())
+    return server_function("monitor_report", "monitor dashboard --embedded")(days, text_only, output_dir)
 
 
 def dashboard(args: argparse.Namespace) -> int:

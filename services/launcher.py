@@ -1,33 +1,40 @@
-"""`fashion run` (what `make run` calls): the whole local stack in the foreground.
+"""Running the services: one in the foreground (`fashion serve NAME`) or the whole local stack
+(`fashion run`, what `make run` calls).
 
-Each service runs in its own process (as in production, one per container); Ctrl-C or SIGTERM
-stops them all gracefully. If one exits on its own, the others are stopped too.
+In the stack each service runs in its own process (as in production, one per container); Ctrl-C or
+SIGTERM stops them all gracefully. If one exits on its own, the others are stopped too.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from fashion.cli.serve import SERVICES
+from services.common.config import BatchSettings, GatewaySettings, InferenceSettings, MonitorSettings, load_settings
 
+# service name -> module with a main() that runs it
+SERVICES = {
+    "inference": "services.inference.app",
+    "batch": "services.batch.app",
+    "monitor": "services.monitor.app",
+    "gateway": "services.gateway.app",
+}
 STOP_TIMEOUT_S = 20.0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run the whole local stack in the foreground (Ctrl-C stops it)")
-    p.add_argument("--only", nargs="+", choices=sorted(SERVICES), help="run only these services")
-    p.set_defaults(func=run)
+def serve(name: str) -> int:
+    """Run one service in this process until SIGTERM or Ctrl-C."""
+    importlib.import_module(SERVICES[name]).main()
+    return 0
 
 
 def listeners() -> dict[str, str]:
     """Where each service listens, from the same settings the services read (FASHION_BIND_ADDRESS and
     the per-service host and port variables)."""
-    from services.common.config import BatchSettings, GatewaySettings, InferenceSettings, MonitorSettings
 
     def grpc_and_metrics(settings: InferenceSettings | BatchSettings | MonitorSettings, host: str | None,
                          port: int, metrics_port: int) -> str:
@@ -35,7 +42,8 @@ def listeners() -> dict[str, str]:
                    else "metrics off")
         return f"gRPC {settings.listen_address(host, port)}, {metrics}"
 
-    inference, batch, monitor, gateway = InferenceSettings(), BatchSettings(), MonitorSettings(), GatewaySettings()
+    inference, batch = load_settings(InferenceSettings), load_settings(BatchSettings)
+    monitor, gateway = load_settings(MonitorSettings), load_settings(GatewaySettings)
     web = gateway.listen_address(gateway.gateway_host, gateway.gateway_port)
     return {
         "inference": grpc_and_metrics(inference, inference.inference_host, inference.inference_port,
@@ -46,8 +54,10 @@ def listeners() -> dict[str, str]:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    names = args.only or list(SERVICES)
+def run_stack(only: list[str] | None = None) -> int:
+    """Start the services (all, or `only` these) as child processes and supervise them; returns 1 when one
+    exited on its own, 0 when stopped by a signal."""
+    names = only or list(SERVICES)
     procs: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 

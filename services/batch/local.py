@@ -1,0 +1,119 @@
+"""A folder run as a job in this process, without a Batch server (`fashion batch run`, for cron and
+Kubernetes CronJobs), and the batch health read straight from the jobs database.
+
+The job is the Batch service's own: the same store, lock, runner and reports; the service and
+these runs share the database, and a lock keeps a job from being run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from fashion.v1 import batch_pb2 as pb
+from services.batch import converters
+from services.batch.events import JobEvents
+from services.batch.jobs import job_spec
+from services.batch.paths import FolderMissing, PathRefused
+from services.batch.runner import JobLock, JobRunner, default_db_path
+from services.batch.sharding import Shard
+from services.batch.stats import batch_history
+from services.batch.store import JobState, JobStore, new_job_id
+from services.common.config import BatchSettings, load_settings
+
+JobUpdate = Callable[[pb.Job, pb.JobEvent | None], None]
+"""Called with the job's latest snapshot and, after the first call, the event that moved it."""
+
+
+def run_folder(folder: str, output: str = "", copy: bool = False, min_confidence: float | None = None,
+               recursive: bool = False, inference_address: str | None = None, shard_count: int | None = None,
+               shard_index: int | None = None, on_start: Callable[[str, bool], None] = lambda job_id, resumed: None,
+               on_update: JobUpdate = lambda job, event: None) -> pb.Job:
+    """Resume this folder's interrupted runs, then run it as a new job; returns the new job as it ended.
+
+    `on_start(job_id, resumed)` announces each job before it runs, `on_update` follows it. Raises
+    ValueError, with the reason, when the folders or options are refused; unusable FASHION_* values
+    end the process with exit code 2 (config.load_settings).
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    overrides: dict[str, object] = {"inference_address": inference_address} if inference_address else {}
+    if shard_count is not None:
+        overrides["batch_shard_count"] = shard_count
+    if shard_index is not None:
+        overrides["batch_shard_index"] = shard_index
+    settings = load_settings(BatchSettings, **overrides)
+    Shard.resolve(settings.batch_shard_index, settings.batch_shard_count)  # ValueError names the problem
+    return asyncio.run(_run_folder(settings, folder, output, copy, min_confidence, recursive, on_start, on_update))
+
+
+async def _run_folder(settings: BatchSettings, folder: str, output: str, copy: bool, min_confidence: float | None,
+                      recursive: bool, on_start: Callable[[str, bool], None], on_update: JobUpdate) -> pb.Job:
+    store = JobStore(default_db_path(settings))
+    runner = JobRunner(settings, store, JobEvents())
+    try:
+        try:
+            spec = job_spec(runner.root, store.path.parent, folder, output or settings.batch_output_dir,
+                            "copy" if copy else settings.batch_mode,
+                            min_confidence if min_confidence is not None else settings.batch_min_confidence,
+                            recursive)
+        except (PathRefused, FolderMissing) as exc:
+            raise ValueError(str(exc)) from None
+        for old in store.unfinished():
+            if old.trigger == "cli" and old.input_dir == spec.input_dir:
+                lock = JobLock.try_acquire(runner.lock_dir, old.job_id)
+                if lock is not None:
+                    on_start(old.job_id, True)
+                    await _run_job(runner, old.job_id, lock, on_update)
+        job_id = new_job_id()
+        lock = JobLock.try_acquire(runner.lock_dir, job_id)  # before the job exists: no service adopts it
+        assert lock is not None
+        store.create(spec, "cli", job_id=job_id)
+        on_start(job_id, False)
+        return await _run_job(runner, job_id, lock, on_update)
+    finally:
+        await runner.close()
+        store.close()
+
+
+async def _run_job(runner: JobRunner, job_id: str, lock: JobLock, on_update: JobUpdate) -> pb.Job:
+    updates = runner.events.subscribe(job_id)
+    task = asyncio.ensure_future(runner.run(job_id, lock=lock))
+    try:
+        on_update(converters.job_to_pb(runner.store.get(job_id), runner.settings), None)
+        while not task.done():
+            getter = asyncio.ensure_future(updates.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                continue
+            # Everything queued at once; only failures and the latest snapshot are worth converting.
+            batch = [getter.result(), *(updates.get_nowait() for _ in range(updates.qsize()))]
+            failed = [converters.file_to_pb(f) for update in batch for f in update.files if f.status == "failed"]
+            latest = batch[-1]
+            on_update(converters.job_to_pb(latest.job, runner.settings),
+                      pb.JobEvent(message=latest.message, files=failed))
+        record = await task
+    finally:
+        runner.events.unsubscribe(job_id, updates)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return converters.job_to_pb(record, runner.settings)
+
+
+def batch_health(days: int) -> tuple[pb.BatchStats, pb.Job | None, float]:
+    """The window's statistics, the last failed job and the stale threshold in hours, read from the jobs
+    database under the data root (no Batch service needed)."""
+    settings = load_settings(BatchSettings)
+    path: Path = default_db_path(settings)
+    if not path.exists():
+        return pb.BatchStats(days=days), None, settings.batch_stale_hours
+    store = JobStore(path)
+    try:
+        failed = store.list(1, JobState.FAILED)
+        return (converters.history_to_pb(batch_history(store, days)),
+                converters.job_to_pb(failed[0], settings) if failed else None, settings.batch_stale_hours)
+    finally:
+        store.close()
