@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test chaos install lock dataset test-tools proto lint bench train evaluate install-gpu install-train clean
+.PHONY: run test chaos install lock dataset test-tools proto docs lint bench train evaluate install-gpu install-train clean
 
 # The virtual environment, created and filled when missing or when the project or its lock changed:
 # the exact versions of requirements-dev.lock, then the two distributions of this checkout (editable).
@@ -53,6 +53,10 @@ chaos: $(STAMP) dataset
 ## make proto: regenerate clients/fashion/{v1,kserve} from protos/
 proto: $(STAMP)
 	$(PY) protos/generate.py
+
+## make docs: regenerate docs/configuration.md from the settings classes (services/common/config.py)
+docs: $(STAMP)
+	$(PY) docs/generate_configuration.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
