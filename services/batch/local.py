@@ -17,10 +17,11 @@ from services.batch import converters
 from services.batch.events import JobEvents
 from services.batch.jobs import job_spec
 from services.batch.paths import FolderMissing, PathRefused
+from services.batch.reports import RunnerLog
 from services.batch.runner import JobLock, JobRunner, default_db_path
 from services.batch.sharding import Shard
 from services.batch.stats import batch_history
-from services.batch.store import JobState, JobStore, new_job_id
+from services.batch.store import JobRecord, JobState, JobStore, new_job_id
 from services.common.config import BatchSettings, load_settings
 
 JobUpdate = Callable[[pb.Job, pb.JobEvent | None], None]
@@ -52,32 +53,49 @@ async def _run_folder(settings: BatchSettings, folder: str, output: str, copy: b
                       recursive: bool, on_start: Callable[[str, bool], None], on_update: JobUpdate) -> pb.Job:
     store = JobStore(default_db_path(settings))
     runner = JobRunner(settings, store, JobEvents())
+    runner_log = RunnerLog(settings)
+    job_id = ""
     try:
+        runner_log.started(trigger="fashion batch run")
         try:
             spec = job_spec(runner.root, store.path.parent, folder, output or settings.batch_output_dir,
                             "copy" if copy else settings.batch_mode,
                             min_confidence if min_confidence is not None else settings.batch_min_confidence,
                             recursive)
         except (PathRefused, FolderMissing) as exc:
+            runner_log.line("✗ Cannot process the folder: %s", str(exc))
             raise ValueError(str(exc)) from None
+        runner_log.line("Input: %s%s", runner.root.display(spec.input_dir), " (recursive)" if recursive else "")
+        runner_log.line("Output: %s", runner.root.display(spec.output_dir))
         for old in store.unfinished():
             if old.trigger == "cli" and old.input_dir == spec.input_dir:
                 lock = JobLock.try_acquire(runner.lock_dir, old.job_id)
                 if lock is not None:
-                    on_start(old.job_id, True)
-                    await _run_job(runner, old.job_id, lock, on_update)
+                    job_id = old.job_id
+                    runner_log.line("Resuming interrupted batch job %s", job_id)
+                    on_start(job_id, True)
+                    runner_log.outcome(await _run_job(runner, job_id, lock, on_update))
         job_id = new_job_id()
         lock = JobLock.try_acquire(runner.lock_dir, job_id)  # before the job exists: no service adopts it
         assert lock is not None
         store.create(spec, "cli", job_id=job_id)
+        runner_log.line("Started batch job %s", job_id)
         on_start(job_id, False)
-        return await _run_job(runner, job_id, lock, on_update)
+        record = await _run_job(runner, job_id, lock, on_update)
+        runner_log.outcome(record)
+        job_id = ""
+        return converters.job_to_pb(record, settings)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        if job_id:
+            runner_log.line("Batch runner interrupted: job %s resumes when the same command runs again", job_id)
+        raise
     finally:
+        runner_log.close()
         await runner.close()
         store.close()
 
 
-async def _run_job(runner: JobRunner, job_id: str, lock: JobLock, on_update: JobUpdate) -> pb.Job:
+async def _run_job(runner: JobRunner, job_id: str, lock: JobLock, on_update: JobUpdate) -> JobRecord:
     updates = runner.events.subscribe(job_id)
     task = asyncio.ensure_future(runner.run(job_id, lock=lock))
     try:
@@ -94,13 +112,12 @@ async def _run_job(runner: JobRunner, job_id: str, lock: JobLock, on_update: Job
             latest = batch[-1]
             on_update(converters.job_to_pb(latest.job, runner.settings),
                       pb.JobEvent(message=latest.message, files=failed))
-        record = await task
+        return await task
     finally:
         runner.events.unsubscribe(job_id, updates)
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-    return converters.job_to_pb(record, runner.settings)
 
 
 def batch_health(days: int) -> tuple[pb.BatchStats, pb.Job | None, float]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from services.batch.store import FileRecord, JobRecord, Outcome
+from services.batch.store import STAMP_FORMAT, FileRecord, JobRecord, Outcome
 from services.common.config import CommonSettings
 from services.common.logs import DATE_FORMAT, close_file_logger, file_logger
 
@@ -231,3 +231,36 @@ class RunLog:
         self.line("Results saved to: %s", files.csv)
         self.line("Summary saved to: %s", files.summary)
         self.line(RULE)
+
+
+class RunnerLog:
+    """logs/batch_runner_<stamp>.log: one run of the batch runner (a scheduled run of the Batch service, or
+    `fashion batch run` from cron), as the guide's scheduler log: started, the job(s), the outcome."""
+
+    def __init__(self, settings: CommonSettings) -> None:
+        stamp = datetime.now().strftime(STAMP_FORMAT)
+        self.path = settings.log_dir / f"batch_runner_{stamp}.log"
+        self._log = file_logger(self.path, f"batch.runner.{stamp}", settings)
+
+    def close(self) -> None:
+        close_file_logger(self._log)
+
+    def line(self, message: str, *args: object) -> None:
+        self._log.info(message, *(printable(a) if isinstance(a, str) else a for a in args))
+
+    def started(self, **facts: str) -> None:
+        """The banner, then one "Name: value" line per fact (trigger, schedule, inbox, ...)."""
+        self.line(RULE)
+        self.line("BATCH RUNNER STARTED")
+        self.line(RULE)
+        for name, value in facts.items():
+            self.line("%s: %s", name.replace("_", " ").capitalize(), value)
+
+    def outcome(self, job: JobRecord) -> None:
+        c = job.counts
+        self.line("Batch job %s %s: %d images processed (%d successful, %d uncertain, %d failed) in %.1fs",
+                  job.job_id, job.state.name, c.processed, c.successful, c.uncertain, c.failed, job.duration_s())
+        if job.error:
+            self.line("✗ Batch failed: %s", job.error)
+        else:
+            self.line("✓ Batch completed successfully")

@@ -19,9 +19,8 @@ from croniter import croniter
 
 from services.batch.jobs import JobQueue
 from services.batch.paths import FolderMissing, PathRefused
-from services.batch.reports import RULE
-from services.batch.store import STAMP_FORMAT, JobRecord
-from services.common.logs import close_file_logger, file_logger
+from services.batch.reports import RunnerLog
+from services.batch.store import JobRecord
 
 log = logging.getLogger(__name__)
 _INTERVAL = re.compile(r"^(?:@?every\s+)?(\d+(?:\.\d+)?)\s*(s|sec|secs|m|min|mins|h|hr|hrs|d|day|days)?$", re.I)
@@ -93,56 +92,41 @@ class ScheduledRuns:
 
     async def fire(self) -> JobRecord | None:
         """One scheduled run, with its own batch_runner log. Returns the job (None when skipped)."""
-        stamp = datetime.now().strftime(STAMP_FORMAT)
-        runner_log = file_logger(self.settings.log_dir / f"batch_runner_{stamp}.log", f"batch.runner.{stamp}",
-                                 self.settings)
+        runner_log = RunnerLog(self.settings)
         job: JobRecord | None = None
         try:
-            runner_log.info(RULE)
-            runner_log.info("BATCH RUNNER STARTED")
-            runner_log.info(RULE)
-            runner_log.info("Schedule: %s", self.schedule.describe())
-            runner_log.info("Inbox: %s", self.queue.root.display(self.settings.batch_inbox))
+            runner_log.started(schedule=self.schedule.describe(),
+                               inbox=self.queue.root.display(self.settings.batch_inbox))
             if self._last_job is not None:
                 previous = await asyncio.to_thread(self.queue.get, self._last_job)
                 if not previous.state.finished:
-                    runner_log.info("✗ Previous run (job %s) is still %s: this run is skipped", previous.job_id,
+                    runner_log.line("✗ Previous run (job %s) is still %s: this run is skipped", previous.job_id,
                                     previous.state.name)
                     return None
             try:
                 self.queue.root.folder(self.settings.batch_inbox, "inbox", create=True)
                 spec = self.queue.spec(self.settings.batch_inbox, recursive=self.settings.batch_recursive)
             except (PathRefused, FolderMissing) as exc:
-                runner_log.info("✗ Cannot process the inbox: %s", exc)
+                runner_log.line("✗ Cannot process the inbox: %s", str(exc))
                 log.error("Scheduled run skipped: %s", exc)
                 return None
             job = await self.queue.submit(spec, trigger="schedule")
             self._last_job = job.job_id
-            runner_log.info("Started batch job %s", job.job_id)
+            runner_log.line("Started batch job %s", job.job_id)
             while not job.state.finished:
                 await asyncio.sleep(JOB_POLL_S)
                 job = await asyncio.to_thread(self.queue.get, job.job_id)
-            _outcome(runner_log, job)
+            runner_log.outcome(job)
             return job
         except asyncio.CancelledError:
             if job is not None:
                 job = self.queue.get(job.job_id)
             if job is not None and job.state.finished:
-                _outcome(runner_log, job)
+                runner_log.outcome(job)
             else:
-                runner_log.info("Batch runner stopped with the service%s", f"; job {job.job_id} resumes at the next "
+                runner_log.line("Batch runner stopped with the service%s", f"; job {job.job_id} resumes at the next "
                                 "start" if job is not None else "")
             raise
         finally:
-            runner_log.info("Next run: %s", self.schedule.next_after(datetime.now()).strftime("%Y-%m-%d %H:%M:%S"))
-            close_file_logger(runner_log)
-
-
-def _outcome(runner_log: logging.Logger, job: JobRecord) -> None:
-    c = job.counts
-    runner_log.info("Batch job %s %s: %d images processed (%d successful, %d uncertain, %d failed) in %.1fs",
-                    job.job_id, job.state.name, c.processed, c.successful, c.uncertain, c.failed, job.duration_s())
-    if job.error:
-        runner_log.info("✗ Batch failed: %s", job.error)
-    else:
-        runner_log.info("✓ Batch completed successfully")
+            runner_log.line("Next run: %s", self.schedule.next_after(datetime.now()).strftime("%Y-%m-%d %H:%M:%S"))
+            runner_log.close()

@@ -45,6 +45,15 @@ def test_embedded_run_sorts_a_folder_without_a_batch_server_then_health_reports_
     assert not any((home.data / "inbox").iterdir())
     csv_file = next((home.workdir / "results" / "batch_results").glob("batch_results_*.csv"))
     assert sorted(r["filename"] for r in read_csv(csv_file)) == sorted([*images, "broken.jpg"])
+    # Like the scheduler's runs, a run from cron leaves its batch_runner log.
+    runner_log = _one_new(home.workdir / "logs", "batch_runner_*.log", set())
+    job_id = next(line.split()[-1] for line in runner_log.read_text(encoding="utf-8").splitlines()
+                  if "Started batch job" in line)
+    text = runner_log.read_text(encoding="utf-8")
+    for line in ("BATCH RUNNER STARTED", "Trigger: fashion batch run", "Input: data/inbox",
+                 "Output: data/processed_batches", f"Batch job {job_id} SUCCEEDED: 13 images processed (",
+                 "✓ Batch completed successfully"):
+        assert line in text, (line, text)
 
     health = fashion(home, inference_server.address, "health", "--local")
     assert health.returncode == 0, health.stdout + health.stderr
@@ -57,8 +66,18 @@ def test_embedded_run_sorts_a_folder_without_a_batch_server_then_health_reports_
     stale = fashion(home, inference_server.address, "health", "--local", "--max-age-hours", "0")
     assert stale.returncode == 1 and "Recent Execution: ✗ UNHEALTHY" in stale.stdout
 
+    before = set((home.workdir / "logs").glob("batch_runner_*.log"))
     escape = fashion(home, inference_server.address, "run", "../elsewhere")
     assert escape.returncode == 2 and "outside the data root" in escape.stderr
+    refused = _one_new(home.workdir / "logs", "batch_runner_*.log", before).read_text(encoding="utf-8")
+    assert "✗ Cannot process the folder: " in refused and "outside the data root" in refused
+
+
+def _one_new(folder: Path, pattern: str, before: set[Path]) -> Path:
+    """The one file matching `pattern` that is not in `before` (per-run logs are flushed when closed)."""
+    new = sorted(set(folder.glob(pattern)) - before)
+    assert len(new) == 1, new
+    return new[0]
 
 
 def test_submit_wait_status_list_watch_cancel_health_against_the_service(
