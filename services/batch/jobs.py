@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 
 from services.batch.paths import DataRoot, PathRefused
-from services.batch.reports import printable
+from services.batch.reports import printable, prune_run_files
 from services.batch.runner import JobBusy, JobRunner
 from services.batch.stats import BatchHistory, batch_history
 from services.batch.store import JobRecord, JobSpec, JobState, JobStore
 
 log = logging.getLogger(__name__)
 ADOPT_INTERVAL_S = 30.0
+FILE_SWEEP_INTERVAL_S = 3600.0  # per-run files older than FASHION_RETENTION_DAYS
 CANCEL_WAIT_S = 10.0
 
 
@@ -63,6 +64,7 @@ class JobQueue:
         self.root = runner.root
         self._max_concurrent = max_concurrent
         self._history_days = history_days
+        self._next_file_sweep = 0.0
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._running: dict[str, asyncio.Event] = {}
@@ -161,6 +163,9 @@ class JobQueue:
                 pruned = await asyncio.to_thread(self.store.prune, time.time() - self._history_days * 86400)
                 if pruned:
                     log.info("Deleted %d per-file records older than %d days", pruned, self._history_days)
+                if time.monotonic() >= self._next_file_sweep:
+                    self._next_file_sweep = time.monotonic() + FILE_SWEEP_INTERVAL_S
+                    await asyncio.to_thread(prune_run_files, self.settings, self.settings.results_dir)
             except Exception:
                 log.exception("Could not look for unfinished jobs")
             await asyncio.sleep(ADOPT_INTERVAL_S)

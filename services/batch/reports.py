@@ -28,6 +28,7 @@ from pathlib import Path
 from services.batch.store import STAMP_FORMAT, FileRecord, JobRecord, Outcome
 from services.common.config import CommonSettings
 from services.common.logs import DATE_FORMAT, close_file_logger, file_logger
+from services.common.retention import prune_files
 
 RESULTS_SUBDIR = "batch_results"
 CSV_COLUMNS = ("filename", "category", "confidence", "status", "timestamp")
@@ -60,6 +61,17 @@ class RunFiles:
         folder = Path(results_dir) / RESULTS_SUBDIR
         return cls(folder / f"batch_results_{stamp}.csv", folder / f"batch_summary_{stamp}.json",
                    Path(log_dir) / f"batch_{stamp}.log")
+
+
+# The per-run files, by name (never the service's own rotating logs, batch_service*.log).
+RUN_LOG_PATTERNS = ("batch_[0-9]*.log*", "batch_runner_[0-9]*.log*")
+RUN_RESULT_PATTERNS = ("batch_results_[0-9]*.csv", "batch_summary_[0-9]*.json")
+
+
+def prune_run_files(settings: CommonSettings, results_dir: Path) -> int:
+    """Delete per-run logs, CSV results and JSON summaries older than FASHION_RETENTION_DAYS; how many."""
+    return (prune_files(settings.log_dir, RUN_LOG_PATTERNS, settings.retention_days)
+            + prune_files(Path(results_dir) / RESULTS_SUBDIR, RUN_RESULT_PATTERNS, settings.retention_days))
 
 
 def display_name(source: str, input_dir: str) -> str:

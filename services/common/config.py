@@ -30,6 +30,10 @@ class CommonSettings(BaseSettings):
     default run is not open to the network; deployments (compose, Kubernetes) set 0.0.0.0."""
     log_dir: Path = Path("logs")
     """Folder of the rotating log files (api.log, api_errors.log, batch_*.log, ...)."""
+    retention_days: float = Field(default=90.0, ge=0)
+    """Per-run files older than this many days are deleted: batch logs (batch_<ts>.log,
+    batch_runner_<ts>.log), CSV results and JSON summaries by the Batch service, reports and charts by the
+    Monitor; 0 keeps them all. Rotating service logs are bounded by rotation instead."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     """Lowest level written to the logs and stdout."""
     log_max_bytes: int = 10 * MIB

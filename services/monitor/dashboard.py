@@ -14,7 +14,6 @@ import html
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -25,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from fashion.v1 import batch_pb2
+from services.common.retention import prune_files
 from services.monitor.health import BatchHealthResult, Health, SystemCheck, human_size, worst
 from services.monitor.rules import measure_drift
 from services.monitor.store import AlertRecord
@@ -336,26 +336,13 @@ class Dashboard:
         dashboard files older than keep_days are deleted."""
         with _render_lock:
             files = self._write(data, text_only)
-        if self.keep_days > 0:
-            self.prune(time.time() - self.keep_days * 86400)
+        self.prune()
         return files
 
-    def prune(self, before: float) -> int:
-        """Delete this dashboard's files (by their names) last modified before `before`; how many."""
+    def prune(self, now: float | None = None) -> int:
+        """Delete this dashboard's files (by their names) older than keep_days; how many."""
         names = ("report_*.txt", "dashboard_*.html", *(f"{chart}_*.png" for chart in self.CHARTS))
-        removed = 0
-        for pattern in names:
-            for path in self.report_dir.glob(pattern):
-                try:
-                    if path.stat().st_mtime < before:
-                        path.unlink()
-                        removed += 1
-                except OSError as exc:  # gone meanwhile, or not ours to delete: the next report retries
-                    log.warning("Could not delete the old report file %s: %s", path, exc)
-        if removed:
-            log.info("Deleted %d dashboard files older than %g days from %s", removed, self.keep_days,
-                     self.report_dir)
-        return removed
+        return prune_files(self.report_dir, names, self.keep_days, now)
 
     def _write(self, data: ReportData, text_only: bool) -> ReportFiles:
         self.report_dir.mkdir(parents=True, exist_ok=True)
