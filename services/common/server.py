@@ -28,21 +28,16 @@ T = TypeVar("T")
 _CALLER_CODES = {grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-def channel_options(settings: CommonSettings) -> list[tuple[str, int]]:
-    """Options for servers and client channels alike: message limits on both sides, keepalive."""
-    return [
+def server_options(settings: CommonSettings) -> list[tuple[str, int]]:
+    """A server's options: message limits both ways, keepalive (channels to other services take
+    theirs from security.client_options)."""
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
-    ]
-
-
-def server_options(settings: CommonSettings) -> list[tuple[str, int]]:
-    options = [
-        *channel_options(settings),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 0),
     ]
