@@ -1,13 +1,11 @@
-"""The Batch service process: fashion.v1.BatchService, health and reflection on one gRPC port;
-Prometheus metrics on their own HTTP port; unfinished jobs resumed at start; scheduled runs."""
+"""The Batch service process: fashion.v1.BatchService (health and reflection beside it) on one gRPC
+port, Prometheus metrics on their own HTTP port; unfinished jobs resumed at start; scheduled runs.
+The process around it is services.common.bootstrap's."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import sys
 
-from fashion.v1 import batch_pb2 as pb
 from fashion.v1 import batch_pb2_grpc as pb_grpc
 from services.batch.events import JobEvents
 from services.batch.jobs import JobQueue
@@ -16,62 +14,57 @@ from services.batch.schedule import Schedule, ScheduledRuns
 from services.batch.servicer import BatchServicer
 from services.batch.store import JobStore
 from services.common import metrics
-from services.common import server as grpc_server
-from services.common.config import BatchSettings, load_settings
-from services.common.logs import setup_logging
-from services.common.metrics import start_metrics_server
-from services.common.security import metrics_token_check
-from services.common.tracing import setup_tracing, shutdown_tracing
-
-log = logging.getLogger(__name__)
-
-SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["BatchService"].full_name,)
+from services.common.bootstrap import GrpcService, Listener, ServiceParts, StartupError, run
+from services.common.config import BatchSettings
 
 
-async def serve(settings: BatchSettings | None = None) -> None:
-    """Run the Batch service until SIGTERM/SIGINT."""
-    settings = settings or BatchSettings()
-    setup_logging(settings, "batch_service")
-    schedule = Schedule.parse(settings.batch_schedule)  # a bad schedule stops the start, with the reason
-    setup_tracing("fashion-batch")
-    start_metrics_server("batch", settings.batch_metrics_port, settings.listen_host(settings.batch_host),
-                         metrics_token_check(settings))
+def check(settings: BatchSettings) -> None:
+    """A bad schedule stops the start, with the reason."""
+    try:
+        Schedule.parse(settings.batch_schedule)
+    except ValueError as exc:
+        raise StartupError(f"FASHION_BATCH_SCHEDULE: {exc}") from exc
 
-    settings.data_root.mkdir(parents=True, exist_ok=True)
-    store = JobStore(default_db_path(settings))
-    if (last := store.last_finished()) is not None and last.finished_at is not None:
-        metrics.BATCH_LAST_RUN.set(last.finished_at)  # alerts on stale runs stay right across restarts
-    events = JobEvents()
-    queue = JobQueue(JobRunner(settings, store, events), settings.batch_max_concurrent_jobs,
-                     settings.batch_history_days)
-    server = grpc_server.create_server(settings, "batch", [
-        (pb_grpc.add_BatchServiceServicer_to_server, BatchServicer(queue, events))])
-    health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES, settings.reflection)
-    address = settings.listen_address(settings.batch_host, settings.batch_port)
-    await grpc_server.bind(server, settings, address, health)
-    await server.start()
-    await queue.start()
-    scheduled = asyncio.ensure_future(ScheduledRuns(schedule, queue).run_forever()) if schedule else None
-    await grpc_server.set_serving(health, SERVICE_NAMES, True)
-    log.info("Batch service listening on %s: data root %s, jobs database %s, Inference service at %s, "
-             "scheduled runs: %s", address, settings.data_root.resolve(), store.path, settings.inference_address,
-             schedule.describe() if schedule else "off")
 
-    async def on_stop() -> None:
-        if scheduled is not None:
-            scheduled.cancel()
-        await queue.stop()
-        store.close()
-        shutdown_tracing()
+class BatchParts(ServiceParts):
+    """The job queue and its database; at start, unfinished jobs resume and scheduled runs begin."""
 
-    await grpc_server.serve_until_signal(server, health, settings.shutdown_grace_s, on_stop)
+    def __init__(self, settings: BatchSettings) -> None:
+        self.settings = settings
+        self.schedule = Schedule.parse(settings.batch_schedule)
+        settings.data_root.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(default_db_path(settings))
+        if (last := self.store.last_finished()) is not None and last.finished_at is not None:
+            metrics.BATCH_LAST_RUN.set(last.finished_at)  # alerts on stale runs stay right across restarts
+        events = JobEvents()
+        self.queue = JobQueue(JobRunner(settings, self.store, events), settings.batch_max_concurrent_jobs,
+                              settings.batch_history_days)
+        self.servicers = [(pb_grpc.add_BatchServiceServicer_to_server, BatchServicer(self.queue, events))]
+        self.scheduled: asyncio.Future[None] | None = None
+
+    def describe(self) -> str:
+        return (f"data root {self.settings.data_root.resolve()}, jobs database {self.store.path}, Inference service "
+                f"at {self.settings.inference_address}, scheduled runs: "
+                f"{self.schedule.describe() if self.schedule else 'off'}")
+
+    async def start(self) -> None:
+        await self.queue.start()
+        if self.schedule:
+            self.scheduled = asyncio.ensure_future(ScheduledRuns(self.schedule, self.queue).run_forever())
+
+    async def stop(self) -> None:
+        if self.scheduled is not None:
+            self.scheduled.cancel()
+        await self.queue.stop()
+        self.store.close()
+
+
+SERVICE = GrpcService(
+    name="batch", settings_class=BatchSettings, log_name="batch_service",
+    listener=lambda s: Listener(s.batch_host, s.batch_port, s.batch_metrics_port),
+    build=BatchParts, check=check,
+)
 
 
 def main() -> None:
-    settings = load_settings(BatchSettings)
-    try:
-        Schedule.parse(settings.batch_schedule)
-    except ValueError as exc:  # say why before anything starts, and exit non-zero
-        print(f"error: FASHION_BATCH_SCHEDULE: {exc}", file=sys.stderr)
-        sys.exit(2)
-    asyncio.run(serve(settings))
+    run(SERVICE)

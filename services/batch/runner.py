@@ -38,7 +38,7 @@ from typing import TypeVar
 
 import grpc
 
-from fashion.client import AsyncInferenceClient, ChannelOptions
+from fashion.client import AsyncInferenceClient
 from services.batch import failpoints, reports
 from services.batch.classifying import InferenceRefused, RemoteClassifier, Verdict
 from services.batch.events import FileUpdate, JobEvents, JobUpdate
@@ -59,7 +59,7 @@ from services.batch.store import FileDone, FilePlan, FileRecord, JobRecord, JobS
 from services.batch.tree import FolderRefused, OpenFolders, basename, join, lstat_or_none, parent
 from services.common import metrics
 from services.common.config import BatchSettings
-from services.common.security import token_refused
+from services.common.security import client_options, token_refused
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -139,9 +139,8 @@ class JobRunner:
 
     def inference_client(self) -> AsyncInferenceClient:
         if self._inference is None:
-            self._inference = AsyncInferenceClient(ChannelOptions.from_env(
-                self.settings.inference_address, timeout_s=self.settings.batch_inference_timeout_s,
-                max_message_bytes=self.settings.max_message_bytes))
+            self._inference = AsyncInferenceClient(client_options(
+                self.settings, self.settings.inference_address, timeout_s=self.settings.batch_inference_timeout_s))
         return self._inference
 
     async def close(self) -> None:

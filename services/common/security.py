@@ -201,61 +201,9 @@ def require_token(handler: grpc.RpcMethodHandler, tokens: TokenSource) -> grpc.R
 
 
 def client_options(settings: CommonSettings, address: str, **overrides: object) -> ChannelOptions:
-    """ChannelOptions for calls from this process to another service, from the same settings that
-    configure its server side: TLS when tls (or tls_ca) is set, the client certificate for mTLS,
-    the bearer token, message limits, load-balancing policy."""
-    fixed = settings.auth_token.get_secret_value() if settings.auth_token else None
-    values: dict[str, object] = {
-        "address": address,
-        "tls": settings.tls or settings.tls_ca is not None,
-        "root_ca": settings.tls_ca,
-        "client_cert": settings.tls_cert,
-        "client_key": settings.tls_key,
-        "server_name": settings.tls_server_name,
-        "token": fixed,
-        "token_file": settings.auth_token_file if fixed is None else None,
-        "max_message_bytes": settings.max_message_bytes,
-        "lb_policy": settings.grpc_lb_policy,
-    }
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return ChannelOptions(**values)  # type: ignore[arg-type]
-
-
-class _BearerToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                   grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call of a channel, the token as of the call."""
-
-    def __init__(self, options: ChannelOptions) -> None:
-        self._options = options
-
-    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *self._options.metadata)
-        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
-                                          details.wait_for_ready)
-
-    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self._with_token(details), request)
-
-    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
-        return await continuation(self._with_token(details), request)
-
-    async def intercept_stream_unary(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
-        return await continuation(self._with_token(details), request_iterator)
-
-    async def intercept_stream_stream(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
-        return await continuation(self._with_token(details), request_iterator)
-
-
-def aio_channel(settings: CommonSettings, address: str,
-                options: list[tuple[str, object]] | None = None) -> grpc.aio.Channel:
-    """A channel to another service for code that uses raw stubs: TLS and the bearer token from the
-    settings, as fashion.client's channels have them."""
-    client = client_options(settings, address)
-    interceptors = [_BearerToken(client)] if client.token or client.token_file else None
-    creds = client.credentials()
-    opts = list(options or ())
-    if client.server_name:
-        opts.append(("grpc.ssl_target_name_override", client.server_name))
-    if creds is None:
-        return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)
-    return grpc.aio.secure_channel(address, creds, options=opts, interceptors=interceptors)
+    """The options of every channel from this process to another service (fashion.client clients
+    take them): built from the same settings that configure its server side, by the mapping that
+    ChannelOptions.from_env uses for the same variables, so a service and the CLI beside it reach a
+    peer alike: TLS when tls (or tls_ca) is set, the client certificate for mTLS, the bearer token,
+    message limits, load-balancing policy. `overrides` set other fields (timeouts, retries)."""
+    return ChannelOptions.from_settings(address, settings, **overrides)

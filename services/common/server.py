@@ -1,15 +1,15 @@
-"""What every gRPC service shares: server options, the request observer (access log and
-metrics), the optional bearer-token check, TLS binding, grpc.health.v1, reflection, and graceful
-shutdown on SIGTERM."""
+"""The gRPC server every service runs: server options, the request observer (access log and
+metrics), the optional bearer-token check, TLS binding, grpc.health.v1 and reflection. The process
+around it (settings, logs, tracing, metrics port, start, readiness, graceful shutdown) is
+services.common.bootstrap's."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import random
-import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TypeVar
 
 import grpc
@@ -28,21 +28,16 @@ T = TypeVar("T")
 _CALLER_CODES = {grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-def channel_options(settings: CommonSettings) -> list[tuple[str, int]]:
-    """Options for servers and client channels alike: message limits on both sides, keepalive."""
-    return [
+def server_options(settings: CommonSettings) -> list[tuple[str, int]]:
+    """A server's options: message limits both ways, keepalive (channels to other services take
+    theirs from security.client_options)."""
+    options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
-    ]
-
-
-def server_options(settings: CommonSettings) -> list[tuple[str, int]]:
-    options = [
-        *channel_options(settings),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.so_reuseport", 0),
     ]
@@ -235,10 +230,11 @@ class _Registrar:
         self.services.append(service)
 
 
-def create_server(settings: CommonSettings, service: str, servicers: Servicers) -> grpc.aio.Server:
+def create_server(settings: CommonSettings, service: str, servicers: Servicers) -> tuple[grpc.aio.Server, list[str]]:
     """A grpc.aio server with the shared options and `servicers` registered, each given as
     (generated add_*Servicer_to_server function, servicer): their calls observed and, when a token
-    is configured, refused without it (refusals logged and counted like any call)."""
+    is configured, refused without it (refusals logged and counted like any call). Returns the
+    server and the full names of the gRPC services registered ("fashion.v1.InferenceService")."""
     observer = RequestObserver(service)
     tokens = TokenSource(settings)
 
@@ -246,15 +242,17 @@ def create_server(settings: CommonSettings, service: str, servicers: Servicers) 
         return observer.wrap(method, require_token(handler, tokens) if tokens.enabled else handler)
 
     server = grpc.aio.server(options=server_options(settings), maximum_concurrent_rpcs=None)
+    names: list[str] = []
     for add, servicer in servicers:
         registrar = _Registrar(server, wrap)
         add(servicer, registrar)
         if not registrar.services:
             raise RuntimeError(f"{add.__name__} registered nothing by method: regenerate the gRPC code (make proto)")
-    return server
+        names += registrar.services
+    return server, names
 
 
-# Plaintext health-only servers started by bind(), stopped after their main server.
+# Plaintext health-only servers started by bind(), stopped after their main server (stop()).
 _health_companions: dict[int, grpc.aio.Server] = {}
 
 
@@ -308,37 +306,10 @@ async def set_serving(health_servicer: health.aio.HealthServicer, service_names:
         await health_servicer.set(name, status)
 
 
-def run_service(main: Coroutine[object, object, None]) -> None:
-    """Run a service's main coroutine on uvloop when installed (about a tenth less CPU per gRPC
-    call than the default loop, measured on the Inference service), else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
-
-
-async def serve_until_signal(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
-                             grace_s: float, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then: NOT_SERVING, drain in-flight calls for up to
-    `grace_s`, run `on_stop`, return."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    server_done = asyncio.ensure_future(server.wait_for_termination())
-    stop_wait = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({server_done, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-    log.info("Shutting down: marking NOT_SERVING and draining in-flight calls (grace %.1fs)", grace_s)
-    await health_servicer.enter_graceful_shutdown()
+async def stop(server: grpc.aio.Server, grace_s: float) -> None:
+    """Stop `server`, letting in-flight calls finish for up to `grace_s`, then the plaintext health
+    server bind() may have started beside it."""
     await server.stop(grace_s)
     companion = _health_companions.pop(id(server), None)
     if companion is not None:
         await companion.stop(0)
-    if on_stop is not None:
-        await on_stop()
-    stop_wait.cancel()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(sig)
-    log.info("Stopped")

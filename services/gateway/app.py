@@ -25,10 +25,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.telemetry import TelemetryConfig
 
 from services.common import metrics
-from services.common.config import GatewaySettings, load_settings
-from services.common.logs import setup_logging
+from services.common.bootstrap import load, observe
+from services.common.config import GatewaySettings
 from services.common.security import TokenSource, tls_enabled
-from services.common.tracing import exporting, setup_tracing, shutdown_tracing
+from services.common.tracing import exporting, shutdown_tracing
 from services.gateway import errors, routes
 from services.gateway.backends import Backends
 from services.gateway.fastpath import PredictFastPath
@@ -130,8 +130,7 @@ def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
 def factory() -> FastAPI:
     """What each uvicorn worker runs: logs to logs/gateway.log, tracing (before any channel), the app."""
     settings = GatewaySettings()
-    setup_logging(settings, "gateway")
-    provider = setup_tracing("fashion-gateway")
+    provider = observe(settings, "gateway", "gateway")
     return create_app(settings, trace_http=provider is not None and exporting())
 
 
@@ -146,8 +145,7 @@ def uvicorn_ssl(settings: GatewaySettings) -> dict[str, object]:
 
 
 def main() -> None:
-    settings = load_settings(GatewaySettings)
-    TokenSource(settings)  # a bad token file fails here, with its reason, before workers start
+    settings = load(GatewaySettings)  # unusable settings, a bad token file: one line, exit 2, before workers start
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit 0 then, with the logs flushed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.run(

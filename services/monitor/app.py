@@ -1,22 +1,17 @@
-"""The Monitor service process: fashion.v1.MonitorService, health and reflection on one gRPC port,
-Prometheus metrics on their own HTTP port, and two background tasks: the periodic health check
-with alert evaluation, and the notification delivery."""
+"""The Monitor service process: fashion.v1.MonitorService (health and reflection beside it) on one
+gRPC port, Prometheus metrics on their own HTTP port, and background tasks: the periodic health
+check with alert evaluation, the notification delivery, and the scheduled report. The process
+around it is services.common.bootstrap's."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import sys
 
-from fashion.v1 import monitor_pb2 as pb
 from fashion.v1 import monitor_pb2_grpc as pb_grpc
-from services.common import server as grpc_server
-from services.common.config import MonitorSettings, load_settings
-from services.common.logs import setup_logging
-from services.common.metrics import start_metrics_server
-from services.common.security import metrics_token_check
-from services.common.tracing import setup_tracing, shutdown_tracing
+from services.common.bootstrap import GrpcService, Listener, ServiceParts, StartupError, run
+from services.common.config import MonitorSettings
 from services.monitor.monitor import Monitor
 from services.monitor.notifiers import NotificationError, build_notifiers
 from services.monitor.rules import build_rules
@@ -24,52 +19,53 @@ from services.monitor.servicer import MonitorServicer
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["MonitorService"].full_name,)
 
-
-async def serve(settings: MonitorSettings | None = None) -> None:
-    """Run the Monitor service until SIGTERM/SIGINT."""
-    settings = settings or MonitorSettings()
-    setup_logging(settings, "monitor")
-    setup_tracing("fashion-monitor")  # before any channel: the checks carry trace context
-    start_metrics_server("monitor", settings.monitor_metrics_port, settings.listen_host(settings.monitor_host),
-                         metrics_token_check(settings))
-
-    monitor = Monitor.service(settings)
-    server = grpc_server.create_server(settings, "monitor", [
-        (pb_grpc.add_MonitorServiceServicer_to_server, MonitorServicer(monitor))])
-    health = await grpc_server.add_health_and_reflection(server, SERVICE_NAMES, settings.reflection)
-    address = settings.listen_address(settings.monitor_host, settings.monitor_port)
-    await grpc_server.bind(server, settings, address, health)
-    await server.start()
-    await grpc_server.set_serving(health, SERVICE_NAMES, True)
-    log.info("Monitor service listening on %s: checking %s and %s every %gs; state in %s",
-             address, settings.inference_address, settings.batch_address, settings.monitor_check_interval_s,
-             settings.monitor_state_db)
-    assert monitor.outbox is not None
-    tasks = [asyncio.ensure_future(monitor.run_evaluations()), asyncio.ensure_future(monitor.outbox.run())]
-    if settings.report_cron:
-        tasks.append(asyncio.ensure_future(monitor.run_scheduled_reports()))
-        log.info("Scheduled report: %s (to %s)", settings.report_cron, ", ".join(monitor.outbox.notifiers) or "nobody")
-
-    async def on_stop() -> None:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await monitor.close()
-        shutdown_tracing()
-
-    await grpc_server.serve_until_signal(server, health, settings.shutdown_grace_s, on_stop)
-
-
-def main() -> None:
-    settings = load_settings(MonitorSettings)
-    try:  # a wrong setting stops the start with the reason, before anything listens
+def check(settings: MonitorSettings) -> None:
+    """Unknown alert rules or notifiers that cannot work stop the start, with the reason."""
+    try:
         build_rules(settings)
         build_notifiers(settings)
     except (ValueError, NotificationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    asyncio.run(serve(settings))
+        raise StartupError(str(exc)) from exc
+
+
+class MonitorParts(ServiceParts):
+    """The monitor (checks, alert state, outbox) and its background tasks."""
+
+    def __init__(self, settings: MonitorSettings) -> None:
+        self.settings = settings
+        self.monitor = Monitor.service(settings)
+        self.servicers = [(pb_grpc.add_MonitorServiceServicer_to_server, MonitorServicer(self.monitor))]
+        self.tasks: list[asyncio.Future[None]] = []
+
+    def describe(self) -> str:
+        s = self.settings
+        return (f"checking {s.inference_address} and {s.batch_address} every {s.monitor_check_interval_s:g}s; "
+                f"state in {s.monitor_state_db}")
+
+    async def start(self) -> None:
+        outbox = self.monitor.outbox
+        assert outbox is not None
+        self.tasks = [asyncio.ensure_future(self.monitor.run_evaluations()), asyncio.ensure_future(outbox.run())]
+        if self.settings.report_cron:
+            self.tasks.append(asyncio.ensure_future(self.monitor.run_scheduled_reports()))
+            log.info("Scheduled report: %s (to %s)", self.settings.report_cron, ", ".join(outbox.notifiers) or "nobody")
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.monitor.close()
+
+
+SERVICE = GrpcService(
+    name="monitor", settings_class=MonitorSettings, log_name="monitor",
+    listener=lambda s: Listener(s.monitor_host, s.monitor_port, s.monitor_metrics_port),
+    build=MonitorParts, check=check,
+)
+
+
+def main() -> None:
+    run(SERVICE)

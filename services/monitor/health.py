@@ -16,14 +16,12 @@ from enum import StrEnum
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fashion.v1 import batch_pb2, batch_pb2_grpc
+from fashion.client import AsyncBatchClient, AsyncInferenceClient, ChannelOptions
+from fashion.v1 import batch_pb2
 from fashion.v1 import inference_pb2 as inference_pb
-from fashion.v1 import inference_pb2_grpc as inference_grpc
 from services.common import metrics, security
 from services.common.config import MonitorSettings
-from services.common.server import channel_options
 
 log = logging.getLogger(__name__)
 
@@ -200,32 +198,38 @@ def folder_size(folder: Path) -> int:
 
 
 class SystemChecker:
-    """Checks the Inference and Batch services over long-lived channels (created on first use,
-    inside the running event loop). Reconnect backoff is capped low so that a restarted service is
-    seen as up again at the next check rather than minutes later."""
+    """Checks the Inference and Batch services with the client library, over long-lived channels
+    (created on first use, inside the running event loop) whose options come from the settings like
+    every channel between the services. Reconnect backoff is capped low so that a restarted service is
+    seen as up again at the next check rather than minutes later; calls are not retried (a check that
+    fails says so at once)."""
 
     def __init__(self, settings: MonitorSettings) -> None:
         self.settings = settings
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._inference: AsyncInferenceClient | None = None
+        self._batch: AsyncBatchClient | None = None
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            backoff_ms = int(min(5.0, self.settings.monitor_check_interval_s) * 1000)
-            options = [
-                *channel_options(self.settings),
-                ("grpc.initial_reconnect_backoff_ms", min(200, backoff_ms)),
-                ("grpc.min_reconnect_backoff_ms", min(200, backoff_ms)),
-                ("grpc.max_reconnect_backoff_ms", backoff_ms),
-            ]
-            # TLS and the bearer token as configured (FASHION_TLS*, FASHION_AUTH_TOKEN[_FILE]).
-            channel = self._channels[address] = security.aio_channel(self.settings, address, options)
-        return channel
+    def _options(self, address: str) -> ChannelOptions:
+        return security.client_options(self.settings, address, timeout_s=self.settings.monitor_check_timeout_s,
+                                       retries=1, reconnect_backoff_s=min(5.0, self.settings.monitor_check_interval_s))
+
+    @property
+    def inference(self) -> AsyncInferenceClient:
+        if self._inference is None:
+            self._inference = AsyncInferenceClient(self._options(self.settings.inference_address))
+        return self._inference
+
+    @property
+    def batch(self) -> AsyncBatchClient:
+        if self._batch is None:
+            self._batch = AsyncBatchClient(self._options(self.settings.batch_address))
+        return self._batch
 
     async def close(self) -> None:
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        clients = [c for c in (self._inference, self._batch) if c is not None]
+        self._inference = self._batch = None
+        for client in clients:
+            await client.close()
 
     async def check(self, with_sizes: bool = False, with_drift: bool = False) -> SystemCheck:
         """Both services with their statistics and the disks at once; with_sizes adds the folder
@@ -247,22 +251,19 @@ class SystemChecker:
         return SystemCheck(datetime.now().astimezone(), inference, batch, disks, drift,
                            self.settings.alert_disk_free_min_percent)
 
-    async def _health(self, address: str) -> tuple[str, float, str]:
+    async def _health(self, client: AsyncInferenceClient | AsyncBatchClient) -> tuple[str, float, str]:
         """grpc.health.v1 Check of the overall status: (answer or code name, latency ms, error detail)."""
-        stub = health_pb2_grpc.HealthStub(self._channel(address))
         start = time.perf_counter()
         try:
-            resp = await stub.Check(health_pb2.HealthCheckRequest(service=""),
-                                    timeout=self.settings.monitor_check_timeout_s)
+            serving = await client.health(timeout_s=self.settings.monitor_check_timeout_s)
         except grpc.aio.AioRpcError as exc:
             return exc.code().name, 0.0, short_details(exc.details())
-        latency = (time.perf_counter() - start) * 1000
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status), latency, ""
+        return serving, (time.perf_counter() - start) * 1000, ""
 
     async def check_inference(self) -> ServiceCheck:
         address = self.settings.inference_address
         start = time.perf_counter()
-        serving, latency, error = await self._health(address)
+        serving, latency, error = await self._health(self.inference)
         now = datetime.now().astimezone()
         if error:
             result = ServiceCheck("inference", address, Health.UNHEALTHY, serving,
@@ -271,8 +272,7 @@ class SystemChecker:
             return self._observed(result, start)
         stats, stats_error = None, ""
         try:
-            stats = await inference_grpc.InferenceServiceStub(self._channel(address)).GetStats(
-                inference_pb.GetStatsRequest(), timeout=self.settings.monitor_check_timeout_s)
+            stats = await self.inference.stats()
         except grpc.aio.AioRpcError as exc:
             stats_error = f"{exc.code().name}: {short_details(exc.details())}"
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
@@ -296,7 +296,7 @@ class SystemChecker:
     async def check_batch(self) -> ServiceCheck:
         address = self.settings.batch_address
         start = time.perf_counter()
-        serving, latency, error = await self._health(address)
+        serving, latency, error = await self._health(self.batch)
         now = datetime.now().astimezone()
         if error:
             result = ServiceCheck("batch", address, Health.UNHEALTHY, serving,
@@ -327,8 +327,7 @@ class SystemChecker:
         """GetBatchStats over `days`; BatchUnavailable when the Batch service does not answer."""
         address = self.settings.batch_address
         try:
-            return await batch_pb2_grpc.BatchServiceStub(self._channel(address)).GetBatchStats(
-                batch_pb2.GetBatchStatsRequest(days=days), timeout=self.settings.monitor_check_timeout_s)
+            return await self.batch.stats(days)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise BatchUnavailable(security.token_refused(self.settings, f"the Batch service at {address}",

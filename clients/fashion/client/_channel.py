@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,10 +18,11 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class ChannelOptions:
-    """How to reach a service. Defaults suit the local stack; every field has an env override
-    in `from_env` (FASHION_TLS, FASHION_TLS_CA, FASHION_TLS_CERT, FASHION_TLS_KEY,
-    FASHION_TLS_SERVER_NAME, FASHION_AUTH_TOKEN / FASHION_AUTH_TOKEN_FILE, FASHION_MAX_MESSAGE_BYTES,
-    FASHION_GRPC_LB_POLICY): the same variables that configure the services' server side."""
+    """How to reach a service. Defaults suit the local stack; `from_env` reads the transport's
+    fields from FASHION_TLS, FASHION_TLS_CA, FASHION_TLS_CERT, FASHION_TLS_KEY, FASHION_TLS_SERVER_NAME,
+    FASHION_AUTH_TOKEN / FASHION_AUTH_TOKEN_FILE, FASHION_MAX_MESSAGE_BYTES and FASHION_GRPC_LB_POLICY:
+    the same variables that configure the services' server side, which build their own channels from
+    them with `from_settings` (one mapping, CHANNEL_SETTINGS, for both)."""
 
     address: str
     timeout_s: float = 30.0
@@ -44,6 +46,9 @@ class ChannelOptions:
     """Name expected in the server certificate when it differs from the address's host."""
     lb_policy: str = "pick_first"
     """"round_robin" spreads calls over every address the name resolves to (headless Service)."""
+    reconnect_backoff_s: float = 0.0
+    """Longest wait between two attempts to reconnect to a server that went away (0: gRPC's own, up
+    to two minutes). A health checker sets its interval, so a restarted service is seen at its next check."""
 
     def __post_init__(self) -> None:
         if self.root_ca is not None and not self.tls:
@@ -51,21 +56,24 @@ class ChannelOptions:
 
     @classmethod
     def from_env(cls, address: str, **overrides: object) -> ChannelOptions:
-        env = os.environ
-        token = env.get("FASHION_AUTH_TOKEN")
-        values: dict[str, object] = {
-            "address": address,
-            "tls": env.get("FASHION_TLS", "").lower() in ("1", "true", "yes", "on"),
-            "root_ca": Path(env["FASHION_TLS_CA"]) if env.get("FASHION_TLS_CA") else None,
-            "client_cert": Path(env["FASHION_TLS_CERT"]) if env.get("FASHION_TLS_CERT") else None,
-            "client_key": Path(env["FASHION_TLS_KEY"]) if env.get("FASHION_TLS_KEY") else None,
-            "server_name": env.get("FASHION_TLS_SERVER_NAME", ""),
-            "lb_policy": env.get("FASHION_GRPC_LB_POLICY") or "pick_first",
-            "token": token or None,
-            "token_file": Path(env["FASHION_AUTH_TOKEN_FILE"]) if not token and env.get("FASHION_AUTH_TOKEN_FILE")
-            else None,
-            "max_message_bytes": int(env.get("FASHION_MAX_MESSAGE_BYTES", 16 * MIB)),
-        }
+        """Options from the FASHION_* variables of CHANNEL_SETTINGS (unset or empty: the default),
+        then `overrides` (None: not overridden)."""
+        return cls.from_settings(address, _Environment(), **overrides)
+
+    @classmethod
+    def from_settings(cls, address: str, settings: object, **overrides: object) -> ChannelOptions:
+        """Options from the settings named in CHANNEL_SETTINGS, read as attributes of `settings`: the
+        services' settings objects (their fields are the FASHION_* variables without the prefix), or
+        the environment itself (from_env); values typed or as the environment writes them, unset or
+        empty: the default. Then `overrides` (None: not overridden)."""
+        values: dict[str, object] = {"address": address}
+        for name, (option, parse) in CHANNEL_SETTINGS.items():
+            raw = getattr(settings, name, None)
+            raw = raw.get_secret_value() if hasattr(raw, "get_secret_value") else raw
+            if raw is not None and raw != "":
+                values[option] = parse(raw)
+        if values.get("token"):  # a fixed token wins over the token file
+            values.pop("token_file", None)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
@@ -99,6 +107,11 @@ class ChannelOptions:
         ]
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))
+        if self.reconnect_backoff_s > 0:
+            backoff_ms = int(self.reconnect_backoff_s * 1000)
+            options += [("grpc.initial_reconnect_backoff_ms", min(200, backoff_ms)),
+                        ("grpc.min_reconnect_backoff_ms", min(200, backoff_ms)),
+                        ("grpc.max_reconnect_backoff_ms", backoff_ms)]
         return options
 
     def credentials(self) -> grpc.ChannelCredentials | None:
@@ -109,6 +122,41 @@ class ChannelOptions:
             private_key=self.client_key.read_bytes() if self.client_key else None,
             certificate_chain=self.client_cert.read_bytes() if self.client_cert else None,
         )
+
+
+class _Environment:
+    """The FASHION_* variables as a settings object: `.tls_ca` is FASHION_TLS_CA (None when unset)."""
+
+    def __getattr__(self, name: str) -> str | None:
+        return os.environ.get(f"FASHION_{name.upper()}")
+
+
+TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+"""Values of a flag that mean yes (the ones the services' settings accept; anything else: no)."""
+
+
+def _flag(value: object) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in TRUE
+
+
+def _path(value: object) -> Path:
+    return Path(value)  # type: ignore[arg-type]
+
+
+# The one mapping from settings to ChannelOptions, used by from_env and from_settings alike: each
+# setting (FASHION_<NAME> in the environment, <name> on the services' settings objects) and the
+# option it sets, with how a value written in the environment is read.
+CHANNEL_SETTINGS: dict[str, tuple[str, Callable[[object], object]]] = {
+    "tls": ("tls", _flag),
+    "tls_ca": ("root_ca", _path),
+    "tls_cert": ("client_cert", _path),
+    "tls_key": ("client_key", _path),
+    "tls_server_name": ("server_name", str),
+    "auth_token": ("token", str),
+    "auth_token_file": ("token_file", _path),
+    "max_message_bytes": ("max_message_bytes", int),  # type: ignore[dict-item]
+    "grpc_lb_policy": ("lb_policy", str),
+}
 
 
 def sync_channel(options: ChannelOptions) -> grpc.Channel:
