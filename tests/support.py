@@ -176,6 +176,10 @@ class OtlpCollector:
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
         self.spans: list[tuple[str, str, str]] = []
+        self.span_ids: dict[tuple[str, str], str] = {}
+        """(name, trace id) -> span id, of everything received."""
+        self.resources: list[dict[str, str]] = []
+        """The resource attributes of each export (service.name, service.version, ...)."""
         self.lock = threading.Lock()
         collector = self
 
@@ -183,9 +187,12 @@ class OtlpCollector:
             def Export(self, request, context):
                 with collector.lock:
                     for rs in request.resource_spans:
+                        collector.resources.append({a.key: a.value.string_value for a in rs.resource.attributes})
                         for ss in rs.scope_spans:
                             collector.spans.extend((s.name, s.trace_id.hex(), s.parent_span_id.hex())
                                                    for s in ss.spans)
+                            collector.span_ids.update(((s.name, s.trace_id.hex()), s.span_id.hex())
+                                                      for s in ss.spans)
                 return trace_service_pb2.ExportTraceServiceResponse()
 
         self._server = grpc.server(futures.ThreadPoolExecutor(4))

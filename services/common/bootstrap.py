@@ -128,7 +128,7 @@ def load(settings_class: type[S], check: Callable[[S], None] | None = None) -> S
 def observe(settings: CommonSettings, log_name: str, service: str) -> TracerProvider | None:
     """Logs to logs/<log_name>.log (and _errors.log, and stdout) and tracing as fashion-<service>;
     before any channel is made. Returns the tracer provider, None when spans are not exported."""
-    setup_logging(settings, log_name)
+    setup_logging(settings, log_name, service)
     return setup_tracing(f"fashion-{service}")
 
 

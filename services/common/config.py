@@ -42,6 +42,12 @@ class CommonSettings(BaseSettings):
     """Rotated log files kept per log."""
     log_stdout: bool = True
     """Also write log lines to stdout."""
+    log_files: bool = True
+    """Write the rotating service logs (<name>.log, <name>_errors.log) under FASHION_LOG_DIR. Containers
+    set false and log to stdout only (their platform collects it); per-run batch logs are still written."""
+    log_format: Literal["text", "json"] = "text"
+    """text: the monitoring guide's lines ([local time] LEVEL logger [trace_id=...] message); json: one
+    object per line (time in UTC with milliseconds, level, logger, message, trace_id, span_id, service)."""
     max_message_bytes: int = 16 * MIB
     """Largest gRPC message accepted or sent, on servers and client channels."""
     inference_address: str = DEFAULT_ADDRESSES["inference"]

@@ -2,7 +2,9 @@
 
 `logs/<name>.log` receives everything at the configured level and above, `logs/<name>_errors.log`
 only ERROR and CRITICAL; both rotate at 10 MB keeping 10 backups; lines also go to stdout.
-The Inference service uses the name "api" (logs/api.log, logs/api_errors.log).
+The Inference service uses the name "api" (logs/api.log, logs/api_errors.log). Containers log to
+stdout only (FASHION_LOG_FILES=false), and FASHION_LOG_FORMAT=json writes one JSON object per line
+(UTC time with milliseconds, level, logger, message, trace_id, span_id, service) for log collectors.
 
 Records are handed to a background thread so that writing files never stalls the event loop;
 the trace id is captured in the calling thread, where the span is. The writer formats each
@@ -14,6 +16,7 @@ request stays cheap at thousands of requests per second.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import logging.handlers
 import queue
@@ -44,14 +47,49 @@ def current_trace_id() -> str:
     return format(ctx.trace_id, "032x") if ctx.is_valid else CALL_TRACE_ID.get()
 
 
+def current_span_id() -> str:
+    """The OpenTelemetry span's id, "-" when no span is being recorded."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.span_id, "016x") if ctx.is_valid else "-"
+
+
 class TraceIdFilter(logging.Filter):
-    """Stamps each record with the current trace id: the OpenTelemetry span's, else the call's
-    (CALL_TRACE_ID), "-" outside any call."""
+    """Stamps each record with the current trace and span ids (see current_trace_id, current_span_id),
+    in the calling thread, where the span is."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "trace_id"):
             record.trace_id = current_trace_id()
+        if not hasattr(record, "span_id"):
+            record.span_id = current_span_id()
         return True
+
+
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per record: time (UTC, ISO 8601 with milliseconds), level, logger, message,
+    trace_id and span_id (null outside a call), service, and the exception when there is one."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json_line(record.created, record.levelname, record.name, record.getMessage(),
+                         getattr(record, "trace_id", "-"), getattr(record, "span_id", "-"), self.service,
+                         record.exc_text or (self.formatException(record.exc_info) if record.exc_info else None))
+
+
+def json_line(created: float, level: str, logger: str, message: str, trace_id: str, span_id: str, service: str,
+              exception: str | None = None) -> str:
+    fields: dict[str, object] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created * 1000) % 1000:03d}Z",
+        "level": level, "logger": logger, "message": message,
+        "trace_id": None if trace_id == "-" else trace_id, "span_id": None if span_id == "-" else span_id,
+        "service": service,
+    }
+    if exception:
+        fields["exception"] = exception
+    return json.dumps(fields, ensure_ascii=False)
 
 
 class _DeferredQueueHandler(logging.handlers.QueueHandler):
@@ -134,10 +172,13 @@ class LogWriter:
 
     _STOP = object()
 
-    def __init__(self, sinks: list[RotatingFile | _Stdout], formatter: logging.Formatter) -> None:
+    def __init__(self, sinks: list[RotatingFile | _Stdout], formatter: logging.Formatter,
+                 service: str | None = None) -> None:
         self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.sinks = sinks
         self.formatter = formatter
+        self.service = service
+        """The service named in JSON lines; None: text lines."""
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -211,12 +252,17 @@ def log_line(logger: logging.Logger, level: int, message: str) -> None:
         return
     if not logger.isEnabledFor(level):
         return
+    if writer.service is not None:
+        writer.queue.put((level, json_line(time.time(), logging.getLevelName(level), logger.name, message,
+                                           current_trace_id(), current_span_id(), writer.service) + "\n"))
+        return
     writer.queue.put((level, f"[{_clock()}] {logging.getLevelName(level)} {logger.name} "
                              f"[trace_id={current_trace_id()}] {message}\n"))
 
 
-def setup_logging(settings: CommonSettings, name: str) -> Path:
-    """Route the root logger to logs/<name>.log, logs/<name>_errors.log and stdout.
+def setup_logging(settings: CommonSettings, name: str, service: str = "") -> Path:
+    """Route the root logger to logs/<name>.log, logs/<name>_errors.log (unless FASHION_LOG_FILES is off)
+    and stdout, as text lines or (FASHION_LOG_FORMAT=json) JSON lines naming `service` (default: name).
 
     Returns the log folder. Calling it again replaces the previous set-up.
     """
@@ -230,14 +276,19 @@ def setup_logging(settings: CommonSettings, name: str) -> Path:
     logging.logMultiprocessing = False
     log_dir = Path(settings.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    sinks: list[RotatingFile | _Stdout] = [
-        RotatingFile(log_dir / f"{name}.log", settings.log_max_bytes, settings.log_backup_count, logging.DEBUG),
-        RotatingFile(log_dir / f"{name}_errors.log", settings.log_max_bytes, settings.log_backup_count,
-                     logging.ERROR),
-    ]
-    if settings.log_stdout:
+    sinks: list[RotatingFile | _Stdout] = []
+    if settings.log_files:
+        sinks += [
+            RotatingFile(log_dir / f"{name}.log", settings.log_max_bytes, settings.log_backup_count, logging.DEBUG),
+            RotatingFile(log_dir / f"{name}_errors.log", settings.log_max_bytes, settings.log_backup_count,
+                         logging.ERROR),
+        ]
+    if settings.log_stdout or not sinks:
         sinks.append(_Stdout(logging.DEBUG))
-    _writer = LogWriter(sinks, logging.Formatter(LINE_FORMAT, DATE_FORMAT))
+    if settings.log_format == "json":
+        _writer = LogWriter(sinks, JsonLineFormatter(service or name), service or name)
+    else:
+        _writer = LogWriter(sinks, logging.Formatter(LINE_FORMAT, DATE_FORMAT))
     front = _DeferredQueueHandler(_writer.queue)  # type: ignore[arg-type]
     front.addFilter(TraceIdFilter())
     root = logging.getLogger()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import time
 from pathlib import Path
 
 import grpc
@@ -42,3 +45,51 @@ def test_classify_spans_reach_the_otlp_collector(tmp_path: Path, linear_model) -
     finally:
         svc.terminate()
         collector.stop()
+
+
+def test_json_log_lines_carry_the_trace_and_span_of_a_traced_call(tmp_path: Path, linear_model) -> None:
+    collector = OtlpCollector()
+    svc = start_inference(tmp_path, linear_model[0], FASHION_LOG_FORMAT="json", **collector.env)
+    trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    try:
+        svc.wait_serving()
+        x, _ = fashion_images(1)
+        with grpc.insecure_channel(svc.address) as ch:
+            inference_pb2_grpc.InferenceServiceStub(ch).Classify(
+                inference_pb2.ClassifyRequest(image=encode(x[0])),
+                metadata=[("traceparent", f"00-{trace_id}-{parent}-01")], timeout=10)
+        method = "/fashion.v1.InferenceService/Classify"
+        collector.wait_for(lambda spans: (method, trace_id, parent) in spans)
+        span_id = collector.span_ids[(method, trace_id)]
+        deadline = time.monotonic() + 10
+        while not (ours := _json_lines_of(tmp_path / "logs" / "api.log", trace_id)):
+            assert time.monotonic() < deadline, (tmp_path / "logs" / "api.log").read_text()
+            time.sleep(0.05)
+    finally:
+        svc.terminate()
+        collector.stop()
+    lines = [json.loads(line) for line in (tmp_path / "logs" / "api.log").read_text().splitlines()]
+    assert all({"time", "level", "logger", "message", "trace_id", "span_id", "service"} <= set(x) for x in lines)
+    assert all(x["service"] == "inference" and x["time"].endswith("Z") for x in lines)
+    access = next(x for x in ours if "Classify" in x["message"])
+    assert access["span_id"] == span_id and access["level"] == "INFO"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", access["time"])
+    started = next(x for x in lines if "SERVING" in x["message"])
+    assert started["trace_id"] is None and started["span_id"] is None
+
+
+def _json_lines_of(path: Path, trace_id: str) -> list[dict]:
+    if not path.exists():
+        return []
+    return [record for line in path.read_text().splitlines()
+            if (record := json.loads(line)).get("trace_id") == trace_id]
+
+
+def test_containers_log_to_stdout_only(tmp_path: Path, linear_model) -> None:
+    svc = start_inference(tmp_path, linear_model[0], FASHION_LOG_FILES="false", OTEL_SDK_DISABLED="true")
+    try:
+        svc.wait_serving()
+    finally:
+        svc.terminate()
+    assert not list((tmp_path / "logs").glob("api*.log")), "no service log files"
+    assert "Inference service SERVING" in svc.output()
