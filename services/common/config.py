@@ -110,8 +110,8 @@ class InferenceSettings(CommonSettings):
     max_batch_size: int = 256
     """Most images merged into one ONNX Runtime run by the dynamic batcher. A batch is only as big as
     what is waiting (max_delay_ms 0), so this bounds busy moments: there, fewer and bigger batches
-    mean fewer hand-offs to the engine thread and decoding helpers (measured on 2 cores:
-    ClassifyStream +12-20%, ClassifyBatch +10% against 64; the model alone is no faster per image)."""
+    mean fewer hand-offs to the engine thread and decoding helpers. Lower it when one run of this
+    many images takes too long or too much memory (docs/performance.md has the measurements)."""
     max_delay_ms: float = 0.0
     """How long the oldest queued image may wait for a fuller batch (0: run when the engine is free)."""
     max_queue_size: int = 4096
@@ -126,14 +126,12 @@ class InferenceSettings(CommonSettings):
     helpers_run_model: bool = True
     """On the CPU, the decoding helpers also run the model (a session each, the intra-op threads
     shared out between them): every batch, KServe tensors included, goes from the event loop to a
-    helper and comes back as probabilities, and two batches run at once (measured on 2 cores
-    against the service's own session: Classify +13% at concurrency 16, ClassifyBatch +5%). On
-    CUDA the helpers only decode and the model runs in the service process."""
+    helper and comes back as probabilities, and two batches run at once. False: the helpers only
+    decode and the model runs in the service process, as it always does on CUDA."""
     helper_nice: int = Field(default=10, ge=0, le=19)
     """How far below the service's CPU priority the helpers run (an `os.nice` increment). The event
     loop is the one stage every call passes through; when it and a helper both want a core, the
-    loop should have it, or every call waits. Measured on 2 cores against 0: Classify +8% at
-    concurrency 16 and +7% at 64 (medians of 4 runs), ClassifyBatch and ClassifyStream unchanged."""
+    loop should have it, or every call waits. 0: the same priority as the service."""
     execution_provider: Literal["auto", "cuda", "cpu"] = "auto"
     """auto prefers CUDAExecutionProvider when onnxruntime-gpu and a GPU are present, else CPU."""
     max_image_pixels: int = 40_000_000

@@ -10,12 +10,12 @@ Requests are preprocessed tensors (`submit`, e.g. KServe ModelInfer) or encoded 
 (`submit_encoded`). Where the `helpers` (a DecoderPool, see decoding.py) run the model, the CPU
 default, a batch goes to them whole from the event loop and comes back as the model's outputs:
 no thread of this process takes part. Otherwise an engine thread runs the model here, one
-thread hand-off per batch, not two per image (a decoding stage of its own cost 17% of Classify
-calls per second, its hand-offs contending with the event loop for the GIL); the batch's images
+thread hand-off per batch, not two per image (a decoding stage of its own would add
+hand-offs contending with the event loop for the GIL); the batch's images
 were decoded by helpers that only decode, or, for a lone image or without helpers, by the
 engine thread itself with `prepare`.
 Two batches may be in flight. With helpers that run the model, one in each helper, the second
-starting as soon as anything waits (A/B here: Classify +3% at concurrency 16, ModelInfer +7%).
+starting as soon as anything waits.
 Otherwise one decodes while the other is in the model, whose runs in this process are
 serialized (ONNX Runtime releases the GIL and uses every core for one run), and the second only
 starts when full, so that a stream of single images still forms large batches.
@@ -224,7 +224,7 @@ class DynamicBatcher:
         self._queued_rows += pending.rows
         metrics.QUEUE_DEPTH.set(self._queued_rows)
         # Wake one sleeping worker that would take the queue as it is: waking every worker for
-        # each request cost Classify at concurrency 1 about 7%.
+        # each request costs every request a wasted wake-up.
         for worker, sleeping in enumerate(self._sleeping):
             if sleeping and self._would_take(worker):
                 self._sleeping[worker] = False

@@ -1,10 +1,9 @@
 """Image decoding (and, on the CPU, the model run) in helper processes, off the service's GIL,
 driven from the event loop.
 
-Decoding a small PNG costs about 50 µs, most of it Python inside Pillow; done in the service
-process, every step competes for the GIL with the event loop that serves the gRPC calls, and
-each image ends up costing several times that (measured: ClassifyStream 3,700 images/s with
-decoding in the service process, 6,300 with decoding free, 4,750 with helpers). A `DecoderPool`
+Decoding an image is mostly Python inside Pillow; done in the service process, every step
+competes for the GIL with the event loop that serves the gRPC calls, and each image ends up
+costing several times its decode (docs/performance.md has the measurements). A `DecoderPool`
 keeps one helper process per batch in flight. The event loop writes a batch to an idle helper's
 socket and awaits the answer like any other I/O: no thread of the service takes part, so a batch
 costs no GIL hand-off between threads. The helpers run the same `Preprocessor` as everything else.
@@ -13,9 +12,7 @@ Given a model (`HelperModel`), each helper also opens its own ONNX Runtime sessi
 answers with the model's outputs: the batch (encoded images and KServe tensors alike) never comes
 back into the service process, two batches run the model at once, one per helper on its share of
 the cores, and the service process does nothing per batch but write the request and read the
-probabilities. Measured A/B on 2 cores against helpers that were called from an engine thread
-and left small batches to the service's own session (medians of 2 runs each): Classify +13% at
-concurrency 16 and +24% at 64, ModelInfer +7%, ClassifyBatch +5%, ClassifyStream +3%.
+probabilities.
 
 The helpers run at a lower CPU priority than the service (`nice`, 10 steps by default): the event
 loop is the one stage every call passes through, and when it and a helper both want a core, the
