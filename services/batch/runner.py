@@ -172,7 +172,7 @@ class _JobRun:
     """One execution of one job (a resumed job gets a new one)."""
 
     def __init__(self, runner: JobRunner, job: JobRecord, cancel: asyncio.Event) -> None:
-        self.r = runner
+        self.runner = runner
         self.settings = runner.settings
         self.store = runner.store
         self.root = runner.root
@@ -216,7 +216,7 @@ class _JobRun:
             self.cancel.set()
         watcher = asyncio.ensure_future(self._watch_cancel())
         remote = RemoteClassifier(
-            self.r.inference_client(), self.settings.batch_inference_timeout_s,
+            self.runner.inference_client(), self.settings.batch_inference_timeout_s,
             self.settings.batch_retry_initial_s, self.settings.batch_retry_max_s,
             on_wait=self._inference_down, on_ready=self._inference_back)
         try:
@@ -397,7 +397,7 @@ class _JobRun:
         """The files' bytes (or why one cannot be read), in chunks of at most batch_chunk_size images and
         batch_chunk_bytes bytes. Folders are opened afresh from the data root, links are not followed and
         FIFOs not waited on: the tree may have changed since the scan."""
-        limit = self.r.max_image_bytes
+        limit = self.runner.max_image_bytes
         chunk_bytes = min(self.settings.batch_chunk_bytes, limit)
         chunks: list[tuple[list[FileRecord], list[bytes | str]]] = [([], [])]
         size = 0
@@ -449,7 +449,7 @@ class _JobRun:
             failpoints.reached("planned")
             rows = {row.seq: row for row, _ in decided}
             moved = [self._transfer(p, rows[p.seq], folders) for p in plans.values() if p.seq not in in_place]
-            self.r.mover.sync_folders(self._folders_touched(decided, moved, folders))
+            self.runner.mover.sync_folders(self._folders_touched(decided, moved, folders))
         failpoints.reached("moved")
         now = time.time()
         done = {d.seq: d for d in [*moved, *in_place.values()]}
@@ -522,7 +522,7 @@ class _JobRun:
         tag = f"{self.job.job_id}-{plan.seq}"
         for _ in range(1000):
             try:
-                self.r.mover.transfer(folders.entry(row.source), folders.entry(destination, create=True),
+                self.runner.mover.transfer(folders.entry(row.source), folders.entry(destination, create=True),
                                       self.copy, tag)
                 return FileDone(plan.seq, plan.outcome, destination, plan.error)
             except FileExistsError:
@@ -583,7 +583,7 @@ class _JobRun:
                 results.append(FileDone(row.seq, Outcome.FAILED, row.source,
                                         f"could not finish the transfer interrupted by a crash: {exc.strerror or exc}"))
         touched = {parent(d.destination) for d in results if d.destination} | {parent(r.source) for r in rows}
-        self.r.mover.sync_folders(_open_only(folders, touched))
+        self.runner.mover.sync_folders(_open_only(folders, touched))
         self.store.done(self.job.job_id, results)
         self.log.line("Recovered %d transfers interrupted by a crash", len(results))
 
@@ -602,7 +602,7 @@ class _JobRun:
             self._recovery_failed(row, exc)
             return FileDone(row.seq, plan.outcome, row.destination, _joined(
                 row.error, f"{exc.strerror}: a copy may remain where that folder went"))
-        state = self.r.mover.complete(source, destination, self.copy, f"{self.job.job_id}-{row.seq}")
+        state = self.runner.mover.complete(source, destination, self.copy, f"{self.job.job_id}-{row.seq}")
         failpoints.reached("recovering")
         if state == Resume.DONE:
             return FileDone(row.seq, plan.outcome, row.destination, row.error)
@@ -626,7 +626,7 @@ class _JobRun:
     def _report(self, decided: list[tuple[FileRecord, Verdict]], plans: dict[int, FilePlan],
                 done: dict[int, FileDone], now: float) -> list[FileUpdate]:
         """The per-run log and the CSV for one sorted group; the file updates when someone watches."""
-        watched = self.r.events.watched(self.job.job_id)
+        watched = self.runner.events.watched(self.job.job_id)
         entries: list[reports.LogEntry] = []
         rows: list[list[str]] = []
         updates: list[FileUpdate] = []
@@ -664,8 +664,8 @@ class _JobRun:
     # --- state changes ---------------------------------------------------------------------------
 
     def _publish(self, job: JobRecord | None, files: tuple[FileUpdate, ...] = (), message: str = "") -> None:
-        if job is not None and self.r.events.watched(job.job_id):
-            self.r.events.publish(JobUpdate(job, files, message))
+        if job is not None and self.runner.events.watched(job.job_id):
+            self.runner.events.publish(JobUpdate(job, files, message))
 
     def _inference_down(self, reason: str, delay: float) -> None:
         address = self.settings.inference_address

@@ -261,15 +261,16 @@ def drift(max_distance: float, max_confidence_drop: float, min_images: int) -> C
         stats = obs.system.drift_stats
         if stats is None:
             return Verdict(None, "batch statistics unavailable")
-        m = measure_drift(stats, min_images)
-        if m is None:
+        measured = measure_drift(stats, min_images)
+        if measured is None:
             return Verdict(None, "not enough images to compare")
-        shifts = ", ".join(f"{k} {p:.0%} (was {q:.0%})" for k, p, q in m.shifts[:3])
-        drop = m.baseline_confidence - m.confidence
-        text = (f"{m.day} against the previous 7 days: category distance {m.distance:.2f} "
+        shifts = ", ".join(f"{k} {p:.0%} (was {q:.0%})" for k, p, q in measured.shifts[:3])
+        drop = measured.baseline_confidence - measured.confidence
+        text = (f"{measured.day} against the previous 7 days: category distance {measured.distance:.2f} "
                 f"(threshold {max_distance:g}); largest shifts: {shifts}; mean confidence "
-                f"{m.confidence:.2f} (was {m.baseline_confidence:.2f}, threshold drop {max_confidence_drop:g})")
-        return Verdict(m.distance > max_distance or drop > max_confidence_drop, text, m.distance)
+                f"{measured.confidence:.2f} (was {measured.baseline_confidence:.2f}, "
+                f"threshold drop {max_confidence_drop:g})")
+        return Verdict(measured.distance > max_distance or drop > max_confidence_drop, text, measured.distance)
     return check
 
 
