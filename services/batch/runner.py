@@ -40,7 +40,7 @@ import grpc
 
 from fashion.client import AsyncInferenceClient, ChannelOptions
 from services.batch import failpoints, reports
-from services.batch.classifying import InferenceRefused, RemoteClassifier, Verdict
+from services.batch.classifying import ImageAnswer, InferenceRefused, RemoteClassifier
 from services.batch.events import FileUpdate, JobEvents, JobUpdate
 from services.batch.mover import (
     FAILED_FOLDER,
@@ -119,7 +119,7 @@ class _Chunk:
     rows: list[FileRecord]
     data: list[bytes | str]
     """Per row: the image bytes, or why the file could not be read (an _Untouchable: not to be moved)."""
-    verdicts: asyncio.Future[list[Verdict]] | None
+    verdicts: asyncio.Future[list[ImageAnswer]] | None
     """The Inference service's answers for the readable ones (None when none is readable)."""
 
 
@@ -377,7 +377,7 @@ class _JobRun:
                 if isinstance(pending, _Chunk) and pending.verdicts is not None:
                     pending.verdicts.cancel()
 
-    async def _verdicts(self, chunk: _Chunk) -> list[Verdict]:
+    async def _verdicts(self, chunk: _Chunk) -> list[ImageAnswer]:
         return await self._or_cancel(chunk.verdicts) if chunk.verdicts is not None else []
 
     async def _send_chunks(self, remote: RemoteClassifier, out: asyncio.Queue[_Chunk | BaseException | None]) -> None:
@@ -433,15 +433,15 @@ class _JobRun:
 
     # --- sorting (in a worker thread) ------------------------------------------------------------
 
-    def _sort(self, group: list[tuple[_Chunk, list[Verdict]]]) -> tuple[JobRecord | None, list[FileUpdate]]:
+    def _sort(self, group: list[tuple[_Chunk, list[ImageAnswer]]]) -> tuple[JobRecord | None, list[FileUpdate]]:
         """Record, move, sync, mark done, then log and append the CSV. Returns what to publish."""
         start = time.perf_counter()
-        decided: list[tuple[FileRecord, Verdict]] = []
+        decided: list[tuple[FileRecord, ImageAnswer]] = []
         untouchable: set[int] = set()
         for chunk, verdicts in group:
             answers = iter(verdicts)
             for row, data in zip(chunk.rows, chunk.data, strict=True):
-                decided.append((row, next(answers) if isinstance(data, bytes) else Verdict(error=data)))
+                decided.append((row, next(answers) if isinstance(data, bytes) else ImageAnswer(error=data)))
                 if isinstance(data, _Untouchable):
                     untouchable.add(row.seq)
         with OpenFolders(self.root) as folders:
@@ -459,7 +459,7 @@ class _JobRun:
         metrics.BATCH_SORT_DURATION.observe(time.perf_counter() - start)
         return (self.store.get(self.job.job_id) if updates else None), updates
 
-    def _plan(self, decided: list[tuple[FileRecord, Verdict]], untouchable: set[int], folders: OpenFolders
+    def _plan(self, decided: list[tuple[FileRecord, ImageAnswer]], untouchable: set[int], folders: OpenFolders
               ) -> tuple[dict[int, FilePlan], dict[int, FileDone]]:
         """Destinations for a group, recorded (write-ahead) before anything moves. Returns every image's
         plan, and the images that stay where they are (in their folder already, or not to be touched)."""
@@ -509,7 +509,7 @@ class _JobRun:
             names = self._folder_names[folder] = set(os.listdir(fd))
         return names
 
-    def _judge(self, v: Verdict) -> tuple[Outcome, str, float | None]:
+    def _judge(self, v: ImageAnswer) -> tuple[Outcome, str, float | None]:
         if v.error:
             return Outcome.FAILED, "", None
         threshold = self.job.min_confidence
@@ -616,14 +616,14 @@ class _JobRun:
         self.recovery_failures.append(reason)
         log.error("Job %s: could not finish the transfer of %s", self.job.job_id, reports.printable(reason))
 
-    def _folders_touched(self, decided: list[tuple[FileRecord, Verdict]], moved: list[FileDone],
+    def _folders_touched(self, decided: list[tuple[FileRecord, ImageAnswer]], moved: list[FileDone],
                          folders: OpenFolders) -> list[int]:
         touched = {parent(d.destination) for d in moved if d.destination}
         if not self.copy:
             touched |= {parent(row.source) for row, _ in decided}
         return _open_only(folders, touched)
 
-    def _report(self, decided: list[tuple[FileRecord, Verdict]], plans: dict[int, FilePlan],
+    def _report(self, decided: list[tuple[FileRecord, ImageAnswer]], plans: dict[int, FilePlan],
                 done: dict[int, FileDone], now: float) -> list[FileUpdate]:
         """The per-run log and the CSV for one sorted group; the file updates when someone watches."""
         watched = self.runner.events.watched(self.job.job_id)

@@ -21,8 +21,8 @@ from services.monitor.rules import (
     AlertRule,
     ApiStatsWindow,
     Observation,
+    RuleResult,
     Severity,
-    Verdict,
     build_rules,
     measure_drift,
 )
@@ -260,7 +260,7 @@ def test_drift_fires_on_category_shift_or_confidence_drop(tmp_path: Path) -> Non
 
 
 def test_a_failing_rule_is_logged_and_the_others_still_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    def broken(obs: Observation) -> Verdict:
+    def broken(obs: Observation) -> RuleResult:
         raise RuntimeError("boom")
 
     rules = [AlertRule("broken", "Broken", Severity.INFO, "never", broken), *build_rules(MonitorSettings())]
