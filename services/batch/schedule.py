@@ -1,5 +1,6 @@
 """Scheduled runs: the Batch service processes the inbox on a cron expression or an interval, like
-the seed's batch runner (cron / Task Scheduler). Each run writes logs/batch_runner_<ts>.log.
+the batch runner of the monitoring guide (cron / Task Scheduler; docs/monitoring-and-logging-guide.md).
+Each run writes logs/batch_runner_<ts>.log.
 
 FASHION_BATCH_SCHEDULE is a 5-field cron expression in the service's local time ("0 2 * * *":
 nightly at 02:00), or an interval: "every 30m", "@every 2h", "90s", "45" (seconds). Empty turns

@@ -164,14 +164,14 @@ class BatchSettings(CommonSettings):
     batch_output_dir: str = "processed_batches"
     """Default folder (under data_root) of the category folders, _uncertain/ and _failed/."""
     batch_mode: Literal["move", "copy"] = "move"
-    """Default transfer of sorted images: move (the seed's behaviour) or copy."""
+    """Default transfer of sorted images: move (what the monitoring guide's batch script does) or copy."""
     batch_recursive: bool = False
     """Default for scheduled runs and the CLI: also process subfolders of the input folder."""
     batch_min_confidence: float | None = Field(default=None, ge=0, le=1)
     """Default confidence under which an image goes to _uncertain/; unset: the model's min_confidence."""
     batch_schedule: str = "0 2 * * *"
     """When the inbox is processed: a cron expression in local time ("0 2 * * *": nightly at 02:00, like
-    the seed), or an interval ("every 30m", "90s", "2h"); empty disables scheduled runs."""
+    the monitoring guide's batch script), or an interval ("every 30m", "90s", "2h"); empty disables scheduled runs."""
     batch_chunk_size: int = Field(default=64, ge=1, le=1024)
     """Images sent to the Inference service in one ClassifyBatch call."""
     batch_chunk_bytes: int = Field(default=8 * MIB, ge=64 * 1024)
@@ -233,8 +233,9 @@ class MonitorSettings(CommonSettings):
     report_keep_days: float = Field(default=90.0, ge=0)
     """Dashboard files older than this are deleted when a new report is written (0: keep them all)."""
     report_cron: str = ""
-    """When the Monitor writes the dashboard and emails the text report, as the seed's daily cron job did:
-    a cron expression in local time ("0 9 * * *": daily at 09:00; a 6th field counts seconds); empty: never."""
+    """When the Monitor writes the dashboard and emails the text report, as the monitoring guide's daily
+    cron job does: a cron expression in local time ("0 9 * * *": daily at 09:00; a 6th field counts
+    seconds); empty: never."""
     report_folders: Annotated[list[Path], NoDecode] = [Path("results/batch_results"), Path("logs"), Path("data")]
     """Comma-separated folders whose size the report lists and whose disks the disk-space rule watches."""
     alert_success_rate_min: float = 95.0

@@ -1,4 +1,5 @@
-"""The monitoring dashboard of the seed's monitoring/dashboard.py: a text report in its format
+"""The monitoring dashboard of the monitoring guide's monitoring/dashboard.py
+(docs/monitoring-and-logging-guide.md): a text report in its format
 (API HEALTH, BATCH PROCESSING HEALTH, BATCH STATISTICS (Last 7 Days) with Top Categories, DISK
 USAGE, RECENT ERRORS; then ACTIVE ALERTS), four PNG charts (daily processing volume,
 success/failure breakdown, category distribution, summary statistics) and one self-contained HTML
@@ -381,7 +382,7 @@ class Dashboard:
         return ReportFiles(text_path, text, data.generated_at, html_path, pngs)
 
     def _stamp(self, at: datetime) -> str:
-        """report_YYYYMMDD_HHMMSS as the seed names it; a suffix when one already exists that second."""
+        """report_YYYYMMDD_HHMMSS as the monitoring guide names it; a suffix when one already exists that second."""
         base = at.strftime("%Y%m%d_%H%M%S")
         stamp, n = base, 1
         while (self.report_dir / f"report_{stamp}.txt").exists():

@@ -162,7 +162,8 @@ class Monitor:
 
     async def run_scheduled_reports(self) -> None:
         """Write the dashboard and send the text report (HTML attached to the email) at each time of
-        FASHION_REPORT_CRON, until cancelled: the seed's daily `dashboard.py && mail` cron job."""
+        FASHION_REPORT_CRON, until cancelled: the daily `dashboard.py && mail` cron job
+        of the monitoring guide (docs/monitoring-and-logging-guide.md)."""
         assert self.store is not None and self.outbox is not None
         schedule = croniter(self.settings.report_cron, datetime.now())
         while True:

@@ -1,7 +1,8 @@
-"""Alert rules on the seed's triggers (plus batch service down and drift) and the engine that
-evaluates them: per rule a small state machine (ok → pending → firing → ok) that fires once per
-incident, holds repeats back for a cooldown, sends a resolution when the condition clears, and
-keeps its state in SQLite so a restart neither forgets nor repeats an alert.
+"""Alert rules on the monitoring guide's triggers (docs/monitoring-and-logging-guide.md), plus
+batch service down and drift, and the engine that evaluates them: per rule a small state machine
+(ok → pending → firing → ok) that fires once per incident, holds repeats back for a cooldown, sends
+a resolution when the condition clears, and keeps its state in SQLite so a restart neither forgets
+nor repeats an alert.
 
 A rule answers firing, not firing, or "cannot tell" (its data is missing, e.g. the Batch service is
 down): the last answer leaves the alert as it was, so an outage of one service never resolves or
