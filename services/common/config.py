@@ -9,20 +9,48 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1024 * 1024
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "inference" / "models" / "fashion-mnist"
 
 
+RENAMED: dict[str, tuple[str, str]] = {}
+"""Former environment variable of a renamed setting (deprecated, still read) -> (the setting, its
+current variable)."""
+
+
+def renamed_from(name: str, former: str) -> AliasChoices:
+    """The environment variables of the setting `name`, renamed from `former`: FASHION_<NAME>, else
+    the former FASHION_<FORMER> (deprecated: still read, with a warning, when the current one is unset)."""
+    current, old = f"FASHION_{name.upper()}", f"FASHION_{former.upper()}"
+    RENAMED[old] = (name, current)
+    return AliasChoices(current, old)
+
+
+_warned: set[str] = set()
+
+
+def _warn_former_names(settings: BaseSettings) -> None:
+    """A warning, once per process, for each former variable of `settings` the environment still sets."""
+    present = {key.upper() for key in os.environ}
+    for old, (name, current) in RENAMED.items():
+        if old in present and name in type(settings).model_fields and old not in _warned:
+            _warned.add(old)
+            used = f"{current} is set and wins" if current in present else "still read"
+            warnings.warn(f"{old} is deprecated ({used}): set {current} instead", FutureWarning, stacklevel=2)
+
+
 class CommonSettings(BaseSettings):
     """What every service shares: logs, message limits, where the other services are."""
 
-    model_config = SettingsConfigDict(env_prefix="FASHION_", extra="ignore", use_attribute_docstrings=True)
+    model_config = SettingsConfigDict(env_prefix="FASHION_", extra="ignore", use_attribute_docstrings=True,
+                                      populate_by_name=True)
 
     bind_address: str = "127.0.0.1"
     """Interface every listener of this process binds (gRPC, HTTP, metrics): loopback unless asked, so a
@@ -95,6 +123,9 @@ class CommonSettings(BaseSettings):
         bare = self.listen_host(host)
         return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
 
+    def model_post_init(self, context: object) -> None:
+        _warn_former_names(self)
+
 
 class InferenceSettings(CommonSettings):
     """The Inference service."""
@@ -110,8 +141,8 @@ class InferenceSettings(CommonSettings):
     max_batch_size: int = 256
     """Most images merged into one ONNX Runtime run by the dynamic batcher. A batch is only as big as
     what is waiting (max_delay_ms 0), so this bounds busy moments: there, fewer and bigger batches
-    mean fewer hand-offs to the engine thread and decoding helpers. Lower it when one run of this
-    many images takes too long or too much memory (docs/performance.md has the measurements)."""
+    mean fewer hand-offs to the engine thread and the worker processes. Lower it when one run of
+    this many images takes too long or too much memory (docs/performance.md has the measurements)."""
     max_delay_ms: float = 0.0
     """How long the oldest queued image may wait for a fuller batch (0: run when the engine is free)."""
     max_queue_size: int = 4096
@@ -120,18 +151,23 @@ class InferenceSettings(CommonSettings):
     """ONNX Runtime intra-op threads (0: one per core)."""
     inter_op_threads: int = 1
     """ONNX Runtime inter-op threads."""
-    decode_processes: int = Field(default=-1, ge=-1, le=64)
-    """Helper processes that decode images off the service's GIL (-1: one per batch in flight, 2,
-    when the machine has 2 or more cores; 0: decode in the service process)."""
-    helpers_run_model: bool = True
-    """On the CPU, the decoding helpers also run the model (a session each, the intra-op threads
+    worker_processes: int = Field(default=-1, ge=-1, le=64,
+                                  validation_alias=renamed_from("worker_processes", "decode_processes"))
+    """Worker processes that decode images, and on the CPU run the model, off the service's GIL (-1:
+    one per batch in flight, 2, when the machine has 2 or more cores; 0: none, the service process
+    decodes and runs the model itself). Formerly FASHION_DECODE_PROCESSES (deprecated, read when this one is unset)."""
+    workers_run_model: bool = Field(default=True,
+                                    validation_alias=renamed_from("workers_run_model", "helpers_run_model"))
+    """On the CPU, the worker processes also run the model (a session each, the intra-op threads
     shared out between them): every batch, KServe tensors included, goes from the event loop to a
-    helper and comes back as probabilities, and two batches run at once. False: the helpers only
-    decode and the model runs in the service process, as it always does on CUDA."""
-    helper_nice: int = Field(default=10, ge=0, le=19)
-    """How far below the service's CPU priority the helpers run (an `os.nice` increment). The event
-    loop is the one stage every call passes through; when it and a helper both want a core, the
-    loop should have it, or every call waits. 0: the same priority as the service."""
+    worker and comes back as probabilities, and two batches run at once. False: the workers only
+    decode and the model runs in the service process, as it always does on CUDA. Formerly
+    FASHION_HELPERS_RUN_MODEL (deprecated, read when this one is unset)."""
+    worker_nice: int = Field(default=10, ge=0, le=19, validation_alias=renamed_from("worker_nice", "helper_nice"))
+    """How far below the service's CPU priority the worker processes run (an `os.nice` increment).
+    The event loop is the one stage every call passes through; when it and a worker both want a
+    core, the loop should have it, or every call waits. 0: the same priority as the service.
+    Formerly FASHION_HELPER_NICE (deprecated, read when this one is unset)."""
     execution_provider: Literal["auto", "cuda", "cpu"] = "auto"
     """auto prefers CUDAExecutionProvider when onnxruntime-gpu and a GPU are present, else CPU."""
     max_image_pixels: int = 40_000_000
@@ -370,11 +406,22 @@ def invalid_settings_message(exc: ValidationError) -> str:
     """One line per unusable FASHION_* value, naming the variable, what it holds and why it is refused."""
     lines = []
     for error in exc.errors():
-        variable = f"FASHION_{str(error['loc'][0]).upper()}" if error["loc"] else "FASHION_*"
+        variable = _variable_of(str(error["loc"][0])) if error["loc"] else "FASHION_*"
         value = error.get("input")
         shown = f"={value!r}" if isinstance(value, str | int | float) else ""
         lines.append(f"error: {variable}{shown}: {error['msg']}")
     return "\n".join(lines)
+
+
+def _variable_of(location: str) -> str:
+    """The environment variable a validation error's location stands for: FASHION_<field>, a renamed
+    setting's current variable, or its former one when only that is set."""
+    variable = location.upper() if location.upper().startswith("FASHION_") else f"FASHION_{location.upper()}"
+    present = {key.upper() for key in os.environ}
+    if variable not in present:
+        variable = next((old for old, (_, current) in RENAMED.items() if current == variable and old in present),
+                        variable)
+    return variable
 
 
 def load_settings(settings_class: type[S]) -> S:

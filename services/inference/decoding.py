@@ -1,28 +1,28 @@
-"""Image decoding (and, on the CPU, the model run) in helper processes, off the service's GIL,
+"""Image decoding (and, on the CPU, the model run) in worker processes, off the service's GIL,
 driven from the event loop.
 
 Decoding an image is mostly Python inside Pillow; done in the service process, every step
 competes for the GIL with the event loop that serves the gRPC calls, and each image ends up
-costing several times its decode (docs/performance.md has the measurements). A `DecoderPool`
-keeps one helper process per batch in flight. The event loop writes a batch to an idle helper's
+costing several times its decode (docs/performance.md has the measurements). A `WorkerPool`
+keeps one worker process per batch in flight. The event loop writes a batch to an idle worker's
 socket and awaits the answer like any other I/O: no thread of the service takes part, so a batch
-costs no GIL hand-off between threads. The helpers run the same `Preprocessor` as everything else.
+costs no GIL hand-off between threads. The workers run the same `Preprocessor` as everything else.
 
-Given a model (`HelperModel`), each helper also opens its own ONNX Runtime session on the CPU and
+Given a model (`WorkerModel`), each worker also opens its own ONNX Runtime session on the CPU and
 answers with the model's outputs: the batch (encoded images and KServe tensors alike) never comes
-back into the service process, two batches run the model at once, one per helper on its share of
+back into the service process, two batches run the model at once, one per worker on its share of
 the cores, and the service process does nothing per batch but write the request and read the
 probabilities.
 
-The helpers run at a lower CPU priority than the service (`nice`, 10 steps by default): the event
-loop is the one stage every call passes through, and when it and a helper both want a core, the
+The workers run at a lower CPU priority than the service (`nice`, 10 steps by default): the event
+loop is the one stage every call passes through, and when it and a worker both want a core, the
 loop should have it.
 
-A helper that dies (a decoder crash on a hostile file, an OOM kill) is restarted and the batch
+A worker that dies (a decoder crash on a hostile file, an OOM kill) is restarted and the batch
 retried once in the new one; if that dies too, the batch's images fail with a clear reason and
 the service goes on serving.
 
-    python -m services.inference.decoding FD NICE    # a helper (started by DecoderPool, not by hand)
+    python -m services.inference.decoding FD NICE    # a worker (started by WorkerPool, not by hand)
 """
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ Item = np.ndarray | list[bytes]
 """One request's part of a batch: preprocessed rows (N, ...), or encoded images."""
 
 
-class DecoderCrashed(RuntimeError):
-    """A helper process died while decoding a batch."""
+class WorkerCrashed(RuntimeError):
+    """A worker process died while decoding a batch."""
 
 
 class ModelRunFailed(RuntimeError):
-    """The model failed on a batch inside a helper."""
+    """The model failed on a batch inside a worker."""
 
 
 class Decoded(NamedTuple):
@@ -75,7 +75,7 @@ class Decoded(NamedTuple):
     took: list[float]
     """Decode time of each image, seconds."""
     compute_s: float | None = None
-    """Set when a helper ran the model: how long that took, seconds."""
+    """Set when a worker ran the model: how long that took, seconds."""
 
 
 # The same over the wire: per unusable image (position, an ImageRejected?, the reason); and why
@@ -84,8 +84,8 @@ Wire = tuple[np.ndarray | None, list[tuple[int, bool, str]], list[float], float 
 
 
 @dataclass(frozen=True)
-class HelperModel:
-    """The model a helper runs on the CPU after decoding, with `threads` ONNX Runtime threads."""
+class WorkerModel:
+    """The model a worker runs on the CPU after decoding, with `threads` ONNX Runtime threads."""
 
     manifest: ModelManifest
     threads: int = 1
@@ -152,12 +152,12 @@ def _to_wire(decoded: Decoded, failure: str | None = None) -> Wire:
 
 
 def _header(n: int) -> bytes:
-    """multiprocessing.Connection's framing, which the helper reads and writes."""
+    """multiprocessing.Connection's framing, which the worker reads and writes."""
     return struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
 
 
-class _Helper(asyncio.Protocol):
-    """One helper process, and the event loop's end of its socket: one request at a time."""
+class _Worker(asyncio.Protocol):
+    """One worker process, and the event loop's end of its socket: one request at a time."""
 
     def __init__(self, name: str, proc: subprocess.Popen[bytes]) -> None:
         self.name = name
@@ -169,7 +169,7 @@ class _Helper(asyncio.Protocol):
         self._abandoned = 0
 
     @classmethod
-    async def start(cls, prepare: Preprocessor, name: str, model: HelperModel | None, nice: int) -> _Helper:
+    async def start(cls, prepare: Preprocessor, name: str, model: WorkerModel | None, nice: int) -> _Worker:
         parent, child = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                                          os.environ.get("PYTHONPATH")]))}
@@ -185,14 +185,14 @@ class _Helper(asyncio.Protocol):
             child.close()
         try:
             parent.setblocking(False)
-            _, helper = await asyncio.get_running_loop().create_unix_connection(lambda: cls(name, proc), sock=parent)
+            _, worker = await asyncio.get_running_loop().create_unix_connection(lambda: cls(name, proc), sock=parent)
         except BaseException:
             parent.close()
             proc.kill()
             await asyncio.to_thread(proc.wait)
             raise
-        helper._send(pickle.dumps((prepare, model), protocol=5))
-        return helper
+        worker._send(pickle.dumps((prepare, model), protocol=5))
+        return worker
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -221,8 +221,8 @@ class _Helper(asyncio.Protocol):
         if self._reply is not None and not self._reply.done():
             self._reply.set_exception(self._died())
 
-    def _died(self) -> DecoderCrashed:
-        return DecoderCrashed(f"image decoder {self.name} (pid {self.proc.pid}) died: exit status {self.proc.poll()}")
+    def _died(self) -> WorkerCrashed:
+        return WorkerCrashed(f"worker process {self.name} (pid {self.proc.pid}) died: exit status {self.proc.poll()}")
 
     def _send(self, payload: bytes) -> None:
         assert self.transport is not None
@@ -248,7 +248,7 @@ class _Helper(asyncio.Protocol):
 
     async def close(self, wait_s: float = 5.0) -> None:
         if self.transport is not None:
-            self.transport.close()  # the helper reads EOF and exits
+            self.transport.close()  # the worker reads EOF and exits
         try:
             await asyncio.to_thread(self.proc.wait, wait_s)
         except subprocess.TimeoutExpired:
@@ -256,42 +256,42 @@ class _Helper(asyncio.Protocol):
             await asyncio.to_thread(self.proc.wait)
 
 
-class DecoderPool:
-    """`processes` helper processes, used from the event loop they were opened on; `run` may be
-    awaited by that many batches at once. With a `model`, the helpers answer with the model's
+class WorkerPool:
+    """`processes` worker processes, used from the event loop they were opened on; `run` may be
+    awaited by that many batches at once. With a `model`, the workers answer with the model's
     outputs (see the module's docstring)."""
 
-    def __init__(self, prepare: Preprocessor, model: HelperModel | None, nice: int) -> None:
+    def __init__(self, prepare: Preprocessor, model: WorkerModel | None, nice: int) -> None:
         self._prepare = prepare
         self.model = model
         self.nice = nice
-        self._idle: asyncio.Queue[_Helper] = asyncio.Queue()
-        self._helpers: list[_Helper] = []
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._workers: list[_Worker] = []
 
     @classmethod
-    async def open(cls, prepare: Preprocessor, processes: int, model: HelperModel | None = None,
-                   nice: int = 0) -> DecoderPool:
-        """Start the helpers, `nice` steps below this process's CPU priority, and put one image
-        through each: a helper that cannot start (or open its model) fails here, visibly."""
+    async def open(cls, prepare: Preprocessor, processes: int, model: WorkerModel | None = None,
+                   nice: int = 0) -> WorkerPool:
+        """Start the workers, `nice` steps below this process's CPU priority, and put one image
+        through each: a worker that cannot start (or open its model) fails here, visibly."""
         if processes < 1:
-            raise ValueError("a decoder pool needs at least one process")
+            raise ValueError("a worker pool needs at least one process")
         pool = cls(prepare, model, nice)
         try:
             for i in range(processes):
-                pool._helpers.append(await _Helper.start(prepare, f"#{i + 1}", model, nice))
+                pool._workers.append(await _Worker.start(prepare, f"#{i + 1}", model, nice))
             buf = io.BytesIO()
             Image.new("L", (prepare.width, prepare.height)).save(buf, format="PNG")
-            for h in pool._helpers:
-                rows, failed, _, _ = await h.call([[buf.getvalue()]], model is not None)
+            for worker in pool._workers:
+                rows, failed, _, _ = await worker.call([[buf.getvalue()]], model is not None)
                 if failed or rows is None or len(rows) != 1 or not np.all(np.isfinite(rows)):
-                    raise DecoderCrashed(f"image decoder {h.name} could not decode a blank image: "
+                    raise WorkerCrashed(f"worker process {worker.name} could not decode a blank image: "
                                          f"{failed or (None if rows is None else rows.shape)}")
         except BaseException:
             await pool.close()
             raise
-        for h in pool._helpers:
-            pool._idle.put_nowait(h)
-        log.info("Decoding images%s in %d helper processes (pids %s)",
+        for worker in pool._workers:
+            pool._idle.put_nowait(worker)
+        log.info("Decoding images%s in %d worker processes (pids %s)",
                  f" and running the model ({model.threads} ONNX Runtime thread(s) each)" if model else "",
                  processes, ", ".join(map(str, pool.pids)))
         return pool
@@ -302,63 +302,63 @@ class DecoderPool:
 
     @property
     def pids(self) -> list[int]:
-        return [h.proc.pid for h in self._helpers]
+        return [worker.proc.pid for worker in self._workers]
 
-    async def _replace(self, dead: _Helper) -> _Helper:
-        """A fresh helper in the dead one's place. When none can be started (out of processes or
+    async def _replace(self, dead: _Worker) -> _Worker:
+        """A fresh worker in the dead one's place. When none can be started (out of processes or
         memory), this raises and the dead one stays as a placeholder, to be replaced at its next
         use, so that the pool never runs dry and hangs its callers."""
-        self._helpers.remove(dead)
+        self._workers.remove(dead)
         await dead.close(wait_s=1.0)
         try:
-            helper = await _Helper.start(self._prepare, dead.name, self.model, self.nice)
+            worker = await _Worker.start(self._prepare, dead.name, self.model, self.nice)
         except BaseException:
-            self._helpers.append(dead)
+            self._workers.append(dead)
             raise
-        self._helpers.append(helper)
-        return helper
+        self._workers.append(worker)
+        return worker
 
     async def run(self, items: Sequence[Item]) -> Decoded:
-        """The batch `items` (KServe tensors only where the helpers run the model): the model's
-        outputs for every usable row, in request order, when the helpers run the model, else the
+        """The batch `items` (KServe tensors only where the workers run the model): the model's
+        outputs for every usable row, in request order, when the workers run the model, else the
         tensors of the usable encoded images, in order; and why each other image (by position
         among the encoded images) is unusable. Raises ModelRunFailed when the model fails on it.
-        A helper found dead is replaced and the batch retried once, in the fresh one."""
+        A worker found dead is replaced and the batch retried once, in the fresh one."""
         if not self.runs_model and any(isinstance(item, np.ndarray) for item in items):
-            raise TypeError("these helpers do not run the model: send them encoded images only")
-        helper = await self._idle.get()
+            raise TypeError("these workers do not run the model: send them encoded images only")
+        worker = await self._idle.get()
         try:
-            if helper.dead:  # died while idle (an OOM kill, say): replace it before use
-                log.error("image decoder %s (pid %d) died while idle: exit status %s; restarting it",
-                          helper.name, helper.proc.pid, helper.proc.poll())
-                helper = await self._replace(helper)
+            if worker.dead:  # died while idle (an OOM kill, say): replace it before use
+                log.error("worker process %s (pid %d) died while idle: exit status %s; restarting it",
+                          worker.name, worker.proc.pid, worker.proc.poll())
+                worker = await self._replace(worker)
             for attempt in (1, 2):
                 try:
-                    return await helper.call(items, self.runs_model)
-                except DecoderCrashed as exc:
+                    return await worker.call(items, self.runs_model)
+                except WorkerCrashed as exc:
                     log.error("%s during a batch of %d images; restarting it%s", exc, len(encoded_images(items)),
                               " and retrying the batch" if attempt == 1 else "")
-                    helper = await self._replace(helper)
+                    worker = await self._replace(worker)
         finally:
-            self._idle.put_nowait(helper)
+            self._idle.put_nowait(worker)
         reason = ImageRejected("the image decoder crashed twice on the batch this image was in; "
                                "if this image is damaged, it may be the cause")
         n = len(encoded_images(items))
         return Decoded(None, dict.fromkeys(range(n), reason), [0.0] * n)
 
     async def close(self) -> None:
-        helpers, self._helpers = self._helpers, []
-        await asyncio.gather(*(h.close() for h in helpers))
+        workers, self._workers = self._workers, []
+        await asyncio.gather(*(worker.close() for worker in workers))
 
 
 def _serve(fd: int) -> None:
     conn = Connection(fd)
     prepare: Preprocessor
-    spec: HelperModel | None
+    spec: WorkerModel | None
     prepare, spec = pickle.loads(conn.recv_bytes())
     model = None
     if spec is not None:
-        from services.inference.engine import OnnxModel  # helpers that only decode never load ONNX Runtime
+        from services.inference.engine import OnnxModel  # workers that only decode never load ONNX Runtime
 
         model = OnnxModel(spec.manifest, "cpu", intra_op_threads=spec.threads)
     while True:
