@@ -10,9 +10,9 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from fashion import __version__
 from fashion.kserve.v2 import grpc_service_pb2 as pb
 from fashion.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from services import __version__
 from services.inference.classifier import Classifier, TensorRejected
 from services.inference.model import ModelManifest
 from services.inference.servicer import ERRORS
