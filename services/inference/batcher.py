@@ -7,7 +7,7 @@ max_delay 0 a lone request runs at once, and batches form from whatever arrived 
 previous batch was computing.
 
 Requests are preprocessed tensors (`submit`, e.g. KServe ModelInfer) or encoded images
-(`submit_encoded`). Where the worker processes (`workers`, a WorkerPool, see decoding.py) run the
+(`submit_encoded`). Where the worker processes (`workers`, a WorkerPool: services/inference/workers/) run the
 model, the CPU default, a batch goes to them whole from the event loop and comes back as the
 model's outputs: no thread of this process takes part. Otherwise an engine thread runs the model
 here, one thread hand-off per batch, not two per image (a decoding stage of its own would add

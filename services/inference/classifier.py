@@ -20,10 +20,11 @@ from opentelemetry import trace
 from services.common import metrics, tracing
 from services.common.config import InferenceSettings
 from services.inference.batcher import IN_FLIGHT, BatchTiming, DynamicBatcher
-from services.inference.decoding import WorkerModel, WorkerPool
 from services.inference.engine import CPU, OnnxModel
 from services.inference.imaging import ImageRejected, Preprocessor
 from services.inference.model import ModelManifest
+from services.inference.workers.pool import WorkerPool
+from services.inference.workers.wire import WorkerModel
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)

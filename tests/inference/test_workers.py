@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.inference.decoding import ModelRunFailed, WorkerCrashed, WorkerModel, WorkerPool
 from services.inference.engine import OnnxModel
 from services.inference.imaging import ImageRejected, Preprocessor
 from services.inference.model import ModelManifest
+from services.inference.workers.pool import ModelRunFailed, WorkerCrashed, WorkerPool
+from services.inference.workers.wire import WorkerModel
 from tests.images import encode, fashion_images, png_declaring
 
 CRASH = b"crash the decoder"
@@ -127,7 +128,7 @@ async def test_a_worker_that_cannot_be_restarted_fails_the_batch_without_drainin
     def no_processes(*args: object, **kwargs: object) -> None:
         raise OSError(11, "Resource temporarily unavailable")
 
-    monkeypatch.setattr("services.inference.decoding.subprocess.Popen", no_processes)
+    monkeypatch.setattr("services.inference.workers.pool.subprocess.Popen", no_processes)
     for _ in range(3):  # more calls than workers: none may block on an empty pool
         with pytest.raises(OSError, match="temporarily unavailable"):
             await pool.run([good])
