@@ -15,6 +15,7 @@ from croniter import croniter
 
 from services.common import metrics
 from services.common.config import MonitorSettings
+from services.monitor.alerting import AlertEngine
 from services.monitor.dashboard import Dashboard, ReportData, ReportFiles
 from services.monitor.health import (
     STATS_DAYS,
@@ -27,7 +28,7 @@ from services.monitor.health import (
     worst,
 )
 from services.monitor.notifiers import Notification, NotificationOutbox, build_notifiers
-from services.monitor.rules import AlertEngine, AlertRule, ApiStatsWindow, Observation, build_rules
+from services.monitor.rules import AlertRule, ApiStatsWindow, Observation, build_rules
 from services.monitor.store import AlertRecord, HistoryEntry, MonitorStore
 
 log = logging.getLogger(__name__)

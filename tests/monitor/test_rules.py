@@ -14,10 +14,10 @@ import pytest
 from fashion.v1 import batch_pb2
 from fashion.v1 import inference_pb2 as inference_pb
 from services.common.config import MonitorSettings
+from services.monitor.alerting import AlertEngine
 from services.monitor.health import DiskCheck, Health, ServiceCheck, SystemCheck
 from services.monitor.notifiers import Notification
 from services.monitor.rules import (
-    AlertEngine,
     AlertRule,
     ApiStatsWindow,
     Observation,
