@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from services.batch.store import FileRecord, JobRecord, Outcome
+from services.batch.records import FileRecord, JobRecord, Outcome
 from services.common.config import CommonSettings
 from services.common.logs import DATE_FORMAT, close_file_logger, file_logger
 

@@ -52,10 +52,11 @@ from services.batch.mover import (
     unique_name,
 )
 from services.batch.paths import DataRoot
+from services.batch.records import FileDone, FilePlan, FileRecord, JobRecord, JobState, Outcome
 from services.batch.reports import RunFiles, RunLog
 from services.batch.scanner import FolderScan, scan_folder
 from services.batch.sharding import Shard
-from services.batch.store import FileDone, FilePlan, FileRecord, JobRecord, JobState, JobStore, Outcome
+from services.batch.store import JobStore
 from services.batch.tree import FolderRefused, OpenFolders, basename, join, lstat_or_none, parent
 from services.common import metrics
 from services.common.config import BatchSettings

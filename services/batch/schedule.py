@@ -20,8 +20,8 @@ from croniter import croniter
 
 from services.batch.jobs import JobQueue
 from services.batch.paths import FolderMissing, PathRefused
+from services.batch.records import STAMP_FORMAT, JobRecord
 from services.batch.reports import RULE
-from services.batch.store import STAMP_FORMAT, JobRecord
 from services.common.logs import close_file_logger, file_logger
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from services.batch import converters
 from services.batch.events import JobEvents, JobUpdate
 from services.batch.jobs import JobQueue
 from services.batch.paths import FolderMissing, PathRefused
-from services.batch.store import JobFinished, JobNotFound, JobRecord
+from services.batch.records import JobRecord
+from services.batch.store import JobFinished, JobNotFound
 from services.common.server import ErrorStatuses
 
 T = TypeVar("T")

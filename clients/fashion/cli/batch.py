@@ -474,9 +474,10 @@ def _remote_health(args: argparse.Namespace) -> tuple[pb.BatchStats, pb.Job | No
 
 def _local_health(settings: BatchSettings, days: int) -> tuple[pb.BatchStats, pb.Job | None]:
     from services.batch import converters
+    from services.batch.records import JobState
     from services.batch.runner import default_db_path
     from services.batch.stats import batch_history
-    from services.batch.store import JobState, JobStore
+    from services.batch.store import JobStore
 
     path = default_db_path(settings)
     if not path.exists():
