@@ -1,7 +1,8 @@
-"""The baseline that the seed's design implies: a plain Flask app under gunicorn (2 sync workers),
-each request decoding, preprocessing and running ONNX Runtime on its one image, in the worker, and
-logging it as the seed's API did: every request and response to logs/api.log, errors to
-logs/api_errors.log (stdlib rotating handlers, 10 MB x 10), with the /stats counters.
+"""The baseline that the design in the monitoring guide (docs/monitoring-and-logging-guide.md)
+implies: a plain Flask app under gunicorn (2 sync workers), each request decoding, preprocessing
+and running ONNX Runtime on its one image, in the worker, and logging it as the guide's API does:
+every request and response to logs/api.log, errors to logs/api_errors.log (stdlib rotating
+handlers, 10 MB x 10), with the /stats counters.
 
 Same model folder and the same preprocessing code as the Inference service, so that the
 difference measured is the serving design (dynamic batching, async I/O), not the model.
@@ -30,7 +31,7 @@ def create_app(model_dir: str | None = None) -> Flask:
     manifest = ModelManifest.load(Path(model_dir or os.environ["FLASK_BASELINE_MODEL_DIR"]))
     pre = Preprocessor.from_manifest(manifest)
     options = ort.SessionOptions()
-    # A plain app keeps ONNX Runtime's defaults (a thread per core in each worker, as the seed did);
+    # A plain app keeps ONNX Runtime's defaults (a thread per core in each worker, as the guide's API does);
     # FLASK_BASELINE_THREADS=1 is the tuned variant the benchmark reports beside it.
     options.intra_op_num_threads = int(os.environ.get("FLASK_BASELINE_THREADS", "0"))
     session = ort.InferenceSession(str(manifest.model_path), options, providers=["CPUExecutionProvider"])

@@ -1,5 +1,5 @@
 """The REST gateway: POST /predict at concurrency 1, 16 and 64 beside a direct gRPC Classify on the
-same Inference service, and beside the seed's design (a plain Flask app under gunicorn with 2
+same Inference service, and beside the monitoring guide's design (a plain Flask app under gunicorn with 2
 sync workers, the same model and preprocessing per request), all measured in the same run.
 Every load generator runs in its own process."""
 
@@ -104,7 +104,7 @@ def run(out_dir: Path) -> str:
 
     (out_dir / "gateway.json").write_text(json.dumps(results, indent=2))
     names = {"gateway": "gateway POST /predict (HTTP multipart)", "grpc": "direct gRPC Classify",
-             "flask": "Flask + gunicorn, 2 sync workers (seed design)",
+             "flask": "Flask + gunicorn, 2 sync workers (monitoring guide's design)",
              "flask_tuned": "same, tuned: 1 ONNX Runtime thread per worker"}
     rows = [[names[k], c, r["images_per_s"], r["p50_ms"], r["p99_ms"], int(r["errors"])]
             for k, by_c in results.items() for c, r in by_c.items()]

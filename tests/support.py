@@ -220,7 +220,7 @@ class OtlpCollector:
 
 
 def process_tree(root_pid: int) -> set[int]:
-    """`root_pid` and all its descendants (helpers, workers), from /proc."""
+    """`root_pid` and all its descendants (the Inference service's worker processes, uvicorn workers), from /proc."""
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():

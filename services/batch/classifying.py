@@ -37,7 +37,7 @@ class InferenceRefused(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Verdict:
+class ImageAnswer:
     """The Inference service's answer for one image: a category, or why the image is unusable."""
 
     category: str = ""
@@ -79,7 +79,7 @@ class RemoteClassifier:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._retry_max_s)
 
-    async def classify(self, images: list[bytes]) -> list[Verdict]:
+    async def classify(self, images: list[bytes]) -> list[ImageAnswer]:
         """One verdict per image, in order; returns only once the Inference service answered."""
         while True:
             await self._up.wait()
@@ -96,8 +96,8 @@ class RemoteClassifier:
                 why = server_side[0].message if server_side else f"{len(resp.results)} results for {len(images)}"
                 self._went_down(f"Inference service failed to classify: {why}")
                 continue
-            return [Verdict(error=r.error.message) if r.HasField("error")
-                    else Verdict(r.category, r.confidence, r.uncertain) for r in resp.results]
+            return [ImageAnswer(error=r.error.message) if r.HasField("error")
+                    else ImageAnswer(r.category, r.confidence, r.uncertain) for r in resp.results]
 
     def _went_down(self, reason: str) -> None:
         if self._up.is_set():

@@ -6,9 +6,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from fashion.v1 import batch_pb2 as pb
 from services.batch.events import FileUpdate, JobUpdate
+from services.batch.records import JobRecord, JobState
 from services.batch.reports import RunFiles
 from services.batch.stats import BatchHistory
-from services.batch.store import JobRecord, JobState
 from services.common.config import BatchSettings
 
 STATES = {

@@ -6,7 +6,7 @@ import asyncio
 from collections import defaultdict
 from dataclasses import dataclass
 
-from services.batch.store import JobRecord
+from services.batch.records import JobRecord
 
 QUEUE_SIZE = 4096
 

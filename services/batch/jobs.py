@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 from services.batch.paths import DataRoot, PathRefused
+from services.batch.records import JobRecord, JobSpec, JobState
 from services.batch.reports import printable, prune_run_files
 from services.batch.runner import JobBusy, JobRunner
 from services.batch.stats import BatchHistory, batch_history
-from services.batch.store import JobRecord, JobSpec, JobState, JobStore
+from services.batch.store import JobStore
 
 log = logging.getLogger(__name__)
 ADOPT_INTERVAL_S = 30.0

@@ -17,11 +17,12 @@ from services.batch import converters
 from services.batch.events import JobEvents
 from services.batch.jobs import job_spec
 from services.batch.paths import FolderMissing, PathRefused
+from services.batch.records import JobRecord, JobState
 from services.batch.reports import RunnerLog
 from services.batch.runner import JobLock, JobRunner, default_db_path
 from services.batch.sharding import Shard
 from services.batch.stats import batch_history
-from services.batch.store import JobRecord, JobState, JobStore, new_job_id
+from services.batch.store import JobStore, new_job_id
 from services.common.config import BatchSettings, load_settings
 
 JobUpdate = Callable[[pb.Job, pb.JobEvent | None], None]

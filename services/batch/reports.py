@@ -1,11 +1,12 @@
-"""A run's files, in the seed's formats (users' scripts and dashboards read them):
+"""A run's files, in the formats of the monitoring guide (docs/monitoring-and-logging-guide.md),
+which users' scripts and dashboards read:
 
 - results/batch_results/batch_results_<YYYYMMDD_HHMMSS>.csv: filename,category,confidence,status,timestamp
 - results/batch_results/batch_summary_<YYYYMMDD_HHMMSS>.json: timestamp, total_processed, successful,
-  failed, categories, then job id, duration and the details the seed lacked
-- logs/batch_<YYYYMMDD_HHMMSS>.log: the seed's wording, one block per image
+  failed, categories, then job id, duration and the details the guide's summary lacked
+- logs/batch_<YYYYMMDD_HHMMSS>.log: the guide's wording, one block per image
 
-CSV status is "success", "uncertain" or "error" (the seed's word for an image that could not be
+CSV status is "success", "uncertain" or "error" (the guide's word for an image that could not be
 classified: the monitoring guide greps for it). The CSV grows while the job runs and is rebuilt
 from the jobs database when it ends, so it is complete and duplicate-free even after a crash.
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from services.batch.store import STAMP_FORMAT, FileRecord, JobRecord, Outcome
+from services.batch.records import STAMP_FORMAT, FileRecord, JobRecord, Outcome
 from services.common.config import CommonSettings
 from services.common.logs import DATE_FORMAT, close_file_logger, file_logger
 from services.common.retention import prune_files
@@ -179,7 +180,7 @@ class LogEntry:
 
 
 class RunLog:
-    """logs/batch_<stamp>.log, in the seed's wording. Appends, so a resumed job continues its log."""
+    """logs/batch_<stamp>.log, in the monitoring guide's wording. Appends, so a resumed job continues its log."""
 
     def __init__(self, path: Path, job_id: str, settings: CommonSettings) -> None:
         self.path = path
@@ -204,8 +205,8 @@ class RunLog:
         self.line("Output folder: %s", output_display)
 
     def file_results(self, entries: list[LogEntry], total: int, min_confidence: float | None) -> None:
-        """One block per image, the seed's lines. Written as one record per group (with each line's
-        timestamp) so that thousands of images do not cost thousands of log records."""
+        """One block per image, the monitoring guide's lines. Written as one record per group (with
+        each line's timestamp) so that thousands of images do not cost thousands of log records."""
         stamp = f"\n[{datetime.now().strftime(DATE_FORMAT)}] "
         lines: list[str] = []
         for e in entries:

@@ -3,10 +3,12 @@
 The same JobRunner runs jobs in the Batch service and in `fashion batch run` (embedded).
 
 Pipeline: chunks of images are read and sent to the Inference service (ClassifyBatch), several
-in flight; their results are sorted in order, one chunk at a time, in a worker thread:
-destinations recorded (write-ahead), files moved, folders fsynced, rows marked done, then the
-per-run log and CSV appended. A crash leaves every row pending, moving or done; a restarted
-runner finishes the moving rows from their records before going on (see store.py, mover.py).
+in flight; their results are sorted in order, one chunk at a time, in a worker thread (the
+synchronous per-file work is filing.py's): destinations recorded (write-ahead), files moved,
+folders fsynced, rows marked done, then the per-run log and CSV appended. A crash leaves every
+row pending, moving or done; a restarted runner finishes the moving rows from their records
+before going on (see store.py, mover.py). This module is the asynchronous orchestration: the job's
+states, the chunks in flight, cancellation, outages of the Inference service, the reports.
 
 Files are reached only through folders opened from the data root down without following links
 (tree.py), afresh for each read pass and each sorted group: a folder swapped for a link mid-job
@@ -24,14 +26,11 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import logging
 import os
-import sqlite3
-import stat
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -40,23 +39,17 @@ import grpc
 
 from fashion.client import AsyncInferenceClient
 from services.batch import failpoints, reports
-from services.batch.classifying import InferenceRefused, RemoteClassifier, Verdict
+from services.batch.classifying import ImageAnswer, InferenceRefused, RemoteClassifier
 from services.batch.events import FileUpdate, JobEvents, JobUpdate
-from services.batch.mover import (
-    FAILED_FOLDER,
-    UNCERTAIN_FOLDER,
-    FileMover,
-    Resume,
-    SourceNotRemovable,
-    category_folder,
-    unique_name,
-)
+from services.batch.filing import JobFiling, joined_reasons
+from services.batch.mover import FileMover
 from services.batch.paths import DataRoot
+from services.batch.records import FileRecord, JobRecord, JobState, Outcome
 from services.batch.reports import RunFiles, RunLog
 from services.batch.scanner import FolderScan, scan_folder
 from services.batch.sharding import Shard
-from services.batch.store import FileDone, FilePlan, FileRecord, JobRecord, JobState, JobStore, Outcome
-from services.batch.tree import FolderRefused, OpenFolders, basename, join, lstat_or_none, parent
+from services.batch.store import JobStore
+from services.batch.tree import FolderRefused, OpenFolders
 from services.common import metrics
 from services.common.config import BatchSettings
 from services.common.security import client_options, token_refused
@@ -66,7 +59,6 @@ T = TypeVar("T")
 MESSAGE_OVERHEAD = 64 * 1024  # room for protobuf framing around the image bytes of one call
 CANCEL_POLL_S = 1.0
 SORT_GROUP_MAX = 1024  # images sorted (recorded, moved, fsynced) together at most
-MIB = 1024 * 1024
 
 
 class JobBusy(RuntimeError):
@@ -79,11 +71,6 @@ class _Cancelled(Exception):
 
 class _InputMissing(Exception):
     """The job's input folder does not exist (any more)."""
-
-
-class _Untouchable(str):
-    """Why a file could not be read because of its folder (swapped for a link, gone): the file is
-    left exactly where it is, not moved to _failed/."""
 
 
 def default_db_path(settings: BatchSettings) -> Path:
@@ -118,8 +105,8 @@ class JobLock:
 class _Chunk:
     rows: list[FileRecord]
     data: list[bytes | str]
-    """Per row: the image bytes, or why the file could not be read (an _Untouchable: not to be moved)."""
-    verdicts: asyncio.Future[list[Verdict]] | None
+    """Per row: the image bytes, or why the file could not be read (a filing.Untouchable: not to be moved)."""
+    verdicts: asyncio.Future[list[ImageAnswer]] | None
     """The Inference service's answers for the readable ones (None when none is readable)."""
 
 
@@ -171,19 +158,21 @@ class _JobRun:
     """One execution of one job (a resumed job gets a new one)."""
 
     def __init__(self, runner: JobRunner, job: JobRecord, cancel: asyncio.Event) -> None:
-        self.r = runner
+        self.runner = runner
         self.settings = runner.settings
         self.store = runner.store
         self.root = runner.root
         self.job = job
         self.cancel = cancel
-        self.copy = job.mode == "copy"
         self.phase = ""
-        self._folder_names: dict[str, set[str]] = {}
-        self.recovery_failures: list[str] = []
-        """Why interrupted transfers could not be finished (their files are left in place)."""
         self.files: RunFiles
         self.log: RunLog
+        self.filing: JobFiling
+        """The per-file work (filing.py), from the job's start on."""
+
+    def _job_changed(self, job: JobRecord) -> None:
+        """The job as the store now has it, for this run and its filing."""
+        self.job = self.filing.job = job
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -193,6 +182,9 @@ class _JobRun:
         assert self.job.stamp is not None
         self.files = RunFiles.of(self.job.stamp, self.settings.results_dir, self.settings.log_dir)
         self.log = RunLog(self.files.log, self.job.job_id, self.settings)
+        runner = self.runner
+        self.filing = JobFiling(self.settings, self.store, self.root, runner.mover, runner.events,
+                                runner.max_image_bytes, self.job, self.files, self.log)
         try:
             self._set_phase("running")
             if self.job.ending is not None:  # a run before ended it; only its reports are left to write
@@ -215,7 +207,7 @@ class _JobRun:
             self.cancel.set()
         watcher = asyncio.ensure_future(self._watch_cancel())
         remote = RemoteClassifier(
-            self.r.inference_client(), self.settings.batch_inference_timeout_s,
+            self.runner.inference_client(), self.settings.batch_inference_timeout_s,
             self.settings.batch_retry_initial_s, self.settings.batch_retry_max_s,
             on_wait=self._inference_down, on_ready=self._inference_back)
         try:
@@ -227,17 +219,17 @@ class _JobRun:
                 await _io(self.store.set_min_confidence, self.job.job_id, info.min_confidence)
             await _io(self.store.set_state, self.job.job_id, JobState.RUNNING)
             self._set_phase("running")
-            self.job = await _io(self.store.get, self.job.job_id)
+            self._job_changed(await _io(self.store.get, self.job.job_id))
             if not self.job.scanned:
                 await self._scan()
             else:
-                await _io(self._recover_all)
+                await _io(self.filing.recover_all)
                 rows = await _io(self.store.files, self.job.job_id)
                 await _io(reports.write_csv, self.files.csv, reports.csv_rows(rows, self.job.input_dir),
                           self.settings.batch_csv_escape_formulas)
             await self._process(remote)
-            if self.recovery_failures:
-                return JobState.FAILED, self._recovery_error()
+            if self.filing.recovery_failures:
+                return JobState.FAILED, self.filing.recovery_error()
             return JobState.SUCCEEDED, ""
         except _Cancelled:
             return JobState.CANCELLED, "cancelled on request"
@@ -272,7 +264,7 @@ class _JobRun:
         skipped = [(rel, why) for rel, why in found.skipped if shard.owns(rel)]
         if shard.count > 1:
             self.log.line("Sorting %s of the folder", shard)
-        self.job = await _io(self.store.add_files, self.job.job_id, images, skipped)
+        self._job_changed(await _io(self.store.add_files, self.job.job_id, images, skipped))
         self.log.line("Found %d images to process", self.job.total)
         left = []
         for f in await _io(self.store.files, self.job.job_id, (Outcome.SKIPPED,)):
@@ -304,16 +296,16 @@ class _JobRun:
         terminal state: a crash in between only makes the next start write the reports again."""
         job_id, now = self.job.job_id, time.time()
         self.store.set_ending(job_id, state, error)
-        self._recover_all()  # transfers left recorded as moving when the job stopped early
-        if self.recovery_failures and state != JobState.FAILED:
-            state, error = JobState.FAILED, _joined(error, self._recovery_error())
+        self.filing.recover_all()  # transfers left recorded as moving when the job stopped early
+        if self.filing.recovery_failures and state != JobState.FAILED:
+            state, error = JobState.FAILED, joined_reasons(error, self.filing.recovery_error())
         self.store.release_pending(job_id, now)
         job = dataclasses.replace(self.store.get(job_id), state=state, error=error, finished_at=now)
         try:
             self._write_reports(job)
         except OSError as exc:
             log.error("Job %s: could not write its results: %s", job_id, exc)
-            state, error = JobState.FAILED, _joined(error, f"could not write the job's results: {exc}")
+            state, error = JobState.FAILED, joined_reasons(error, f"could not write the job's results: {exc}")
             self.store.set_ending(job_id, state, error)
             job = dataclasses.replace(job, state=state, error=error)
             with contextlib.suppress(OSError):
@@ -337,11 +329,6 @@ class _JobRun:
                                   self.store.files(job_id, (Outcome.SKIPPED,)), self.root.root)
         reports.write_summary(self.files.summary, content)
 
-    def _recovery_error(self) -> str:
-        n = len(self.recovery_failures)
-        return (f"could not finish {n} transfer{'s' if n > 1 else ''} interrupted by a crash (left in place): "
-                f"{self.recovery_failures[0]}")
-
     # --- the pipeline ----------------------------------------------------------------------------
 
     async def _process(self, remote: RemoteClassifier) -> None:
@@ -358,16 +345,16 @@ class _JobRun:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                group = [(item, await self._verdicts(item))]
+                group = [(item.rows, item.data, await self._verdicts(item))]
                 size = len(item.rows)
                 while size < SORT_GROUP_MAX and not in_flight.empty():
                     more = in_flight.get_nowait()
                     if not isinstance(more, _Chunk) or (more.verdicts is not None and not more.verdicts.done()):
                         taken.append(more)
                         break
-                    group.append((more, await self._verdicts(more)))
+                    group.append((more.rows, more.data, await self._verdicts(more)))
                     size += len(more.rows)
-                job, updates = await _shielded_io(self._sort, group)
+                job, updates = await _shielded_io(self.filing.sort, group)
                 if updates:
                     self._publish(job, files=tuple(updates))
         finally:
@@ -376,7 +363,7 @@ class _JobRun:
                 if isinstance(pending, _Chunk) and pending.verdicts is not None:
                     pending.verdicts.cancel()
 
-    async def _verdicts(self, chunk: _Chunk) -> list[Verdict]:
+    async def _verdicts(self, chunk: _Chunk) -> list[ImageAnswer]:
         return await self._or_cancel(chunk.verdicts) if chunk.verdicts is not None else []
 
     async def _send_chunks(self, remote: RemoteClassifier, out: asyncio.Queue[_Chunk | BaseException | None]) -> None:
@@ -384,7 +371,7 @@ class _JobRun:
             after = 0
             while rows := await _io(self.store.pending, self.job.job_id, after, 512):
                 after = rows[-1].seq
-                for group, data in await _io(self._read, rows):
+                for group, data in await _io(self.filing.read, rows):
                     images = [d for d in data if isinstance(d, bytes)]
                     verdicts = asyncio.ensure_future(remote.classify(images)) if images else None
                     await out.put(_Chunk(group, data, verdicts))
@@ -392,279 +379,11 @@ class _JobRun:
         except Exception as exc:
             await out.put(exc)
 
-    def _read(self, rows: list[FileRecord]) -> list[tuple[list[FileRecord], list[bytes | str]]]:
-        """The files' bytes (or why one cannot be read), in chunks of at most batch_chunk_size images and
-        batch_chunk_bytes bytes. Folders are opened afresh from the data root, links are not followed and
-        FIFOs not waited on: the tree may have changed since the scan."""
-        limit = self.r.max_image_bytes
-        chunk_bytes = min(self.settings.batch_chunk_bytes, limit)
-        chunks: list[tuple[list[FileRecord], list[bytes | str]]] = [([], [])]
-        size = 0
-        with OpenFolders(self.root) as folders:
-            for row in rows:
-                data = self._read_one(folders, row.source, limit)
-                n = len(data) if isinstance(data, bytes) else 0
-                if chunks[-1][0] and (len(chunks[-1][0]) >= self.settings.batch_chunk_size or size + n > chunk_bytes):
-                    chunks.append(([], []))
-                    size = 0
-                chunks[-1][0].append(row)
-                chunks[-1][1].append(data)
-                size += n
-        return chunks
-
-    @staticmethod
-    def _read_one(folders: OpenFolders, source: str, limit: int) -> bytes | str:
-        try:
-            entry = folders.entry(source)
-        except FolderRefused as exc:
-            return _Untouchable(f"cannot read: {exc.strerror}")
-        try:
-            fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=entry.folder)
-            with open(fd, "rb") as f:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    return "cannot read: not a regular file"
-                if st.st_size > limit:
-                    return f"too large to classify: {st.st_size / MIB:.1f} MiB (limit {limit / MIB:.1f} MiB)"
-                return f.read()
-        except OSError as exc:
-            return f"cannot read: {'it is a symbolic link' if exc.errno == errno.ELOOP else exc.strerror or exc}"
-
-    # --- sorting (in a worker thread) ------------------------------------------------------------
-
-    def _sort(self, group: list[tuple[_Chunk, list[Verdict]]]) -> tuple[JobRecord | None, list[FileUpdate]]:
-        """Record, move, sync, mark done, then log and append the CSV. Returns what to publish."""
-        start = time.perf_counter()
-        decided: list[tuple[FileRecord, Verdict]] = []
-        untouchable: set[int] = set()
-        for chunk, verdicts in group:
-            answers = iter(verdicts)
-            for row, data in zip(chunk.rows, chunk.data, strict=True):
-                decided.append((row, next(answers) if isinstance(data, bytes) else Verdict(error=data)))
-                if isinstance(data, _Untouchable):
-                    untouchable.add(row.seq)
-        with OpenFolders(self.root) as folders:
-            plans, in_place = self._plan(decided, untouchable, folders)
-            failpoints.reached("planned")
-            rows = {row.seq: row for row, _ in decided}
-            moved = [self._transfer(p, rows[p.seq], folders) for p in plans.values() if p.seq not in in_place]
-            self.r.mover.sync_folders(self._folders_touched(decided, moved, folders))
-        failpoints.reached("moved")
-        now = time.time()
-        done = {d.seq: d for d in [*moved, *in_place.values()]}
-        self.store.done(self.job.job_id, list(done.values()), now)
-        failpoints.reached("recorded")
-        updates = self._report(decided, plans, done, now)
-        metrics.BATCH_SORT_DURATION.observe(time.perf_counter() - start)
-        return (self.store.get(self.job.job_id) if updates else None), updates
-
-    def _plan(self, decided: list[tuple[FileRecord, Verdict]], untouchable: set[int], folders: OpenFolders
-              ) -> tuple[dict[int, FilePlan], dict[int, FileDone]]:
-        """Destinations for a group, recorded (write-ahead) before anything moves. Returns every image's
-        plan, and the images that stay where they are (in their folder already, or not to be touched)."""
-        for _ in range(5):
-            reserved = self.store.reserved_destinations()  # names other jobs are moving files to right now
-            chosen: dict[str, set[str]] = {}
-            plans: dict[int, FilePlan] = {}
-            in_place: dict[int, FileDone] = {}
-            for row, v in decided:
-                outcome, category, confidence = self._judge(v)
-                folder = join(self.job.output_dir, FAILED_FOLDER if outcome == Outcome.FAILED else
-                              UNCERTAIN_FOLDER if outcome == Outcome.UNCERTAIN else category_folder(category))
-                error, existing = v.error, None
-                if row.seq in untouchable:
-                    outcome = Outcome.FAILED
-                elif folder != parent(row.source):
-                    try:
-                        existing = self._names(folder, folders)
-                    except FolderRefused as exc:
-                        outcome, error = Outcome.FAILED, _joined(v.error, f"cannot be moved: {exc.strerror}")
-                if existing is None:
-                    plans[row.seq] = FilePlan(row.seq, outcome, category, confidence, row.source, error)
-                    in_place[row.seq] = FileDone(row.seq, outcome, row.source, error)
-                    continue
-                taken = chosen.get(folder)
-                if taken is None:
-                    taken = chosen[folder] = {basename(d) for d in reserved if parent(d) == folder}
-                name = unique_name(basename(row.source), existing, taken)
-                taken.add(name)
-                plans[row.seq] = FilePlan(row.seq, outcome, category, confidence, join(folder, name), v.error)
-            try:
-                self.store.plan(self.job.job_id, [p for p in plans.values() if p.seq not in in_place])
-            except sqlite3.IntegrityError:
-                continue  # another job reserved one of these names meanwhile: choose again
-            for folder, names in chosen.items():
-                self._folder_names[folder] |= names
-            return plans, in_place
-        raise RuntimeError("could not reserve destinations: other jobs keep taking the same names")
-
-    def _names(self, folder: str, folders: OpenFolders, refresh: bool = False) -> set[str]:
-        """Names present in a destination folder, which is opened (created if needed) for every group;
-        listed once per run and kept up to date with the files this run adds. A name taken behind our
-        back is still never overwritten: link() refuses it and the file is renamed. Raises FolderRefused."""
-        fd = folders.folder(folder, create=True)
-        names = self._folder_names.get(folder)
-        if names is None or refresh:
-            names = self._folder_names[folder] = set(os.listdir(fd))
-        return names
-
-    def _judge(self, v: Verdict) -> tuple[Outcome, str, float | None]:
-        if v.error:
-            return Outcome.FAILED, "", None
-        threshold = self.job.min_confidence
-        uncertain = v.confidence < threshold if threshold is not None else v.uncertain
-        return (Outcome.UNCERTAIN if uncertain else Outcome.SUCCESS), v.category, v.confidence
-
-    def _transfer(self, plan: FilePlan, row: FileRecord, folders: OpenFolders) -> FileDone:
-        """Carry out one recorded plan; a destination taken meanwhile gets the next free name."""
-        destination = plan.destination
-        tag = f"{self.job.job_id}-{plan.seq}"
-        for _ in range(1000):
-            try:
-                self.r.mover.transfer(folders.entry(row.source), folders.entry(destination, create=True),
-                                      self.copy, tag)
-                return FileDone(plan.seq, plan.outcome, destination, plan.error)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                return self._left_in_place(plan, row, destination, exc, folders)
-            try:
-                destination = self._replan(plan.seq, row.source, parent(destination), folders)
-            except FolderRefused as exc:
-                return self._left_in_place(plan, row, destination, exc, folders)
-            failpoints.reached("replanned")
-        raise RuntimeError(f"no free name for {row.source} in {parent(destination)}")
-
-    def _replan(self, seq: int, source: str, folder: str, folders: OpenFolders) -> str:
-        while True:
-            existing = self._names(folder, folders, refresh=True)
-            reserved = {basename(d) for d in self.store.reserved_destinations() if parent(d) == folder}
-            candidate = join(folder, unique_name(basename(source), existing, reserved))
-            try:
-                self.store.replan(self.job.job_id, seq, candidate)
-            except sqlite3.IntegrityError:
-                continue
-            existing.add(basename(candidate))
-            return candidate
-
-    def _left_in_place(self, plan: FilePlan, row: FileRecord, destination: str, exc: OSError,
-                       folders: OpenFolders) -> FileDone:
-        with contextlib.suppress(FolderRefused):  # a refused folder was not touched: its file is still there
-            if lstat_or_none(folders.entry(row.source)) is None:
-                return FileDone(plan.seq, Outcome.FAILED, "", "the file disappeared before it could be moved")
-        if isinstance(exc, FolderRefused):
-            why = f"left untouched: {exc.strerror}"
-        elif isinstance(exc, SourceNotRemovable):
-            why = f"cannot be moved: {exc.strerror} (its copy in {self.root.display(parent(destination))} was removed)"
-        else:
-            verb = "copy" if self.copy else "move"
-            why = f"cannot {verb} it to {self.root.display(destination)}: {exc.strerror or exc}"
-        if plan.outcome != Outcome.FAILED:
-            why = f"classified as {plan.category}, but {why}"
-        return FileDone(plan.seq, Outcome.FAILED, row.source, _joined(plan.error, why))
-
-    def _recover_all(self) -> None:
-        with OpenFolders(self.root) as folders:
-            self._recover(folders)
-
-    def _recover(self, folders: OpenFolders) -> None:
-        """Finish the transfers a crash interrupted, from their records. A transfer that cannot be finished
-        leaves its file in place, is released for later jobs, and fails the job (recovery_failures)."""
-        rows = self.store.in_flight(self.job.job_id)
-        if not rows:
-            return
-        results = []
-        for row in rows:
-            try:
-                results.append(self._resume(row, folders))
-            except OSError as exc:
-                self._recovery_failed(row, exc)
-                results.append(FileDone(row.seq, Outcome.FAILED, row.source,
-                                        f"could not finish the transfer interrupted by a crash: {exc.strerror or exc}"))
-        touched = {parent(d.destination) for d in results if d.destination} | {parent(r.source) for r in rows}
-        self.r.mover.sync_folders(_open_only(folders, touched))
-        self.store.done(self.job.job_id, results)
-        self.log.line("Recovered %d transfers interrupted by a crash", len(results))
-
-    def _resume(self, row: FileRecord, folders: OpenFolders) -> FileDone:
-        """One interrupted transfer finished from its record. Raises OSError when it cannot be."""
-        plan = FilePlan(row.seq, Outcome(row.outcome), row.category, row.confidence, row.destination, row.error)
-        destination = folders.entry(row.destination, create=True)
-        try:
-            source = folders.entry(row.source)
-        except FolderRefused as exc:
-            # The source's folder was swapped: where its file went cannot be known. A copy already at the
-            # destination is kept (removing it could lose the only one) and the job fails with the reason.
-            at_destination = lstat_or_none(destination)
-            if at_destination is None or not stat.S_ISREG(at_destination.st_mode):
-                raise
-            self._recovery_failed(row, exc)
-            return FileDone(row.seq, plan.outcome, row.destination, _joined(
-                row.error, f"{exc.strerror}: a copy may remain where that folder went"))
-        state = self.r.mover.complete(source, destination, self.copy, f"{self.job.job_id}-{row.seq}")
-        failpoints.reached("recovering")
-        if state == Resume.DONE:
-            return FileDone(row.seq, plan.outcome, row.destination, row.error)
-        if state == Resume.MISSING:
-            return FileDone(row.seq, Outcome.FAILED, "",
-                            "the file disappeared: neither at its source nor at its destination")
-        return self._transfer(plan, row, folders)
-
-    def _recovery_failed(self, row: FileRecord, exc: OSError) -> None:
-        reason = f"{reports.display_name(row.source, self.job.input_dir)}: {exc.strerror or exc}"
-        self.recovery_failures.append(reason)
-        log.error("Job %s: could not finish the transfer of %s", self.job.job_id, reports.printable(reason))
-
-    def _folders_touched(self, decided: list[tuple[FileRecord, Verdict]], moved: list[FileDone],
-                         folders: OpenFolders) -> list[int]:
-        touched = {parent(d.destination) for d in moved if d.destination}
-        if not self.copy:
-            touched |= {parent(row.source) for row, _ in decided}
-        return _open_only(folders, touched)
-
-    def _report(self, decided: list[tuple[FileRecord, Verdict]], plans: dict[int, FilePlan],
-                done: dict[int, FileDone], now: float) -> list[FileUpdate]:
-        """The per-run log and the CSV for one sorted group; the file updates when someone watches."""
-        watched = self.r.events.watched(self.job.job_id)
-        entries: list[reports.LogEntry] = []
-        rows: list[list[str]] = []
-        updates: list[FileUpdate] = []
-        when = reports.local_iso(now)
-        counts: collections.Counter[str] = collections.Counter()
-        for row, _ in decided:
-            d, p = done[row.seq], plans[row.seq]
-            name = reports.display_name(row.source, self.job.input_dir)
-            confidence = p.confidence if d.outcome != Outcome.FAILED else None
-            entries.append(reports.LogEntry(row.seq, name, d.outcome, p.category, confidence, d.error,
-                                            self._where(row, d)))
-            rows.append(reports.csv_row(name, d.outcome, p.category, confidence, when))
-            counts[d.outcome.value] += 1
-            if watched:
-                updates.append(FileUpdate(name, p.category, confidence or 0.0, d.outcome.value, d.destination,
-                                          d.error))
-        self.log.file_results(entries, self.job.total, self.job.min_confidence)
-        try:
-            reports.append_csv(self.files.csv, rows, self.settings.batch_csv_escape_formulas)
-        except OSError as exc:  # the CSV is written again from the database when the job ends
-            log.warning("Job %s: could not append to %s: %s", self.job.job_id, self.files.csv, exc)
-        for outcome, n in counts.items():
-            metrics.BATCH_FILES.labels(outcome).inc(n)
-        return updates
-
-    def _where(self, row: FileRecord, d: FileDone) -> str:
-        """The log's last line for a file: where it went."""
-        if not d.destination:
-            return "✗ Gone: the file is no longer there"
-        shown = self.root.display(d.destination)
-        if d.destination != row.source:
-            return f"✓ {'Copied' if self.copy else 'Moved'} to: {shown}"
-        return f"✗ Left in place: {shown}" if d.error else f"✓ Already in: {shown}"
-
     # --- state changes ---------------------------------------------------------------------------
 
     def _publish(self, job: JobRecord | None, files: tuple[FileUpdate, ...] = (), message: str = "") -> None:
-        if job is not None and self.r.events.watched(job.job_id):
-            self.r.events.publish(JobUpdate(job, files, message))
+        if job is not None and self.runner.events.watched(job.job_id):
+            self.runner.events.publish(JobUpdate(job, files, message))
 
     def _inference_down(self, reason: str, delay: float) -> None:
         address = self.settings.inference_address
@@ -718,19 +437,6 @@ class _JobRun:
             return task.result()
         task.cancel()
         raise _Cancelled
-
-
-def _joined(first: str, second: str) -> str:
-    return f"{first}; {second}" if first else second
-
-
-def _open_only(folders: OpenFolders, rels: Iterable[str]) -> list[int]:
-    """Descriptors of the folders that can still be reached (the others were not touched)."""
-    fds = []
-    for rel in rels:
-        with contextlib.suppress(FolderRefused):
-            fds.append(folders.folder(rel))
-    return fds
 
 
 async def _io(fn: Callable[..., T], *args: object) -> T:

@@ -1,5 +1,6 @@
 """Scheduled runs: the Batch service processes the inbox on a cron expression or an interval, like
-the seed's batch runner (cron / Task Scheduler). Each run writes logs/batch_runner_<ts>.log.
+the batch runner of the monitoring guide (cron / Task Scheduler; docs/monitoring-and-logging-guide.md).
+Each run writes logs/batch_runner_<ts>.log.
 
 FASHION_BATCH_SCHEDULE is a 5-field cron expression in the service's local time ("0 2 * * *":
 nightly at 02:00), or an interval: "every 30m", "@every 2h", "90s", "45" (seconds). Empty turns
@@ -19,8 +20,8 @@ from croniter import croniter
 
 from services.batch.jobs import JobQueue
 from services.batch.paths import FolderMissing, PathRefused
+from services.batch.records import JobRecord
 from services.batch.reports import RunnerLog
-from services.batch.store import JobRecord
 
 log = logging.getLogger(__name__)
 _INTERVAL = re.compile(r"^(?:@?every\s+)?(\d+(?:\.\d+)?)\s*(s|sec|secs|m|min|mins|h|hr|hrs|d|day|days)?$", re.I)

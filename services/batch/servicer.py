@@ -14,7 +14,8 @@ from services.batch import converters
 from services.batch.events import JobEvents, JobUpdate
 from services.batch.jobs import JobQueue
 from services.batch.paths import FolderMissing, PathRefused
-from services.batch.store import JobFinished, JobNotFound, JobRecord
+from services.batch.records import JobRecord
+from services.batch.store import JobFinished, JobNotFound
 from services.common.server import ErrorStatuses
 
 T = TypeVar("T")
@@ -48,7 +49,7 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
     stream): the job does not wait for its watchers."""
 
     def __init__(self, queue: JobQueue, events: JobEvents) -> None:
-        self._q = queue
+        self._job_queue = queue
         self._events = events
         self._settings = queue.settings
 
@@ -57,15 +58,15 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         await _required(context, request.input_dir, "input_dir")
-        spec = await call(context, lambda: self._q.spec(
+        spec = await call(context, lambda: self._job_queue.spec(
             request.input_dir, request.output_dir, converters.MODE_OF.get(request.mode, ""),
             request.min_confidence if request.HasField("min_confidence") else None, request.recursive,
             request.idempotency_key))
-        return self._job(await self._q.submit(spec, trigger="api"))
+        return self._job(await self._job_queue.submit(spec, trigger="api"))
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         job_id = await _required(context, request.job_id, "job_id")
-        return self._job(await call(context, lambda: self._q.get(job_id)))
+        return self._job(await call(context, lambda: self._job_queue.get(job_id)))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
         if not 0 <= request.limit <= MAX_LIST_LIMIT:
@@ -74,23 +75,23 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
         state = converters.STATE_OF.get(request.state)
         if request.state and state is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown job state {request.state}")
-        jobs = await call(context, lambda: self._q.list(request.limit or DEFAULT_LIST_LIMIT, state))
+        jobs = await call(context, lambda: self._job_queue.list(request.limit or DEFAULT_LIST_LIMIT, state))
         return pb.ListJobsResponse(jobs=[self._job(j) for j in jobs])
 
     async def WatchJob(self, request: pb.WatchJobRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.JobEvent]:
         job_id = await _required(context, request.job_id, "job_id")
-        job = await call(context, lambda: self._q.get(job_id))
+        job = await call(context, lambda: self._job_queue.get(job_id))
         updates = self._events.subscribe(job.job_id)  # before the snapshot: nothing falls in between
         try:
-            job = await asyncio.to_thread(self._q.get, job.job_id)
+            job = await asyncio.to_thread(self._job_queue.get, job.job_id)
             yield converters.event_to_pb(JobUpdate(job, message=job.state.value), self._settings)
             while not job.state.finished:
                 try:  # wait_for costs a task per call: only when nothing is queued
                     update = updates.get_nowait() if not updates.empty() else await asyncio.wait_for(
                         updates.get(), WATCH_POLL_S)
                 except TimeoutError:
-                    latest = await asyncio.to_thread(self._q.get, job.job_id)
+                    latest = await asyncio.to_thread(self._job_queue.get, job.job_id)
                     if (latest.state, latest.counts.processed, latest.error) == (
                             job.state, job.counts.processed, job.error):
                         continue
@@ -102,12 +103,12 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         job_id = await _required(context, request.job_id, "job_id")
-        return self._job(await ERRORS.call(context, lambda: self._q.cancel(job_id)))
+        return self._job(await ERRORS.call(context, lambda: self._job_queue.cancel(job_id)))
 
     async def GetBatchStats(self, request: pb.GetBatchStatsRequest,
                             context: grpc.aio.ServicerContext) -> pb.BatchStats:
         if not 0 <= request.days <= MAX_STATS_DAYS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"days must be between 0 and {MAX_STATS_DAYS}, got {request.days}")
-        history = await call(context, lambda: self._q.history(request.days or 7))
+        history = await call(context, lambda: self._job_queue.history(request.days or 7))
         return converters.history_to_pb(history)

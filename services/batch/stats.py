@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
 from services.batch import reports
-from services.batch.store import JobRecord, JobState, JobStore
+from services.batch.records import JobRecord, JobState
+from services.batch.store import JobStore
 
 ERROR_WINDOW_S = 24 * 3600
 MAX_ERRORS = 50

@@ -7,11 +7,13 @@ folders, SQLite and no external server.
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fashion.defaults import DEFAULT_ADDRESSES
@@ -20,20 +22,50 @@ MIB = 1024 * 1024
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "inference" / "models" / "fashion-mnist"
 
 
+RENAMED: dict[str, tuple[str, str]] = {}
+"""Former environment variable of a renamed setting (deprecated, still read) -> (the setting, its
+current variable)."""
+
+
+def renamed_from(name: str, former: str) -> AliasChoices:
+    """The environment variables of the setting `name`, renamed from `former`: FASHION_<NAME>, else
+    the former FASHION_<FORMER> (deprecated: still read, with a warning, when the current one is unset)."""
+    current, old = f"FASHION_{name.upper()}", f"FASHION_{former.upper()}"
+    RENAMED[old] = (name, current)
+    return AliasChoices(current, old)
+
+
+_warned: set[str] = set()
+
+
+def _warn_former_names(settings: BaseSettings) -> None:
+    """A warning, once per process, for each former variable of `settings` the environment still sets."""
+    present = {key.upper() for key in os.environ}
+    for old, (name, current) in RENAMED.items():
+        if old in present and name in type(settings).model_fields and old not in _warned:
+            _warned.add(old)
+            used = f"{current} is set and wins" if current in present else "still read"
+            warnings.warn(f"{old} is deprecated ({used}): set {current} instead", FutureWarning, stacklevel=2)
+
+
 class CommonSettings(BaseSettings):
     """What every service shares: logs, message limits, where the other services are."""
 
-    model_config = SettingsConfigDict(env_prefix="FASHION_", extra="ignore", use_attribute_docstrings=True)
+    model_config = SettingsConfigDict(env_prefix="FASHION_", extra="ignore", use_attribute_docstrings=True,
+                                      populate_by_name=True)
 
     bind_address: str = "127.0.0.1"
     """Interface every listener of this process binds (gRPC, HTTP, metrics): loopback unless asked, so a
     default run is not open to the network; deployments (compose, Kubernetes) set 0.0.0.0."""
     log_dir: Path = Path("logs")
     """Folder of the rotating log files (api.log, api_errors.log, batch_*.log, ...)."""
-    retention_days: float = Field(default=90.0, ge=0)
+    retention_days: float = Field(default=90.0, ge=0,
+                                  validation_alias=renamed_from("retention_days", "report_keep_days"))
     """Per-run files older than this many days are deleted: batch logs (batch_<ts>.log,
-    batch_runner_<ts>.log), CSV results and JSON summaries by the Batch service, reports and charts by the
-    Monitor; 0 keeps them all. Rotating service logs are bounded by rotation instead."""
+    batch_runner_<ts>.log), CSV results and JSON summaries by the Batch service (hourly), the dashboard's
+    reports and charts by the Monitor (when it writes a report); 0 keeps them all. Rotating service logs
+    are bounded by rotation instead. Formerly FASHION_REPORT_KEEP_DAYS (the Monitor's; deprecated, read
+    when this one is unset)."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     """Lowest level written to the logs and stdout."""
     log_max_bytes: int = 10 * MIB
@@ -106,6 +138,9 @@ class CommonSettings(BaseSettings):
         bare = self.listen_host(host)
         return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
 
+    def model_post_init(self, context: object) -> None:
+        _warn_former_names(self)
+
 
 class InferenceSettings(CommonSettings):
     """The Inference service."""
@@ -121,8 +156,8 @@ class InferenceSettings(CommonSettings):
     max_batch_size: int = 256
     """Most images merged into one ONNX Runtime run by the dynamic batcher. A batch is only as big as
     what is waiting (max_delay_ms 0), so this bounds busy moments: there, fewer and bigger batches
-    mean fewer hand-offs to the engine thread and decoding helpers (measured on 2 cores:
-    ClassifyStream +12-20%, ClassifyBatch +10% against 64; the model alone is no faster per image)."""
+    mean fewer hand-offs to the engine thread and the worker processes. Lower it when one run of
+    this many images takes too long or too much memory (docs/performance.md has the measurements)."""
     max_delay_ms: float = 0.0
     """How long the oldest queued image may wait for a fuller batch (0: run when the engine is free)."""
     max_queue_size: int = 4096
@@ -131,20 +166,23 @@ class InferenceSettings(CommonSettings):
     """ONNX Runtime intra-op threads (0: one per core)."""
     inter_op_threads: int = 1
     """ONNX Runtime inter-op threads."""
-    decode_processes: int = Field(default=-1, ge=-1, le=64)
-    """Helper processes that decode images off the service's GIL (-1: one per batch in flight, 2,
-    when the machine has 2 or more cores; 0: decode in the service process)."""
-    helpers_run_model: bool = True
-    """On the CPU, the decoding helpers also run the model (a session each, the intra-op threads
+    worker_processes: int = Field(default=-1, ge=-1, le=64,
+                                  validation_alias=renamed_from("worker_processes", "decode_processes"))
+    """Worker processes that decode images, and on the CPU run the model, off the service's GIL (-1:
+    one per batch in flight, 2, when the machine has 2 or more cores; 0: none, the service process
+    decodes and runs the model itself). Formerly FASHION_DECODE_PROCESSES (deprecated, read when this one is unset)."""
+    workers_run_model: bool = Field(default=True,
+                                    validation_alias=renamed_from("workers_run_model", "helpers_run_model"))
+    """On the CPU, the worker processes also run the model (a session each, the intra-op threads
     shared out between them): every batch, KServe tensors included, goes from the event loop to a
-    helper and comes back as probabilities, and two batches run at once (measured on 2 cores
-    against the service's own session: Classify +13% at concurrency 16, ClassifyBatch +5%). On
-    CUDA the helpers only decode and the model runs in the service process."""
-    helper_nice: int = Field(default=10, ge=0, le=19)
-    """How far below the service's CPU priority the helpers run (an `os.nice` increment). The event
-    loop is the one stage every call passes through; when it and a helper both want a core, the
-    loop should have it, or every call waits. Measured on 2 cores against 0: Classify +8% at
-    concurrency 16 and +7% at 64 (medians of 4 runs), ClassifyBatch and ClassifyStream unchanged."""
+    worker and comes back as probabilities, and two batches run at once. False: the workers only
+    decode and the model runs in the service process, as it always does on CUDA. Formerly
+    FASHION_HELPERS_RUN_MODEL (deprecated, read when this one is unset)."""
+    worker_nice: int = Field(default=10, ge=0, le=19, validation_alias=renamed_from("worker_nice", "helper_nice"))
+    """How far below the service's CPU priority the worker processes run (an `os.nice` increment).
+    The event loop is the one stage every call passes through; when it and a worker both want a
+    core, the loop should have it, or every call waits. 0: the same priority as the service.
+    Formerly FASHION_HELPER_NICE (deprecated, read when this one is unset)."""
     execution_provider: Literal["auto", "cuda", "cpu"] = "auto"
     """auto prefers CUDAExecutionProvider when onnxruntime-gpu and a GPU are present, else CPU."""
     max_image_pixels: int = 40_000_000
@@ -177,14 +215,14 @@ class BatchSettings(CommonSettings):
     batch_output_dir: str = "processed_batches"
     """Default folder (under data_root) of the category folders, _uncertain/ and _failed/."""
     batch_mode: Literal["move", "copy"] = "move"
-    """Default transfer of sorted images: move (the seed's behaviour) or copy."""
+    """Default transfer of sorted images: move (what the monitoring guide's batch script does) or copy."""
     batch_recursive: bool = False
     """Default for scheduled runs and the CLI: also process subfolders of the input folder."""
     batch_min_confidence: float | None = Field(default=None, ge=0, le=1)
     """Default confidence under which an image goes to _uncertain/; unset: the model's min_confidence."""
     batch_schedule: str = "0 2 * * *"
     """When the inbox is processed: a cron expression in local time ("0 2 * * *": nightly at 02:00, like
-    the seed), or an interval ("every 30m", "90s", "2h"); empty disables scheduled runs."""
+    the monitoring guide's batch script), or an interval ("every 30m", "90s", "2h"); empty disables scheduled runs."""
     batch_chunk_size: int = Field(default=64, ge=1, le=1024)
     """Images sent to the Inference service in one ClassifyBatch call."""
     batch_chunk_bytes: int = Field(default=8 * MIB, ge=64 * 1024)
@@ -243,11 +281,10 @@ class MonitorSettings(CommonSettings):
     """Folder of the dashboard: report_<ts>.txt, chart PNGs and dashboard_<ts>.html."""
     report_chart_days: int = Field(default=30, ge=1, le=366)
     """Days shown by the dashboard charts."""
-    report_keep_days: float = Field(default=90.0, ge=0)
-    """Dashboard files older than this are deleted when a new report is written (0: keep them all)."""
     report_cron: str = ""
-    """When the Monitor writes the dashboard and emails the text report, as the seed's daily cron job did:
-    a cron expression in local time ("0 9 * * *": daily at 09:00; a 6th field counts seconds); empty: never."""
+    """When the Monitor writes the dashboard and emails the text report, as the monitoring guide's daily
+    cron job does: a cron expression in local time ("0 9 * * *": daily at 09:00; a 6th field counts
+    seconds); empty: never."""
     report_folders: Annotated[list[Path], NoDecode] = [Path("results/batch_results"), Path("logs"), Path("data")]
     """Comma-separated folders whose size the report lists and whose disks the disk-space rule watches."""
     alert_success_rate_min: float = 95.0
@@ -382,11 +419,22 @@ def invalid_settings_message(exc: ValidationError) -> str:
     """One line per unusable FASHION_* value, naming the variable, what it holds and why it is refused."""
     lines = []
     for error in exc.errors():
-        variable = f"FASHION_{str(error['loc'][0]).upper()}" if error["loc"] else "FASHION_*"
+        variable = _variable_of(str(error["loc"][0])) if error["loc"] else "FASHION_*"
         value = error.get("input")
         shown = f"={value!r}" if isinstance(value, str | int | float) else ""
         lines.append(f"error: {variable}{shown}: {error['msg']}")
     return "\n".join(lines)
+
+
+def _variable_of(location: str) -> str:
+    """The environment variable a validation error's location stands for: FASHION_<field>, a renamed
+    setting's current variable, or its former one when only that is set."""
+    variable = location.upper() if location.upper().startswith("FASHION_") else f"FASHION_{location.upper()}"
+    present = {key.upper() for key in os.environ}
+    if variable not in present:
+        variable = next((old for old, (_, current) in RENAMED.items() if current == variable and old in present),
+                        variable)
+    return variable
 
 
 def load_settings(settings_class: type[S], **overrides: object) -> S:

@@ -108,8 +108,8 @@ class _DeferredQueueHandler(logging.handlers.QueueHandler):
 class RotatingFile:
     """Appends lines to `path`, rotating like logging.handlers.RotatingFileHandler (path.1 ..
     path.N, N = backups) when the next line would pass `max_bytes`. The writer thread buffers a
-    burst of lines and flushes once: the stdlib handler's per-line stat, tell, double formatting
-    and flush made an access-log line cost about a third of a classification."""
+    burst of lines and flushes once, where the stdlib handler's per-line stat, tell, double
+    formatting and flush made an access-log line expensive next to a classification."""
 
     def __init__(self, path: Path, max_bytes: int, backups: int, level: int) -> None:
         self.path = path
@@ -198,8 +198,7 @@ class LogWriter:
                 except queue.Empty:
                     break
             self._flush()
-            # Let lines gather: a wake-up per line costs the event loop a GIL hand-off each time
-            # (measured: 10-13% of Classify calls per second).
+            # Let lines gather: a wake-up per line costs the event loop a GIL hand-off each time.
             time.sleep(WRITE_INTERVAL_S)
 
     def _write(self, item: object) -> None:

@@ -4,8 +4,8 @@ Tracing is on when spans have somewhere to go: OTEL_EXPORTER_OTLP_ENDPOINT or
 OTEL_EXPORTER_OTLP_TRACES_ENDPOINT set (OTLP over gRPC), or a test's span processor.
 OTEL_SDK_DISABLED=true turns it off regardless. When it is on, gRPC servers and channels are
 traced by opentelemetry-instrumentation-grpc (W3C traceparent in and out; health checks and
-reflection untraced). When it is off no span is made (spans nobody collects cost about a quarter
-of the Inference service's throughput) but outgoing calls still pass on the W3C context they run
+reflection untraced). When it is off no span is made (spans nobody collects would cost a large
+share of the Inference service's throughput) but outgoing calls still pass on the W3C context they run
 in. Log lines carry a trace id either way (see RequestObserver and logs.TraceIdFilter).
 """
 

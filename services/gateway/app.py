@@ -24,6 +24,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.telemetry import TelemetryConfig
 
+from services import __version__
 from services.common import metrics
 from services.common.bootstrap import load, observe
 from services.common.config import GatewaySettings
@@ -36,7 +37,6 @@ from services.gateway.middleware import AccessLog, BodyLimit, Limit, TraceContex
 
 log = logging.getLogger(__name__)
 
-VERSION = "1.0.0"
 UNTRACED_PATHS = frozenset({"/health", "/healthz", "/metrics"})  # probes and scrapes: no spans
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an image of max_upload_bytes
 JSON_BODY_LIMIT = 1024 * 1024
@@ -83,7 +83,8 @@ def create_app(settings: GatewaySettings | None = None, trace_http: bool = False
     # Prometheus and our log files cover those).
     telemetry: TelemetryConfig = {"tracing": trace_http, "metrics": False, "logs": False, "operation_spans": False,
                                   "exclude": _untraced}
-    app = FastAPI(title="Fashion classifier", version=VERSION, lifespan=lifespan, redoc_url=None, telemetry=telemetry,
+    app = FastAPI(title="Fashion classifier", version=__version__, lifespan=lifespan, redoc_url=None,
+                  telemetry=telemetry,
                   description="Classify fashion product photos; run and watch batch sorting jobs; system health. "
                               "Errors are JSON: {\"error\": {\"status\", \"code\", \"message\"}}.")
     errors.install(app)

@@ -1,8 +1,8 @@
 """POST /predict answered below FastAPI's routing, dependency solving and exception middleware.
 
 Those cost the gateway more CPU per prediction than the rest of the request (HTTP parsing, the
-multipart body, the gRPC call, the JSON answer): answered here, POST /predict serves 1.3-1.4x
-the requests per second at concurrency 64 (A/B on this machine). The route itself stays declared in
+multipart body, the gRPC call, the JSON answer), so answered here POST /predict serves markedly
+more requests per second (docs/performance.md has the measurements). The route itself stays declared in
 routes.py: it documents /predict in the OpenAPI document and serves it when traces are exported
 (this middleware is installed only when they are not, so FastAPI's server span is never skipped).
 Both call routes.prediction and answer failures with errors.response_for; the token check and

@@ -1,5 +1,6 @@
 """Request and response bodies of the gateway that are not plain protobuf messages (those are in
-protojson): the seed's /health and /stats, predictions, and the job submission."""
+protojson): /health and /stats as the monitoring guide reads them
+(docs/monitoring-and-logging-guide.md), predictions, and the job submission."""
 
 from __future__ import annotations
 

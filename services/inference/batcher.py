@@ -7,15 +7,15 @@ max_delay 0 a lone request runs at once, and batches form from whatever arrived 
 previous batch was computing.
 
 Requests are preprocessed tensors (`submit`, e.g. KServe ModelInfer) or encoded images
-(`submit_encoded`). Where the `helpers` (a DecoderPool, see decoding.py) run the model, the CPU
-default, a batch goes to them whole from the event loop and comes back as the model's outputs:
-no thread of this process takes part. Otherwise an engine thread runs the model here, one
-thread hand-off per batch, not two per image (a decoding stage of its own cost 17% of Classify
-calls per second, its hand-offs contending with the event loop for the GIL); the batch's images
-were decoded by helpers that only decode, or, for a lone image or without helpers, by the
-engine thread itself with `prepare`.
-Two batches may be in flight. With helpers that run the model, one in each helper, the second
-starting as soon as anything waits (A/B here: Classify +3% at concurrency 16, ModelInfer +7%).
+(`submit_encoded`). Where the worker processes (`workers`, a WorkerPool: services/inference/workers/) run the
+model, the CPU default, a batch goes to them whole from the event loop and comes back as the
+model's outputs: no thread of this process takes part. Otherwise an engine thread runs the model
+here, one thread hand-off per batch, not two per image (a decoding stage of its own would add
+hand-offs contending with the event loop for the GIL); the batch's images were decoded by workers
+that only decode, or, for a lone image or without workers, by the engine thread itself with
+`prepare`.
+Two batches may be in flight, one per slot (a task taking batches from the queue). With workers
+that run the model, one in each worker, the second starting as soon as anything waits.
 Otherwise one decodes while the other is in the model, whose runs in this process are
 serialized (ONNX Runtime releases the GIL and uses every core for one run), and the second only
 starts when full, so that a stream of single images still forms large batches.
@@ -52,13 +52,13 @@ from services.inference.decoding import (
 )
 
 log = logging.getLogger(__name__)
-IN_FLIGHT = 2  # batches being decoded or run at once
+IN_FLIGHT = 2  # batches being decoded or run at once, one per slot
 
 Result = tuple[np.ndarray, "BatchTiming"]
 
 
-class Helpers(Protocol):
-    """What the batcher needs of a DecoderPool."""
+class Workers(Protocol):
+    """What the batcher needs of a WorkerPool."""
 
     @property
     def runs_model(self) -> bool: ...
@@ -108,7 +108,7 @@ class _Outcome:
 
 @dataclass
 class _BatchRun:
-    """One batch's results, from an engine thread or a helper."""
+    """One batch's results, from an engine thread or a worker."""
 
     outputs: np.ndarray | None
     errors: list[dict[int, Exception]]  # per request: image position -> why it could not be used
@@ -118,21 +118,21 @@ class _BatchRun:
 
 
 class DynamicBatcher:
-    """Merges concurrent `submit`/`submit_encoded` calls into model runs: in the `helpers` where
+    """Merges concurrent `submit`/`submit_encoded` calls into model runs: in the `workers` where
     they run the model, else of `run_batch` on an engine thread."""
 
     def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *,
                  prepare: Callable[[bytes], np.ndarray] | None = None,
-                 helpers: Helpers | None = None, max_batch_size: int = 64,
+                 workers: Workers | None = None, max_batch_size: int = 64,
                  max_delay_s: float = 0.0, max_queue_size: int = 4096, executor: Executor | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
-        if helpers is not None and not helpers.runs_model and prepare is None:
-            raise ValueError("a batcher with decoding helpers needs prepare too: lone images are decoded "
+        if workers is not None and not workers.runs_model and prepare is None:
+            raise ValueError("a batcher with decoding workers needs prepare too: lone images are decoded "
                              "on the engine thread")
         self._run_batch = run_batch
         self._prepare = prepare
-        self._helpers = helpers
+        self._workers = workers
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
@@ -141,10 +141,10 @@ class DynamicBatcher:
         self._model_lock = threading.Lock()
         self._queue: collections.deque[_Pending] = collections.deque()
         self._queued_rows = 0
-        # Whole batches go to helpers that run the model; such batches may start beside each other
+        # Whole batches go to workers that run the model; such batches may start beside each other
         # whatever their size.
-        self._in_helpers = helpers is not None and helpers.runs_model
-        self._wakeups = [asyncio.Event() for _ in range(IN_FLIGHT)]  # one per worker
+        self._batches_in_workers = workers is not None and workers.runs_model
+        self._wakeups = [asyncio.Event() for _ in range(IN_FLIGHT)]  # one per slot
         self._sleeping = [False] * IN_FLIGHT
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -179,8 +179,8 @@ class DynamicBatcher:
 
     async def submit_encoded(self, image: bytes) -> Result:
         """One encoded image: its output row (1, classes), or the error `prepare` raised for it."""
-        if self._prepare is None and self._helpers is None:
-            raise TypeError("this batcher can not decode images: it has no prepare function nor helpers")
+        if self._prepare is None and self._workers is None:
+            raise TypeError("this batcher can not decode images: it has no prepare function nor workers")
         self._admit(1)  # the per-request hot path of Classify: no chunking, no gather
         outcome = await self._enqueue([image])
         if outcome.errors:
@@ -189,8 +189,8 @@ class DynamicBatcher:
 
     async def submit_encoded_many(self, images: Sequence[bytes]) -> tuple[list[np.ndarray | Exception], BatchTiming]:
         """Many encoded images: per image its output row (1, classes) or its error, in order."""
-        if self._prepare is None and self._helpers is None:
-            raise TypeError("this batcher can not decode images: it has no prepare function nor helpers")
+        if self._prepare is None and self._workers is None:
+            raise TypeError("this batcher can not decode images: it has no prepare function nor workers")
         if not images:
             raise ValueError("nothing to infer: 0 images")
         outcomes = await self._submit_chunks(list(images))
@@ -223,56 +223,56 @@ class DynamicBatcher:
         self._queue.append(pending)
         self._queued_rows += pending.rows
         metrics.QUEUE_DEPTH.set(self._queued_rows)
-        # Wake one sleeping worker that would take the queue as it is: waking every worker for
-        # each request cost Classify at concurrency 1 about 7%.
-        for worker, sleeping in enumerate(self._sleeping):
-            if sleeping and self._would_take(worker):
-                self._sleeping[worker] = False
-                self._wakeups[worker].set()
+        # Wake one sleeping slot that would take the queue as it is: waking every slot for
+        # each request costs every request a wasted wake-up.
+        for slot, sleeping in enumerate(self._sleeping):
+            if sleeping and self._would_take(slot):
+                self._sleeping[slot] = False
+                self._wakeups[slot].set()
                 break
         return future
 
-    def _would_take(self, worker: int) -> bool:
-        """Whether `worker` starts a batch from the queue as it is. Where batches share this
-        process's model, the second worker only takes full batches: while the first is busy,
+    def _would_take(self, slot: int) -> bool:
+        """Whether `slot` starts a batch from the queue as it is. Where batches share this
+        process's model, the second slot only takes full batches: while the first is busy,
         small requests gather into the next batch instead of being split between two smaller runs
         that take turns anyway."""
-        return bool(self._queue) and (worker == 0 or self._in_helpers or self._queued_rows >= self.max_batch_size)
+        return bool(self._queue) and (slot == 0 or self._batches_in_workers or self._queued_rows >= self.max_batch_size)
 
-    async def _sleep(self, worker: int) -> None:
-        """Until `_enqueue` or `stop` wakes this worker."""
-        wakeup = self._wakeups[worker]
+    async def _sleep(self, slot: int) -> None:
+        """Until `_enqueue` or `stop` wakes this slot."""
+        wakeup = self._wakeups[slot]
         wakeup.clear()
-        self._sleeping[worker] = True
+        self._sleeping[slot] = True
         try:
             await wakeup.wait()
         finally:
-            self._sleeping[worker] = False
+            self._sleeping[slot] = False
 
-    async def _serve(self, worker: int) -> None:
+    async def _serve(self, slot: int) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._would_take(worker):
-                if self._closing and (worker > 0 or not self._queue):
+            if not self._would_take(slot):
+                if self._closing and (slot > 0 or not self._queue):
                     return
-                await self._sleep(worker)
+                await self._sleep(slot)
                 continue
             if self.max_delay_s > 0 and not self._closing:
-                await self._wait_for_fuller_batch(worker)
+                await self._wait_for_fuller_batch(slot)
             batch = self._take_batch()
             if not batch:
                 continue
             items = [p.data for p in batch]
             try:
-                if self._in_helpers:
-                    run = await self._run_in_helper(items)
+                if self._batches_in_workers:
+                    run = await self._run_in_worker(items)
                 else:
                     started = time.perf_counter()
                     decoded = None
-                    if self._helpers is not None and len(encoded := encoded_images(items)) > 1:
-                        # A lone image is decoded on the engine thread: the round trip to a helper
+                    if self._workers is not None and len(encoded := encoded_images(items)) > 1:
+                        # A lone image is decoded on the engine thread: the round trip to a worker
                         # costs more than the GIL contention it saves when nothing else is waiting.
-                        decoded = _observed(await self._helpers.run([encoded]))
+                        decoded = _observed(await self._workers.run([encoded]))
                     run = await loop.run_in_executor(self._executor, self._run, items, decoded, started)
             except Exception as exc:  # the whole batch failed: every caller in it gets the error
                 log.exception("Batch of %d requests failed", len(batch))
@@ -282,11 +282,11 @@ class DynamicBatcher:
                 continue
             self._deliver(batch, run)
 
-    async def _run_in_helper(self, items: list[Item]) -> _BatchRun:
-        """The whole batch through a helper that decodes its images and runs the model."""
-        assert self._helpers is not None
+    async def _run_in_worker(self, items: list[Item]) -> _BatchRun:
+        """The whole batch through a worker that decodes its images and runs the model."""
+        assert self._workers is not None
         started = time.perf_counter()
-        decoded = _observed(await self._helpers.run(items))
+        decoded = _observed(await self._workers.run(items))
         finished = time.perf_counter()
         decoded_at = max(started, finished - (decoded.compute_s or 0.0))
         return _BatchRun(decoded.rows, request_errors(items, decoded.errors), started, decoded_at, finished)
@@ -304,7 +304,7 @@ class DynamicBatcher:
             outputs = None if not pieces else self._run_batch(concat(pieces))
         return _BatchRun(outputs, errors, started, decoded_at, time.perf_counter())
 
-    async def _wait_for_fuller_batch(self, worker: int) -> None:
+    async def _wait_for_fuller_batch(self, slot: int) -> None:
         deadline = self._queue[0].queued_at + self.max_delay_s
         while self._queue and self._queued_rows < self.max_batch_size and not self._closing:
             remaining = deadline - time.perf_counter()
@@ -312,7 +312,7 @@ class DynamicBatcher:
                 return
             try:
                 async with asyncio.timeout(remaining):
-                    await self._sleep(worker)
+                    await self._sleep(slot)
             except TimeoutError:
                 return
 

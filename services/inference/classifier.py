@@ -20,10 +20,11 @@ from opentelemetry import trace
 from services.common import metrics, tracing
 from services.common.config import InferenceSettings
 from services.inference.batcher import IN_FLIGHT, BatchTiming, DynamicBatcher
-from services.inference.decoding import DecoderPool, HelperModel
 from services.inference.engine import CPU, OnnxModel
 from services.inference.imaging import ImageRejected, Preprocessor
 from services.inference.model import ModelManifest
+from services.inference.workers.pool import WorkerPool
+from services.inference.workers.wire import WorkerModel
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
@@ -103,7 +104,7 @@ class Classifier:
         self.model: OnnxModel | None = None
         self.load_error: str | None = None
         self._batcher: DynamicBatcher | None = None
-        self._decoders: DecoderPool | None = None
+        self._workers: WorkerPool | None = None
         self._labels: tuple[str, ...] = ()
         self.min_confidence = 0.0
 
@@ -125,15 +126,15 @@ class Classifier:
         self.min_confidence = (self.settings.min_confidence if self.settings.min_confidence is not None
                                else manifest.min_confidence)
         pre = Preprocessor.from_manifest(manifest, max_pixels=self.settings.max_image_pixels)
-        processes = self.settings.decode_processes
+        processes = self.settings.worker_processes
         if processes < 0:
             processes = IN_FLIGHT if len(os.sched_getaffinity(0)) >= 2 else 0
         if processes:
-            helper_model = None
-            if self.settings.helpers_run_model and model.provider == CPU:
-                helper_model = HelperModel(manifest, max(1, model.intra_op_threads // processes))
-            self._decoders = await DecoderPool.open(pre, processes, helper_model, nice=self.settings.helper_nice)
-        self._batcher = DynamicBatcher(model.run, prepare=pre, helpers=self._decoders,
+            worker_model = None
+            if self.settings.workers_run_model and model.provider == CPU:
+                worker_model = WorkerModel(manifest, max(1, model.intra_op_threads // processes))
+            self._workers = await WorkerPool.open(pre, processes, worker_model, nice=self.settings.worker_nice)
+        self._batcher = DynamicBatcher(model.run, prepare=pre, workers=self._workers,
                                        max_batch_size=self.settings.max_batch_size,
                                        max_delay_s=self.settings.max_delay_ms / 1000,
                                        max_queue_size=self.settings.max_queue_size)
@@ -151,9 +152,9 @@ class Classifier:
         if self._batcher is not None:
             batcher, self._batcher = self._batcher, None
             await batcher.stop()
-        if self._decoders is not None:
-            decoders, self._decoders = self._decoders, None
-            await decoders.close()
+        if self._workers is not None:
+            workers, self._workers = self._workers, None
+            await workers.close()
         if self.manifest is not None:
             metrics.MODEL_LOADED.labels(self.manifest.name).set(0)
 

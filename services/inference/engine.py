@@ -30,9 +30,7 @@ def _with_options(provider: str) -> str | tuple[str, dict[str, str]]:
     if provider == CUDA:
         # cuDNN's exhaustive search (ONNX Runtime's default) benchmarks every convolution algorithm
         # for each new input shape, and a dynamic batcher makes a new shape of every batch size:
-        # measured on an H200, 59 ms on average (up to 290 ms) the first time each batch size ran,
-        # against 7 ms with the heuristic, whose steady runs were as fast (0.19 vs 0.21 ms at 1
-        # image, 0.35 vs 0.36 ms at 256).
+        # the heuristic starts each new size many times faster, and its steady runs are as fast.
         # TF32 (ONNX Runtime's default on Ampere and newer) rounds float32 matrix products to 10-bit
         # mantissas: results would differ from the CPU's in the third decimal. Full float32 costs
         # this model nothing measurable.
@@ -57,9 +55,8 @@ class OnnxModel:
                  intra_op_threads: int = 0, inter_op_threads: int = 1, cuda_batch: int = 0) -> None:
         """`cuda_batch`: on CUDA, smaller batches are padded to this many rows (0: not padded).
         There a change of input shape costs more than the rows: ONNX Runtime's convolutions set
-        up cuDNN again whenever the batch size differs from the last run's (measured on an H200:
-        about 5.7 ms per run with batch sizes changing between 1 and 16, 0.35 ms for 256 rows
-        every time)."""
+        up cuDNN again whenever the batch size differs from the last run's (docs/performance.md
+        has the measurements)."""
         self.manifest = manifest
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)

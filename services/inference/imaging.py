@@ -147,8 +147,7 @@ class Preprocessor:
         """The reduced-scale decode of an upright YCbCr or grayscale JPEG by simplejpeg (the same
         libjpeg-turbo DCT scaling as Pillow's draft, at the scale Pillow would choose, so the same
         pixels), or None for the other JPEGs (CMYK, EXIF-rotated, ...), which Pillow decodes.
-        Measured on product photos: 86 µs against 140 µs through Pillow, most of the difference
-        Pillow's Python around the decoder."""
+        Faster than Pillow's draft: it skips Pillow's Python around the decoder."""
         if img.mode not in ("L", "RGB") or self.color_mode not in ("L", "RGB") or len(img.tile) != 1 \
                 or img.getexif().get(_EXIF_ORIENTATION, 1) != 1 \
                 or simplejpeg.decode_jpeg_header(data)[2] not in ("YCbCr", "Gray"):

@@ -10,9 +10,9 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from fashion import __version__
 from fashion.kserve.v2 import grpc_service_pb2 as pb
 from fashion.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
+from services import __version__
 from services.inference.classifier import Classifier, TensorRejected
 from services.inference.model import ModelManifest
 from services.inference.servicer import ERRORS
@@ -22,7 +22,7 @@ PLATFORM = "onnxruntime_onnx"
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, classifier: Classifier, server_name: str) -> None:
-        self._c = classifier
+        self._classifier = classifier
         self._server_name = server_name
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
@@ -31,7 +31,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: pb.ServerReadyRequest,
                           context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._c.ready)
+        return pb.ServerReadyResponse(ready=self._classifier.ready)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
@@ -40,59 +40,59 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         await self._check_model(request.name, request.version, context)
-        return pb.ModelReadyResponse(ready=self._c.ready)
+        return pb.ModelReadyResponse(ready=self._classifier.ready)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        m = await self._check_model(request.name, request.version, context)
+        manifest = await self._check_model(request.name, request.version, context)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=m.name, versions=[m.version], platform=PLATFORM,
-            inputs=[tensor(name=m.input_name, datatype="FP32", shape=[-1, *m.input_shape])],
-            outputs=[tensor(name=m.output_name, datatype="FP32", shape=[-1, len(m.labels)])],
+            name=manifest.name, versions=[manifest.version], platform=PLATFORM,
+            inputs=[tensor(name=manifest.input_name, datatype="FP32", shape=[-1, *manifest.input_shape])],
+            outputs=[tensor(name=manifest.output_name, datatype="FP32", shape=[-1, len(manifest.labels)])],
         )
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
-        m = self._c.manifest
-        if m is None:
+        manifest = self._classifier.manifest
+        if manifest is None:
             return pb.RepositoryIndexResponse()
-        ready = self._c.ready
+        ready = self._classifier.ready
         if request.ready and not ready:
             return pb.RepositoryIndexResponse()
         entry = pb.RepositoryIndexResponse.ModelIndex(
-            name=m.name, version=m.version, state="READY" if ready else "UNAVAILABLE",
-            reason="" if ready else (self._c.load_error or "loading"))
+            name=manifest.name, version=manifest.version, state="READY" if ready else "UNAVAILABLE",
+            reason="" if ready else (self._classifier.load_error or "loading"))
         return pb.RepositoryIndexResponse(models=[entry])
 
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        m = await self._check_model(request.model_name, request.model_version, context)
-        x = await ERRORS.call(context, lambda: _read_input(request, m.input_name))
+        manifest = await self._check_model(request.model_name, request.model_version, context)
+        tensor = await ERRORS.call(context, lambda: _read_input(request, manifest.input_name))
         for out in request.outputs:
-            if out.name != m.output_name:
+            if out.name != manifest.output_name:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"unknown output {out.name!r}; the model has {m.output_name!r}")
-        probs = await ERRORS.call(context, lambda: self._c.infer_tensor(x))
+                                    f"unknown output {out.name!r}; the model has {manifest.output_name!r}")
+        probs = await ERRORS.call(context, lambda: self._classifier.infer_tensor(tensor))
         return pb.ModelInferResponse(
-            model_name=m.name, model_version=m.version, id=request.id,
+            model_name=manifest.name, model_version=manifest.version, id=request.id,
             outputs=[pb.ModelInferResponse.InferOutputTensor(
-                name=m.output_name, datatype="FP32", shape=list(probs.shape))],
+                name=manifest.output_name, datatype="FP32", shape=list(probs.shape))],
             raw_output_contents=[np.ascontiguousarray(probs, "<f4").tobytes()],
         )
 
     async def _check_model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> ModelManifest:
-        m = self._c.manifest
-        if m is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self._c.load_error or "model is loading")
-        assert m is not None
-        if name != m.name:
+        manifest = self._classifier.manifest
+        if manifest is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._classifier.load_error or "model is loading")
+        assert manifest is not None
+        if name != manifest.name:
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {name!r} is not served here; this server has {m.name!r}")
-        if version and version != m.version:
+                                f"model {name!r} is not served here; this server has {manifest.name!r}")
+        if version and version != manifest.version:
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {name!r} has no version {version!r}; it has {m.version!r}")
-        return m
+                                f"model {name!r} has no version {version!r}; it has {manifest.version!r}")
+        return manifest
 
 
 async def _read_input(request: pb.ModelInferRequest, input_name: str) -> np.ndarray:

@@ -4,8 +4,8 @@ The float model is kept as `model.fp32.onnx` (the manifest's `gpu_file`, what CU
 `model.onnx` becomes its int8 version, what the CPU runs: convolutions and the linear layer in
 int8 (per-channel weights, activations calibrated on training images and their product-photo
 renderings), the temperature and softmax left in float so confidences keep their resolution.
-On this project's CPUs (AVX-512 VNNI) that is about 2.5x the float model's throughput for
-0.04 points of top-1 (see the model card).
+On CPUs with int8 instructions (AVX-512 VNNI) that runs several times faster than the float
+model for a negligible loss of top-1 (the model card and docs/performance.md have the figures).
 
 `make train` runs it as its last step; `python -m services.inference.quantization` redoes it on
 an existing folder (then `fashion model evaluate` re-measures it).

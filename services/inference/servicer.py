@@ -28,39 +28,39 @@ ERRORS = ErrorStatuses({
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, classifier: Classifier) -> None:
-        self._c = classifier
+        self._classifier = classifier
 
-    def _response(self, r: Classification | Exception, request_id: str = "") -> pb.ClassifyResponse:
-        m = self._c.manifest
-        name, version = (m.name, m.version) if m else ("", "")
-        if isinstance(r, Exception):
-            code, message = ERRORS.status_for(r) or (grpc.StatusCode.INTERNAL, str(r))
+    def _response(self, result: Classification | Exception, request_id: str = "") -> pb.ClassifyResponse:
+        manifest = self._classifier.manifest
+        name, version = (manifest.name, manifest.version) if manifest else ("", "")
+        if isinstance(result, Exception):
+            code, message = ERRORS.status_for(result) or (grpc.StatusCode.INTERNAL, str(result))
             return pb.ClassifyResponse(model_name=name, model_version=version, request_id=request_id,
                                        error=pb.ImageError(code=code.value[0], message=message))
         return pb.ClassifyResponse(
-            category=r.category, confidence=r.confidence,
-            top_k=[pb.Category(label=label, index=i, confidence=p) for i, label, p in r.top_k],
-            uncertain=r.uncertain, model_name=name, model_version=version,
-            latency_ms=r.latency_ms, request_id=request_id,
+            category=result.category, confidence=result.confidence,
+            top_k=[pb.Category(label=label, index=i, confidence=p) for i, label, p in result.top_k],
+            uncertain=result.uncertain, model_name=name, model_version=version,
+            latency_ms=result.latency_ms, request_id=request_id,
         )
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        result = await ERRORS.call(context, lambda: self._c.classify(request.image, request.top_k))
+        result = await ERRORS.call(context, lambda: self._classifier.classify(request.image, request.top_k))
         return self._response(result, request.request_id)
 
     async def ClassifyBatch(self, request: pb.ClassifyBatchRequest,
                             context: grpc.aio.ServicerContext) -> pb.ClassifyBatchResponse:
         images = request.images
-        ks = [img.top_k or request.top_k for img in images]
+        top_ks = [img.top_k or request.top_k for img in images]
         loop = asyncio.get_running_loop()
         start = loop.time()
         requests = max(1, min(request.requests, len(images)))
-        results = await ERRORS.call(context, lambda: self._c.classify_many([img.image for img in images], ks,
-                                                                           requests=requests))
-        m = self._c.manifest
+        results = await ERRORS.call(context, lambda: self._classifier.classify_many(
+            [img.image for img in images], top_ks, requests=requests))
+        manifest = self._classifier.manifest
         return pb.ClassifyBatchResponse(
             results=[self._response(r, img.request_id) for r, img in zip(results, images, strict=True)],
-            model_name=m.name if m else "", model_version=m.version if m else "",
+            model_name=manifest.name if manifest else "", model_version=manifest.version if manifest else "",
             latency_ms=(loop.time() - start) * 1000,
         )
 
@@ -94,7 +94,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     await arrived.wait()
                     continue
                 group = [buffered.popleft() for _ in range(min(STREAM_GROUP, len(buffered)))]
-                task = asyncio.ensure_future(self._c.classify_many(
+                task = asyncio.ensure_future(self._classifier.classify_many(
                     [r.image for r in group], [r.top_k for r in group], requests=len(group)))
                 await groups.put((group, task))
 
@@ -115,21 +115,23 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     pending[1].cancel()
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        m, model = self._c.manifest, self._c.model
-        if m is None or model is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self._c.load_error or "model is loading")
+        manifest, model = self._classifier.manifest, self._classifier.model
+        if manifest is None or model is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._classifier.load_error or "model is loading")
             raise AssertionError("unreachable")
-        shape = [-1, *m.input_shape]
+        shape = [-1, *manifest.input_shape]
         return pb.ModelInfo(
-            name=m.name, version=m.version, labels=list(m.labels), description=m.description,
-            input=pb.TensorSpec(name=m.input_name, datatype="FP32", shape=shape, layout=m.layout),
-            output=pb.TensorSpec(name=m.output_name, datatype="FP32", shape=[-1, len(m.labels)]),
-            color_mode=m.color_mode, background=m.background, execution_provider=model.provider,
-            max_batch_size=self._c.settings.max_batch_size, min_confidence=self._c.min_confidence,
+            name=manifest.name, version=manifest.version, labels=list(manifest.labels),
+            description=manifest.description,
+            input=pb.TensorSpec(name=manifest.input_name, datatype="FP32", shape=shape, layout=manifest.layout),
+            output=pb.TensorSpec(name=manifest.output_name, datatype="FP32", shape=[-1, len(manifest.labels)]),
+            color_mode=manifest.color_mode, background=manifest.background, execution_provider=model.provider,
+            max_batch_size=self._classifier.settings.max_batch_size, min_confidence=self._classifier.min_confidence,
         )
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
-        m = self._c.manifest
-        return pb.Stats(**self._c.stats.snapshot(), model_loaded=self._c.ready,
-                        model_name=m.name if m else "", model_version=m.version if m else "",
-                        classes=len(m.labels) if m else 0, model_error=self._c.load_error or "")
+        manifest = self._classifier.manifest
+        return pb.Stats(**self._classifier.stats.snapshot(), model_loaded=self._classifier.ready,
+                        model_name=manifest.name if manifest else "",
+                        model_version=manifest.version if manifest else "",
+                        classes=len(manifest.labels) if manifest else 0, model_error=self._classifier.load_error or "")

@@ -74,7 +74,7 @@ class FashionCNN(nn.Sequential):
     About 14.7 M multiply-adds per image: sized for >= 4,000 images/s on two CPU threads in
     ONNX Runtime. Pooling early keeps the expensive wide layers on 7x7 maps. The classifier reads
     the whole 7x7 map rather than its global average: where a feature is (sleeve length, collar,
-    heel) separates the classes, and it scored about a point higher on the held-out set at equal cost.
+    heel) separates the classes, and it scored higher on the held-out set at equal cost.
     """
 
     def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), classes: int = 10) -> None:

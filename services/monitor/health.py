@@ -1,7 +1,7 @@
 """System checks: the Inference and Batch services through grpc.health.v1 and their statistics
-RPCs, the free space of the monitored disks, and the batch processing health of the seed's
-check_batch_health.py, computed from the Batch service's GetBatchStats (never from its files, so
-the services may run on other machines)."""
+RPCs, the free space of the monitored disks, and the batch processing health of the monitoring
+guide's check_batch_health.py (docs/monitoring-and-logging-guide.md), computed from the Batch
+service's GetBatchStats (never from its files, so the services may run on other machines)."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ class SystemCheck:
 
 @dataclass(frozen=True)
 class BatchHealthResult:
-    """The seed's batch health check: recent execution, recent errors, the window's statistics."""
+    """The monitoring guide's batch health check: recent execution, recent errors, the window's statistics."""
 
     status: Health
     message: str
@@ -122,7 +122,7 @@ class BatchHealthResult:
 
 
 def batch_health(stats: batch_pb2.BatchStats, settings: MonitorSettings) -> BatchHealthResult:
-    """Judge GetBatchStats the way the seed's check_batch_health.py did."""
+    """Judge GetBatchStats the way the monitoring guide's check_batch_health.py does."""
     max_age = settings.alert_batch_max_age_h
     if not stats.HasField("last_run_at"):
         status, recent, message = Health.UNHEALTHY, False, "No batch run has finished yet"
@@ -149,7 +149,7 @@ def short_details(details: str | None) -> str:
 
 
 def human_size(n: float) -> str:
-    """Bytes as the seed's report writes them: "45.23 MB", "2.34 GB"."""
+    """Bytes as the monitoring guide's report writes them: "45.23 MB", "2.34 GB"."""
     if n < 1024:
         return f"{int(n)} B"
     for unit in ("KB", "MB", "GB", "TB"):

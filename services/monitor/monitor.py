@@ -15,6 +15,7 @@ from croniter import croniter
 
 from services.common import metrics
 from services.common.config import MonitorSettings
+from services.monitor.alerting import AlertEngine
 from services.monitor.dashboard import Dashboard, ReportData, ReportFiles
 from services.monitor.health import (
     STATS_DAYS,
@@ -27,7 +28,7 @@ from services.monitor.health import (
     worst,
 )
 from services.monitor.notifiers import Notification, NotificationOutbox, build_notifiers
-from services.monitor.rules import AlertEngine, AlertRule, ApiStatsWindow, Observation, build_rules
+from services.monitor.rules import AlertRule, ApiStatsWindow, Observation, build_rules
 from services.monitor.store import AlertRecord, HistoryEntry, MonitorStore
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class Monitor:
         self.checker = SystemChecker(settings)
         self.rules = build_rules(settings)
         self.dashboard = Dashboard(settings.report_dir, settings.alert_success_rate_min, settings.alert_min_images,
-                                   settings.report_keep_days)
+                                   settings.retention_days)
         self.window = ApiStatsWindow(settings.alert_api_window_s)
         self.engine: AlertEngine | None = None
         self.outbox: NotificationOutbox | None = None
@@ -162,7 +163,8 @@ class Monitor:
 
     async def run_scheduled_reports(self) -> None:
         """Write the dashboard and send the text report (HTML attached to the email) at each time of
-        FASHION_REPORT_CRON, until cancelled: the seed's daily `dashboard.py && mail` cron job."""
+        FASHION_REPORT_CRON, until cancelled: the daily `dashboard.py && mail` cron job
+        of the monitoring guide (docs/monitoring-and-logging-guide.md)."""
         assert self.store is not None and self.outbox is not None
         schedule = croniter(self.settings.report_cron, datetime.now())
         while True:

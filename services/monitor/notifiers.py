@@ -1,6 +1,7 @@
-"""Alert notifications: email over SMTP and Slack incoming webhooks, in the seed's formats
-(subject "[SEVERITY] title"; Slack JSON with text, username "Fashion Classifier Bot", icon_emoji),
-and the outbox delivery that retries a failing notifier with exponential backoff.
+"""Alert notifications: email over SMTP and Slack incoming webhooks, in the formats of the
+monitoring guide (docs/monitoring-and-logging-guide.md: subject "[SEVERITY] title"; Slack JSON with
+text, username "Fashion Classifier Bot", icon_emoji), and the outbox delivery that retries a
+failing notifier with exponential backoff.
 
 Secrets (SMTP password, webhook URL) come from the environment or a secrets file, are read at each
 send (a rotated secret needs no restart), and never leave a notifier: every failure of a send is a
@@ -200,7 +201,7 @@ def webhook_url_problem(url: str) -> str | None:
 
 
 class SlackNotifier:
-    """Posts the seed's payload to a Slack incoming webhook (urllib; any 2xx is success)."""
+    """Posts the monitoring guide's payload to a Slack incoming webhook (urllib; any 2xx is success)."""
 
     name = "slack"
 

@@ -1,7 +1,5 @@
-"""Alert rules on the seed's triggers (plus batch service down and drift) and the engine that
-evaluates them: per rule a small state machine (ok → pending → firing → ok) that fires once per
-incident, holds repeats back for a cooldown, sends a resolution when the condition clears, and
-keeps its state in SQLite so a restart neither forgets nor repeats an alert.
+"""Alert rules on the monitoring guide's triggers (docs/monitoring-and-logging-guide.md), plus
+batch service down and drift, with the configured thresholds; alerting.py's engine evaluates them.
 
 A rule answers firing, not firing, or "cannot tell" (its data is missing, e.g. the Batch service is
 down): the last answer leaves the alert as it was, so an outage of one service never resolves or
@@ -10,10 +8,6 @@ fires the alerts that depend on its data.
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import socket
-import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,13 +15,8 @@ from enum import StrEnum
 
 from fashion.v1 import batch_pb2
 from fashion.v1 import inference_pb2 as inference_pb
-from services.common import metrics
 from services.common.config import MonitorSettings
 from services.monitor.health import SystemCheck, human_size
-from services.monitor.notifiers import Notification
-from services.monitor.store import AlertRecord, HistoryEntry, MonitorStore
-
-log = logging.getLogger(__name__)
 
 
 class Severity(StrEnum):
@@ -35,11 +24,6 @@ class Severity(StrEnum):
     WARNING = "WARNING"
     ERROR = "ERROR"
     CRITICAL = "CRITICAL"
-
-
-# ERROR and CRITICAL alerts also land in logs/monitor_errors.log.
-LOG_LEVEL = {Severity.INFO: logging.INFO, Severity.WARNING: logging.WARNING, Severity.ERROR: logging.ERROR,
-             Severity.CRITICAL: logging.ERROR}
 
 
 @dataclass(frozen=True)
@@ -103,7 +87,9 @@ class Observation:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class RuleResult:
+    """What one check of a rule found: whether its condition holds, and what it measured."""
+
     firing: bool | None
     """None: cannot tell now; the alert stays as it is."""
     message: str
@@ -117,50 +103,50 @@ class AlertRule:
     severity: Severity
     condition: str
     """What fires it, with the configured threshold (shown in notifications and ListAlerts)."""
-    check: Callable[[Observation], Verdict]
+    check: Callable[[Observation], RuleResult]
     threshold: float = 0.0
     enabled: bool = True
 
 
 # --- the rules ---------------------------------------------------------------------------------
 
-def api_down(obs: Observation) -> Verdict:
+def api_down(obs: Observation) -> RuleResult:
     inf = obs.system.inference
     if not inf.reachable:
-        return Verdict(True, inf.message)
+        return RuleResult(True, inf.message)
     stats = inf.inference_stats
     if inf.serving_status != "SERVING" and (stats is None or stats.model_loaded):
-        return Verdict(True, f"Inference service at {inf.address} answers {inf.serving_status}")
-    return Verdict(False, f"Inference service at {inf.address} answers {inf.serving_status}")
+        return RuleResult(True, f"Inference service at {inf.address} answers {inf.serving_status}")
+    return RuleResult(False, f"Inference service at {inf.address} answers {inf.serving_status}")
 
 
-def model_load_failure(grace_s: float) -> Callable[[Observation], Verdict]:
-    def check(obs: Observation) -> Verdict:
+def model_load_failure(grace_s: float) -> Callable[[Observation], RuleResult]:
+    def check(obs: Observation) -> RuleResult:
         inf = obs.system.inference
         if not inf.reachable or inf.inference_stats is None:
-            return Verdict(None, "Inference service statistics unavailable")
+            return RuleResult(None, "Inference service statistics unavailable")
         stats = inf.inference_stats
         if not stats.model_loaded:
             where = f"Inference service at {inf.address} reports model_loaded = false (health: {inf.serving_status})"
             if stats.model_error:
-                return Verdict(True, f"{where}: {stats.model_error}; see its logs/api_errors.log")
+                return RuleResult(True, f"{where}: {stats.model_error}; see its logs/api_errors.log")
             if stats.uptime_seconds < grace_s:  # starting up: neither an incident nor its end
-                return Verdict(None, f"{where}: loading for {stats.uptime_seconds} s")
-            return Verdict(True, f"{where}: still loading after {stats.uptime_seconds} s; see its logs/api.log")
-        return Verdict(False, f"Model {stats.model_name} v{stats.model_version} loaded")
+                return RuleResult(None, f"{where}: loading for {stats.uptime_seconds} s")
+            return RuleResult(True, f"{where}: still loading after {stats.uptime_seconds} s; see its logs/api.log")
+        return RuleResult(False, f"Model {stats.model_name} v{stats.model_version} loaded")
     return check
 
 
-def batch_service_down(obs: Observation) -> Verdict:
+def batch_service_down(obs: Observation) -> RuleResult:
     batch = obs.system.batch
     if not batch.reachable or batch.serving_status != "SERVING":
-        return Verdict(True, batch.message if not batch.reachable
+        return RuleResult(True, batch.message if not batch.reachable
                        else f"Batch service at {batch.address} answers {batch.serving_status}")
-    return Verdict(False, f"Batch service at {batch.address} answers SERVING")
+    return RuleResult(False, f"Batch service at {batch.address} answers SERVING")
 
 
-def high_error_rate(minimum: float, min_images: int) -> Callable[[Observation], Verdict]:
-    def check(obs: Observation) -> Verdict:
+def high_error_rate(minimum: float, min_images: int) -> Callable[[Observation], RuleResult]:
+    def check(obs: Observation) -> RuleResult:
         judged: list[tuple[str, float]] = []
         window = obs.api_window
         if window is not None and window.images >= min_images:
@@ -171,48 +157,48 @@ def high_error_rate(minimum: float, min_images: int) -> Callable[[Observation], 
             judged.append((f"batch success rate {stats.success_rate:.1f}% over the last {stats.days} days"
                            f" ({stats.images:,} images)", stats.success_rate))
         if not judged:
-            return Verdict(None, "not enough traffic to judge")
+            return RuleResult(None, "not enough traffic to judge")
         low = [text for text, rate in judged if rate < minimum]
         value = min(rate for _, rate in judged)
         if low:
-            return Verdict(True, "; ".join(low) + f" (threshold {minimum:g}%)", value)
-        return Verdict(False, "; ".join(text for text, _ in judged), value)
+            return RuleResult(True, "; ".join(low) + f" (threshold {minimum:g}%)", value)
+        return RuleResult(False, "; ".join(text for text, _ in judged), value)
     return check
 
 
-def no_recent_batch_run(max_age_h: float) -> Callable[[Observation], Verdict]:
-    def check(obs: Observation) -> Verdict:
+def no_recent_batch_run(max_age_h: float) -> Callable[[Observation], RuleResult]:
+    def check(obs: Observation) -> RuleResult:
         stats = obs.system.batch.batch_stats
         if stats is None:
-            return Verdict(None, "batch statistics unavailable")
+            return RuleResult(None, "batch statistics unavailable")
         if not stats.HasField("last_run_at"):
             watched_h = (obs.at - obs.monitoring_since) / 3600
-            return Verdict(watched_h > max_age_h,
+            return RuleResult(watched_h > max_age_h,
                            f"No batch run has finished yet (monitored for {watched_h:.1f} hours)", watched_h)
         age = stats.last_run_age_hours
-        return Verdict(age > max_age_h, f"Last batch run was {age:.1f} hours ago (threshold {max_age_h:g} h)", age)
+        return RuleResult(age > max_age_h, f"Last batch run was {age:.1f} hours ago (threshold {max_age_h:g} h)", age)
     return check
 
 
-def disk_space_low(min_free_percent: float) -> Callable[[Observation], Verdict]:
-    def check(obs: Observation) -> Verdict:
+def disk_space_low(min_free_percent: float) -> Callable[[Observation], RuleResult]:
+    def check(obs: Observation) -> RuleResult:
         if not obs.system.disks:
-            return Verdict(None, "no disk could be read")
+            return RuleResult(None, "no disk could be read")
         lowest = min(obs.system.disks, key=lambda d: d.free_percent)
         text = (f"{lowest.label} is on a disk with {lowest.free_percent:.1f}% free ({human_size(lowest.free_bytes)}"
                 f" of {human_size(lowest.total_bytes)}; threshold {min_free_percent:g}%)")
-        return Verdict(lowest.free_percent < min_free_percent, text, lowest.free_percent)
+        return RuleResult(lowest.free_percent < min_free_percent, text, lowest.free_percent)
     return check
 
 
-def high_response_time(max_s: float, min_requests: int) -> Callable[[Observation], Verdict]:
-    def check(obs: Observation) -> Verdict:
+def high_response_time(max_s: float, min_requests: int) -> Callable[[Observation], RuleResult]:
+    def check(obs: Observation) -> RuleResult:
         window = obs.api_window
         if window is None or window.requests < min_requests:
-            return Verdict(None, "not enough requests to judge")
+            return RuleResult(None, "not enough requests to judge")
         text = (f"API average response time {window.latency_s:.2f} s over the last {_span(window.seconds)}"
                 f" ({window.requests:,} requests; threshold {max_s:g} s)")
-        return Verdict(window.latency_s > max_s, text, window.latency_s)
+        return RuleResult(window.latency_s > max_s, text, window.latency_s)
     return check
 
 
@@ -256,20 +242,21 @@ def measure_drift(stats: batch_pb2.BatchStats, min_images: int, baseline_days: i
     return DriftMeasure(last.date, distance, last.mean_confidence, base_conf, shifts)
 
 
-def drift(max_distance: float, max_confidence_drop: float, min_images: int) -> Callable[[Observation], Verdict]:
-    def check(obs: Observation) -> Verdict:
+def drift(max_distance: float, max_confidence_drop: float, min_images: int) -> Callable[[Observation], RuleResult]:
+    def check(obs: Observation) -> RuleResult:
         stats = obs.system.drift_stats
         if stats is None:
-            return Verdict(None, "batch statistics unavailable")
-        m = measure_drift(stats, min_images)
-        if m is None:
-            return Verdict(None, "not enough images to compare")
-        shifts = ", ".join(f"{k} {p:.0%} (was {q:.0%})" for k, p, q in m.shifts[:3])
-        drop = m.baseline_confidence - m.confidence
-        text = (f"{m.day} against the previous 7 days: category distance {m.distance:.2f} "
+            return RuleResult(None, "batch statistics unavailable")
+        measured = measure_drift(stats, min_images)
+        if measured is None:
+            return RuleResult(None, "not enough images to compare")
+        shifts = ", ".join(f"{k} {p:.0%} (was {q:.0%})" for k, p, q in measured.shifts[:3])
+        drop = measured.baseline_confidence - measured.confidence
+        text = (f"{measured.day} against the previous 7 days: category distance {measured.distance:.2f} "
                 f"(threshold {max_distance:g}); largest shifts: {shifts}; mean confidence "
-                f"{m.confidence:.2f} (was {m.baseline_confidence:.2f}, threshold drop {max_confidence_drop:g})")
-        return Verdict(m.distance > max_distance or drop > max_confidence_drop, text, m.distance)
+                f"{measured.confidence:.2f} (was {measured.baseline_confidence:.2f}, "
+                f"threshold drop {max_confidence_drop:g})")
+        return RuleResult(measured.distance > max_distance or drop > max_confidence_drop, text, measured.distance)
     return check
 
 
@@ -311,106 +298,6 @@ def build_rules(settings: MonitorSettings) -> list[AlertRule]:
                          f"FASHION_ALERT_SEVERITY; rules are {sorted(names)}")
     return [AlertRule(r.name, r.title, Severity(s.alert_severity.get(r.name, r.severity)), r.condition, r.check,
                       r.threshold, r.name not in s.alert_disabled_rules) for r in rules]
-
-
-# --- the engine --------------------------------------------------------------------------------
-
-class AlertEngine:
-    """Evaluates the rules on each observation and records transitions, queueing notifications in
-    the same transaction. Not thread-safe: one evaluation at a time (the app's periodic task)."""
-
-    def __init__(self, rules: list[AlertRule], store: MonitorStore, notifier_names: list[str],
-                 cooldown_s: float, confirm_checks: int) -> None:
-        self.rules = rules
-        self.store = store
-        self.notifier_names = notifier_names
-        self.cooldown_s = cooldown_s
-        self.confirm_checks = confirm_checks
-        self.host = socket.gethostname()
-        self._lock = threading.Lock()  # evaluate() runs in a worker thread while ListAlerts reads
-        self.records = store.records()
-        for record in self.records.values():
-            if record.state == "firing":
-                metrics.MONITOR_ALERT_FIRING.labels(record.rule, record.severity).set(1)
-
-    def evaluate(self, obs: Observation) -> int:
-        """Apply every enabled rule; returns how many notifications were queued. A rule that raises
-        is logged and skipped, never stopping the others."""
-        queued = 0
-        for rule in self.rules:
-            if not rule.enabled:
-                continue
-            try:
-                verdict = rule.check(obs)
-            except Exception:
-                log.exception("Alert rule %s failed to evaluate", rule.name)
-                continue
-            with self._lock:
-                queued += self._apply(rule, verdict, obs.at)
-        return queued
-
-    def active(self) -> list[AlertRecord]:
-        """Copies of the firing alerts (safe to read while an evaluation runs)."""
-        with self._lock:
-            return [dataclasses.replace(r) for r in self.records.values() if r.state == "firing"]
-
-    def _apply(self, rule: AlertRule, verdict: Verdict, now: float) -> int:
-        record = self.records.get(rule.name) or AlertRecord(rule.name, rule.title, rule.severity)
-        self.records[rule.name] = record
-        record.title, record.severity, record.threshold = rule.title, rule.severity, rule.threshold
-        if verdict.firing is None:
-            return 0
-        if not verdict.firing:
-            return self._clear(rule, record, verdict, now)
-        record.message, record.value, record.updated_at = verdict.message, verdict.value, now
-        event = None
-        if record.state != "firing":
-            record.pending_checks += 1
-            if record.pending_checks < self.confirm_checks:
-                record.state = "pending"
-                self.store.save(record)
-                return 0
-            record.state, record.started_at, record.resolved_at, record.notified = "firing", now, None, False
-            metrics.MONITOR_ALERT_FIRING.labels(rule.name, rule.severity).set(1)
-            event = HistoryEntry(0, rule.name, rule.title, rule.severity, "fired", verdict.message, now, False)
-        cooling = record.last_notified_at is not None and now - record.last_notified_at < self.cooldown_s
-        if record.notified or cooling:
-            if event is not None:
-                log.warning("Alert %s fired (notification held back by the cooldown): %s", rule.name, verdict.message)
-            self.store.save(record, event)
-            return 0
-        record.notified, record.last_notified_at = True, now
-        notification = self._notification(rule, record, "fired", now)
-        mark = record.fired_event_id if event is None else None  # a held-back incident now sent
-        if event is not None:
-            event = HistoryEntry(0, rule.name, rule.title, rule.severity, "fired", verdict.message, now, True)
-        log.log(LOG_LEVEL[rule.severity], "Alert %s fired [%s]: %s", rule.name, rule.severity, verdict.message)
-        self.store.save(record, event, [(n, notification) for n in self.notifier_names], mark_notified=mark)
-        return len(self.notifier_names)
-
-    def _clear(self, rule: AlertRule, record: AlertRecord, verdict: Verdict, now: float) -> int:
-        if record.state == "pending":
-            record.state, record.pending_checks = "ok", 0
-            self.store.save(record)
-            return 0
-        if record.state != "firing":
-            return 0
-        record.state, record.pending_checks, record.resolved_at, record.updated_at = "ok", 0, now, now
-        record.message, record.value = verdict.message, verdict.value
-        metrics.MONITOR_ALERT_FIRING.labels(rule.name, rule.severity).set(0)
-        event = HistoryEntry(0, rule.name, rule.title, rule.severity, "resolved", verdict.message, now, record.notified)
-        # Only an incident people were told about gets a resolution.
-        notifications = []
-        if record.notified:
-            text = self._notification(rule, record, "resolved", now)
-            notifications = [(n, text) for n in self.notifier_names]
-        log.info("Alert %s resolved: %s", rule.name, verdict.message)
-        self.store.save(record, event, notifications)
-        return len(notifications)
-
-    def _notification(self, rule: AlertRule, record: AlertRecord, kind: str, now: float) -> str:
-        return Notification(rule.name, rule.title, rule.severity, kind, record.message, now,
-                            record.started_at or now, rule.condition, self.host).to_json()
 
 
 def _span(seconds: float) -> str:

@@ -26,23 +26,23 @@ ERRORS = ErrorStatuses({
 
 class MonitorServicer(pb_grpc.MonitorServiceServicer):
     def __init__(self, monitor: Monitor) -> None:
-        self._m = monitor
+        self._monitor = monitor
 
     async def GetSystemHealth(self, request: pb.GetSystemHealthRequest,
                               context: grpc.aio.ServicerContext) -> pb.SystemHealth:
-        system = await self._m.system_health()
-        active = await asyncio.to_thread(self._m.active_alerts)
+        system = await self._monitor.system_health()
+        active = await asyncio.to_thread(self._monitor.active_alerts)
         return system_health_pb(system, len(active or []))
 
     async def GetBatchHealth(self, request: pb.GetBatchHealthRequest,
                              context: grpc.aio.ServicerContext) -> pb.BatchHealth:
-        result = await ERRORS.call(context, lambda: self._m.batch_health(request.days))
+        result = await ERRORS.call(context, lambda: self._monitor.batch_health(request.days))
         return batch_health_pb(result)
 
     async def GenerateReport(self, request: pb.GenerateReportRequest,
                              context: grpc.aio.ServicerContext) -> pb.Report:
         files, status = await ERRORS.call(
-            context, lambda: self._m.generate_report(request.chart_days, request.text_only))
+            context, lambda: self._monitor.generate_report(request.chart_days, request.text_only))
         return pb.Report(text_path=str(files.text_path.absolute()),
                          html_path=str(files.html_path.absolute()) if files.html_path else "",
                          chart_paths=[str(p.absolute()) for p in files.chart_paths], text=files.text,
@@ -51,7 +51,7 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
     async def ListAlerts(self, request: pb.ListAlertsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListAlertsResponse:
         async def listing():  # type: ignore[no-untyped-def]
-            return await asyncio.to_thread(self._m.list_alerts, request.history_limit, request.rule)
+            return await asyncio.to_thread(self._monitor.list_alerts, request.history_limit, request.rule)
 
         result = await ERRORS.call(context, listing)
         return pb.ListAlertsResponse(

@@ -16,9 +16,10 @@ import pytest
 
 from services.batch.mover import FileMover, Resume, category_folder, unique_name
 from services.batch.paths import DataRoot, FolderMissing, PathRefused
+from services.batch.records import FileDone, FilePlan, JobSpec, JobState, Outcome
 from services.batch.scanner import scan_folder
 from services.batch.schedule import Schedule
-from services.batch.store import FileDone, FilePlan, JobSpec, JobState, JobStore, Outcome
+from services.batch.store import JobStore
 from services.batch.tree import MAX_OPEN, Entry, FolderRefused, OpenFolders
 from tests.support import LABELS
 

@@ -79,7 +79,7 @@ def test_every_input_ends_in_exactly_one_place_with_the_seeds_reports(
     assert dict(job.categories) == categories
     assert job.min_confidence == pytest.approx(0.3)
 
-    # CSV: one row per image, the seed's columns; "error" for images that could not be classified.
+    # CSV: one row per image, the monitoring guide's columns; "error" for images that could not be classified.
     rows = {r["filename"]: r for r in read_csv(batch_home.workdir / job.results_csv)}
     assert set(rows) == set(images) | set(broken)
     for name, (label, confidence, folder) in expected.items():
@@ -105,7 +105,7 @@ def test_every_input_ends_in_exactly_one_place_with_the_seeds_reports(
     for line in ("] BATCH PROCESSING STARTED\n", "] ✓ API is healthy and ready\n", "] Found 42 images to process\n",
                  "] BATCH PROCESSING COMPLETED\n"):
         assert line in log, line
-    assert "] \nProcessing [1/42]: " in log  # the seed's blank-line-then-header layout
+    assert "] \nProcessing [1/42]: " in log  # the monitoring guide's blank-line-then-header layout
     blocks: dict[str, tuple[int, list[str]]] = {}
     for block in log.split("\nProcessing [")[1:]:
         header, _, body = block.partition("\n")

@@ -49,7 +49,7 @@ def test_concurrent_callers_get_their_own_answers_in_few_calls(inference_server:
             # The first caller left alone; the others waited for it and went together.
             assert sum(len(c) for c in client.calls) == len(images)
             assert len(client.calls) <= 4 and client.calls[0] == [len(images[0])]
-            # ... and each still counts as a request in the service's statistics (the seed's /stats).
+            # ... and each still counts as a request in the service's statistics (the monitoring guide's /stats).
             after = await client.stats()
             assert after.total_requests - before.total_requests == len(images)
             assert after.total_images_processed - before.total_images_processed == len(images)

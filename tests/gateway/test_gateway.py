@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
+import services
 from services.inference.imaging import Preprocessor
 from tests.gateway.conftest import GatewayProcess, start_gateway
 from tests.images import encode, fashion_images
@@ -154,6 +155,7 @@ def test_bad_requests_get_clear_json_errors_and_the_gateway_keeps_serving(gatewa
 
 def test_openapi_and_metrics(gateway: GatewayProcess) -> None:
     doc = httpx.get(f"{gateway.url}/openapi.json").json()
+    assert doc["info"]["version"] == services.__version__  # the project's one version
     for path in ("/health", "/stats", "/predict", "/predict/batch", "/batch/jobs", "/batch/jobs/{job_id}",
                  "/batch/jobs/{job_id}/cancel", "/monitor/health", "/monitor/batch-health", "/metrics"):
         assert path in doc["paths"], path

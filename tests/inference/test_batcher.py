@@ -161,8 +161,8 @@ def _prepare(data: bytes) -> np.ndarray:
     return _row(data)
 
 
-class StandInHelpers:
-    """A stand-in DecoderPool: decodes the whole batch at once, errors by position, and, when it
+class StandInWorkers:
+    """A stand-in WorkerPool: decodes the whole batch at once, errors by position, and, when it
     `runs_model`, answers with RecordingModel's outputs for every usable row in request order."""
 
     def __init__(self, runs_model: bool) -> None:
@@ -184,13 +184,13 @@ class StandInHelpers:
         return decoded._replace(rows=RecordingModel(delay_s=0)(dec.concat(pieces)), compute_s=0.001)
 
 
-DECODING = ("prepare", "decoding helpers", "helpers running the model")
+DECODING = ("prepare", "decoding workers", "workers running the model")
 
 
 def decoding_kwargs(decoding: str) -> dict[str, object]:
     if decoding == "prepare":
         return {"prepare": _prepare}
-    return {"prepare": _prepare, "helpers": StandInHelpers(runs_model=decoding == "helpers running the model")}
+    return {"prepare": _prepare, "workers": StandInWorkers(runs_model=decoding == "workers running the model")}
 
 
 @pytest.mark.parametrize("decoding", DECODING)
@@ -223,15 +223,15 @@ async def test_encoded_images_are_decoded_with_their_batch_and_fail_alone(decodi
         else:
             assert isinstance(r, ValueError)
     await batcher.stop()
-    helpers = kwargs.get("helpers")
-    inferred = helpers.inferred if isinstance(helpers, StandInHelpers) else []
+    workers = kwargs.get("workers")
+    inferred = workers.inferred if isinstance(workers, StandInWorkers) else []
     assert max(model.batches + inferred) <= 8
     # Every usable row (3 tensor rows, 10 + 2 + 18 images) went through a model exactly once:
-    # here, or in the helpers that run it.
+    # here, or in the workers that run it.
     assert sum(model.batches) + sum(inferred) == 33
-    if decoding == "decoding helpers":  # batches of several images went to the helpers, lone ones did not
-        assert isinstance(helpers, StandInHelpers) and helpers.batches and min(helpers.batches) > 1
-    if decoding == "helpers running the model":  # everything did, tensors included: no model run here
+    if decoding == "decoding workers":  # batches of several images went to the workers, lone ones did not
+        assert isinstance(workers, StandInWorkers) and workers.batches and min(workers.batches) > 1
+    if decoding == "workers running the model":  # everything did, tensors included: no model run here
         assert model.batches == [] and inferred
 
 
@@ -243,13 +243,13 @@ async def test_a_batch_of_only_bad_images_runs_no_model(decoding: str) -> None:
     batcher.start()
     outcomes, _ = await batcher.submit_encoded_many([b"a", b"b"])
     assert all(isinstance(o, ValueError) for o in outcomes)
-    helpers = kwargs.get("helpers")
-    assert model.batches == [] and not (isinstance(helpers, StandInHelpers) and helpers.inferred)
+    workers = kwargs.get("workers")
+    assert model.batches == [] and not (isinstance(workers, StandInWorkers) and workers.inferred)
     await batcher.stop()
 
 
-class GatedHelpers(StandInHelpers):
-    """Helpers running the model whose batches wait for `gate`: counts the batches in them at once."""
+class GatedWorkers(StandInWorkers):
+    """Workers running the model whose batches wait for `gate`: counts the batches in them at once."""
 
     def __init__(self) -> None:
         super().__init__(runs_model=True)
@@ -265,16 +265,16 @@ class GatedHelpers(StandInHelpers):
             self.running -= 1
 
 
-async def test_batches_run_by_helpers_start_beside_each_other() -> None:
-    helpers = GatedHelpers()
-    batcher = DynamicBatcher(RecordingModel(), prepare=_prepare, helpers=helpers, max_batch_size=8)
+async def test_batches_run_by_workers_start_beside_each_other() -> None:
+    workers = GatedWorkers()
+    batcher = DynamicBatcher(RecordingModel(), prepare=_prepare, workers=workers, max_batch_size=8)
     batcher.start()
     first = asyncio.ensure_future(batcher.submit_encoded(b"1"))
     await asyncio.sleep(0.01)
     second = asyncio.ensure_future(batcher.submit_encoded(b"2"))
     await asyncio.sleep(0.01)
-    assert helpers.running == 2, "a lone image does not wait for a batch in the other helper"
-    helpers.gate.set()
+    assert workers.running == 2, "a lone image does not wait for a batch in the other worker"
+    workers.gate.set()
     assert (await first)[0][0, 0] == 4 and (await second)[0][0, 0] == 8
     await batcher.stop()
 

@@ -14,6 +14,7 @@ tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+import services  # noqa: E402
 from services.inference.imaging import Preprocessor  # noqa: E402
 from tests.images import encode, fashion_images  # noqa: E402
 from tests.support import linear_expected  # noqa: E402
@@ -34,7 +35,7 @@ def test_server_and_model_metadata(triton) -> None:
     assert triton.is_model_ready("linear-test")
     assert triton.is_model_ready("linear-test", "7")
     meta = triton.get_server_metadata()
-    assert meta.name == "fashion-inference"
+    assert (meta.name, meta.version) == ("fashion-inference", services.__version__)
     model = triton.get_model_metadata("linear-test")
     assert model.platform == "onnxruntime_onnx" and list(model.versions) == ["7"]
     assert (model.inputs[0].name, model.inputs[0].datatype, list(model.inputs[0].shape)) == (

@@ -27,7 +27,7 @@ SERVICE = "fashion.v1.InferenceService"
 def test_not_serving_until_model_loaded_then_serving_then_not_serving_on_sigterm(
         tmp_path: Path, linear_model) -> None:
     model_dir = tmp_path / "model-arrives-later"
-    svc = start_inference(tmp_path / "run", model_dir, FASHION_DECODE_PROCESSES="2")
+    svc = start_inference(tmp_path / "run", model_dir, FASHION_WORKER_PROCESSES="2")
     try:
         deadline = time.monotonic() + 30
         while True:  # wait for the port
@@ -63,8 +63,8 @@ def test_not_serving_until_model_loaded_then_serving_then_not_serving_on_sigterm
             except grpc.RpcError:
                 pass
 
-        helpers = children(svc.proc.pid)
-        assert len(helpers) == 2, "image decoding helper processes"
+        workers = children(svc.proc.pid)
+        assert len(workers) == 2, "image decoding worker processes"
         follower = threading.Thread(target=follow, daemon=True)
         follower.start()
         big = [encode(np.kron(img, np.ones((36, 36), np.uint8))) for img in fashion_images(8)[0]] * 25
@@ -79,7 +79,7 @@ def test_not_serving_until_model_loaded_then_serving_then_not_serving_on_sigterm
         channel.close()
         assert statuses[0] == "SERVING" and "NOT_SERVING" in statuses, statuses
         assert "Shutting down" in svc.output()
-        assert not [p for p in helpers if Path(f"/proc/{p}").exists()], "helpers exit with the service"
+        assert not [p for p in workers if Path(f"/proc/{p}").exists()], "workers exit with the service"
     finally:
         svc.kill()
 
@@ -97,8 +97,8 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def test_a_crashed_decoding_helper_is_replaced_while_serving(tmp_path: Path, linear_model) -> None:
-    svc = start_inference(tmp_path / "run", linear_model[0], FASHION_DECODE_PROCESSES="2")
+def test_a_crashed_decoding_worker_is_replaced_while_serving(tmp_path: Path, linear_model) -> None:
+    svc = start_inference(tmp_path / "run", linear_model[0], FASHION_WORKER_PROCESSES="2")
     try:
         svc.wait_serving()
         x, _ = fashion_images(16)
@@ -107,7 +107,7 @@ def test_a_crashed_decoding_helper_is_replaced_while_serving(tmp_path: Path, lin
             before = [r.category for r in client.classify_batch(images).results]
             for pid in children(svc.proc.pid):
                 os.kill(pid, signal.SIGKILL)
-            for _ in range(2):  # each batch takes the next helper: both dead ones are met and replaced
+            for _ in range(2):  # each batch takes the next worker: both dead ones are met and replaced
                 after = [r.category for r in client.classify_batch(images).results]
                 assert after == before and all(after)
             assert client.classify(images[0]).category == before[0]
@@ -161,17 +161,17 @@ def test_logs_are_written_and_rotated(tmp_path: Path, linear_model) -> None:
 
 
 @pytest.mark.parametrize("setting", [
-    # the default on one core: no helpers, the engine thread decodes and runs the model
-    {"FASHION_DECODE_PROCESSES": "0"},
-    # what CUDA runs: helpers that only decode, the model in the service process
-    {"FASHION_DECODE_PROCESSES": "2", "FASHION_HELPERS_RUN_MODEL": "false"},
-], ids=["no helpers", "helpers only decode"])
+    # the default on one core: no workers, the engine thread decodes and runs the model
+    {"FASHION_WORKER_PROCESSES": "0"},
+    # what CUDA runs: workers that only decode, the model in the service process
+    {"FASHION_WORKER_PROCESSES": "2", "FASHION_WORKERS_RUN_MODEL": "false"},
+], ids=["no workers", "workers only decode"])
 def test_other_decoding_settings_give_the_same_answers(tmp_path: Path, linear_model, inference_server,
                                                        setting: dict[str, str]) -> None:
     svc = start_inference(tmp_path / "run", linear_model[0], **setting)
     try:
         svc.wait_serving()
-        assert len(children(svc.proc.pid)) == int(setting["FASHION_DECODE_PROCESSES"])
+        assert len(children(svc.proc.pid)) == int(setting["FASHION_WORKER_PROCESSES"])
         x, _ = fashion_images(16)
         images = [encode(img) for img in x] + [b"not an image"]
         with InferenceClient(svc.address) as here, InferenceClient(inference_server.address) as pooled:
@@ -187,11 +187,11 @@ def test_other_decoding_settings_give_the_same_answers(tmp_path: Path, linear_mo
     assert "running the model" not in log
 
 
-def test_helpers_running_the_model_answer_exactly_as_the_model(tmp_path: Path, linear_model) -> None:
-    """On the CPU the decoding helpers run the model on every batch: each image still gets the
+def test_workers_running_the_model_answer_exactly_as_the_model(tmp_path: Path, linear_model) -> None:
+    """On the CPU the decoding workers run the model on every batch: each image still gets the
     model's own probabilities, in its place, and a bad image fails alone."""
     model_dir, wb = linear_model
-    svc = start_inference(tmp_path / "run", model_dir, FASHION_DECODE_PROCESSES="2")
+    svc = start_inference(tmp_path / "run", model_dir, FASHION_WORKER_PROCESSES="2")
     try:
         svc.wait_serving()
         x, _ = fashion_images(40)

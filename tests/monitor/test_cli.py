@@ -86,10 +86,10 @@ def test_dashboard_via_the_monitor_and_embedded(monitor: ServiceProcess, inferen
         age = 40 * 86400 if name in old or name == other else 5 * 86400
         os.utime(out_dir / name, (time.time() - age, time.time() - age))
     env = {"FASHION_INFERENCE_ADDRESS": inference_server.address, "FASHION_BATCH_ADDRESS": unused_address(),
-           "FASHION_MONITOR_STATE_DB": str(tmp_path / "none.db"), "FASHION_REPORT_KEEP_DAYS": "30"}
+           "FASHION_MONITOR_STATE_DB": str(tmp_path / "none.db"), "FASHION_RETENTION_DAYS": "30"}
     run = fashion("dashboard", "--output-dir", str(out_dir), "--json", cwd=tmp_path, **env)
     assert run.returncode == 0, run.stderr
-    # Dashboard files older than FASHION_REPORT_KEEP_DAYS are gone; newer ones and other files stay.
+    # Dashboard files older than FASHION_RETENTION_DAYS are gone; newer ones and other files stay.
     assert not [n for n in old if (out_dir / n).exists()]
     assert (out_dir / recent).exists() and (out_dir / other).exists()
     report = json.loads(run.stdout)

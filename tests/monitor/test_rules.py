@@ -14,15 +14,15 @@ import pytest
 from fashion.v1 import batch_pb2
 from fashion.v1 import inference_pb2 as inference_pb
 from services.common.config import MonitorSettings
+from services.monitor.alerting import AlertEngine
 from services.monitor.health import DiskCheck, Health, ServiceCheck, SystemCheck
 from services.monitor.notifiers import Notification
 from services.monitor.rules import (
-    AlertEngine,
     AlertRule,
     ApiStatsWindow,
     Observation,
+    RuleResult,
     Severity,
-    Verdict,
     build_rules,
     measure_drift,
 )
@@ -260,7 +260,7 @@ def test_drift_fires_on_category_shift_or_confidence_drop(tmp_path: Path) -> Non
 
 
 def test_a_failing_rule_is_logged_and_the_others_still_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    def broken(obs: Observation) -> Verdict:
+    def broken(obs: Observation) -> RuleResult:
         raise RuntimeError("boom")
 
     rules = [AlertRule("broken", "Broken", Severity.INFO, "never", broken), *build_rules(MonitorSettings())]

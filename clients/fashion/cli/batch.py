@@ -308,7 +308,7 @@ def _remote_health(args: argparse.Namespace) -> tuple[pb.BatchStats, pb.Job | No
 
 
 def _print_health(stats: pb.BatchStats, stale: bool, max_age: float, failed: pb.Job | None) -> None:
-    """The seed's check_batch_health.py report."""
+    """The monitoring guide's check_batch_health.py report."""
     print(RULE)
     print("BATCH PROCESSING HEALTH CHECK")
     print(RULE)

@@ -2,7 +2,8 @@
 
 `health` and `dashboard` ask the Monitor service; when it is unreachable (or with --embedded)
 they run the same checks and the same report code in this process, reading the Inference and
-Batch services over gRPC. `health` is the seed's health_check.sh in one command: it exits 1 when
+Batch services over gRPC. `health` is the monitoring guide's health_check.sh
+(docs/monitoring-and-logging-guide.md) in one command: it exits 1 when
 anything is not healthy (a Monitor service that does not answer included). `alerts` needs the
 Monitor service, which keeps the alert state.
 """
@@ -99,7 +100,7 @@ def health(args: argparse.Namespace) -> int:
 
 
 def _batch_block(batch: pb.BatchHealth | None, error: str) -> str:
-    """The seed's check_batch_health.py output, word for word where it had words."""
+    """The monitoring guide's check_batch_health.py output, word for word where it had words."""
     rule = "=" * 60
     lines = ["", rule, "BATCH PROCESSING HEALTH CHECK", rule, ""]
     if batch is None:
