@@ -139,8 +139,8 @@ def run(service: GrpcService[S]) -> None:
 
 
 def run_loop(main: Coroutine[object, object, None]) -> None:
-    """Run a process's main coroutine on uvloop when installed (about a tenth less CPU per gRPC call
-    than the default loop, measured on the Inference service), else on asyncio's loop."""
+    """Run a process's main coroutine on uvloop when installed (less CPU per gRPC call than asyncio's
+    loop: docs/performance.md), else on asyncio's loop."""
     try:
         import uvloop
     except ImportError:
