@@ -61,8 +61,14 @@ OTHER_VARIABLES = [
 ]
 
 OTHER_FOOTER = """\
-Tracing uses OpenTelemetry's standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT` (or
-`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) turns tracing on, `OTEL_SDK_DISABLED=true` turns it off.
+Tracing uses OpenTelemetry's standard variables: `OTEL_TRACES_EXPORTER` (`otlp`, the default,
+`console` or `none`; comma-separated), `OTEL_EXPORTER_OTLP_ENDPOINT` or
+`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (OTLP exports only when one is set),
+`OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` (`grpc`, the Python SDK's default, or `http/protobuf`),
+`OTEL_RESOURCE_ATTRIBUTES` and `OTEL_SERVICE_NAME` (service.name defaults to `fashion-<service>`,
+service.version to the project's version), the batch span processor's `OTEL_BSP_*`, sampling
+`OTEL_TRACES_SAMPLER[_ARG]`; `OTEL_SDK_DISABLED=true` turns it off. An exporter or protocol the
+services do not speak stops them at start with one line (exit 2).
 """
 
 

@@ -267,3 +267,56 @@ def listening_addresses(root_pid: int) -> set[tuple[str, int]]:
             mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is 127.0.0.1 on a dual-stack socket
             found.add((str(mapped or address), int(hex_port, 16)))
     return found
+
+
+class OtlpHttpCollector:
+    """A real OTLP/HTTP (protobuf) trace receiver on a free loopback port, like OtlpCollector."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+        self.spans: list[tuple[str, str, str]] = []
+        self.resources: list[dict[str, str]] = []
+        self.lock = threading.Lock()
+        collector = self
+
+        class Receiver(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+                with collector.lock:
+                    for rs in request.resource_spans:
+                        collector.resources.append({a.key: a.value.string_value for a in rs.resource.attributes})
+                        for ss in rs.scope_spans:
+                            collector.spans.extend((s.name, s.trace_id.hex(), s.parent_span_id.hex())
+                                                   for s in ss.spans)
+                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200 if self.path == "/v1/traces" else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self._server.server_port}",
+                    "OTEL_BSP_SCHEDULE_DELAY": "100"}
+
+    def snapshot(self) -> list[tuple[str, str, str]]:
+        with self.lock:
+            return list(self.spans)
+
+    def wait_for(self, done: Callable[[list[tuple[str, str, str]]], bool], timeout: float = 20.0
+                 ) -> list[tuple[str, str, str]]:
+        deadline = time.monotonic() + timeout
+        while not done(spans := self.snapshot()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return spans
+
+    def stop(self) -> None:
+        self._server.shutdown()

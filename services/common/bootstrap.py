@@ -41,6 +41,7 @@ from services.common.security import (
     metrics_token_check,
     server_credentials,
 )
+from services.common.tracing import configuration_problem as tracing_problem
 from services.common.tracing import setup_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,8 @@ def load(settings_class: type[S], check: Callable[[S], None] | None = None) -> S
     refuses end the process with one line per problem on stderr and exit code 2."""
     settings = load_settings(settings_class)
     try:
+        if (problem := tracing_problem()) is not None:
+            raise StartupError(problem)
         server_credentials(settings)  # reads the certificate files when TLS is on
         TokenSource(settings)  # reads the token file when one is set
         if check is not None:

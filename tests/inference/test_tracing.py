@@ -11,9 +11,10 @@ import grpc
 
 from fashion.client import InferenceClient
 from fashion.v1 import inference_pb2, inference_pb2_grpc
+from services import __version__
 from tests.conftest import start_inference
 from tests.images import encode, fashion_images
-from tests.support import OtlpCollector, health_status
+from tests.support import OtlpCollector, OtlpHttpCollector, health_status
 
 
 def test_classify_spans_reach_the_otlp_collector(tmp_path: Path, linear_model) -> None:
@@ -93,3 +94,64 @@ def test_containers_log_to_stdout_only(tmp_path: Path, linear_model) -> None:
         svc.terminate()
     assert not list((tmp_path / "logs").glob("api*.log")), "no service log files"
     assert "Inference service SERVING" in svc.output()
+
+
+def _classify_traced(address: str, trace_id: str) -> None:
+    x, _ = fashion_images(1)
+    with grpc.insecure_channel(address) as ch:
+        inference_pb2_grpc.InferenceServiceStub(ch).Classify(
+            inference_pb2.ClassifyRequest(image=encode(x[0])),
+            metadata=[("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01")], timeout=10)
+
+
+def test_the_resource_follows_the_sdk_environment(tmp_path: Path, linear_model) -> None:
+    collector = OtlpCollector()
+    svc = start_inference(tmp_path, linear_model[0], OTEL_RESOURCE_ATTRIBUTES="service.name=shop-inference,"
+                          "deployment.environment=staging", **collector.env)
+    try:
+        svc.wait_serving()
+        _classify_traced(svc.address, "1" * 32)
+        collector.wait_for(lambda spans: any(t == "1" * 32 for _, t, _ in spans))
+    finally:
+        svc.terminate()
+        collector.stop()
+    resource = collector.resources[0]
+    assert resource["service.name"] == "shop-inference", resource  # not overridden by ours
+    assert resource["service.version"] == __version__ and resource["deployment.environment"] == "staging"
+
+
+def test_otlp_over_http_protobuf(tmp_path: Path, linear_model) -> None:
+    collector = OtlpHttpCollector()
+    svc = start_inference(tmp_path, linear_model[0], OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+                          OTEL_SERVICE_NAME="classifier", **collector.env)
+    try:
+        svc.wait_serving()
+        _classify_traced(svc.address, "2" * 32)
+        spans = collector.wait_for(lambda spans: any(t == "2" * 32 for _, t, _ in spans))
+    finally:
+        svc.terminate()
+        collector.stop()
+    assert ("/fashion.v1.InferenceService/Classify", "2" * 32, "00f067aa0ba902b7") in spans
+    assert collector.resources[0]["service.name"] == "classifier"
+    assert collector.resources[0]["service.version"] == __version__
+
+
+def test_exporter_none_exports_nothing(tmp_path: Path, linear_model) -> None:
+    collector = OtlpCollector()
+    svc = start_inference(tmp_path, linear_model[0], OTEL_TRACES_EXPORTER="none", **collector.env)
+    try:
+        svc.wait_serving()
+        _classify_traced(svc.address, "3" * 32)
+    finally:
+        assert svc.terminate() == 0  # a running exporter flushes its spans on the way out
+        collector.stop()
+    assert collector.snapshot() == []
+
+
+def test_unusable_otel_variables_stop_the_service_in_one_line(tmp_path: Path, linear_model) -> None:
+    for variable, value, words in (("OTEL_TRACES_EXPORTER", "zipkin", "OTEL_TRACES_EXPORTER names 'zipkin'"),
+                                   ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "grpc or http/protobuf")):
+        svc = start_inference(tmp_path / variable, linear_model[0], **{variable: value})
+        assert svc.proc.wait(timeout=60) == 2
+        errors = [line for line in svc.output().splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and words in errors[0] and "Traceback" not in svc.output(), svc.output()
