@@ -14,6 +14,8 @@ RENAMED = [  # former variable, current variable, setting, a value, what the set
     ("FASHION_HELPERS_RUN_MODEL", "FASHION_WORKERS_RUN_MODEL", "workers_run_model", "false", False),
     ("FASHION_HELPER_NICE", "FASHION_WORKER_NICE", "worker_nice", "4", 4),
     ("FASHION_REPORT_KEEP_DAYS", "FASHION_RETENTION_DAYS", "retention_days", "30", 30.0),
+    ("FASHION_BATCH_STALE_HOURS", "FASHION_BATCH_MAX_AGE_HOURS", "batch_max_age_hours", "12", 12.0),
+    ("FASHION_ALERT_BATCH_MAX_AGE_H", "FASHION_BATCH_MAX_AGE_HOURS", "batch_max_age_hours", "30", 30.0),
 ]
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 
-DEFAULT_ADDRESSES = {"inference": "localhost:50051", "batch": "localhost:50052", "monitor": "localhost:50053"}
+DEFAULT_ADDRESSES = {"inference": "localhost:50051", "batch": "localhost:50052", "monitor": "localhost:50053",
+                     "gateway": "localhost:8080"}
 
 
 def service_address(service: str) -> str:
-    """The address of `service` ("inference", "batch" or "monitor"): FASHION_<SERVICE>_ADDRESS, else the
+    """The address of `service` ("inference", "batch", "monitor" or "gateway"): FASHION_<SERVICE>_ADDRESS, else the
     local stack's default."""
     return os.environ.get(f"FASHION_{service.upper()}_ADDRESS") or DEFAULT_ADDRESSES[service]

@@ -107,6 +107,11 @@ class JobQueue:
     def list(self, limit: int = 50, state: JobState | None = None) -> list[JobRecord]:
         return self.store.list(limit, state)
 
+    def health_inputs(self, days: int = 7) -> tuple[BatchHistory, JobRecord | None]:
+        """What batch health is judged from: the window's statistics and the last failed job."""
+        failed = self.store.list(1, JobState.FAILED)
+        return self.history(days), (failed[0] if failed else None)
+
     def history(self, days: int = 7) -> BatchHistory:
         """The statistics of the last `days` days, and the free space where the images are."""
         history = batch_history(self.store, days)

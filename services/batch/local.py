@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fashion.v1 import batch_pb2 as pb
-from services.batch import converters
+from services.batch import converters, health
 from services.batch.events import JobEvents
 from services.batch.jobs import job_spec
 from services.batch.paths import FolderMissing, PathRefused
@@ -121,17 +121,17 @@ async def _run_job(runner: JobRunner, job_id: str, lock: JobLock, on_update: Job
             await asyncio.gather(task, return_exceptions=True)
 
 
-def batch_health(days: int) -> tuple[pb.BatchStats, pb.Job | None, float]:
-    """The window's statistics, the last failed job and the stale threshold in hours, read from the jobs
-    database under the data root (no Batch service needed)."""
+def batch_health(days: int, max_age_hours: float | None = None) -> pb.BatchHealth:
+    """The batch health check read straight from the jobs database under the data root (no Batch service
+    needed), judged as the Batch service judges it."""
     settings = load_settings(BatchSettings)
     path: Path = default_db_path(settings)
     if not path.exists():
-        return pb.BatchStats(days=days), None, settings.batch_stale_hours
+        return health.judge(pb.BatchStats(days=days, success_rate=100.0), None, settings, max_age_hours)
     store = JobStore(path)
     try:
         failed = store.list(1, JobState.FAILED)
-        return (converters.history_to_pb(batch_history(store, days)),
-                converters.job_to_pb(failed[0], settings) if failed else None, settings.batch_stale_hours)
+        return health.judge(converters.history_to_pb(batch_history(store, days)),
+                            converters.job_to_pb(failed[0], settings) if failed else None, settings, max_age_hours)
     finally:
         store.close()

@@ -10,7 +10,7 @@ import grpc
 
 from fashion.v1 import batch_pb2 as pb
 from fashion.v1 import batch_pb2_grpc as pb_grpc
-from services.batch import converters
+from services.batch import converters, health
 from services.batch.events import JobEvents, JobUpdate
 from services.batch.jobs import JobQueue
 from services.batch.paths import FolderMissing, PathRefused
@@ -112,3 +112,16 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
                                 f"days must be between 0 and {MAX_STATS_DAYS}, got {request.days}")
         history = await call(context, lambda: self._job_queue.history(request.days or 7))
         return converters.history_to_pb(history)
+
+    async def GetBatchHealth(self, request: pb.GetBatchHealthRequest,
+                             context: grpc.aio.ServicerContext) -> pb.BatchHealth:
+        if not 0 <= request.days <= MAX_STATS_DAYS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"days must be between 0 and {MAX_STATS_DAYS}, got {request.days}")
+        if request.HasField("max_age_hours") and not request.max_age_hours >= 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"max_age_hours must be 0 or more, got {request.max_age_hours}")
+        stats, failed = await call(context, lambda: self._job_queue.health_inputs(request.days or 7))
+        return health.judge(converters.history_to_pb(stats), converters.job_to_pb(failed, self._job_queue.settings)
+                            if failed is not None else None, self._job_queue.settings,
+                            request.max_age_hours if request.HasField("max_age_hours") else None)

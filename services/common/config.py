@@ -27,12 +27,15 @@ RENAMED: dict[str, tuple[str, str]] = {}
 current variable)."""
 
 
-def renamed_from(name: str, former: str) -> AliasChoices:
-    """The environment variables of the setting `name`, renamed from `former`: FASHION_<NAME>, else
-    the former FASHION_<FORMER> (deprecated: still read, with a warning, when the current one is unset)."""
-    current, old = f"FASHION_{name.upper()}", f"FASHION_{former.upper()}"
-    RENAMED[old] = (name, current)
-    return AliasChoices(current, old)
+def renamed_from(name: str, *former: str) -> AliasChoices:
+    """The environment variables of the setting `name`, renamed from each of `former`: FASHION_<NAME>,
+    else a former FASHION_<FORMER> (deprecated: still read, with a warning, when the current one is
+    unset)."""
+    current = f"FASHION_{name.upper()}"
+    olds = [f"FASHION_{old.upper()}" for old in former]
+    for old in olds:
+        RENAMED[old] = (name, current)
+    return AliasChoices(current, *olds)
 
 
 _warned: set[str] = set()
@@ -59,6 +62,16 @@ class CommonSettings(BaseSettings):
     default run is not open to the network; deployments (compose, Kubernetes) set 0.0.0.0."""
     log_dir: Path = Path("logs")
     """Folder of the rotating log files (api.log, api_errors.log, batch_*.log, ...)."""
+    batch_max_age_hours: float = Field(default=26.0, gt=0, validation_alias=renamed_from(
+        "batch_max_age_hours", "batch_stale_hours", "alert_batch_max_age_h"))
+    """Batch processing is unhealthy, and No recent batch run fires, when the last run finished longer ago
+    than this many hours (the Batch service judges batch health with it for every caller). Formerly
+    FASHION_BATCH_STALE_HOURS and FASHION_ALERT_BATCH_MAX_AGE_H (deprecated, read when this one is unset)."""
+    alert_success_rate_min: float = 95.0
+    """High error rate fires, and batch health is degraded, when the API's or the batch success rate
+    (percent) is under this."""
+    alert_min_images: int = Field(default=20, ge=1)
+    """Fewest images a window needs before its success rate or category mix is judged."""
     retention_days: float = Field(default=90.0, ge=0,
                                   validation_alias=renamed_from("retention_days", "report_keep_days"))
     """Per-run files older than this many days are deleted: batch logs (batch_<ts>.log,
@@ -88,6 +101,9 @@ class CommonSettings(BaseSettings):
     """host:port of the Batch service."""
     monitor_address: str = DEFAULT_ADDRESSES["monitor"]
     """host:port of the Monitor service."""
+    gateway_address: str = DEFAULT_ADDRESSES["gateway"]
+    """host:port of the REST gateway, whose /health the Monitor and `fashion monitor health` check (the
+    HTTP API is what the monitoring guide calls the API); empty: the gateway is not watched."""
     shutdown_grace_s: float = 10.0
     """On SIGTERM, how long in-flight calls may take to finish before the server exits."""
     # Security: the same variables configure a service's server side and its calls to the other
@@ -244,8 +260,6 @@ class BatchSettings(CommonSettings):
     spreadsheet shows a hostile file name as text instead of running it as a formula."""
     batch_min_file_age_s: float = Field(default=0.0, ge=0)
     """Images modified more recently than this are left for the next run (files still being uploaded)."""
-    batch_stale_hours: float = Field(default=26.0, gt=0)
-    """`fashion batch health` is unhealthy when the last run finished longer ago than this."""
     batch_history_days: int = Field(default=90, ge=1)
     """Per-file records of jobs older than this are deleted (job totals are kept)."""
     batch_shard_count: int = Field(default=1, ge=1, le=10_000)
@@ -287,21 +301,15 @@ class MonitorSettings(CommonSettings):
     seconds); empty: never."""
     report_folders: Annotated[list[Path], NoDecode] = [Path("results/batch_results"), Path("logs"), Path("data")]
     """Comma-separated folders whose size the report lists and whose disks the disk-space rule watches."""
-    alert_success_rate_min: float = 95.0
-    """High error rate fires when the API's or the batch success rate (percent) is under this."""
     alert_model_load_grace_s: float = Field(default=300.0, ge=0)
     """Model load failure fires at once when a load failed, and when the model is still loading after
     the Inference service has been up this long (a normal start is not an incident)."""
-    alert_batch_max_age_h: float = 26.0
-    """No recent batch run fires when the last batch run finished longer ago than this (hours)."""
     alert_disk_free_min_percent: float = 10.0
     """Disk space low fires when a monitored disk has less free space than this (percent)."""
     alert_response_time_max_s: float = 5.0
     """High response time fires when the API's average latency over the window exceeds this (seconds)."""
     alert_api_window_s: float = Field(default=900.0, gt=0)
     """Window of the API success rate and average latency the rules judge (seconds)."""
-    alert_min_images: int = Field(default=20, ge=1)
-    """Fewest images a window needs before its success rate or category mix is judged."""
     alert_drift_tvd_max: float = Field(default=0.25, ge=0, le=1)
     """Drift fires when the last day's category distribution is further than this (total variation
     distance, 0..1) from the previous 7 days'."""

@@ -1,15 +1,18 @@
 """System checks: the Inference and Batch services through grpc.health.v1 and their statistics
-RPCs, the free space of the monitored disks, and the batch processing health of the monitoring
-guide's check_batch_health.py (docs/monitoring-and-logging-guide.md), computed from the Batch
-service's GetBatchStats (never from its files, so the services may run on other machines)."""
+RPCs, the gateway's /health, the free space of the monitored disks, and the batch processing health
+of the monitoring guide's check_batch_health.py (docs/monitoring-and-logging-guide.md) as the Batch
+service judges it (GetBatchHealth: never from its files, so the services may run on other machines)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -18,7 +21,7 @@ from pathlib import Path
 import grpc
 
 from fashion.client import AsyncBatchClient, AsyncInferenceClient, ChannelOptions
-from fashion.v1 import batch_pb2
+from fashion.v1 import batch_pb2, health_pb2
 from fashion.v1 import inference_pb2 as inference_pb
 from services.common import metrics, security
 from services.common.config import MonitorSettings
@@ -92,10 +95,12 @@ class SystemCheck:
     drift_stats: batch_pb2.BatchStats | None = None
     """The Batch service's statistics of the last 8 days (for the drift rule)."""
     disk_free_min_percent: float = 0.0
+    gateway: ServiceCheck | None = None
+    """The REST gateway's /health (None when FASHION_GATEWAY_ADDRESS is empty: not watched)."""
 
     @property
     def services(self) -> list[ServiceCheck]:
-        return [self.inference, self.batch]
+        return [self.inference, self.batch, *([self.gateway] if self.gateway is not None else [])]
 
     @property
     def low_disks(self) -> list[DiskCheck]:
@@ -119,25 +124,50 @@ class BatchHealthResult:
     stats: batch_pb2.BatchStats
     checked_at: datetime
     recent_errors: list[str] = field(default_factory=list)
+    report: batch_pb2.BatchHealth | None = None
+    """The Batch service's answer, as it came (what GetBatchHealth passes on)."""
 
 
-def batch_health(stats: batch_pb2.BatchStats, settings: MonitorSettings) -> BatchHealthResult:
-    """Judge GetBatchStats the way the monitoring guide's check_batch_health.py does."""
-    max_age = settings.alert_batch_max_age_h
-    if not stats.HasField("last_run_at"):
-        status, recent, message = Health.UNHEALTHY, False, "No batch run has finished yet"
-    else:
-        recent = stats.last_run_age_hours <= max_age
-        message = f"Last run was {stats.last_run_age_hours:.1f} hours ago"
-        status = Health.HEALTHY if recent else Health.UNHEALTHY
-        if not recent:
-            message += f" (more than {max_age:g} h)"
-    if stats.recent_errors:
-        status = worst(status, Health.DEGRADED)
-    if stats.images >= settings.alert_min_images and stats.success_rate < settings.alert_success_rate_min:
-        status = worst(status, Health.DEGRADED)
-    return BatchHealthResult(status, message, recent, max_age, settings.alert_success_rate_min, stats,
-                             datetime.now().astimezone(), list(stats.recent_errors))
+HEALTH_OF = {health_pb2.HEALTH_STATUS_HEALTHY: Health.HEALTHY, health_pb2.HEALTH_STATUS_DEGRADED: Health.DEGRADED,
+             health_pb2.HEALTH_STATUS_UNHEALTHY: Health.UNHEALTHY}
+
+
+def batch_health_result(report: batch_pb2.BatchHealth) -> BatchHealthResult:
+    """The Batch service's batch health check (GetBatchHealth, where it is judged) as the Monitor shows it."""
+    return BatchHealthResult(HEALTH_OF.get(report.status, Health.UNHEALTHY), report.message, report.recent_run,
+                             report.max_age_hours, report.success_rate_min, report.stats,
+                             report.checked_at.ToDatetime().astimezone() if report.HasField("checked_at")
+                             else datetime.now().astimezone(), list(report.recent_errors), report)
+
+
+@dataclass(frozen=True)
+class HttpHealth:
+    """What an HTTP /health endpoint answered: its status code (None when it could not be reached)."""
+
+    code: int | None
+    status: str = ""
+    classes: int = 0
+    error: str = ""
+
+
+def http_health(url: str, timeout_s: float) -> HttpHealth:
+    """GET `url` (blocking) and read the guide's /health body: {"status": "healthy", "classes": 10, ...}."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            code, raw = response.status, response.read(65536)
+    except urllib.error.HTTPError as exc:
+        code, raw = exc.code, exc.read(65536)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return HttpHealth(None, error=str(reason.strerror if isinstance(reason, OSError) and reason.strerror
+                                          else reason))
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return HttpHealth(code, error="the answer is not JSON")
+    if not isinstance(body, dict):
+        return HttpHealth(code, error="the answer is not a JSON object")
+    return HttpHealth(code, str(body.get("status", "")), int(body.get("classes", 0) or 0))
 
 
 def short_details(details: str | None) -> str:
@@ -235,8 +265,8 @@ class SystemChecker:
         """Both services with their statistics and the disks at once; with_sizes adds the folder
         sizes (the report), with_drift the 8-day window of the drift rule (the evaluation)."""
         folders = list(self.settings.report_folders)
-        inference, batch, disks = await asyncio.gather(
-            self.check_inference(), self.check_batch(),
+        inference, batch, gateway, disks = await asyncio.gather(
+            self.check_inference(), self.check_batch(), self.check_gateway(),
             asyncio.to_thread(disk_checks, folders, with_sizes))
         stats = batch.batch_stats
         if stats is not None and stats.data_total_bytes > 0:
@@ -249,7 +279,7 @@ class SystemChecker:
             except BatchUnavailable as exc:
                 log.warning("%s", exc)
         return SystemCheck(datetime.now().astimezone(), inference, batch, disks, drift,
-                           self.settings.alert_disk_free_min_percent)
+                           self.settings.alert_disk_free_min_percent, gateway)
 
     async def _health(self, client: AsyncInferenceClient | AsyncBatchClient) -> tuple[str, float, str]:
         """grpc.health.v1 Check of the overall status: (answer or code name, latency ms, error detail)."""
@@ -323,6 +353,32 @@ class SystemChecker:
         result = ServiceCheck("batch", address, status, serving, message, latency, now, True, batch_stats=stats)
         return self._observed(result, start)
 
+    async def check_gateway(self) -> ServiceCheck | None:
+        """The REST gateway's /health, as the guide's health_check.sh asks it (None when not watched)."""
+        address = self.settings.gateway_address
+        if not address:
+            return None
+        start = time.perf_counter()
+        answer = await asyncio.to_thread(http_health, f"http://{address}/health", self.settings.monitor_check_timeout_s)
+        latency = (time.perf_counter() - start) * 1000
+        now = datetime.now().astimezone()
+        if answer.code is None:
+            result = ServiceCheck("gateway", address, Health.UNHEALTHY, "unreachable",
+                                  f"REST gateway at {address} unreachable ({answer.error})", 0.0, now, reachable=False)
+        elif answer.code == 200 and answer.status == "healthy":
+            result = ServiceCheck("gateway", address, Health.HEALTHY, "HTTP 200 healthy",
+                                  f"/health answers healthy; model loaded, {answer.classes} classes", latency, now,
+                                  True)
+        elif answer.code == 503:
+            result = ServiceCheck("gateway", address, Health.UNHEALTHY, f"HTTP 503 {answer.status or 'unhealthy'}",
+                                  "/health answers unhealthy: the Inference service behind it is not serving its model",
+                                  latency, now, True)
+        else:
+            result = ServiceCheck("gateway", address, Health.UNHEALTHY, f"HTTP {answer.code}",
+                                  f"/health answers HTTP {answer.code}{f': {answer.error}' if answer.error else ''}",
+                                  latency, now, reachable=False)
+        return self._observed(result, start)
+
     async def batch_stats(self, days: int) -> batch_pb2.BatchStats:
         """GetBatchStats over `days`; BatchUnavailable when the Batch service does not answer."""
         address = self.settings.batch_address
@@ -334,6 +390,21 @@ class SystemChecker:
                                                      exc.details() or ""), exc.code()) from exc
             raise BatchUnavailable(
                 f"GetBatchStats of the Batch service at {address} failed ({exc.code().name}: "
+                f"{short_details(exc.details())})", exc.code()
+            ) from exc
+
+    async def batch_health(self, days: int) -> BatchHealthResult:
+        """The Batch service's judgment of batch processing (GetBatchHealth); BatchUnavailable when it
+        does not answer."""
+        address = self.settings.batch_address
+        try:
+            return batch_health_result(await self.batch.batch_health(days))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise BatchUnavailable(security.token_refused(self.settings, f"the Batch service at {address}",
+                                                              exc.details() or ""), exc.code()) from exc
+            raise BatchUnavailable(
+                f"GetBatchHealth of the Batch service at {address} failed ({exc.code().name}: "
                 f"{short_details(exc.details())})", exc.code()
             ) from exc
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from fashion.v1 import batch_pb2
 from fashion.v1 import monitor_pb2 as pb
 from services.common.config import MonitorSettings, load_settings
 from services.monitor.health import BatchUnavailable
@@ -14,11 +15,11 @@ from services.monitor.monitor import Monitor
 from services.monitor.servicer import HEALTH, batch_health_pb, system_health_pb
 
 
-def health(days: int) -> tuple[pb.SystemHealth, pb.BatchHealth | None, str]:
+def health(days: int) -> tuple[pb.SystemHealth, batch_pb2.BatchHealth | None, str]:
     """System health, batch health (None with the reason when the Batch service did not answer)."""
     settings = load_settings(MonitorSettings)
 
-    async def check() -> tuple[pb.SystemHealth, pb.BatchHealth | None, str]:
+    async def check() -> tuple[pb.SystemHealth, batch_pb2.BatchHealth | None, str]:
         monitor = Monitor.embedded(settings)
         try:
             system = await monitor.system_health()

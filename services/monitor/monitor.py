@@ -24,7 +24,6 @@ from services.monitor.health import (
     Health,
     SystemCheck,
     SystemChecker,
-    batch_health,
     worst,
 )
 from services.monitor.notifiers import Notification, NotificationOutbox, build_notifiers
@@ -114,7 +113,7 @@ class Monitor:
         days = days or STATS_DAYS
         if not 1 <= days <= MAX_DAYS:
             raise InvalidRequest(f"days must be between 1 and {MAX_DAYS}, got {days}")
-        return batch_health(await self.checker.batch_stats(days), self.settings)
+        return await self.checker.batch_health(days)
 
     async def generate_report(self, chart_days: int = 0, text_only: bool = False) -> tuple[ReportFiles, Health]:
         chart_days = chart_days or self.settings.report_chart_days
@@ -128,7 +127,12 @@ class Monitor:
                 history = week if chart_days == STATS_DAYS else await self.checker.batch_stats(chart_days)
             except BatchUnavailable as exc:
                 batch_error = str(exc)
-        bh = batch_health(week, self.settings) if week is not None else None
+        bh = None
+        if week is not None:
+            try:
+                bh = await self.checker.batch_health(STATS_DAYS)
+            except BatchUnavailable as exc:
+                batch_error = str(exc)
         alerts = await asyncio.to_thread(self.active_alerts)
         data = ReportData(datetime.now().astimezone(), system, bh, history, alerts, batch_error)
         files = await asyncio.to_thread(self.dashboard.write, data, text_only)

@@ -15,6 +15,7 @@ from enum import StrEnum
 
 from fashion.v1 import batch_pb2
 from fashion.v1 import inference_pb2 as inference_pb
+from services.batch.health import run_is_recent
 from services.common.config import MonitorSettings
 from services.monitor.health import SystemCheck, human_size
 
@@ -111,6 +112,11 @@ class AlertRule:
 # --- the rules ---------------------------------------------------------------------------------
 
 def api_down(obs: Observation) -> RuleResult:
+    """The API is down when the Inference service is, or when the REST gateway (the HTTP API of the
+    guide's users) does not answer its /health; a gateway answering 503 is judged by the Inference part."""
+    gateway = obs.system.gateway
+    if gateway is not None and not gateway.reachable:
+        return RuleResult(True, gateway.message)
     inf = obs.system.inference
     if not inf.reachable:
         return RuleResult(True, inf.message)
@@ -176,7 +182,8 @@ def no_recent_batch_run(max_age_h: float) -> Callable[[Observation], RuleResult]
             return RuleResult(watched_h > max_age_h,
                            f"No batch run has finished yet (monitored for {watched_h:.1f} hours)", watched_h)
         age = stats.last_run_age_hours
-        return RuleResult(age > max_age_h, f"Last batch run was {age:.1f} hours ago (threshold {max_age_h:g} h)", age)
+        return RuleResult(not run_is_recent(stats, max_age_h, obs.at),
+                          f"Last batch run was {age:.1f} hours ago (threshold {max_age_h:g} h)", age)
     return check
 
 
@@ -266,13 +273,13 @@ def build_rules(settings: MonitorSettings) -> list[AlertRule]:
     s = settings
     rules = [
         AlertRule("api_down", "API Down", Severity.CRITICAL,
-                  "the Inference service's grpc.health.v1 check fails", api_down),
+                  "the Inference service's grpc.health.v1 check or the gateway's /health fails", api_down),
         AlertRule("high_error_rate", "High Error Rate", Severity.WARNING,
                   f"API or batch success rate under {s.alert_success_rate_min:g}%",
                   high_error_rate(s.alert_success_rate_min, s.alert_min_images), s.alert_success_rate_min),
         AlertRule("no_recent_batch_run", "No Recent Batch Run", Severity.WARNING,
-                  f"last batch run more than {s.alert_batch_max_age_h:g} hours ago",
-                  no_recent_batch_run(s.alert_batch_max_age_h), s.alert_batch_max_age_h),
+                  f"last batch run more than {s.batch_max_age_hours:g} hours ago",
+                  no_recent_batch_run(s.batch_max_age_hours), s.batch_max_age_hours),
         AlertRule("disk_space_low", "Disk Space Low", Severity.WARNING,
                   f"a monitored disk has under {s.alert_disk_free_min_percent:g}% free",
                   disk_space_low(s.alert_disk_free_min_percent), s.alert_disk_free_min_percent),

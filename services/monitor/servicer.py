@@ -7,6 +7,7 @@ import asyncio
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from fashion.v1 import batch_pb2, health_pb2
 from fashion.v1 import monitor_pb2 as pb
 from fashion.v1 import monitor_pb2_grpc as pb_grpc
 from services.common.server import ErrorStatuses
@@ -14,8 +15,8 @@ from services.monitor.health import BatchHealthResult, BatchUnavailable, Health,
 from services.monitor.monitor import InvalidRequest, Monitor
 from services.monitor.store import AlertRecord, HistoryEntry
 
-HEALTH = {Health.HEALTHY: pb.HEALTH_STATUS_HEALTHY, Health.DEGRADED: pb.HEALTH_STATUS_DEGRADED,
-          Health.UNHEALTHY: pb.HEALTH_STATUS_UNHEALTHY}
+HEALTH = {Health.HEALTHY: health_pb2.HEALTH_STATUS_HEALTHY, Health.DEGRADED: health_pb2.HEALTH_STATUS_DEGRADED,
+          Health.UNHEALTHY: health_pb2.HEALTH_STATUS_UNHEALTHY}
 
 
 ERRORS = ErrorStatuses({
@@ -34,8 +35,8 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
         active = await asyncio.to_thread(self._monitor.active_alerts)
         return system_health_pb(system, len(active or []))
 
-    async def GetBatchHealth(self, request: pb.GetBatchHealthRequest,
-                             context: grpc.aio.ServicerContext) -> pb.BatchHealth:
+    async def GetBatchHealth(self, request: batch_pb2.GetBatchHealthRequest,
+                             context: grpc.aio.ServicerContext) -> batch_pb2.BatchHealth:
         result = await ERRORS.call(context, lambda: self._monitor.batch_health(request.days))
         return batch_health_pb(result)
 
@@ -93,10 +94,14 @@ def system_health_pb(system: SystemCheck, active_alerts: int) -> pb.SystemHealth
         checked_at=_ts(system.checked_at.timestamp()), active_alerts=active_alerts)
 
 
-def batch_health_pb(r: BatchHealthResult) -> pb.BatchHealth:
-    return pb.BatchHealth(status=HEALTH[r.status], message=r.message, recent_run=r.recent_run,
-                          max_age_hours=r.max_age_hours, recent_errors=r.recent_errors, stats=r.stats,
-                          success_rate_min=r.success_rate_min, checked_at=_ts(r.checked_at.timestamp()))
+def batch_health_pb(result: BatchHealthResult) -> batch_pb2.BatchHealth:
+    """The Batch service's own answer, passed on."""
+    if result.report is not None:
+        return result.report
+    return batch_pb2.BatchHealth(status=HEALTH[result.status], message=result.message, recent_run=result.recent_run,
+                                 max_age_hours=result.max_age_hours, recent_errors=result.recent_errors,
+                                 stats=result.stats, success_rate_min=result.success_rate_min,
+                                 checked_at=_ts(result.checked_at.timestamp()))
 
 
 def alert_pb(a: AlertRecord) -> pb.Alert:

@@ -34,7 +34,7 @@ def test_embedded_run_sorts_a_folder_without_a_batch_server_then_health_reports_
     (home.data / "inbox" / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
     never = fashion(home, inference_server.address, "health", "--local")
     assert never.returncode == 1, never.stdout + never.stderr
-    assert "Recent Execution: ✗ UNHEALTHY\n  No batch run recorded" in never.stdout
+    assert "Recent Execution: ✗ UNHEALTHY\n  No batch run has finished yet" in never.stdout
 
     run = fashion(home, inference_server.address, "run", "data/inbox")  # a local path inside the data root
     assert run.returncode == 0, run.stdout + run.stderr

@@ -86,7 +86,7 @@ def test_compose_matches_the_manifests(name: str) -> None:
     # match) and who runs the nightly job (Kubernetes: a CronJob).
     local = {"FASHION_INFERENCE_ADDRESS", "FASHION_GRPC_LB_POLICY", "FASHION_MAX_CONNECTION_AGE_S",
              "FASHION_GATEWAY_CLASSIFY_CALLS", "FASHION_BATCH_ADDRESS", "FASHION_MONITOR_ADDRESS",
-             "FASHION_BATCH_SCHEDULE"}
+             "FASHION_GATEWAY_ADDRESS", "FASHION_BATCH_SCHEDULE"}
     for key, value in k8s_config().items():
         if key not in local:
             assert env.get(key) == value, key

@@ -55,6 +55,7 @@ def test_fashion_run_starts_everything_and_ctrl_c_stops_everything(tmp_path: Pat
         "FASHION_INFERENCE_ADDRESS": f"127.0.0.1:{ports['inference']}",
         "FASHION_BATCH_ADDRESS": f"127.0.0.1:{ports['batch']}",
         "FASHION_MONITOR_ADDRESS": f"127.0.0.1:{ports['monitor']}",
+        "FASHION_GATEWAY_ADDRESS": f"127.0.0.1:{ports['gateway']}",
         "FASHION_MONITOR_CHECK_INTERVAL_S": "1", "FASHION_SHUTDOWN_GRACE_S": "3", "FASHION_BATCH_FSYNC": "false",
     }
     inbox = tmp_path / "data" / "inbox"
@@ -117,7 +118,7 @@ def test_fashion_run_starts_everything_and_ctrl_c_stops_everything(tmp_path: Pat
             # Monitoring through the gateway.
             system = client.get("/monitor/health").json()
             assert {s["name"]: s["serving_status"] for s in system["services"]} == {
-                "inference": "SERVING", "batch": "SERVING"}
+                "inference": "SERVING", "batch": "SERVING", "gateway": "HTTP 200 healthy"}
             assert system["status"] in ("healthy", "degraded")
             batch_health = client.get("/monitor/batch-health", params={"days": 1}).json()
             assert batch_health["recent_run"] is True and batch_health["stats"]["images"] >= 4

@@ -151,6 +151,7 @@ def monitor_env(workdir: Path, inference_address: str, batch_address: str, **ext
         "FASHION_MONITOR_METRICS_PORT": "0",
         "FASHION_INFERENCE_ADDRESS": inference_address,
         "FASHION_BATCH_ADDRESS": batch_address,
+        "FASHION_GATEWAY_ADDRESS": "",  # no gateway here unless a test starts one and says where
         "FASHION_MONITOR_CHECK_INTERVAL_S": "0.3",
         "FASHION_MONITOR_CHECK_TIMEOUT_S": "2",
         "FASHION_ALERT_CONFIRM_CHECKS": "1",

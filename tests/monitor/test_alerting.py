@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fashion.client import MonitorClient
+from fashion.v1 import health_pb2
 from fashion.v1 import monitor_pb2 as pb
 from tests.conftest import start_inference
 from tests.monitor.conftest import (
@@ -46,7 +47,7 @@ def test_api_down_fires_once_survives_a_monitor_restart_and_resolves(
         inference.wait_serving()
         monitor = start_monitor(tmp_path / "monitor", env)
         with MonitorClient(monitor.address) as client:
-            wait_until(lambda: client.system_health().services[0].status == pb.HEALTH_STATUS_HEALTHY, 20,
+            wait_until(lambda: client.system_health().services[0].status == health_pb2.HEALTH_STATUS_HEALTHY, 20,
                        "the Monitor to see the Inference service healthy", monitor.output)
         time.sleep(1.0)  # a few evaluation cycles while all is well: nothing is sent
         assert smtp_inbox.subjects() == [] and webhook.posts == []

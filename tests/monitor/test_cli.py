@@ -44,12 +44,12 @@ def test_health_via_the_monitor_exits_1_and_says_what_is_unhealthy(monitor: Serv
     assert "inference" in out and "✓ HEALTHY" in out and "model linear-test v7 loaded" in out
     assert "batch" in out and "✗ UNHEALTHY" in out and "unreachable" in out
     assert "BATCH PROCESSING HEALTH CHECK" in out and "Recent Execution: ✗ UNKNOWN" in out
-    assert "Something is not healthy" in out
+    assert "✗ Down or unhealthy: batch" in out
 
     run = fashion("health", "--address", monitor.address, "--json", cwd=tmp_path)
     assert run.returncode == 1
     report = json.loads(run.stdout)
-    assert report["healthy"] is False
+    assert report["healthy"] is False and report["status"] == "unhealthy" and report["down"] == ["batch"]
     assert [s["name"] for s in report["system"]["services"]] == ["inference", "batch"]
     assert report["system"]["services"][0]["status"] == "HEALTH_STATUS_HEALTHY"
     assert "Batch service" in report["batch"]["error"]
@@ -58,7 +58,8 @@ def test_health_via_the_monitor_exits_1_and_says_what_is_unhealthy(monitor: Serv
 def test_health_without_a_monitor_checks_from_the_command_itself(
         inference_server: ServiceProcess, tmp_path: Path) -> None:
     down = unused_address()
-    env = {"FASHION_INFERENCE_ADDRESS": inference_server.address, "FASHION_BATCH_ADDRESS": unused_address()}
+    env = {"FASHION_INFERENCE_ADDRESS": inference_server.address, "FASHION_BATCH_ADDRESS": unused_address(),
+           "FASHION_GATEWAY_ADDRESS": ""}
     run = fashion("health", "--address", down, cwd=tmp_path, **env)
     assert run.returncode == 1
     assert f"Monitor service at {down} unreachable" in run.stderr
@@ -86,7 +87,8 @@ def test_dashboard_via_the_monitor_and_embedded(monitor: ServiceProcess, inferen
         age = 40 * 86400 if name in old or name == other else 5 * 86400
         os.utime(out_dir / name, (time.time() - age, time.time() - age))
     env = {"FASHION_INFERENCE_ADDRESS": inference_server.address, "FASHION_BATCH_ADDRESS": unused_address(),
-           "FASHION_MONITOR_STATE_DB": str(tmp_path / "none.db"), "FASHION_RETENTION_DAYS": "30"}
+           "FASHION_GATEWAY_ADDRESS": "", "FASHION_MONITOR_STATE_DB": str(tmp_path / "none.db"),
+           "FASHION_RETENTION_DAYS": "30"}
     run = fashion("dashboard", "--output-dir", str(out_dir), "--json", cwd=tmp_path, **env)
     assert run.returncode == 0, run.stderr
     # Dashboard files older than FASHION_RETENTION_DAYS are gone; newer ones and other files stay.

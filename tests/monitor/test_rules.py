@@ -138,9 +138,9 @@ def test_state_survives_a_restart_without_a_second_notification(tmp_path: Path) 
 
 
 def test_missing_data_neither_fires_nor_resolves(tmp_path: Path) -> None:
-    e = engine(tmp_path, alert_batch_max_age_h=26)
+    e = engine(tmp_path, batch_max_age_hours=26)
     old_run = batch_pb2.BatchStats(days=7, last_run_age_hours=30.0)
-    old_run.last_run_at.FromSeconds(int(T0))
+    old_run.last_run_at.FromSeconds(int(T0 - 30 * 3600))
     e.evaluate(observe(T0, bat=batch(old_run)))
     assert [a.rule for a in e.active()] == ["no_recent_batch_run"]
     assert "30.0 hours ago" in e.active()[0].message

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from fashion.client import AsyncMonitorClient, MonitorClient
+from fashion.v1 import health_pb2
 from fashion.v1 import monitor_pb2 as pb
 from tests.monitor.conftest import monitor_env, start_monitor, unused_address, wait_until
 from tests.support import ServiceProcess, health_status
@@ -47,24 +48,24 @@ def test_system_health_reports_each_service_with_check_latency(monitor: ServiceP
         health = client.system_health()
     inference, batch = health.services
     assert inference.name == "inference" and inference.address == inference_server.address
-    assert inference.status == pb.HEALTH_STATUS_HEALTHY and inference.serving_status == "SERVING"
+    assert inference.status == health_pb2.HEALTH_STATUS_HEALTHY and inference.serving_status == "SERVING"
     assert inference.latency_ms > 0
     assert inference.inference_stats.model_loaded and inference.inference_stats.model_name == "linear-test"
     assert "model linear-test v7 loaded" in inference.message
-    assert batch.name == "batch" and batch.status == pb.HEALTH_STATUS_UNHEALTHY
+    assert batch.name == "batch" and batch.status == health_pb2.HEALTH_STATUS_UNHEALTHY
     assert batch.serving_status == "UNAVAILABLE" and "unreachable" in batch.message
-    assert health.status == pb.HEALTH_STATUS_UNHEALTHY
+    assert health.status == health_pb2.HEALTH_STATUS_UNHEALTHY
     assert health.disks and 0 < health.disks[0].free_percent <= 100 and health.disks[0].total_bytes > 0
     assert health.checked_at.seconds > 0
 
 
 async def test_async_client_and_batch_health_when_the_batch_service_is_down(monitor: ServiceProcess) -> None:
     async with AsyncMonitorClient(monitor.address) as client:
-        assert (await client.system_health()).services[0].status == pb.HEALTH_STATUS_HEALTHY
+        assert (await client.system_health()).services[0].status == health_pb2.HEALTH_STATUS_HEALTHY
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.batch_health(timeout_s=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "Batch service" in err.value.details() and "GetBatchStats" in err.value.details()
+    assert "Batch service" in err.value.details() and "GetBatchHealth" in err.value.details()
 
 
 @pytest.mark.parametrize(("call", "needle"), [
@@ -80,7 +81,7 @@ def test_bad_arguments_are_invalid_argument_and_the_service_keeps_serving(monito
             call(client)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert needle in err.value.details()
-        assert client.system_health().services[0].status == pb.HEALTH_STATUS_HEALTHY
+        assert client.system_health().services[0].status == health_pb2.HEALTH_STATUS_HEALTHY
     assert health_status(monitor.address, "fashion.v1.MonitorService") == "SERVING"
 
 
@@ -105,7 +106,7 @@ def test_generate_report_writes_the_dashboard(monitor: ServiceProcess) -> None:
     assert base64.b64decode(embedded[0]) == Path(report.chart_paths[0]).read_bytes()
     assert "<pre>" in page and "API HEALTH:" in page and "http" not in page.split("<body>")[1].replace(
         "http-equiv", "")  # self-contained: nothing fetched from elsewhere
-    assert report.status == pb.HEALTH_STATUS_UNHEALTHY  # the Batch service is down
+    assert report.status == health_pb2.HEALTH_STATUS_UNHEALTHY  # the Batch service is down
 
     with MonitorClient(monitor.address) as client:
         text_only = client.generate_report(text_only=True)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from fashion.client import BatchClient, MonitorClient
-from fashion.v1 import batch_pb2
-from fashion.v1 import monitor_pb2 as pb
+from fashion.v1 import batch_pb2, health_pb2
+from tests.gateway.conftest import start_gateway
 from tests.images import encode, fashion_images
-from tests.monitor.conftest import monitor_env, start_monitor
+from tests.monitor.conftest import monitor_env, start_monitor, wait_until
 from tests.monitor.test_cli import fashion
 from tests.monitor.test_service import SECTIONS, assert_valid_png
 from tests.support import ServiceProcess, free_port, start_service
@@ -52,6 +52,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, inference_server: ServicePro
         "FASHION_BATCH_HOST": "127.0.0.1", "FASHION_BATCH_PORT": str(port), "FASHION_BATCH_METRICS_PORT": "0",
         "FASHION_DATA_ROOT": str(data), "FASHION_RESULTS_DIR": str(workdir / "results"),
         "FASHION_INFERENCE_ADDRESS": inference_server.address, "FASHION_BATCH_SCHEDULE": "",
+        "FASHION_GATEWAY_ADDRESS": "",
         "FASHION_LOG_DIR": str(workdir / "batch-logs"), "FASHION_BATCH_MIN_CONFIDENCE": "0",
         "FASHION_BATCH_FSYNC": "false", "OTEL_SDK_DISABLED": "true",
         "PYTHONFAULTHANDLER": "1",  # a crash of the service shows its stack in the output
@@ -76,14 +77,14 @@ def test_everything_healthy_after_a_clean_run(stack: Stack, tmp_path: Path) -> N
         system = client.system_health()
         batch = client.batch_health()
     assert [(s.name, s.status) for s in system.services] == [
-        ("inference", pb.HEALTH_STATUS_HEALTHY), ("batch", pb.HEALTH_STATUS_HEALTHY)]
-    assert system.status == pb.HEALTH_STATUS_HEALTHY
+        ("inference", health_pb2.HEALTH_STATUS_HEALTHY), ("batch", health_pb2.HEALTH_STATUS_HEALTHY)]
+    assert system.status == health_pb2.HEALTH_STATUS_HEALTHY
     # The data root's free space, measured by the Batch service: the disk alert covers it from afar.
     remote = [d for d in system.disks if d.path == f"{stack.data} (on the Batch service)"]
     assert len(remote) == 1 and remote[0].total_bytes == shutil.disk_usage(stack.data).total
     assert 0 < remote[0].free_percent <= 100 and remote[0].folder_bytes == 0
     assert system.services[1].batch_stats.runs == 1 and "last run 0.0 hours ago" in system.services[1].message
-    assert batch.status == pb.HEALTH_STATUS_HEALTHY and batch.recent_run
+    assert batch.status == health_pb2.HEALTH_STATUS_HEALTHY and batch.recent_run
     assert batch.message == "Last run was 0.0 hours ago" and batch.max_age_hours == 26
     assert batch.stats.runs == 1 and batch.stats.images == 30 and batch.stats.successful == 30
     assert {c.category: c.count for c in batch.stats.top_categories} == dict(stack.first_job.categories)
@@ -107,7 +108,7 @@ def test_report_shows_the_batch_statistics(stack: Stack) -> None:
                  "  Images Processed: 30", "  Success Rate: 100.0%", "  Failed: 0", "  Top Categories:",
                  f"    - {top[0]}: {top[1]}", "  ✓ No recent errors detected"]:
         assert line in text, line
-    assert report.status == pb.HEALTH_STATUS_HEALTHY
+    assert report.status == health_pb2.HEALTH_STATUS_HEALTHY
     for path in report.chart_paths:
         assert_valid_png(Path(path))
 
@@ -121,15 +122,55 @@ def test_batch_errors_show_in_health_report_and_cli(stack: Stack, tmp_path: Path
     with MonitorClient(stack.monitor.address) as client:
         batch = client.batch_health(days=3)
         report = client.generate_report(text_only=True)
-    assert batch.status == pb.HEALTH_STATUS_DEGRADED and batch.recent_run
+    assert batch.status == health_pb2.HEALTH_STATUS_DEGRADED and batch.recent_run
     assert batch.stats.days == 3 and batch.stats.runs == 2 and batch.stats.failed == 1
     assert any("broken_scan.png" in e for e in batch.recent_errors)
     assert "RECENT ERRORS:\n  ✗ 1 recent errors (newest first):\n    - " in report.text
     assert "broken_scan.png" in report.text and "  Total Runs: 2" in report.text
 
+    # One corrupt image is a warning, not an outage (the guide's health_check.sh): exit 0; --strict: 1.
     run = fashion("health", "--address", stack.monitor.address, "--json", cwd=tmp_path)
-    assert run.returncode == 1
+    assert run.returncode == 0, run.stdout
     out = json.loads(run.stdout)
-    assert out["healthy"] is False and out["batch"]["status"] == "HEALTH_STATUS_DEGRADED"
+    assert out["healthy"] is False and out["status"] == "degraded" and out["down"] == []
+    assert out["batch"]["status"] == "HEALTH_STATUS_DEGRADED"
+    assert out["warnings"] == ["batch processing DEGRADED: 1 recent errors"]
     run = fashion("health", "--address", stack.monitor.address, cwd=tmp_path)
-    assert "Recent Errors: ✗ 1 errors detected" in run.stdout and "broken_scan.png" in run.stdout
+    assert run.returncode == 0
+    assert "Recent Errors: ⚠ 1 errors in the last 24 hours" in run.stdout and "broken_scan.png" in run.stdout
+    assert "⚠ batch processing DEGRADED: 1 recent errors" in run.stdout
+    assert "⚠ Serving, with 1 warning(s)" in run.stdout
+    strict = fashion("health", "--address", stack.monitor.address, "--strict", cwd=tmp_path)
+    assert strict.returncode == 1 and "(--strict: exit 1)" in strict.stdout
+
+
+def test_the_gateway_is_watched_and_its_death_is_the_api_down(stack: Stack, inference_server: ServiceProcess,
+                                                              tmp_path: Path) -> None:
+    """For the monitoring guide's users the API is the HTTP API: a gateway that stops answering /health
+    makes `fashion monitor health` exit 1 naming it, and fires API Down."""
+    gateway = start_gateway(tmp_path / "gateway", inference_server.address)
+    gateway.wait_ready()
+    address = gateway.url.removeprefix("http://")
+    monitor = start_monitor(tmp_path / "monitor", monitor_env(
+        tmp_path / "monitor", inference_server.address, stack.batch.address, FASHION_GATEWAY_ADDRESS=address,
+        FASHION_ALERT_DISK_FREE_MIN_PERCENT="0"))
+    try:
+        run = fashion("health", "--address", monitor.address, "--json", cwd=tmp_path)
+        out = json.loads(run.stdout)
+        services = {s["name"]: s for s in out["system"]["services"]}
+        assert run.returncode == 0 and services["gateway"]["servingStatus"] == "HTTP 200 healthy", run.stdout
+        assert services["gateway"]["address"] == address
+
+        gateway.proc.kill()
+        gateway.proc.wait()
+        run = fashion("health", "--address", monitor.address, cwd=tmp_path)
+        assert run.returncode == 1, run.stdout
+        assert "✗ Down or unhealthy: gateway" in run.stdout and "REST gateway at" in run.stdout
+        with MonitorClient(monitor.address) as client:
+            wait_until(lambda: any(a.rule == "api_down" for a in client.alerts().active), 20, "api_down fires")
+            fired = next(a for a in client.alerts().active if a.rule == "api_down")
+        assert "REST gateway at" in fired.message and "unreachable" in fired.message
+    finally:
+        monitor.terminate()
+        if gateway.proc.poll() is None:
+            gateway.terminate()

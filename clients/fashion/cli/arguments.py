@@ -135,7 +135,8 @@ def _batch(commands: argparse._SubParsersAction) -> None:
     p = batch_commands.add_parser("health", help="batch processing health check (exit 1 when unhealthy)")
     p.add_argument("--days", type=int, default=7, help="statistics window in days (default 7)")
     p.add_argument("--max-age-hours", type=float, default=None,
-                   help="a last run older than this is unhealthy (FASHION_BATCH_STALE_HOURS, default 26)")
+                   help="a last run older than this is unhealthy (default: the server's "
+                        "FASHION_BATCH_MAX_AGE_HOURS, 26)")
     p.add_argument("--local", action="store_true",
                    help="read the jobs database under FASHION_DATA_ROOT directly instead of asking the service "
                         "(server package)")
@@ -198,8 +199,10 @@ def _monitor(commands: argparse._SubParsersAction) -> None:
         p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = monitor_commands.add_parser("health",
-                                    help="check every service and batch processing; exit 1 when anything is unhealthy")
+                                    help="check every service and batch processing; exit 1 when a service is down")
     p.add_argument("--days", type=_positive_days, default=7, help="batch statistics window (default 7)")
+    p.add_argument("--strict", action="store_true", help="exit 1 for warnings too (degraded services, low disks, "
+                                                         "batch processing problems)")
     common(p)
     _command(p, "monitor:health")
 

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -38,6 +37,7 @@ from rich.text import Text
 from fashion.cli.server import server_function
 from fashion.client.batch import BatchClient, state_name
 from fashion.v1 import batch_pb2 as pb
+from fashion.v1 import health_pb2
 
 RULE = "=" * 60
 ERROR_WINDOW_H = 24.0
@@ -277,67 +277,44 @@ def run_embedded(args: argparse.Namespace) -> int:
 def health(args: argparse.Namespace) -> int:
     try:
         if args.local:
-            stats, last_failed, stale_hours = server_function("batch_health", "batch health --local")(args.days)
+            report = server_function("batch_health", "batch health --local")(args.days, args.max_age_hours)
         else:
-            stats, last_failed = _remote_health(args)
-            stale_hours = float(os.environ.get("FASHION_BATCH_STALE_HOURS") or 26.0)
-        max_age = args.max_age_hours if args.max_age_hours is not None else stale_hours
+            with BatchClient(args.address) as client:
+                report = client.batch_health(args.days, args.max_age_hours)
     except grpc.RpcError as exc:
         print(f"error: the Batch service at {args.address} did not answer: {exc.code().name}: {exc.details()}",
               file=sys.stderr)
         return EXIT_ERROR
-    recent_failure = (last_failed is not None and last_failed.HasField("finished_at")
-                      and time.time() - last_failed.finished_at.seconds < ERROR_WINDOW_H * 3600)
-    stale = not stats.HasField("last_run_at") or stats.last_run_age_hours >= max_age  # healthy: under max_age
-    healthy = not stale and not recent_failure
+    healthy = report.status != health_pb2.HEALTH_STATUS_UNHEALTHY  # degraded: warnings, still exit 0
     if args.json:
-        report = json.loads(_as_json(stats))
-        report.update(healthy=healthy, stale=stale, max_age_hours=max_age,
-                      failed_job=last_failed.job_id if recent_failure and last_failed else None)
-        print(json.dumps(report, indent=2, ensure_ascii=False))
+        out = json.loads(_as_json(report))
+        out["healthy"] = healthy
+        print(json.dumps(out, indent=2, ensure_ascii=False))
     else:
-        _print_health(stats, stale, max_age, last_failed if recent_failure else None)
+        print(batch_health_text(report))
     return EXIT_OK if healthy else EXIT_UNHEALTHY
 
 
-def _remote_health(args: argparse.Namespace) -> tuple[pb.BatchStats, pb.Job | None]:
-    with BatchClient(args.address) as client:
-        stats = client.stats(args.days)
-        failed = client.list(1, pb.JOB_STATE_FAILED)
-    return stats, (failed[0] if failed else None)
-
-
-def _print_health(stats: pb.BatchStats, stale: bool, max_age: float, failed: pb.Job | None) -> None:
-    """The monitoring guide's check_batch_health.py report."""
-    print(RULE)
-    print("BATCH PROCESSING HEALTH CHECK")
-    print(RULE)
-    print()
-    if not stats.HasField("last_run_at"):
-        print("Recent Execution: ✗ UNHEALTHY")
-        print("  No batch run recorded")
+def batch_health_text(report: pb.BatchHealth) -> str:
+    """The monitoring guide's check_batch_health.py report, word for word where it had words."""
+    stats = report.stats
+    lines = [RULE, "BATCH PROCESSING HEALTH CHECK", RULE, ""]
+    lines += [f"Recent Execution: {'✓ HEALTHY' if report.recent_run else '✗ UNHEALTHY'}", f"  {report.message}", ""]
+    if report.HasField("failed_job"):
+        lines.append(f"Recent Errors: ✗ Job {report.failed_job.job_id} FAILED: {report.failed_job.error}")
+    elif report.recent_errors:
+        lines.append(f"Recent Errors: ⚠ {len(report.recent_errors)} errors in the last {ERROR_WINDOW_H:g} hours")
     else:
-        print(f"Recent Execution: {'✗ UNHEALTHY' if stale else '✓ HEALTHY'}")
-        print(f"  Last run was {stats.last_run_age_hours:.1f} hours ago"
-              + (f" (limit {max_age:g} hours)" if stale else ""))
-    print()
-    if failed is not None:
-        print(f"Recent Errors: ✗ Job {failed.job_id} FAILED: {failed.error}")
-    elif stats.recent_errors:
-        print(f"Recent Errors: ⚠ {len(stats.recent_errors)} errors in the last {ERROR_WINDOW_H:g} hours")
-    else:
-        print("Recent Errors: ✓ No errors detected")
-    for line in stats.recent_errors[:10]:
-        print(f"  {line}")
-    if len(stats.recent_errors) > 10:
-        print(f"  ... and {len(stats.recent_errors) - 10} more")
-    print()
-    print(f"Last {stats.days} Days Statistics:")
-    print(f"  Total runs: {stats.runs:,}")
-    print(f"  Images processed: {stats.images:,}")
-    print(f"  Successful: {stats.successful:,}")
-    print(f"  Uncertain: {stats.uncertain:,}")
-    print(f"  Failed: {stats.failed:,}")
-    print(f"  Success rate: {stats.success_rate:.1f}%")
-    print()
-    print(RULE)
+        lines.append("Recent Errors: ✓ No errors detected")
+    lines += [f"  {line}" for line in report.recent_errors[:10]]
+    if len(report.recent_errors) > 10:
+        lines.append(f"  ... and {len(report.recent_errors) - 10} more")
+    lines += ["", f"Last {stats.days} Days Statistics:", f"  Total runs: {stats.runs:,}",
+              f"  Images processed: {stats.images:,}", f"  Successful: {stats.successful:,}",
+              f"  Uncertain: {stats.uncertain:,}", f"  Failed: {stats.failed:,}",
+              f"  Success rate: {stats.success_rate:.1f}%"]
+    if stats.top_categories:
+        top = ", ".join(f"{c.category} {c.count:,}" for c in list(stats.top_categories)[:5])
+        lines.append(f"  Top categories: {top}")
+    lines += ["", RULE]
+    return "\n".join(lines)

@@ -3,9 +3,10 @@
 `health` and `dashboard` ask the Monitor service; when it is unreachable (or with --embedded)
 they run the same checks and the same report code in this process, reading the Inference and
 Batch services over gRPC. `health` is the monitoring guide's health_check.sh
-(docs/monitoring-and-logging-guide.md) in one command: it exits 1 when
-anything is not healthy (a Monitor service that does not answer included). `alerts` needs the
-Monitor service, which keeps the alert state.
+(docs/monitoring-and-logging-guide.md) in one command: it exits 1 when a service is down or
+unhealthy (the REST gateway's /health and a Monitor service that does not answer included), 0 when
+everything serves, printing warnings for what is degraded (batch processing problems among them);
+--strict exits 1 for warnings too. `alerts` needs the Monitor service, which keeps the alert state.
 """
 
 from __future__ import annotations
@@ -21,15 +22,19 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from fashion.cli.batch import batch_health_text
 from fashion.cli.server import server_function
 from fashion.client import ChannelOptions, MonitorClient
+from fashion.v1 import batch_pb2, health_pb2
 from fashion.v1 import monitor_pb2 as pb
 
 # Exit codes: 0 healthy / done, 1 something unhealthy, 2 the command could not do its job.
 UNHEALTHY, FAILED = 1, 2
 FALLBACK_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-STATUS = {pb.HEALTH_STATUS_HEALTHY: ("✓", "HEALTHY", "green"), pb.HEALTH_STATUS_DEGRADED: ("⚠", "DEGRADED", "yellow"),
-          pb.HEALTH_STATUS_UNHEALTHY: ("✗", "UNHEALTHY", "red"), pb.HEALTH_STATUS_UNSPECIFIED: ("?", "UNKNOWN", "red")}
+STATUS = {health_pb2.HEALTH_STATUS_HEALTHY: ("✓", "HEALTHY", "green"),
+          health_pb2.HEALTH_STATUS_DEGRADED: ("⚠", "DEGRADED", "yellow"),
+          health_pb2.HEALTH_STATUS_UNHEALTHY: ("✗", "UNHEALTHY", "red"),
+          health_pb2.HEALTH_STATUS_UNSPECIFIED: ("?", "UNKNOWN", "red")}
 SEVERITY_STYLE = {"INFO": "cyan", "WARNING": "yellow", "ERROR": "red", "CRITICAL": "bold red"}
 
 
@@ -44,11 +49,13 @@ def _console() -> Console:
 
 # --- health ----------------------------------------------------------------------------------------
 
-def _embedded_health(days: int) -> tuple[pb.SystemHealth, pb.BatchHealth | None, str]:
+def _embedded_health(days: int) -> tuple[pb.SystemHealth, batch_pb2.BatchHealth | None, str]:
     return server_function("monitor_health", "monitor health --embedded")(days)
 
 
 def health(args: argparse.Namespace) -> int:
+    """Exit 1 when a service is down or unhealthy (the gateway's /health included); degraded services,
+    low disks and batch processing problems are warnings (exit 0, or 1 with --strict)."""
     monitor_down = ""
     batch_error = ""
     if args.embedded:
@@ -71,15 +78,20 @@ def health(args: argparse.Namespace) -> int:
             monitor_down = f"Monitor service at {args.address} unreachable ({exc.code().name}: {exc.details()})"
             print(f"warning: {monitor_down}; checking from this process", file=sys.stderr)
             system, batch, batch_error = _embedded_health(args.days)
-    healthy = (system.status == pb.HEALTH_STATUS_HEALTHY and batch is not None
-               and batch.status == pb.HEALTH_STATUS_HEALTHY and not monitor_down)
+    down = [s.name for s in system.services if s.status == health_pb2.HEALTH_STATUS_UNHEALTHY]
+    if monitor_down:
+        down.append("monitor")
+    warnings = _warnings(system, batch, batch_error)
+    status = "unhealthy" if down else "degraded" if warnings else "healthy"
+    code = UNHEALTHY if down or (args.strict and warnings) else 0
     if args.json:
-        out = {"healthy": healthy, "system": MessageToDict(system),
+        out = {"healthy": status == "healthy", "status": status, "down": down, "warnings": warnings,
+               "system": MessageToDict(system),
                "batch": MessageToDict(batch) if batch is not None else {"error": batch_error}}
         if monitor_down:
             out["monitor"] = {"error": monitor_down}
-        print(json.dumps(out, indent=2))
-        return 0 if healthy else UNHEALTHY
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+        return code
     console = _console()
     table = Table("service", "address", "status", "check", "details", title="Fashion Classifier — system health")
     for s in system.services:
@@ -91,35 +103,43 @@ def health(args: argparse.Namespace) -> int:
     console.print(table)
     for d in system.disks:
         console.print(f"Disk of {d.path}: {d.free_percent:.1f}% free", markup=False)
-    console.print(_batch_block(batch, batch_error), markup=False)
+    console.print("\n" + (batch_health_text(batch) if batch is not None else _batch_unknown(batch_error)),
+                  markup=False)
     if system.active_alerts:
         console.print(f"[red]{system.active_alerts} active alert(s): see `fashion monitor alerts`[/]")
-    mark, name, style = STATUS[pb.HEALTH_STATUS_HEALTHY if healthy else pb.HEALTH_STATUS_UNHEALTHY]
-    console.print(f"[{style}]{'All systems healthy' if healthy else 'Something is not healthy'}[/]")
-    return 0 if healthy else UNHEALTHY
-
-
-def _batch_block(batch: pb.BatchHealth | None, error: str) -> str:
-    """The monitoring guide's check_batch_health.py output, word for word where it had words."""
-    rule = "=" * 60
-    lines = ["", rule, "BATCH PROCESSING HEALTH CHECK", rule, ""]
-    if batch is None:
-        lines += ["Recent Execution: ✗ UNKNOWN", f"  {error}", "", rule]
-        return "\n".join(lines)
-    lines += [f"Recent Execution: {'✓ HEALTHY' if batch.recent_run else '✗ UNHEALTHY'}", f"  {batch.message}", ""]
-    if batch.recent_errors:
-        lines.append(f"Recent Errors: ✗ {len(batch.recent_errors)} errors detected")
-        lines += [f"  - {e}" for e in batch.recent_errors[:10]]
+    for warning in warnings:
+        console.print(f"⚠ {warning}", style="yellow", markup=False, highlight=False)
+    if down:
+        console.print(f"✗ Down or unhealthy: {', '.join(down)}", style="red", markup=False)
+    elif warnings:
+        strict = " (--strict: exit 1)" if args.strict else ""
+        console.print(f"⚠ Serving, with {len(warnings)} warning(s){strict}", style="yellow", markup=False)
     else:
-        lines.append("Recent Errors: ✓ No errors detected")
-    s = batch.stats
-    lines += ["", f"Last {s.days} Days Statistics:", f"  Total runs: {s.runs:,}", f"  Images processed: {s.images:,}",
-              f"  Successful: {s.successful:,}", f"  Failed: {s.failed:,}", f"  Success rate: {s.success_rate:.1f}%"]
-    if s.top_categories:
-        top = ", ".join(f"{c.category} {c.count:,}" for c in list(s.top_categories)[:5])
-        lines.append(f"  Top categories: {top}")
-    lines += ["", rule]
-    return "\n".join(lines)
+        console.print("✓ All systems healthy", style="green", markup=False)
+    return code
+
+
+def _warnings(system: pb.SystemHealth, batch: batch_pb2.BatchHealth | None, batch_error: str) -> list[str]:
+    """What needs attention without anything being down: degraded services, low disks, batch processing."""
+    warnings = [f"{s.name}: {s.message}" for s in system.services if s.status == health_pb2.HEALTH_STATUS_DEGRADED]
+    if system.status != health_pb2.HEALTH_STATUS_HEALTHY and not warnings and all(
+            s.status == health_pb2.HEALTH_STATUS_HEALTHY for s in system.services):
+        warnings.append("a monitored disk is low on free space")
+    if batch is None:
+        warnings.append(f"batch processing: unknown ({batch_error})")
+    elif batch.status != health_pb2.HEALTH_STATUS_HEALTHY:
+        name = health_pb2.HealthStatus.Name(batch.status).removeprefix("HEALTH_STATUS_")
+        detail = (f"job {batch.failed_job.job_id} failed: {batch.failed_job.error}" if batch.HasField("failed_job")
+                  else f"{len(batch.recent_errors)} recent errors" if batch.recent_errors and batch.recent_run
+                  else batch.message)
+        warnings.append(f"batch processing {name}: {detail}")
+    return warnings
+
+
+def _batch_unknown(error: str) -> str:
+    rule = "=" * 60
+    return "\n".join([rule, "BATCH PROCESSING HEALTH CHECK", rule, "", "Recent Execution: ✗ UNKNOWN", f"  {error}",
+                      "", rule])
 
 
 # --- dashboard -------------------------------------------------------------------------------------

@@ -68,6 +68,12 @@ class BatchClient(ServiceClient[pb_grpc.BatchServiceStub]):
     def stats(self, days: int = 0, timeout_s: float | None = None) -> pb.BatchStats:
         return self._stub.GetBatchStats(pb.GetBatchStatsRequest(days=days), **self._kw(timeout_s))
 
+    def batch_health(self, days: int = 0, max_age_hours: float | None = None,
+                     timeout_s: float | None = None) -> pb.BatchHealth:
+        """The batch processing health check as the Batch service judges it."""
+        return self._stub.GetBatchHealth(pb.GetBatchHealthRequest(days=days, max_age_hours=max_age_hours),
+                                         **self._kw(timeout_s))
+
     def wait(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
         """Block until the job ends; its final state."""
         job = self.get(job_id)
@@ -107,6 +113,12 @@ class AsyncBatchClient(AsyncServiceClient[pb_grpc.BatchServiceStub]):
 
     async def stats(self, days: int = 0, timeout_s: float | None = None) -> pb.BatchStats:
         return await self._stub.GetBatchStats(pb.GetBatchStatsRequest(days=days), **self._kw(timeout_s))
+
+    async def batch_health(self, days: int = 0, max_age_hours: float | None = None,
+                           timeout_s: float | None = None) -> pb.BatchHealth:
+        """The batch processing health check as the Batch service judges it."""
+        return await self._stub.GetBatchHealth(pb.GetBatchHealthRequest(days=days, max_age_hours=max_age_hours),
+                                               **self._kw(timeout_s))
 
     async def wait(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
         job = await self.get(job_id)

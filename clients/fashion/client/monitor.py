@@ -6,6 +6,7 @@ import grpc
 
 from fashion.client._base import AsyncServiceClient, ServiceClient
 from fashion.client._channel import ChannelOptions
+from fashion.v1 import batch_pb2
 from fashion.v1 import monitor_pb2 as pb
 from fashion.v1 import monitor_pb2_grpc as pb_grpc
 
@@ -24,8 +25,8 @@ class MonitorClient(ServiceClient[pb_grpc.MonitorServiceStub]):
     def system_health(self, timeout_s: float | None = None) -> pb.SystemHealth:
         return self._stub.GetSystemHealth(pb.GetSystemHealthRequest(), **self._kw(timeout_s))
 
-    def batch_health(self, days: int = 0, timeout_s: float | None = None) -> pb.BatchHealth:
-        return self._stub.GetBatchHealth(pb.GetBatchHealthRequest(days=days), **self._kw(timeout_s))
+    def batch_health(self, days: int = 0, timeout_s: float | None = None) -> batch_pb2.BatchHealth:
+        return self._stub.GetBatchHealth(batch_pb2.GetBatchHealthRequest(days=days), **self._kw(timeout_s))
 
     def generate_report(self, chart_days: int = 0, text_only: bool = False,
                         timeout_s: float | None = REPORT_TIMEOUT_S) -> pb.Report:
@@ -46,8 +47,8 @@ class AsyncMonitorClient(AsyncServiceClient[pb_grpc.MonitorServiceStub]):
     async def system_health(self, timeout_s: float | None = None) -> pb.SystemHealth:
         return await self._stub.GetSystemHealth(pb.GetSystemHealthRequest(), **self._kw(timeout_s))
 
-    async def batch_health(self, days: int = 0, timeout_s: float | None = None) -> pb.BatchHealth:
-        return await self._stub.GetBatchHealth(pb.GetBatchHealthRequest(days=days), **self._kw(timeout_s))
+    async def batch_health(self, days: int = 0, timeout_s: float | None = None) -> batch_pb2.BatchHealth:
+        return await self._stub.GetBatchHealth(batch_pb2.GetBatchHealthRequest(days=days), **self._kw(timeout_s))
 
     async def generate_report(self, chart_days: int = 0, text_only: bool = False,
                               timeout_s: float | None = REPORT_TIMEOUT_S) -> pb.Report:

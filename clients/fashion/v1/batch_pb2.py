@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from fashion.v1 import health_pb2 as fashion_dot_v1_dot_health__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x61shion/v1/batch.proto\x12\nfashion.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbd\x01\n\x10SubmitJobRequest\x12\x11\n\tinput_dir\x18\x01 \x01(\t\x12&\n\x04mode\x18\x02 \x01(\x0e\x32\x18.fashion.v1.TransferMode\x12\x1b\n\x0emin_confidence\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x12\n\noutput_dir\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\tB\x11\n\x0f_min_confidence\"\x8e\x05\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.fashion.v1.JobState\x12\x11\n\tinput_dir\x18\x03 \x01(\t\x12\x12\n\noutput_dir\x18\x04 \x01(\t\x12&\n\x04mode\x18\x05 \x01(\x0e\x32\x18.fashion.v1.TransferMode\x12\x16\n\x0emin_confidence\x18\x06 \x01(\x02\x12\x11\n\trecursive\x18\x07 \x01(\x08\x12\x0f\n\x07trigger\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05total\x18\x0c \x01(\x03\x12\x11\n\tprocessed\x18\r \x01(\x03\x12\x12\n\nsuccessful\x18\x0e \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x0f \x01(\x03\x12\x11\n\tuncertain\x18\x10 \x01(\x03\x12\x0f\n\x07skipped\x18\x11 \x01(\x03\x12\x33\n\ncategories\x18\x12 \x03(\x0b\x32\x1f.fashion.v1.Job.CategoriesEntry\x12\x13\n\x0bresults_csv\x18\x13 \x01(\t\x12\x14\n\x0csummary_json\x18\x14 \x01(\t\x12\x10\n\x08log_file\x18\x15 \x01(\t\x12\r\n\x05\x65rror\x18\x16 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x17 \x01(\x01\x1a\x31\n\x0f\x43\x61tegoriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"x\n\nFileResult\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"l\n\x08JobEvent\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.fashion.v1.Job\x12\x0f\n\x07message\x18\x03 \x01(\t\x12%\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x16.fashion.v1.FileResultJ\x04\x08\x02\x10\x03R\x04\x66ile\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"E\n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.fashion.v1.JobState\"1\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.fashion.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"$\n\x14GetBatchStatsRequest\x12\x0c\n\x04\x64\x61ys\x18\x01 \x01(\x05\"0\n\rCategoryCount\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xd2\x01\n\x0f\x44\x61ilyBatchStats\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12\x0c\n\x04runs\x18\x02 \x01(\x03\x12\x0e\n\x06images\x18\x03 \x01(\x03\x12\x12\n\nsuccessful\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12\x11\n\tuncertain\x18\x06 \x01(\x03\x12-\n\ncategories\x18\x07 \x03(\x0b\x32\x19.fashion.v1.CategoryCount\x12\x17\n\x0fmean_confidence\x18\x08 \x01(\x01\x12\x14\n\x0csuccess_rate\x18\t \x01(\x01\"\xa3\x03\n\nBatchStats\x12\x0c\n\x04\x64\x61ys\x18\x01 \x01(\x05\x12/\n\x0blast_run_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12last_run_age_hours\x18\x03 \x01(\x01\x12\x0c\n\x04runs\x18\x04 \x01(\x03\x12\x0e\n\x06images\x18\x05 \x01(\x03\x12\x12\n\nsuccessful\x18\x06 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x03\x12\x11\n\tuncertain\x18\x08 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\t \x01(\x01\x12\x31\n\x0etop_categories\x18\n \x03(\x0b\x32\x19.fashion.v1.CategoryCount\x12*\n\x05\x64\x61ily\x18\x0b \x03(\x0b\x32\x1b.fashion.v1.DailyBatchStats\x12\x15\n\rrecent_errors\x18\x0c \x03(\t\x12\x13\n\x0b\x61\x63tive_jobs\x18\r \x01(\x05\x12\x11\n\tdata_root\x18\x0e \x01(\t\x12\x18\n\x10\x64\x61ta_total_bytes\x18\x0f \x01(\x03\x12\x17\n\x0f\x64\x61ta_free_bytes\x18\x10 \x01(\x03*]\n\x0cTransferMode\x12\x1d\n\x19TRANSFER_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12TRANSFER_MODE_MOVE\x10\x01\x12\x16\n\x12TRANSFER_MODE_COPY\x10\x02*\xb1\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x15\n\x11JOB_STATE_WAITING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x32\x8f\x03\n\x0c\x42\x61tchService\x12:\n\tSubmitJob\x12\x1c.fashion.v1.SubmitJobRequest\x1a\x0f.fashion.v1.Job\x12\x34\n\x06GetJob\x12\x19.fashion.v1.GetJobRequest\x1a\x0f.fashion.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.fashion.v1.ListJobsRequest\x1a\x1c.fashion.v1.ListJobsResponse\x12?\n\x08WatchJob\x12\x1b.fashion.v1.WatchJobRequest\x1a\x14.fashion.v1.JobEvent0\x01\x12:\n\tCancelJob\x12\x1c.fashion.v1.CancelJobRequest\x1a\x0f.fashion.v1.Job\x12I\n\rGetBatchStats\x12 .fashion.v1.GetBatchStatsRequest\x1a\x16.fashion.v1.BatchStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66\x61shion/v1/batch.proto\x12\nfashion.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17\x66\x61shion/v1/health.proto\"\xbd\x01\n\x10SubmitJobRequest\x12\x11\n\tinput_dir\x18\x01 \x01(\t\x12&\n\x04mode\x18\x02 \x01(\x0e\x32\x18.fashion.v1.TransferMode\x12\x1b\n\x0emin_confidence\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x12\n\noutput_dir\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\tB\x11\n\x0f_min_confidence\"\x8e\x05\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.fashion.v1.JobState\x12\x11\n\tinput_dir\x18\x03 \x01(\t\x12\x12\n\noutput_dir\x18\x04 \x01(\t\x12&\n\x04mode\x18\x05 \x01(\x0e\x32\x18.fashion.v1.TransferMode\x12\x16\n\x0emin_confidence\x18\x06 \x01(\x02\x12\x11\n\trecursive\x18\x07 \x01(\x08\x12\x0f\n\x07trigger\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05total\x18\x0c \x01(\x03\x12\x11\n\tprocessed\x18\r \x01(\x03\x12\x12\n\nsuccessful\x18\x0e \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x0f \x01(\x03\x12\x11\n\tuncertain\x18\x10 \x01(\x03\x12\x0f\n\x07skipped\x18\x11 \x01(\x03\x12\x33\n\ncategories\x18\x12 \x03(\x0b\x32\x1f.fashion.v1.Job.CategoriesEntry\x12\x13\n\x0bresults_csv\x18\x13 \x01(\t\x12\x14\n\x0csummary_json\x18\x14 \x01(\t\x12\x10\n\x08log_file\x18\x15 \x01(\t\x12\r\n\x05\x65rror\x18\x16 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x17 \x01(\x01\x1a\x31\n\x0f\x43\x61tegoriesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"x\n\nFileResult\x12\x10\n\x08\x66ilename\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x02 \x01(\t\x12\x12\n\nconfidence\x18\x03 \x01(\x02\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"l\n\x08JobEvent\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.fashion.v1.Job\x12\x0f\n\x07message\x18\x03 \x01(\t\x12%\n\x05\x66iles\x18\x04 \x03(\x0b\x32\x16.fashion.v1.FileResultJ\x04\x08\x02\x10\x03R\x04\x66ile\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"E\n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.fashion.v1.JobState\"1\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.fashion.v1.Job\"!\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"$\n\x14GetBatchStatsRequest\x12\x0c\n\x04\x64\x61ys\x18\x01 \x01(\x05\"0\n\rCategoryCount\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xd2\x01\n\x0f\x44\x61ilyBatchStats\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12\x0c\n\x04runs\x18\x02 \x01(\x03\x12\x0e\n\x06images\x18\x03 \x01(\x03\x12\x12\n\nsuccessful\x18\x04 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x03\x12\x11\n\tuncertain\x18\x06 \x01(\x03\x12-\n\ncategories\x18\x07 \x03(\x0b\x32\x19.fashion.v1.CategoryCount\x12\x17\n\x0fmean_confidence\x18\x08 \x01(\x01\x12\x14\n\x0csuccess_rate\x18\t \x01(\x01\"\xa3\x03\n\nBatchStats\x12\x0c\n\x04\x64\x61ys\x18\x01 \x01(\x05\x12/\n\x0blast_run_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12last_run_age_hours\x18\x03 \x01(\x01\x12\x0c\n\x04runs\x18\x04 \x01(\x03\x12\x0e\n\x06images\x18\x05 \x01(\x03\x12\x12\n\nsuccessful\x18\x06 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x03\x12\x11\n\tuncertain\x18\x08 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\t \x01(\x01\x12\x31\n\x0etop_categories\x18\n \x03(\x0b\x32\x19.fashion.v1.CategoryCount\x12*\n\x05\x64\x61ily\x18\x0b \x03(\x0b\x32\x1b.fashion.v1.DailyBatchStats\x12\x15\n\rrecent_errors\x18\x0c \x03(\t\x12\x13\n\x0b\x61\x63tive_jobs\x18\r \x01(\x05\x12\x11\n\tdata_root\x18\x0e \x01(\t\x12\x18\n\x10\x64\x61ta_total_bytes\x18\x0f \x01(\x03\x12\x17\n\x0f\x64\x61ta_free_bytes\x18\x10 \x01(\x03\"S\n\x15GetBatchHealthRequest\x12\x0c\n\x04\x64\x61ys\x18\x01 \x01(\x05\x12\x1a\n\rmax_age_hours\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_max_age_hours\"\xa0\x02\n\x0b\x42\x61tchHealth\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fashion.v1.HealthStatus\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nrecent_run\x18\x03 \x01(\x08\x12\x15\n\rmax_age_hours\x18\x04 \x01(\x01\x12\x15\n\rrecent_errors\x18\x05 \x03(\t\x12%\n\x05stats\x18\x06 \x01(\x0b\x32\x16.fashion.v1.BatchStats\x12\x18\n\x10success_rate_min\x18\x07 \x01(\x01\x12.\n\nchecked_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\nfailed_job\x18\t \x01(\x0b\x32\x0f.fashion.v1.Job*]\n\x0cTransferMode\x12\x1d\n\x19TRANSFER_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12TRANSFER_MODE_MOVE\x10\x01\x12\x16\n\x12TRANSFER_MODE_COPY\x10\x02*\xb1\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x15\n\x11JOB_STATE_WAITING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x32\xdd\x03\n\x0c\x42\x61tchService\x12:\n\tSubmitJob\x12\x1c.fashion.v1.SubmitJobRequest\x1a\x0f.fashion.v1.Job\x12\x34\n\x06GetJob\x12\x19.fashion.v1.GetJobRequest\x1a\x0f.fashion.v1.Job\x12\x45\n\x08ListJobs\x12\x1b.fashion.v1.ListJobsRequest\x1a\x1c.fashion.v1.ListJobsResponse\x12?\n\x08WatchJob\x12\x1b.fashion.v1.WatchJobRequest\x1a\x14.fashion.v1.JobEvent0\x01\x12:\n\tCancelJob\x12\x1c.fashion.v1.CancelJobRequest\x1a\x0f.fashion.v1.Job\x12I\n\rGetBatchStats\x12 .fashion.v1.GetBatchStatsRequest\x1a\x16.fashion.v1.BatchStats\x12L\n\x0eGetBatchHealth\x12!.fashion.v1.GetBatchHealthRequest\x1a\x17.fashion.v1.BatchHealthb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,38 +35,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOB_CATEGORIESENTRY']._loaded_options = None
   _globals['_JOB_CATEGORIESENTRY']._serialized_options = b'8\001'
-  _globals['_TRANSFERMODE']._serialized_start=2101
-  _globals['_TRANSFERMODE']._serialized_end=2194
-  _globals['_JOBSTATE']._serialized_start=2197
-  _globals['_JOBSTATE']._serialized_end=2374
-  _globals['_SUBMITJOBREQUEST']._serialized_start=72
-  _globals['_SUBMITJOBREQUEST']._serialized_end=261
-  _globals['_JOB']._serialized_start=264
-  _globals['_JOB']._serialized_end=918
-  _globals['_JOB_CATEGORIESENTRY']._serialized_start=869
-  _globals['_JOB_CATEGORIESENTRY']._serialized_end=918
-  _globals['_FILERESULT']._serialized_start=920
-  _globals['_FILERESULT']._serialized_end=1040
-  _globals['_JOBEVENT']._serialized_start=1042
-  _globals['_JOBEVENT']._serialized_end=1150
-  _globals['_GETJOBREQUEST']._serialized_start=1152
-  _globals['_GETJOBREQUEST']._serialized_end=1183
-  _globals['_LISTJOBSREQUEST']._serialized_start=1185
-  _globals['_LISTJOBSREQUEST']._serialized_end=1254
-  _globals['_LISTJOBSRESPONSE']._serialized_start=1256
-  _globals['_LISTJOBSRESPONSE']._serialized_end=1305
-  _globals['_WATCHJOBREQUEST']._serialized_start=1307
-  _globals['_WATCHJOBREQUEST']._serialized_end=1340
-  _globals['_CANCELJOBREQUEST']._serialized_start=1342
-  _globals['_CANCELJOBREQUEST']._serialized_end=1376
-  _globals['_GETBATCHSTATSREQUEST']._serialized_start=1378
-  _globals['_GETBATCHSTATSREQUEST']._serialized_end=1414
-  _globals['_CATEGORYCOUNT']._serialized_start=1416
-  _globals['_CATEGORYCOUNT']._serialized_end=1464
-  _globals['_DAILYBATCHSTATS']._serialized_start=1467
-  _globals['_DAILYBATCHSTATS']._serialized_end=1677
-  _globals['_BATCHSTATS']._serialized_start=1680
-  _globals['_BATCHSTATS']._serialized_end=2099
-  _globals['_BATCHSERVICE']._serialized_start=2377
-  _globals['_BATCHSERVICE']._serialized_end=2776
+  _globals['_TRANSFERMODE']._serialized_start=2502
+  _globals['_TRANSFERMODE']._serialized_end=2595
+  _globals['_JOBSTATE']._serialized_start=2598
+  _globals['_JOBSTATE']._serialized_end=2775
+  _globals['_SUBMITJOBREQUEST']._serialized_start=97
+  _globals['_SUBMITJOBREQUEST']._serialized_end=286
+  _globals['_JOB']._serialized_start=289
+  _globals['_JOB']._serialized_end=943
+  _globals['_JOB_CATEGORIESENTRY']._serialized_start=894
+  _globals['_JOB_CATEGORIESENTRY']._serialized_end=943
+  _globals['_FILERESULT']._serialized_start=945
+  _globals['_FILERESULT']._serialized_end=1065
+  _globals['_JOBEVENT']._serialized_start=1067
+  _globals['_JOBEVENT']._serialized_end=1175
+  _globals['_GETJOBREQUEST']._serialized_start=1177
+  _globals['_GETJOBREQUEST']._serialized_end=1208
+  _globals['_LISTJOBSREQUEST']._serialized_start=1210
+  _globals['_LISTJOBSREQUEST']._serialized_end=1279
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1281
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1330
+  _globals['_WATCHJOBREQUEST']._serialized_start=1332
+  _globals['_WATCHJOBREQUEST']._serialized_end=1365
+  _globals['_CANCELJOBREQUEST']._serialized_start=1367
+  _globals['_CANCELJOBREQUEST']._serialized_end=1401
+  _globals['_GETBATCHSTATSREQUEST']._serialized_start=1403
+  _globals['_GETBATCHSTATSREQUEST']._serialized_end=1439
+  _globals['_CATEGORYCOUNT']._serialized_start=1441
+  _globals['_CATEGORYCOUNT']._serialized_end=1489
+  _globals['_DAILYBATCHSTATS']._serialized_start=1492
+  _globals['_DAILYBATCHSTATS']._serialized_end=1702
+  _globals['_BATCHSTATS']._serialized_start=1705
+  _globals['_BATCHSTATS']._serialized_end=2124
+  _globals['_GETBATCHHEALTHREQUEST']._serialized_start=2126
+  _globals['_GETBATCHHEALTHREQUEST']._serialized_end=2209
+  _globals['_BATCHHEALTH']._serialized_start=2212
+  _globals['_BATCHHEALTH']._serialized_end=2500
+  _globals['_BATCHSERVICE']._serialized_start=2778
+  _globals['_BATCHSERVICE']._serialized_end=3255
 # @@protoc_insertion_point(module_scope)

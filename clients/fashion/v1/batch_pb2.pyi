@@ -1,6 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from fashion.v1 import health_pb2 as _health_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -238,3 +239,33 @@ class BatchStats(_message.Message):
     data_total_bytes: int
     data_free_bytes: int
     def __init__(self, days: _Optional[int] = ..., last_run_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_run_age_hours: _Optional[float] = ..., runs: _Optional[int] = ..., images: _Optional[int] = ..., successful: _Optional[int] = ..., failed: _Optional[int] = ..., uncertain: _Optional[int] = ..., success_rate: _Optional[float] = ..., top_categories: _Optional[_Iterable[_Union[CategoryCount, _Mapping]]] = ..., daily: _Optional[_Iterable[_Union[DailyBatchStats, _Mapping]]] = ..., recent_errors: _Optional[_Iterable[str]] = ..., active_jobs: _Optional[int] = ..., data_root: _Optional[str] = ..., data_total_bytes: _Optional[int] = ..., data_free_bytes: _Optional[int] = ...) -> None: ...
+
+class GetBatchHealthRequest(_message.Message):
+    __slots__ = ("days", "max_age_hours")
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_HOURS_FIELD_NUMBER: _ClassVar[int]
+    days: int
+    max_age_hours: float
+    def __init__(self, days: _Optional[int] = ..., max_age_hours: _Optional[float] = ...) -> None: ...
+
+class BatchHealth(_message.Message):
+    __slots__ = ("status", "message", "recent_run", "max_age_hours", "recent_errors", "stats", "success_rate_min", "checked_at", "failed_job")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RECENT_RUN_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_HOURS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    SUCCESS_RATE_MIN_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_AT_FIELD_NUMBER: _ClassVar[int]
+    FAILED_JOB_FIELD_NUMBER: _ClassVar[int]
+    status: _health_pb2.HealthStatus
+    message: str
+    recent_run: bool
+    max_age_hours: float
+    recent_errors: _containers.RepeatedScalarFieldContainer[str]
+    stats: BatchStats
+    success_rate_min: float
+    checked_at: _timestamp_pb2.Timestamp
+    failed_job: Job
+    def __init__(self, status: _Optional[_Union[_health_pb2.HealthStatus, str]] = ..., message: _Optional[str] = ..., recent_run: _Optional[bool] = ..., max_age_hours: _Optional[float] = ..., recent_errors: _Optional[_Iterable[str]] = ..., stats: _Optional[_Union[BatchStats, _Mapping]] = ..., success_rate_min: _Optional[float] = ..., checked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., failed_job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...

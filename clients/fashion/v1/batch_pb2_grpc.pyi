@@ -42,6 +42,11 @@ class BatchServiceStub:
     """Stops a queued or running job; files already sorted stay sorted, the rest stay in place."""
     GetBatchStats: _grpc.UnaryUnaryMultiCallable[_batch_pb2.GetBatchStatsRequest, _batch_pb2.BatchStats]
     """Run history over the last `days`: what batch health checks, dashboards and alerts read."""
+    GetBatchHealth: _grpc.UnaryUnaryMultiCallable[_batch_pb2.GetBatchHealthRequest, _batch_pb2.BatchHealth]
+    """The batch processing health check (the monitoring guide's check_batch_health.py), judged here
+    once for every caller: `fashion batch health`, the Monitor, the gateway. INVALID_ARGUMENT for a
+    window outside 1..366 days.
+    """
 
 @_typing.type_check_only
 class BatchServiceAsyncStub(BatchServiceStub):
@@ -57,6 +62,11 @@ class BatchServiceAsyncStub(BatchServiceStub):
     """Stops a queued or running job; files already sorted stay sorted, the rest stay in place."""
     GetBatchStats: _aio.UnaryUnaryMultiCallable[_batch_pb2.GetBatchStatsRequest, _batch_pb2.BatchStats]  # type: ignore[assignment]
     """Run history over the last `days`: what batch health checks, dashboards and alerts read."""
+    GetBatchHealth: _aio.UnaryUnaryMultiCallable[_batch_pb2.GetBatchHealthRequest, _batch_pb2.BatchHealth]  # type: ignore[assignment]
+    """The batch processing health check (the monitoring guide's check_batch_health.py), judged here
+    once for every caller: `fashion batch health`, the Monitor, the gateway. INVALID_ARGUMENT for a
+    window outside 1..366 days.
+    """
 
 class BatchServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -105,5 +115,16 @@ class BatchServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_batch_pb2.BatchStats, _abc.Awaitable[_batch_pb2.BatchStats]]:
         """Run history over the last `days`: what batch health checks, dashboards and alerts read."""
+
+    @_abc_1.abstractmethod
+    def GetBatchHealth(
+        self,
+        request: _batch_pb2.GetBatchHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_batch_pb2.BatchHealth, _abc.Awaitable[_batch_pb2.BatchHealth]]:
+        """The batch processing health check (the monitoring guide's check_batch_health.py), judged here
+        once for every caller: `fashion batch health`, the Monitor, the gateway. INVALID_ARGUMENT for a
+        window outside 1..366 days.
+        """
 
 def add_BatchServiceServicer_to_server(servicer: BatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -24,48 +24,49 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from fashion.v1 import batch_pb2 as fashion_dot_v1_dot_batch__pb2
+from fashion.v1 import health_pb2 as fashion_dot_v1_dot_health__pb2
 from fashion.v1 import inference_pb2 as fashion_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x61shion/v1/monitor.proto\x12\nfashion.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16\x66\x61shion/v1/batch.proto\x1a\x1a\x66\x61shion/v1/inference.proto\"\x18\n\x16GetSystemHealthRequest\"\x9e\x02\n\rServiceHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.fashion.v1.HealthStatus\x12\x16\n\x0eserving_status\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x12\n\nlatency_ms\x18\x06 \x01(\x01\x12.\n\nchecked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0finference_stats\x18\x08 \x01(\x0b\x32\x11.fashion.v1.Stats\x12+\n\x0b\x62\x61tch_stats\x18\t \x01(\x0b\x32\x16.fashion.v1.BatchStats\"n\n\tDiskSpace\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x66ree_percent\x18\x04 \x01(\x01\x12\x14\n\x0c\x66older_bytes\x18\x05 \x01(\x04\"\xd2\x01\n\x0cSystemHealth\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fashion.v1.HealthStatus\x12+\n\x08services\x18\x02 \x03(\x0b\x32\x19.fashion.v1.ServiceHealth\x12$\n\x05\x64isks\x18\x03 \x03(\x0b\x32\x15.fashion.v1.DiskSpace\x12.\n\nchecked_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\ractive_alerts\x18\x05 \x01(\x05\"%\n\x15GetBatchHealthRequest\x12\x0c\n\x04\x64\x61ys\x18\x01 \x01(\x05\"\xfb\x01\n\x0b\x42\x61tchHealth\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fashion.v1.HealthStatus\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nrecent_run\x18\x03 \x01(\x08\x12\x15\n\rmax_age_hours\x18\x04 \x01(\x01\x12\x15\n\rrecent_errors\x18\x05 \x03(\t\x12%\n\x05stats\x18\x06 \x01(\x0b\x32\x16.fashion.v1.BatchStats\x12\x18\n\x10success_rate_min\x18\x07 \x01(\x01\x12.\n\nchecked_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x15GenerateReportRequest\x12\x12\n\nchart_days\x18\x01 \x01(\x05\x12\x11\n\ttext_only\x18\x02 \x01(\x08\"\xad\x01\n\x06Report\x12\x11\n\ttext_path\x18\x01 \x01(\t\x12\x11\n\thtml_path\x18\x02 \x01(\t\x12\x13\n\x0b\x63hart_paths\x18\x03 \x03(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12(\n\x06status\x18\x05 \x01(\x0e\x32\x18.fashion.v1.HealthStatus\x12\x30\n\x0cgenerated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc9\x02\n\x05\x41lert\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12&\n\x08severity\x18\x03 \x01(\x0e\x32\x14.fashion.v1.Severity\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.fashion.v1.AlertState\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\r\n\x05value\x18\x06 \x01(\x01\x12\x11\n\tthreshold\x18\x07 \x01(\x01\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bresolved_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08notified\x18\x0b \x01(\x08\"\xaa\x01\n\nAlertEvent\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12&\n\x08severity\x18\x03 \x01(\x0e\x32\x14.fashion.v1.Severity\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12&\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08notified\x18\x07 \x01(\x08\"x\n\rAlertRuleInfo\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12&\n\x08severity\x18\x03 \x01(\x0e\x32\x14.fashion.v1.Severity\x12\x11\n\tcondition\x18\x04 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\"8\n\x11ListAlertsRequest\x12\x15\n\rhistory_limit\x18\x01 \x01(\x05\x12\x0c\n\x04rule\x18\x02 \x01(\t\"\xa9\x01\n\x12ListAlertsResponse\x12!\n\x06\x61\x63tive\x18\x01 \x03(\x0b\x32\x11.fashion.v1.Alert\x12\'\n\x07history\x18\x02 \x03(\x0b\x32\x16.fashion.v1.AlertEvent\x12(\n\x05rules\x18\x03 \x03(\x0b\x32\x19.fashion.v1.AlertRuleInfo\x12\x1d\n\x15pending_notifications\x18\x04 \x01(\x05*\x81\x01\n\x0cHealthStatus\x12\x1d\n\x19HEALTH_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15HEALTH_STATUS_HEALTHY\x10\x01\x12\x1a\n\x16HEALTH_STATUS_DEGRADED\x10\x02\x12\x1b\n\x17HEALTH_STATUS_UNHEALTHY\x10\x03*x\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x12\n\x0eSEVERITY_ERROR\x10\x03\x12\x15\n\x11SEVERITY_CRITICAL\x10\x04*[\n\nAlertState\x12\x1b\n\x17\x41LERT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41LERT_STATE_FIRING\x10\x01\x12\x18\n\x14\x41LERT_STATE_RESOLVED\x10\x02\x32\xc5\x02\n\x0eMonitorService\x12O\n\x0fGetSystemHealth\x12\".fashion.v1.GetSystemHealthRequest\x1a\x18.fashion.v1.SystemHealth\x12L\n\x0eGetBatchHealth\x12!.fashion.v1.GetBatchHealthRequest\x1a\x17.fashion.v1.BatchHealth\x12G\n\x0eGenerateReport\x12!.fashion.v1.GenerateReportRequest\x1a\x12.fashion.v1.Report\x12K\n\nListAlerts\x12\x1d.fashion.v1.ListAlertsRequest\x1a\x1e.fashion.v1.ListAlertsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x61shion/v1/monitor.proto\x12\nfashion.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16\x66\x61shion/v1/batch.proto\x1a\x17\x66\x61shion/v1/health.proto\x1a\x1a\x66\x61shion/v1/inference.proto\"\x18\n\x16GetSystemHealthRequest\"\x9e\x02\n\rServiceHealth\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12(\n\x06status\x18\x03 \x01(\x0e\x32\x18.fashion.v1.HealthStatus\x12\x16\n\x0eserving_status\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x12\n\nlatency_ms\x18\x06 \x01(\x01\x12.\n\nchecked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x0finference_stats\x18\x08 \x01(\x0b\x32\x11.fashion.v1.Stats\x12+\n\x0b\x62\x61tch_stats\x18\t \x01(\x0b\x32\x16.fashion.v1.BatchStats\"n\n\tDiskSpace\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x66ree_percent\x18\x04 \x01(\x01\x12\x14\n\x0c\x66older_bytes\x18\x05 \x01(\x04\"\xd2\x01\n\x0cSystemHealth\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fashion.v1.HealthStatus\x12+\n\x08services\x18\x02 \x03(\x0b\x32\x19.fashion.v1.ServiceHealth\x12$\n\x05\x64isks\x18\x03 \x03(\x0b\x32\x15.fashion.v1.DiskSpace\x12.\n\nchecked_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\ractive_alerts\x18\x05 \x01(\x05\">\n\x15GenerateReportRequest\x12\x12\n\nchart_days\x18\x01 \x01(\x05\x12\x11\n\ttext_only\x18\x02 \x01(\x08\"\xad\x01\n\x06Report\x12\x11\n\ttext_path\x18\x01 \x01(\t\x12\x11\n\thtml_path\x18\x02 \x01(\t\x12\x13\n\x0b\x63hart_paths\x18\x03 \x03(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12(\n\x06status\x18\x05 \x01(\x0e\x32\x18.fashion.v1.HealthStatus\x12\x30\n\x0cgenerated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc9\x02\n\x05\x41lert\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12&\n\x08severity\x18\x03 \x01(\x0e\x32\x14.fashion.v1.Severity\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.fashion.v1.AlertState\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\r\n\x05value\x18\x06 \x01(\x01\x12\x11\n\tthreshold\x18\x07 \x01(\x01\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bresolved_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08notified\x18\x0b \x01(\x08\"\xaa\x01\n\nAlertEvent\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12&\n\x08severity\x18\x03 \x01(\x0e\x32\x14.fashion.v1.Severity\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0f\n\x07message\x18\x05 \x01(\t\x12&\n\x02\x61t\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08notified\x18\x07 \x01(\x08\"x\n\rAlertRuleInfo\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12&\n\x08severity\x18\x03 \x01(\x0e\x32\x14.fashion.v1.Severity\x12\x11\n\tcondition\x18\x04 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x05 \x01(\x08\"8\n\x11ListAlertsRequest\x12\x15\n\rhistory_limit\x18\x01 \x01(\x05\x12\x0c\n\x04rule\x18\x02 \x01(\t\"\xa9\x01\n\x12ListAlertsResponse\x12!\n\x06\x61\x63tive\x18\x01 \x03(\x0b\x32\x11.fashion.v1.Alert\x12\'\n\x07history\x18\x02 \x03(\x0b\x32\x16.fashion.v1.AlertEvent\x12(\n\x05rules\x18\x03 \x03(\x0b\x32\x19.fashion.v1.AlertRuleInfo\x12\x1d\n\x15pending_notifications\x18\x04 \x01(\x05\"\'\n\x14SendTestAlertRequest\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\"\\\n\x12NotificationResult\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x02 \x01(\t\x12\x11\n\tdelivered\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"H\n\x15SendTestAlertResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.fashion.v1.NotificationResult*x\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x12\n\x0eSEVERITY_ERROR\x10\x03\x12\x15\n\x11SEVERITY_CRITICAL\x10\x04*[\n\nAlertState\x12\x1b\n\x17\x41LERT_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x41LERT_STATE_FIRING\x10\x01\x12\x18\n\x14\x41LERT_STATE_RESOLVED\x10\x02\x32\x9b\x03\n\x0eMonitorService\x12O\n\x0fGetSystemHealth\x12\".fashion.v1.GetSystemHealthRequest\x1a\x18.fashion.v1.SystemHealth\x12L\n\x0eGetBatchHealth\x12!.fashion.v1.GetBatchHealthRequest\x1a\x17.fashion.v1.BatchHealth\x12G\n\x0eGenerateReport\x12!.fashion.v1.GenerateReportRequest\x1a\x12.fashion.v1.Report\x12K\n\nListAlerts\x12\x1d.fashion.v1.ListAlertsRequest\x1a\x1e.fashion.v1.ListAlertsResponse\x12T\n\rSendTestAlert\x12 .fashion.v1.SendTestAlertRequest\x1a!.fashion.v1.SendTestAlertResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fashion.v1.monitor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HEALTHSTATUS']._serialized_start=2156
-  _globals['_HEALTHSTATUS']._serialized_end=2285
-  _globals['_SEVERITY']._serialized_start=2287
-  _globals['_SEVERITY']._serialized_end=2407
-  _globals['_ALERTSTATE']._serialized_start=2409
-  _globals['_ALERTSTATE']._serialized_end=2500
-  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_start=125
-  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_end=149
-  _globals['_SERVICEHEALTH']._serialized_start=152
-  _globals['_SERVICEHEALTH']._serialized_end=438
-  _globals['_DISKSPACE']._serialized_start=440
-  _globals['_DISKSPACE']._serialized_end=550
-  _globals['_SYSTEMHEALTH']._serialized_start=553
-  _globals['_SYSTEMHEALTH']._serialized_end=763
-  _globals['_GETBATCHHEALTHREQUEST']._serialized_start=765
-  _globals['_GETBATCHHEALTHREQUEST']._serialized_end=802
-  _globals['_BATCHHEALTH']._serialized_start=805
-  _globals['_BATCHHEALTH']._serialized_end=1056
-  _globals['_GENERATEREPORTREQUEST']._serialized_start=1058
-  _globals['_GENERATEREPORTREQUEST']._serialized_end=1120
-  _globals['_REPORT']._serialized_start=1123
-  _globals['_REPORT']._serialized_end=1296
-  _globals['_ALERT']._serialized_start=1299
-  _globals['_ALERT']._serialized_end=1628
-  _globals['_ALERTEVENT']._serialized_start=1631
-  _globals['_ALERTEVENT']._serialized_end=1801
-  _globals['_ALERTRULEINFO']._serialized_start=1803
-  _globals['_ALERTRULEINFO']._serialized_end=1923
-  _globals['_LISTALERTSREQUEST']._serialized_start=1925
-  _globals['_LISTALERTSREQUEST']._serialized_end=1981
-  _globals['_LISTALERTSRESPONSE']._serialized_start=1984
-  _globals['_LISTALERTSRESPONSE']._serialized_end=2153
-  _globals['_MONITORSERVICE']._serialized_start=2503
-  _globals['_MONITORSERVICE']._serialized_end=2828
+  _globals['_SEVERITY']._serialized_start=2096
+  _globals['_SEVERITY']._serialized_end=2216
+  _globals['_ALERTSTATE']._serialized_start=2218
+  _globals['_ALERTSTATE']._serialized_end=2309
+  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_start=150
+  _globals['_GETSYSTEMHEALTHREQUEST']._serialized_end=174
+  _globals['_SERVICEHEALTH']._serialized_start=177
+  _globals['_SERVICEHEALTH']._serialized_end=463
+  _globals['_DISKSPACE']._serialized_start=465
+  _globals['_DISKSPACE']._serialized_end=575
+  _globals['_SYSTEMHEALTH']._serialized_start=578
+  _globals['_SYSTEMHEALTH']._serialized_end=788
+  _globals['_GENERATEREPORTREQUEST']._serialized_start=790
+  _globals['_GENERATEREPORTREQUEST']._serialized_end=852
+  _globals['_REPORT']._serialized_start=855
+  _globals['_REPORT']._serialized_end=1028
+  _globals['_ALERT']._serialized_start=1031
+  _globals['_ALERT']._serialized_end=1360
+  _globals['_ALERTEVENT']._serialized_start=1363
+  _globals['_ALERTEVENT']._serialized_end=1533
+  _globals['_ALERTRULEINFO']._serialized_start=1535
+  _globals['_ALERTRULEINFO']._serialized_end=1655
+  _globals['_LISTALERTSREQUEST']._serialized_start=1657
+  _globals['_LISTALERTSREQUEST']._serialized_end=1713
+  _globals['_LISTALERTSRESPONSE']._serialized_start=1716
+  _globals['_LISTALERTSRESPONSE']._serialized_end=1885
+  _globals['_SENDTESTALERTREQUEST']._serialized_start=1887
+  _globals['_SENDTESTALERTREQUEST']._serialized_end=1926
+  _globals['_NOTIFICATIONRESULT']._serialized_start=1928
+  _globals['_NOTIFICATIONRESULT']._serialized_end=2020
+  _globals['_SENDTESTALERTRESPONSE']._serialized_start=2022
+  _globals['_SENDTESTALERTRESPONSE']._serialized_end=2094
+  _globals['_MONITORSERVICE']._serialized_start=2312
+  _globals['_MONITORSERVICE']._serialized_end=2723
 # @@protoc_insertion_point(module_scope)

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from fashion.v1 import batch_pb2 as _batch_pb2
+from fashion.v1 import health_pb2 as _health_pb2
 from fashion.v1 import inference_pb2 as _inference_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -11,13 +12,6 @@ from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class HealthStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-    __slots__ = ()
-    HEALTH_STATUS_UNSPECIFIED: _ClassVar[HealthStatus]
-    HEALTH_STATUS_HEALTHY: _ClassVar[HealthStatus]
-    HEALTH_STATUS_DEGRADED: _ClassVar[HealthStatus]
-    HEALTH_STATUS_UNHEALTHY: _ClassVar[HealthStatus]
 
 class Severity(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,10 +26,6 @@ class AlertState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALERT_STATE_UNSPECIFIED: _ClassVar[AlertState]
     ALERT_STATE_FIRING: _ClassVar[AlertState]
     ALERT_STATE_RESOLVED: _ClassVar[AlertState]
-HEALTH_STATUS_UNSPECIFIED: HealthStatus
-HEALTH_STATUS_HEALTHY: HealthStatus
-HEALTH_STATUS_DEGRADED: HealthStatus
-HEALTH_STATUS_UNHEALTHY: HealthStatus
 SEVERITY_UNSPECIFIED: Severity
 SEVERITY_INFO: Severity
 SEVERITY_WARNING: Severity
@@ -62,14 +52,14 @@ class ServiceHealth(_message.Message):
     BATCH_STATS_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
-    status: HealthStatus
+    status: _health_pb2.HealthStatus
     serving_status: str
     message: str
     latency_ms: float
     checked_at: _timestamp_pb2.Timestamp
     inference_stats: _inference_pb2.Stats
     batch_stats: _batch_pb2.BatchStats
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[_Union[HealthStatus, str]] = ..., serving_status: _Optional[str] = ..., message: _Optional[str] = ..., latency_ms: _Optional[float] = ..., checked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., inference_stats: _Optional[_Union[_inference_pb2.Stats, _Mapping]] = ..., batch_stats: _Optional[_Union[_batch_pb2.BatchStats, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., status: _Optional[_Union[_health_pb2.HealthStatus, str]] = ..., serving_status: _Optional[str] = ..., message: _Optional[str] = ..., latency_ms: _Optional[float] = ..., checked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., inference_stats: _Optional[_Union[_inference_pb2.Stats, _Mapping]] = ..., batch_stats: _Optional[_Union[_batch_pb2.BatchStats, _Mapping]] = ...) -> None: ...
 
 class DiskSpace(_message.Message):
     __slots__ = ("path", "total_bytes", "free_bytes", "free_percent", "folder_bytes")
@@ -92,38 +82,12 @@ class SystemHealth(_message.Message):
     DISKS_FIELD_NUMBER: _ClassVar[int]
     CHECKED_AT_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_ALERTS_FIELD_NUMBER: _ClassVar[int]
-    status: HealthStatus
+    status: _health_pb2.HealthStatus
     services: _containers.RepeatedCompositeFieldContainer[ServiceHealth]
     disks: _containers.RepeatedCompositeFieldContainer[DiskSpace]
     checked_at: _timestamp_pb2.Timestamp
     active_alerts: int
-    def __init__(self, status: _Optional[_Union[HealthStatus, str]] = ..., services: _Optional[_Iterable[_Union[ServiceHealth, _Mapping]]] = ..., disks: _Optional[_Iterable[_Union[DiskSpace, _Mapping]]] = ..., checked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_alerts: _Optional[int] = ...) -> None: ...
-
-class GetBatchHealthRequest(_message.Message):
-    __slots__ = ("days",)
-    DAYS_FIELD_NUMBER: _ClassVar[int]
-    days: int
-    def __init__(self, days: _Optional[int] = ...) -> None: ...
-
-class BatchHealth(_message.Message):
-    __slots__ = ("status", "message", "recent_run", "max_age_hours", "recent_errors", "stats", "success_rate_min", "checked_at")
-    STATUS_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_FIELD_NUMBER: _ClassVar[int]
-    RECENT_RUN_FIELD_NUMBER: _ClassVar[int]
-    MAX_AGE_HOURS_FIELD_NUMBER: _ClassVar[int]
-    RECENT_ERRORS_FIELD_NUMBER: _ClassVar[int]
-    STATS_FIELD_NUMBER: _ClassVar[int]
-    SUCCESS_RATE_MIN_FIELD_NUMBER: _ClassVar[int]
-    CHECKED_AT_FIELD_NUMBER: _ClassVar[int]
-    status: HealthStatus
-    message: str
-    recent_run: bool
-    max_age_hours: float
-    recent_errors: _containers.RepeatedScalarFieldContainer[str]
-    stats: _batch_pb2.BatchStats
-    success_rate_min: float
-    checked_at: _timestamp_pb2.Timestamp
-    def __init__(self, status: _Optional[_Union[HealthStatus, str]] = ..., message: _Optional[str] = ..., recent_run: _Optional[bool] = ..., max_age_hours: _Optional[float] = ..., recent_errors: _Optional[_Iterable[str]] = ..., stats: _Optional[_Union[_batch_pb2.BatchStats, _Mapping]] = ..., success_rate_min: _Optional[float] = ..., checked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, status: _Optional[_Union[_health_pb2.HealthStatus, str]] = ..., services: _Optional[_Iterable[_Union[ServiceHealth, _Mapping]]] = ..., disks: _Optional[_Iterable[_Union[DiskSpace, _Mapping]]] = ..., checked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_alerts: _Optional[int] = ...) -> None: ...
 
 class GenerateReportRequest(_message.Message):
     __slots__ = ("chart_days", "text_only")
@@ -145,9 +109,9 @@ class Report(_message.Message):
     html_path: str
     chart_paths: _containers.RepeatedScalarFieldContainer[str]
     text: str
-    status: HealthStatus
+    status: _health_pb2.HealthStatus
     generated_at: _timestamp_pb2.Timestamp
-    def __init__(self, text_path: _Optional[str] = ..., html_path: _Optional[str] = ..., chart_paths: _Optional[_Iterable[str]] = ..., text: _Optional[str] = ..., status: _Optional[_Union[HealthStatus, str]] = ..., generated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, text_path: _Optional[str] = ..., html_path: _Optional[str] = ..., chart_paths: _Optional[_Iterable[str]] = ..., text: _Optional[str] = ..., status: _Optional[_Union[_health_pb2.HealthStatus, str]] = ..., generated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Alert(_message.Message):
     __slots__ = ("rule", "title", "severity", "state", "message", "value", "threshold", "started_at", "updated_at", "resolved_at", "notified")
@@ -226,3 +190,27 @@ class ListAlertsResponse(_message.Message):
     rules: _containers.RepeatedCompositeFieldContainer[AlertRuleInfo]
     pending_notifications: int
     def __init__(self, active: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[AlertEvent, _Mapping]]] = ..., rules: _Optional[_Iterable[_Union[AlertRuleInfo, _Mapping]]] = ..., pending_notifications: _Optional[int] = ...) -> None: ...
+
+class SendTestAlertRequest(_message.Message):
+    __slots__ = ("channel",)
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    def __init__(self, channel: _Optional[str] = ...) -> None: ...
+
+class NotificationResult(_message.Message):
+    __slots__ = ("channel", "destination", "delivered", "error")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    destination: str
+    delivered: bool
+    error: str
+    def __init__(self, channel: _Optional[str] = ..., destination: _Optional[str] = ..., delivered: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+
+class SendTestAlertResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[NotificationResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[NotificationResult, _Mapping]]] = ...) -> None: ...

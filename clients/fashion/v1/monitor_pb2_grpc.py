@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from fashion.v1 import batch_pb2 as fashion_dot_v1_dot_batch__pb2
 from fashion.v1 import monitor_pb2 as fashion_dot_v1_dot_monitor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -41,8 +42,8 @@ class MonitorServiceStub:
                 _registered_method=True)
         self.GetBatchHealth = channel.unary_unary(
                 '/fashion.v1.MonitorService/GetBatchHealth',
-                request_serializer=fashion_dot_v1_dot_monitor__pb2.GetBatchHealthRequest.SerializeToString,
-                response_deserializer=fashion_dot_v1_dot_monitor__pb2.BatchHealth.FromString,
+                request_serializer=fashion_dot_v1_dot_batch__pb2.GetBatchHealthRequest.SerializeToString,
+                response_deserializer=fashion_dot_v1_dot_batch__pb2.BatchHealth.FromString,
                 _registered_method=True)
         self.GenerateReport = channel.unary_unary(
                 '/fashion.v1.MonitorService/GenerateReport',
@@ -53,6 +54,11 @@ class MonitorServiceStub:
                 '/fashion.v1.MonitorService/ListAlerts',
                 request_serializer=fashion_dot_v1_dot_monitor__pb2.ListAlertsRequest.SerializeToString,
                 response_deserializer=fashion_dot_v1_dot_monitor__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.SendTestAlert = channel.unary_unary(
+                '/fashion.v1.MonitorService/SendTestAlert',
+                request_serializer=fashion_dot_v1_dot_monitor__pb2.SendTestAlertRequest.SerializeToString,
+                response_deserializer=fashion_dot_v1_dot_monitor__pb2.SendTestAlertResponse.FromString,
                 _registered_method=True)
 
 
@@ -68,9 +74,9 @@ class MonitorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetBatchHealth(self, request, context):
-        """The batch processing health check: last run age, recent errors, statistics of the last days.
-        Read from the Batch service's GetBatchStats; UNAVAILABLE when the Batch service is unreachable,
-        INVALID_ARGUMENT for a window outside 1..366 days.
+        """The batch processing health check, as the Batch service judges it (its GetBatchHealth);
+        UNAVAILABLE when the Batch service is unreachable, INVALID_ARGUMENT for a window outside
+        1..366 days.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,6 +97,14 @@ class MonitorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendTestAlert(self, request, context):
+        """Sends a test notification through the configured notifiers (all, or one channel) now, and says
+        how each delivery went. FAILED_PRECONDITION when no notifier of that channel is configured.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MonitorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,8 +115,8 @@ def add_MonitorServiceServicer_to_server(servicer, server):
             ),
             'GetBatchHealth': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBatchHealth,
-                    request_deserializer=fashion_dot_v1_dot_monitor__pb2.GetBatchHealthRequest.FromString,
-                    response_serializer=fashion_dot_v1_dot_monitor__pb2.BatchHealth.SerializeToString,
+                    request_deserializer=fashion_dot_v1_dot_batch__pb2.GetBatchHealthRequest.FromString,
+                    response_serializer=fashion_dot_v1_dot_batch__pb2.BatchHealth.SerializeToString,
             ),
             'GenerateReport': grpc.unary_unary_rpc_method_handler(
                     servicer.GenerateReport,
@@ -113,6 +127,11 @@ def add_MonitorServiceServicer_to_server(servicer, server):
                     servicer.ListAlerts,
                     request_deserializer=fashion_dot_v1_dot_monitor__pb2.ListAlertsRequest.FromString,
                     response_serializer=fashion_dot_v1_dot_monitor__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'SendTestAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendTestAlert,
+                    request_deserializer=fashion_dot_v1_dot_monitor__pb2.SendTestAlertRequest.FromString,
+                    response_serializer=fashion_dot_v1_dot_monitor__pb2.SendTestAlertResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -167,8 +186,8 @@ class MonitorService:
             request,
             target,
             '/fashion.v1.MonitorService/GetBatchHealth',
-            fashion_dot_v1_dot_monitor__pb2.GetBatchHealthRequest.SerializeToString,
-            fashion_dot_v1_dot_monitor__pb2.BatchHealth.FromString,
+            fashion_dot_v1_dot_batch__pb2.GetBatchHealthRequest.SerializeToString,
+            fashion_dot_v1_dot_batch__pb2.BatchHealth.FromString,
             options,
             channel_credentials,
             insecure,
@@ -223,6 +242,33 @@ class MonitorService:
             '/fashion.v1.MonitorService/ListAlerts',
             fashion_dot_v1_dot_monitor__pb2.ListAlertsRequest.SerializeToString,
             fashion_dot_v1_dot_monitor__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendTestAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fashion.v1.MonitorService/SendTestAlert',
+            fashion_dot_v1_dot_monitor__pb2.SendTestAlertRequest.SerializeToString,
+            fashion_dot_v1_dot_monitor__pb2.SendTestAlertResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,7 @@ evaluates alert rules, sends notifications and writes the monitoring dashboard.
 """
 
 from collections import abc as _abc
+from fashion.v1 import batch_pb2 as _batch_pb2
 from fashion.v1 import monitor_pb2 as _monitor_pb2
 from grpc import aio as _aio
 import abc as _abc_1
@@ -37,10 +38,10 @@ class MonitorServiceStub:
     """Checks the Inference and Batch services now (grpc.health.v1, then their statistics) and the
     free space of the monitored disks.
     """
-    GetBatchHealth: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.GetBatchHealthRequest, _monitor_pb2.BatchHealth]
-    """The batch processing health check: last run age, recent errors, statistics of the last days.
-    Read from the Batch service's GetBatchStats; UNAVAILABLE when the Batch service is unreachable,
-    INVALID_ARGUMENT for a window outside 1..366 days.
+    GetBatchHealth: _grpc.UnaryUnaryMultiCallable[_batch_pb2.GetBatchHealthRequest, _batch_pb2.BatchHealth]
+    """The batch processing health check, as the Batch service judges it (its GetBatchHealth);
+    UNAVAILABLE when the Batch service is unreachable, INVALID_ARGUMENT for a window outside
+    1..366 days.
     """
     GenerateReport: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.GenerateReportRequest, _monitor_pb2.Report]
     """Writes the dashboard (text report, PNG charts, one self-contained HTML page) into the Monitor
@@ -48,6 +49,10 @@ class MonitorServiceStub:
     """
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.ListAlertsRequest, _monitor_pb2.ListAlertsResponse]
     """Active alerts, the alert history (newest first) and the configured rules."""
+    SendTestAlert: _grpc.UnaryUnaryMultiCallable[_monitor_pb2.SendTestAlertRequest, _monitor_pb2.SendTestAlertResponse]
+    """Sends a test notification through the configured notifiers (all, or one channel) now, and says
+    how each delivery went. FAILED_PRECONDITION when no notifier of that channel is configured.
+    """
 
 @_typing.type_check_only
 class MonitorServiceAsyncStub(MonitorServiceStub):
@@ -56,10 +61,10 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     """Checks the Inference and Batch services now (grpc.health.v1, then their statistics) and the
     free space of the monitored disks.
     """
-    GetBatchHealth: _aio.UnaryUnaryMultiCallable[_monitor_pb2.GetBatchHealthRequest, _monitor_pb2.BatchHealth]  # type: ignore[assignment]
-    """The batch processing health check: last run age, recent errors, statistics of the last days.
-    Read from the Batch service's GetBatchStats; UNAVAILABLE when the Batch service is unreachable,
-    INVALID_ARGUMENT for a window outside 1..366 days.
+    GetBatchHealth: _aio.UnaryUnaryMultiCallable[_batch_pb2.GetBatchHealthRequest, _batch_pb2.BatchHealth]  # type: ignore[assignment]
+    """The batch processing health check, as the Batch service judges it (its GetBatchHealth);
+    UNAVAILABLE when the Batch service is unreachable, INVALID_ARGUMENT for a window outside
+    1..366 days.
     """
     GenerateReport: _aio.UnaryUnaryMultiCallable[_monitor_pb2.GenerateReportRequest, _monitor_pb2.Report]  # type: ignore[assignment]
     """Writes the dashboard (text report, PNG charts, one self-contained HTML page) into the Monitor
@@ -67,6 +72,10 @@ class MonitorServiceAsyncStub(MonitorServiceStub):
     """
     ListAlerts: _aio.UnaryUnaryMultiCallable[_monitor_pb2.ListAlertsRequest, _monitor_pb2.ListAlertsResponse]  # type: ignore[assignment]
     """Active alerts, the alert history (newest first) and the configured rules."""
+    SendTestAlert: _aio.UnaryUnaryMultiCallable[_monitor_pb2.SendTestAlertRequest, _monitor_pb2.SendTestAlertResponse]  # type: ignore[assignment]
+    """Sends a test notification through the configured notifiers (all, or one channel) now, and says
+    how each delivery went. FAILED_PRECONDITION when no notifier of that channel is configured.
+    """
 
 class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -82,12 +91,12 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def GetBatchHealth(
         self,
-        request: _monitor_pb2.GetBatchHealthRequest,
+        request: _batch_pb2.GetBatchHealthRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_monitor_pb2.BatchHealth, _abc.Awaitable[_monitor_pb2.BatchHealth]]:
-        """The batch processing health check: last run age, recent errors, statistics of the last days.
-        Read from the Batch service's GetBatchStats; UNAVAILABLE when the Batch service is unreachable,
-        INVALID_ARGUMENT for a window outside 1..366 days.
+    ) -> _typing.Union[_batch_pb2.BatchHealth, _abc.Awaitable[_batch_pb2.BatchHealth]]:
+        """The batch processing health check, as the Batch service judges it (its GetBatchHealth);
+        UNAVAILABLE when the Batch service is unreachable, INVALID_ARGUMENT for a window outside
+        1..366 days.
         """
 
     @_abc_1.abstractmethod
@@ -107,5 +116,15 @@ class MonitorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_monitor_pb2.ListAlertsResponse, _abc.Awaitable[_monitor_pb2.ListAlertsResponse]]:
         """Active alerts, the alert history (newest first) and the configured rules."""
+
+    @_abc_1.abstractmethod
+    def SendTestAlert(
+        self,
+        request: _monitor_pb2.SendTestAlertRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_monitor_pb2.SendTestAlertResponse, _abc.Awaitable[_monitor_pb2.SendTestAlertResponse]]:
+        """Sends a test notification through the configured notifiers (all, or one channel) now, and says
+        how each delivery went. FAILED_PRECONDITION when no notifier of that channel is configured.
+        """
 
 def add_MonitorServiceServicer_to_server(servicer: MonitorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
