@@ -129,24 +129,24 @@ def from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> byte
         return serialize_bytes([e.encode() for e in flat])
     dtype = _dtype(name, datatype)
     try:
-        wide = np.asarray(data, np.float64 if dtype.kind in "fc" else np.int64 if dtype.kind in "iu" else None)
+        wide = np.asarray(data)
     except (ValueError, TypeError, OverflowError):
-        raise TensorError(f"input {name!r}: `data` is not a regular array of {datatype} numbers") from None
-    if wide.dtype == object or wide.size != count:
-        raise TensorError(f"input {name!r} has {wide.size} elements in `data`; {datatype} {list(shape)} "
-                          f"needs {count}")
-    if dtype.kind == "b":
-        if wide.size and wide.dtype != np.bool_:
+        wide = np.asarray(None, object)
+    if wide.dtype.kind not in "biuf" or wide.size != count:
+        raise TensorError(f"input {name!r}: `data` is not a regular array of {count} {datatype} numbers "
+                          f"({list(shape)})")
+    if wide.size:
+        if dtype.kind == "b" and wide.dtype.kind != "b":
             raise TensorError(f"input {name!r}: BOOL `data` must be true or false")
-    elif dtype.kind in "iu":
-        if wide.size and not np.issubdtype(wide.dtype, np.integer):
-            raise TensorError(f"input {name!r}: {datatype} `data` must be integers")
-        info = np.iinfo(dtype)
-        if wide.size and (wide.min() < info.min or wide.max() > info.max):
-            raise TensorError(f"input {name!r}: `data` holds values outside {datatype}'s range "
-                              f"[{info.min}, {info.max}]")
-    elif wide.dtype == np.bool_:
-        raise TensorError(f"input {name!r}: {datatype} `data` must be numbers")
+        if dtype.kind in "iu":
+            if wide.dtype.kind not in "iu":
+                raise TensorError(f"input {name!r}: {datatype} `data` must be integers")
+            info = np.iinfo(dtype)
+            if wide.min() < info.min or wide.max() > info.max:
+                raise TensorError(f"input {name!r}: `data` holds values outside {datatype}'s range "
+                                  f"[{info.min}, {info.max}]")
+        if dtype.kind == "f" and wide.dtype.kind not in "iuf":
+            raise TensorError(f"input {name!r}: {datatype} `data` must be numbers")
     return np.ascontiguousarray(wide, dtype).tobytes()
 
 
