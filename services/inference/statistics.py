@@ -7,7 +7,8 @@ answer), and for successes `queue` (waiting for a batch), `compute_input` (turni
 into model input: tensor conversion, image decoding), `compute_infer` (the model run of its
 batch) and `compute_output` (from the batch's end to the answer). `inference_count` counts images,
 `execution_count` model runs; `batches` has, per batch size, how many runs and their input and
-model time. A request whose images ran in several batches counts its first start to last end.
+model time (their output time is per request only: a batch's rows are answered by each request on
+its own). A request whose images ran in several batches counts its first start to last end.
 """
 
 from __future__ import annotations
