@@ -259,13 +259,19 @@ class Classifier:
         try:
             if not images:
                 raise ImageRejected("no images: the tensor has 0 elements")
-            outcomes, timing = await batcher.submit_encoded_many(images)
-            for i, outcome in enumerate(outcomes):
-                if isinstance(outcome, ImageRejected):
-                    raise ImageRejected(f"element {i}: {outcome}")
-                if isinstance(outcome, Exception):
-                    raise outcome
-            probs = np.concatenate(outcomes)  # type: ignore[arg-type]
+            if len(images) == 1:  # Classify's per-request path: no chunking, no per-image list
+                try:
+                    probs, timing = await batcher.submit_encoded(images[0])
+                except ImageRejected as exc:
+                    raise ImageRejected(f"element 0: {exc}") from None
+            else:
+                outcomes, timing = await batcher.submit_encoded_many(images)
+                for i, outcome in enumerate(outcomes):
+                    if isinstance(outcome, ImageRejected):
+                        raise ImageRejected(f"element {i}: {outcome}")
+                    if isinstance(outcome, Exception):
+                        raise outcome
+                probs = np.concatenate(outcomes)  # type: ignore[arg-type]
             _record_batch_spans(timing)
             ok = True
             self.statistics.record_success(received_at, timing, len(images))
