@@ -86,14 +86,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
-        m = self._classifier.manifest
-        if m is None:
+        manifest = self._classifier.manifest
+        if manifest is None:
             return pb.RepositoryIndexResponse()
         ready = self._classifier.ready
         if request.ready and not ready:
             return pb.RepositoryIndexResponse()
         entry = pb.RepositoryIndexResponse.ModelIndex(
-            name=m.name, version=m.version, state="READY" if ready else "UNAVAILABLE",
+            name=manifest.name, version=manifest.version, state="READY" if ready else "UNAVAILABLE",
             reason="" if ready else (self._classifier.load_error or "loading"))
         return pb.RepositoryIndexResponse(models=[entry])
 

@@ -98,11 +98,11 @@ class OpenInferenceModel:
 
     # --- requests ------------------------------------------------------------------------------
     def check(self, name: str, version: str) -> None:
-        m = self.manifest
-        if name != m.name:
-            raise ModelNotFound(f"model {name!r} is not served here; this server has {m.name!r}")
-        if version and version != m.version:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {m.version!r}")
+        manifest = self.manifest
+        if name != manifest.name:
+            raise ModelNotFound(f"model {name!r} is not served here; this server has {manifest.name!r}")
+        if version and version != manifest.version:
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; it has {manifest.version!r}")
 
     def read(self, request: pb.ModelInferRequest) -> ModelRequest:
         """The request's one input as model input rows or images, and its requested outputs;
@@ -203,39 +203,39 @@ class OpenInferenceModel:
         """The answer to `request`: per requested output the probabilities (FP32 [N, classes]) or,
         with a class count k, Triton's classification strings (BYTES [N, k], "score:index:label",
         best first)."""
-        m = self.manifest
+        manifest = self.manifest
         outputs, raw = [], []
         for k in wanted.class_counts:
             if k:
-                top = classification(probs, k, m.labels)
+                top = classification(probs, k, manifest.labels)
                 outputs.append(pb.ModelInferResponse.InferOutputTensor(
-                    name=m.output_name, datatype=BYTES, shape=list(top.shape)))
+                    name=manifest.output_name, datatype=BYTES, shape=list(top.shape)))
                 raw.append(tensors.serialize_bytes(top.ravel().tolist()))
             else:
                 outputs.append(pb.ModelInferResponse.InferOutputTensor(
-                    name=m.output_name, datatype=FP32, shape=list(probs.shape)))
+                    name=manifest.output_name, datatype=FP32, shape=list(probs.shape)))
                 raw.append(np.ascontiguousarray(probs, "<f4").tobytes())
-        return pb.ModelInferResponse(model_name=m.name, model_version=m.version, id=request.id, outputs=outputs,
-                                     raw_output_contents=raw)
+        return pb.ModelInferResponse(model_name=manifest.name, model_version=manifest.version, id=request.id,
+                                     outputs=outputs, raw_output_contents=raw)
 
     def metadata(self) -> pb.ModelMetadataResponse:
-        m = self.manifest
+        manifest = self.manifest
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=m.name, versions=[m.version], platform=PLATFORM,
+            name=manifest.name, versions=[manifest.version], platform=PLATFORM,
             inputs=[tensor(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in self.inputs],
-            outputs=[tensor(name=m.output_name, datatype=FP32, shape=[-1, len(m.labels)])],
+            outputs=[tensor(name=manifest.output_name, datatype=FP32, shape=[-1, len(manifest.labels)])],
         )
 
     def statistics(self, stats: ModelStatistics) -> pb.ModelStatistics:
-        m = self.manifest
+        manifest = self.manifest
 
-        def duration(d: Duration) -> pb.StatisticDuration:
-            return pb.StatisticDuration(count=d.count, ns=d.ns)
+        def duration(total: Duration) -> pb.StatisticDuration:
+            return pb.StatisticDuration(count=total.count, ns=total.ns)
 
         zero = Duration()
         return pb.ModelStatistics(
-            name=m.name, version=m.version, last_inference=stats.last_inference_ms,
+            name=manifest.name, version=manifest.version, last_inference=stats.last_inference_ms,
             inference_count=stats.inference_count, execution_count=stats.execution_count,
             inference_stats=pb.InferStatistics(
                 success=duration(stats.success), fail=duration(stats.fail), queue=duration(stats.queue),
