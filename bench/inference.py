@@ -24,6 +24,11 @@ from services.inference.model import ModelManifest
 
 CONCURRENCY = (1, 16, 64)
 BATCH = 64
+# KServe ModelInfer, one image a request, in each input form our service declares (bench.loadgen --form):
+# FP32 pixels / 255 (the service normalizes, as the peer's client does for it), UINT8 pixels, PNG files.
+MODEL_INFER = (("modelinfer", "ModelInfer FP32 [0, 1] (tritonclient)"),
+               ("modelinfer-uint8", "ModelInfer UINT8 (tritonclient)"),
+               ("modelinfer-png", "ModelInfer BYTES PNG (tritonclient)"))
 
 
 def ceiling(manifest: ModelManifest, n: int = 10_000) -> dict[str, float]:
@@ -114,11 +119,13 @@ def run(out_dir: Path) -> str:
     svc = start_inference(work / "service", folder)
     try:
         for mode, label in (("classify", "Classify"), ("batch", f"ClassifyBatch ({BATCH}/request)"),
-                            ("stream", "ClassifyStream"), ("modelinfer", "ModelInfer (tritonclient)")):
+                            ("stream", "ClassifyStream"), *MODEL_INFER):
             for c in CONCURRENCY:
                 print(f"ours {mode} c={c} ...", flush=True)
-                extra = {"model": manifest.name, "model_dir": folder} if mode == "modelinfer" else {}
-                r = loadgen(mode, svc.address, c, batch=BATCH, **extra)
+                extra: dict[str, object] = {}
+                if mode.startswith("modelinfer"):
+                    extra = {"model": manifest.name, "model_dir": folder, "form": mode.partition("-")[2] or "fp32"}
+                r = loadgen(mode.partition("-")[0], svc.address, c, batch=BATCH, **extra)
                 results[(mode, c)] = r
                 rows.append([f"fashion {label}", c, r["images_per_s"], r["p50_ms"], r["p99_ms"], r["errors"]])
         for c in CONCURRENCY if stream_load else ():
@@ -137,9 +144,10 @@ def run(out_dir: Path) -> str:
         mlserver_peer.wait_ready(f"127.0.0.1:{grpc_port}", manifest.name)
         for c in CONCURRENCY:
             print(f"mlserver c={c} ...", flush=True)
-            r = loadgen("modelinfer", f"127.0.0.1:{grpc_port}", c, model=manifest.name, model_dir=folder)
+            r = loadgen("modelinfer", f"127.0.0.1:{grpc_port}", c, model=manifest.name, model_dir=folder,
+                        form="normalized")
             results[("mlserver", c)] = r
-            rows.append(["MLServer 1.7.1 ModelInfer (tritonclient)", c, r["images_per_s"], r["p50_ms"],
+            rows.append(["MLServer 1.7.1 ModelInfer FP32 normalized (tritonclient)", c, r["images_per_s"], r["p50_ms"],
                          r["p99_ms"], r["errors"]])
     finally:
         peer.terminate()

@@ -6,7 +6,10 @@ prints one JSON line: images/s, requests/s, p50/p99 latency (ms) and errors.
 Modes: classify (fashion.v1 Classify, one image per request), batch (ClassifyBatch, --batch
 images per request), stream (ClassifyStream, `concurrency` streams each keeping --window
 messages in flight), modelinfer (KServe V2 ModelInfer through tritonclient's asyncio client,
-one preprocessed image per request; works against any KServe V2 server, MLServer included).
+one image per request, in the --form given: `normalized`, the model's own FP32 input, preprocessed
+here with the manifest of --model-dir, which works against any KServe V2 server, MLServer
+included; or the natural units our service declares: `fp32` pixels / 255 in [0, 1], `uint8` pixels
+0-255, `png` the PNG file as BYTES).
 """
 
 from __future__ import annotations
@@ -35,6 +38,24 @@ def tensors(pngs: list[bytes], model_dir: str) -> np.ndarray:
 
     pre = Preprocessor.from_manifest(ModelManifest.load(model_dir))
     return np.stack([pre(p) for p in pngs])
+
+
+FORMS = {"normalized": "FP32", "fp32": "FP32", "uint8": "UINT8", "png": "BYTES"}
+"""ModelInfer input forms and their datatypes."""
+
+
+def samples(form: str, pngs: list[bytes], model_dir: str | None) -> list[np.ndarray]:
+    """One single-image tensor per request, in `form`."""
+    if form == "png":
+        return [np.array([p], dtype=np.object_) for p in pngs]
+    if form == "normalized":
+        if model_dir is None:
+            raise SystemExit("--form normalized needs --model-dir (the manifest's preprocessing)")
+        return [row[None] for row in tensors(pngs, model_dir)]
+    from services.inference import fashion_mnist
+
+    pixels = fashion_mnist.load("test")[0][: len(pngs), None]
+    return [row[None] if form == "uint8" else row[None].astype(np.float32) / 255 for row in pixels]
 
 
 class Recorder:
@@ -131,25 +152,29 @@ async def run_fashion(mode: str, address: str, concurrency: int, rec: Recorder, 
         await ch.close()
 
 
-async def run_modelinfer(address: str, model: str, concurrency: int, rec: Recorder, x: np.ndarray) -> None:
+async def run_modelinfer(address: str, model: str, concurrency: int, rec: Recorder, form: str,
+                         x: list[np.ndarray]) -> None:
     import tritonclient.grpc.aio as triton
 
     clients = [triton.InferenceServerClient(address) for _ in range(max(1, concurrency // 16))]
-    input_name = "image"
     meta = await clients[0].get_model_metadata(model)
-    input_name = meta.inputs[0].name
+    # The input of the form's datatype (our service declares one per form; others have one input).
+    input_name = next(i.name for i in meta.inputs if i.datatype == FORMS[form])
     output_name = meta.outputs[0].name
+    # The model's own input on a server that also takes natural units is reachable explicitly only.
+    parameters = {"normalized": True} if form == "normalized" and len(meta.inputs) > 1 else None
 
     async def worker(w: int) -> None:
         client = clients[w % len(clients)]
         i = w
         out = triton.InferRequestedOutput(output_name)
         while rec.running:
-            inp = triton.InferInput(input_name, [1, *x.shape[1:]], "FP32")
-            inp.set_data_from_numpy(x[i % len(x)][None])
+            sample = x[i % len(x)]
+            inp = triton.InferInput(input_name, list(sample.shape), FORMS[form])
+            inp.set_data_from_numpy(sample)
             began = time.perf_counter()
             try:
-                result = await client.infer(model, [inp], outputs=[out])
+                result = await client.infer(model, [inp], outputs=[out], parameters=parameters)
                 ok = result.as_numpy(output_name).shape[0] == 1
                 rec.record(began, 1, ok)
             except Exception:
@@ -171,15 +196,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--window", type=int, default=64)
     p.add_argument("--model", default="fashion-mnist-cnn", help="model name (modelinfer)")
-    p.add_argument("--model-dir", help="model folder whose preprocessing makes the ModelInfer tensors")
+    p.add_argument("--model-dir", help="model folder whose preprocessing makes the normalized ModelInfer tensors")
+    p.add_argument("--form", choices=list(FORMS), default="normalized", help="ModelInfer input form (modelinfer)")
     p.add_argument("--images", type=int, default=2000)
     args = p.parse_args()
 
     pngs = load_images(args.images)
     rec = Recorder(args.warmup, args.seconds)
     if args.mode == "modelinfer":
-        x = tensors(pngs, args.model_dir)
-        asyncio.run(run_modelinfer(args.address, args.model, args.concurrency, rec, x))
+        x = samples(args.form, pngs, args.model_dir)
+        asyncio.run(run_modelinfer(args.address, args.model, args.concurrency, rec, args.form, x))
     else:
         asyncio.run(run_fashion(args.mode, args.address, args.concurrency, rec, pngs, args.batch, args.window))
     print(json.dumps(rec.result(args.seconds)))

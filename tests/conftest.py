@@ -46,3 +46,18 @@ def inference_server(tmp_path_factory: pytest.TempPathFactory, linear_model: tup
         yield svc
     finally:
         svc.terminate()
+
+
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "services" / "inference" / "models" / "fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def fashion_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """An Inference service running the shipped model (services/inference/models/fashion-mnist),
+    for tests of accuracy through the service."""
+    svc = start_inference(tmp_path_factory.mktemp("inference-shipped"), SHIPPED_MODEL, FASHION_INTRA_OP_THREADS="2")
+    try:
+        svc.wait_serving()
+        yield svc
+    finally:
+        svc.terminate()

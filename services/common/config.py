@@ -406,7 +406,8 @@ class GatewaySettings(CommonSettings):
     max_upload_bytes: int = Field(default=10 * MIB, ge=1024)
     """Largest request body of POST /predict (one image); larger: HTTP 413 before the body is read."""
     max_batch_upload_bytes: int = Field(default=15 * MIB, ge=1024)
-    """Largest request body of POST /predict/batch; keep it under max_message_bytes."""
+    """Largest request body of POST /predict/batch and of the Open Inference Protocol's POST
+    /v2/models/{name}/infer (after decompression); keep it under max_message_bytes."""
     max_batch_files: int = Field(default=256, ge=1)
     """Most images in one POST /predict/batch."""
     gateway_max_concurrency: int = Field(default=0, ge=0)

@@ -94,6 +94,7 @@ def create_app(settings: GatewaySettings | None = None, trace_http: bool = False
     app.include_router(routes.inference_router(settings), dependencies=protected)
     app.include_router(routes.batch_router(), dependencies=protected)
     app.include_router(routes.monitor_router(), dependencies=protected)
+    app.include_router(routes.open_inference_router(settings), dependencies=protected)
     limits = {
         "/predict": Limit(settings.max_upload_bytes + MULTIPART_OVERHEAD, "max_upload_bytes",
                           settings.max_upload_bytes),
@@ -101,9 +102,12 @@ def create_app(settings: GatewaySettings | None = None, trace_http: bool = False
                                 settings.max_batch_upload_bytes),
     }
     json_limit = Limit(JSON_BODY_LIMIT, "", JSON_BODY_LIMIT)  # job submissions and the like
+    # Open Inference Protocol inference requests (POST /v2/models/{name}[/versions/{v}]/infer)
+    tensors = {"/v2/models/": Limit(settings.max_batch_upload_bytes, "max_batch_upload_bytes",
+                                    settings.max_batch_upload_bytes)}
     if not trace_http:
         app.add_middleware(PredictFastPath, tokens=tokens)  # innermost of ours: logged, limited, traced
-    app.add_middleware(BodyLimit, limits=limits, default=json_limit)
+    app.add_middleware(BodyLimit, limits=limits, default=json_limit, prefix_limits=tensors)
     app.add_middleware(AccessLog)  # outside the limit, so refusals are logged and counted
     if not trace_http:
         app.add_middleware(TraceContext)  # outermost: the access log line carries the caller's trace id

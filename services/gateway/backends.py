@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fashion.client import AsyncInferenceClient
+from fashion.client import AsyncInferenceClient, AsyncKServeClient
 from fashion.client.batch import AsyncBatchClient
 from fashion.client.coalesce import ClassifyCoalescer
 from fashion.client.monitor import AsyncMonitorClient
@@ -18,6 +18,8 @@ class Backends:
     """The gateway's clients, one channel per service, created inside the event loop."""
 
     inference: AsyncInferenceClient
+    kserve: AsyncKServeClient
+    """The Inference service's KServe V2 API, which the /v2 routes forward to."""
     batch: AsyncBatchClient
     monitor: AsyncMonitorClient
     predictions: ClassifyCoalescer | None
@@ -30,7 +32,8 @@ class Backends:
 
         inference = AsyncInferenceClient(options(settings.inference_address))
         calls = settings.gateway_classify_calls
-        return cls(inference, AsyncBatchClient(options(settings.batch_address)),
+        return cls(inference, AsyncKServeClient(options(settings.inference_address)),
+                   AsyncBatchClient(options(settings.batch_address)),
                    AsyncMonitorClient(options(settings.monitor_address)),
                    ClassifyCoalescer(inference, calls) if calls else None)
 
@@ -44,5 +47,5 @@ class Backends:
     async def close(self) -> None:
         if self.predictions is not None:
             await self.predictions.close()
-        for client in (self.inference, self.batch, self.monitor):
+        for client in (self.inference, self.kserve, self.batch, self.monitor):
             await client.close()

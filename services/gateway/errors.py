@@ -1,4 +1,6 @@
-"""Every gateway error as JSON: {"error": {"status": 400, "code": "INVALID_ARGUMENT", "message": "..."}}.
+"""Every gateway error as JSON: {"error": {"status": 400, "code": "INVALID_ARGUMENT", "message": "..."}};
+under /v2 (the Open Inference Protocol) as that protocol has it: {"error": "..."}, which Triton's and
+KServe's clients read.
 
 gRPC status codes from the services are mapped to HTTP here and nowhere else (the mapping of
 google.rpc.Code to HTTP, except where noted).
@@ -37,6 +39,7 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INTERNAL: 500,
     grpc.StatusCode.DATA_LOSS: 500,
 }
+OPEN_INFERENCE_PREFIX = "/v2"
 # HTTP statuses the gateway answers itself, and the code name its body carries.
 HTTP_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
               413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE", 500: "INTERNAL", 503: "UNAVAILABLE"}
@@ -55,6 +58,13 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class OpenInferenceError(BaseModel):
+    """The Open Inference Protocol's error body."""
+
+    error: str
+    """What went wrong, for people."""
+
+
 class ApiError(Exception):
     """An error the gateway answers itself (too large, malformed request, missing token)."""
 
@@ -65,11 +75,19 @@ class ApiError(Exception):
         self.code = code or HTTP_CODES.get(status, "ERROR")
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                   path: str = "") -> JSONResponse:
+    """The error body of `path`'s API (the Open Inference Protocol's under /v2, else ours)."""
+    if is_open_inference(path):
+        return JSONResponse({"error": message}, status, headers=headers)
     return JSONResponse({"error": {"status": status, "code": code, "message": message}}, status, headers=headers)
 
 
-def from_grpc(exc: grpc.RpcError, service: str = "") -> JSONResponse:
+def is_open_inference(path: str) -> bool:
+    return path == OPEN_INFERENCE_PREFIX or path.startswith(OPEN_INFERENCE_PREFIX + "/")
+
+
+def from_grpc(exc: grpc.RpcError, service: str = "", path: str = "") -> JSONResponse:
     code = exc.code() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else grpc.StatusCode.UNKNOWN
     status = HTTP_STATUS.get(code, 500)
     details = (exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None) or str(exc)
@@ -81,7 +99,7 @@ def from_grpc(exc: grpc.RpcError, service: str = "") -> JSONResponse:
     if status >= 500:
         log.error("%s call failed: %s %s", service or "gRPC", code.name, details)
     headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return error_response(status, code.name, message, headers)
+    return error_response(status, code.name, message, headers, path)
 
 
 def service_of(path: str) -> str:
@@ -104,16 +122,16 @@ def response_for(exc: Exception, method: str, path: str) -> JSONResponse:
     """The JSON error answer to `exc` raised while serving `method` `path`: the one mapping of
     failures to error bodies, for FastAPI's exception handlers and the /predict fast path."""
     if isinstance(exc, grpc.aio.AioRpcError):
-        return from_grpc(exc, service_of(path))
+        return from_grpc(exc, service_of(path), path)
     if isinstance(exc, ApiError):
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_response(exc.status, exc.code, exc.message, exc.headers, path)
     if isinstance(exc, RequestValidationError):
-        return error_response(400, "INVALID_ARGUMENT", _validation_message(exc))
+        return error_response(400, "INVALID_ARGUMENT", _validation_message(exc), path=path)
     if isinstance(exc, StarletteHTTPException):
         code = HTTP_CODES.get(exc.status_code, "ERROR")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None), path)
     log.exception("Unhandled error on %s %s", method, path, exc_info=exc)
-    return error_response(500, "INTERNAL", f"internal error ({type(exc).__name__})")
+    return error_response(500, "INTERNAL", f"internal error ({type(exc).__name__})", path=path)
 
 
 def install(app: FastAPI) -> None:

@@ -15,6 +15,7 @@ from opentelemetry import context, propagate
 from starlette.exceptions import HTTPException
 
 from services.common import metrics
+from services.gateway.errors import is_open_inference
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -39,8 +40,11 @@ class Limit:
         return f"request body over the limit of {self.shown} bytes{where}"
 
 
-def _too_large(limit: Limit) -> tuple[dict[str, Any], bytes]:
-    body = json.dumps({"error": {"status": 413, "code": "PAYLOAD_TOO_LARGE", "message": limit.message()}})
+def _too_large(limit: Limit, path: str) -> tuple[dict[str, Any], bytes]:
+    error: object = {"status": 413, "code": "PAYLOAD_TOO_LARGE", "message": limit.message()}
+    if is_open_inference(path):  # that protocol's error body
+        error = limit.message()
+    body = json.dumps({"error": error})
     start = {"type": "http.response.start", "status": 413,
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                          (b"connection", b"close")]}
@@ -48,24 +52,33 @@ def _too_large(limit: Limit) -> tuple[dict[str, Any], bytes]:
 
 
 class BodyLimit:
-    """Refuses request bodies over the limit of their path: at once when Content-Length says so,
-    else as soon as the streamed body passes it (an HTTPException raised where the route reads the
-    body, answered by the error handlers)."""
+    """Refuses request bodies over the limit of their path (`limits` by path, else the first of
+    `prefix_limits` whose prefix the path has, else `default`): at once when Content-Length says
+    so, else as soon as the streamed body passes it (an HTTPException raised where the route reads
+    the body, answered by the error handlers)."""
 
-    def __init__(self, app: ASGIApp, limits: dict[str, Limit], default: Limit) -> None:
+    def __init__(self, app: ASGIApp, limits: dict[str, Limit], default: Limit,
+                 prefix_limits: dict[str, Limit] | None = None) -> None:
         self.app = app
         self.limits = limits
         self.default = default
+        self.prefix_limits = prefix_limits or {}
+
+    def limit_of(self, path: str) -> Limit:
+        limit = self.limits.get(path)
+        if limit is None:
+            limit = next((lim for prefix, lim in self.prefix_limits.items() if path.startswith(prefix)), self.default)
+        return limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
-        limit = self.limits.get(scope["path"], self.default)
+        limit = self.limit_of(scope["path"])
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if value.isdigit() and int(value) > limit.bytes:
-                    await self._refuse(send, limit)
+                    await self._refuse(send, limit, scope["path"])
                     return
                 break
         seen = 0
@@ -82,8 +95,8 @@ class BodyLimit:
         await self.app(scope, counted_receive, send)
 
     @staticmethod
-    async def _refuse(send: Send, limit: Limit) -> None:
-        start, body = _too_large(limit)
+    async def _refuse(send: Send, limit: Limit, path: str) -> None:
+        start, body = _too_large(limit, path)
         await send(start)
         await send({"type": "http.response.body", "body": body})
 

@@ -116,4 +116,4 @@ def schema(desc: Descriptor) -> type[BaseModel]:
             if nullable:
                 kind = kind | None
         fields[field.name] = (kind, Field(...))
-    return create_model(desc.name, __doc__=f"fashion.v1 {desc.name}", **fields)
+    return create_model(desc.name, __doc__=f"{desc.file.package} {desc.name}", **fields)

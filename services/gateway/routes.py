@@ -9,21 +9,32 @@ from datetime import datetime
 from typing import Annotated
 
 import grpc
-from fastapi import APIRouter, Path, Query, Request
+from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from fashion.client import AsyncInferenceClient
+from fashion.client import AsyncInferenceClient, AsyncKServeClient
 from fashion.client.batch import AsyncBatchClient
 from fashion.client.inference import image_error_code
 from fashion.client.monitor import AsyncMonitorClient
+from fashion.kserve.v2 import grpc_service_pb2 as kserve_pb
 from fashion.v1 import batch_pb2, monitor_pb2
 from fashion.v1 import inference_pb2 as pb
 from services.common.config import GatewaySettings
-from services.gateway import protojson, uploads
+from services.common.tensors import TensorError
+from services.gateway import openinference, protojson, uploads
 from services.gateway.backends import Backends
-from services.gateway.errors import HTTP_STATUS, ApiError, ErrorBody
-from services.gateway.schemas import ApiStats, BatchPrediction, Health, Prediction, SubmitJob
+from services.gateway.errors import HTTP_STATUS, ApiError, ErrorBody, OpenInferenceError
+from services.gateway.schemas import (
+    ApiStats,
+    BatchPrediction,
+    Health,
+    InferenceRequest,
+    InferenceResponse,
+    Prediction,
+    SubmitJob,
+    inline_schema,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +54,10 @@ ModelInfo = protojson.schema(pb.ModelInfo.DESCRIPTOR)
 
 def inference(request: Request) -> AsyncInferenceClient:
     return request.app.state.backends.inference
+
+
+def kserve(request: Request) -> AsyncKServeClient:
+    return request.app.state.backends.kserve
 
 
 def batch(request: Request) -> AsyncBatchClient:
@@ -236,3 +251,126 @@ def monitor_router() -> APIRouter:
         return JSONResponse(protojson.to_json(report), 201)
 
     return router
+
+
+# --- Open Inference Protocol (KServe V2 REST) ---------------------------------------------------
+ServerMetadata = protojson.schema(kserve_pb.ServerMetadataResponse.DESCRIPTOR)
+ModelMetadata = protojson.schema(kserve_pb.ModelMetadataResponse.DESCRIPTOR)
+ModelStatistics = protojson.schema(kserve_pb.ModelStatisticsResponse.DESCRIPTOR)
+V2_ERRORS = {code: {"model": OpenInferenceError} for code in (400, 401, 404, 413, 429, 502, 503, 504)}
+HEALTH = {200: {"description": "Yes (empty body)"}, 400: {"description": "No (empty body)"}}
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": inline_schema(InferenceRequest)},
+    "application/octet-stream": {"schema": {
+        "type": "string", "format": "binary",
+        "description": "Triton's binary tensor data extension: the JSON request (Inference-Header-Content-Length "
+                       "bytes), then each input's raw data, in input order, of its parameters.binary_data_size "
+                       "bytes (BYTES elements: a 4-byte little-endian length, then the bytes)."}},
+}}}
+INFER_ANSWERS = {200: {"content": {"application/octet-stream": {"schema": {
+    "type": "string", "format": "binary",
+    "description": "With binary outputs: the JSON response (Inference-Header-Content-Length bytes), then each "
+                   "binary output's data, of its parameters.binary_data_size bytes."}}}}}
+HeaderLength = Annotated[int | None, Header(alias="Inference-Header-Content-Length", ge=0, description=(
+    "Triton's binary tensor data extension: the length of the JSON request before the binary data"))]
+
+
+def _yes_no(answer: bool) -> Response:
+    """The protocol's health answers: 200 for yes, 400 for no, no body."""
+    return Response(status_code=200 if answer else 400)
+
+
+def open_inference_router(settings: GatewaySettings) -> APIRouter:
+    """The Open Inference Protocol's REST API (what tritonclient.http calls), forwarded to the
+    Inference service's KServe V2 gRPC API: metadata, health, statistics and inference, with
+    Triton's binary tensor data, classification and statistics extensions."""
+    router = APIRouter(prefix="/v2", tags=["open inference protocol"], responses=V2_ERRORS)
+    limit = settings.max_batch_upload_bytes
+
+    @router.get("", response_model=ServerMetadata)
+    async def server_metadata(request: Request) -> JSONResponse:
+        """The server: its name, version and the protocol extensions it serves."""
+        meta = await kserve(request).server_metadata()
+        body = protojson.to_json(meta)
+        body["extensions"] = [*meta.extensions, *openinference.REST_EXTENSIONS]
+        return JSONResponse(body)
+
+    @router.get("/health/live", responses=HEALTH)
+    async def server_live(request: Request) -> Response:
+        """Whether the Inference service is live."""
+        return _yes_no(await kserve(request).server_live())
+
+    @router.get("/health/ready", responses=HEALTH)
+    async def server_ready(request: Request) -> Response:
+        """Whether the Inference service is ready: its model loaded."""
+        return _yes_no(await kserve(request).server_ready())
+
+    @router.get("/models/stats", response_model=ModelStatistics)
+    async def all_statistics(request: Request) -> JSONResponse:
+        """Every model's statistics (Triton's statistics extension)."""
+        return JSONResponse(protojson.to_json(await kserve(request).model_statistics()))
+
+    @router.get("/models/{name}", response_model=ModelMetadata)
+    async def model_metadata(request: Request, name: str) -> JSONResponse:
+        """The model: its versions, and its inputs and outputs (name, datatype, shape; -1: any size).
+        A request carries one of the inputs."""
+        return JSONResponse(protojson.to_json(await kserve(request).model_metadata(name)))
+
+    @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata)
+    async def model_version_metadata(request: Request, name: str, version: str) -> JSONResponse:
+        return JSONResponse(protojson.to_json(await kserve(request).model_metadata(name, version)))
+
+    @router.get("/models/{name}/ready", responses=HEALTH)
+    async def model_ready(request: Request, name: str) -> Response:
+        return _yes_no(await kserve(request).model_ready(name))
+
+    @router.get("/models/{name}/versions/{version}/ready", responses=HEALTH)
+    async def model_version_ready(request: Request, name: str, version: str) -> Response:
+        return _yes_no(await kserve(request).model_ready(name, version))
+
+    @router.get("/models/{name}/stats", response_model=ModelStatistics)
+    async def model_statistics(request: Request, name: str) -> JSONResponse:
+        """Inference and execution counts, and the time requests spent queued, preparing input, in the
+        model and answering (Triton's statistics extension)."""
+        return JSONResponse(protojson.to_json(await kserve(request).model_statistics(name)))
+
+    @router.get("/models/{name}/versions/{version}/stats", response_model=ModelStatistics)
+    async def model_version_statistics(request: Request, name: str, version: str) -> JSONResponse:
+        return JSONResponse(protojson.to_json(await kserve(request).model_statistics(name, version)))
+
+    @router.post("/models/{name}/infer", response_model=InferenceResponse, openapi_extra=INFER_BODY,
+                 responses=INFER_ANSWERS)
+    async def model_infer(request: Request, name: str, header_length: HeaderLength = None) -> Response:
+        """Run the model on one input: pixels (UINT8 0-255 or FP32 in [0, 1]) or encoded image files
+        (BYTES). As JSON, or with binary tensor data after the JSON (Inference-Header-Content-Length).
+        Outputs: the probabilities, or with parameters.classification k the top k as
+        "score:index:label" strings."""
+        return await _infer(request, name, "", header_length, limit)
+
+    @router.post("/models/{name}/versions/{version}/infer", response_model=InferenceResponse,
+                 openapi_extra=INFER_BODY, responses=INFER_ANSWERS)
+    async def model_version_infer(request: Request, name: str, version: str,
+                                  header_length: HeaderLength = None) -> Response:
+        return await _infer(request, name, version, header_length, limit)
+
+    return router
+
+
+async def _infer(request: Request, name: str, version: str, header_length: int | None, limit: int) -> Response:
+    """POST /v2/models/{name}[/versions/{version}]/infer: the REST request as a gRPC ModelInfer
+    call, its answer as the REST response."""
+    headers = request.headers
+    try:
+        body = openinference.decompressed(await request.body(), headers.get("content-encoding"), limit)
+        infer, binary = openinference.infer_request(name, version, body, header_length)
+    except openinference.BodyTooLarge as exc:
+        raise ApiError(413, str(exc)) from None
+    except TensorError as exc:
+        raise ApiError(400, str(exc)) from None
+    payload, json_length = openinference.infer_response(await kserve(request).model_infer(infer), binary)
+    payload, encoding = openinference.compressed(payload, headers.get("accept-encoding"))
+    answer_headers = {} if encoding is None else {"Content-Encoding": encoding}
+    if json_length is None:
+        return Response(payload, media_type="application/json", headers=answer_headers)
+    answer_headers["Inference-Header-Content-Length"] = str(json_length)
+    return Response(payload, media_type="application/octet-stream", headers=answer_headers)

@@ -1,10 +1,11 @@
 """Request and response bodies of the gateway that are not plain protobuf messages (those are in
 protojson): /health and /stats as the monitoring guide reads them
-(docs/monitoring-and-logging-guide.md), predictions, and the job submission."""
+(docs/monitoring-and-logging-guide.md), predictions, the job submission, and the Open Inference
+Protocol's inference request and response."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -84,3 +85,70 @@ class SubmitJob(BaseModel):
     """Where the category folders go (under the data root); default processed_batches."""
     idempotency_key: str = ""
     """Submitting twice with the same key returns the first job."""
+
+
+# --- The Open Inference Protocol's REST bodies (POST /v2/models/{name}/infer) --------------------
+Parameters = dict[str, bool | int | float | str]
+
+
+class InferInputTensor(BaseModel):
+    name: str = Field(examples=["image"])
+    """`image` (UINT8 pixels 0-255), `image_fp32` (FP32 in [0, 1]) or `image_bytes` (BYTES, encoded
+    image files): see GET /v2/models/{name}."""
+    shape: list[int] = Field(examples=[[1, 1, 28, 28]])
+    datatype: str = Field(examples=["UINT8"])
+    parameters: Parameters | None = None
+    """`binary_data_size`: this input's bytes in the binary data after the JSON header, instead of `data`."""
+    data: list[Any] | None = None
+    """The elements, flat or nested, in row-major order (BYTES: strings)."""
+
+
+class InferRequestedOutput(BaseModel):
+    name: str = Field(examples=["probabilities"])
+    parameters: Parameters | None = None
+    """`classification`: k, for the top k as "score:index:label" strings (BYTES); `binary_data`:
+    answer this output as binary data after the JSON header."""
+
+
+class InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: Parameters | None = None
+    """`binary_data_output`: every output as binary data; `normalized`: FP32 input already
+    normalized with the model's mean and std."""
+    inputs: list[InferInputTensor]
+    outputs: list[InferRequestedOutput] | None = None
+
+
+class InferOutputTensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Parameters | None = None
+    """`binary_data_size`: this output's bytes in the binary data after the JSON header."""
+    data: list[Any] | None = None
+
+
+class InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: Parameters | None = None
+    outputs: list[InferOutputTensor]
+
+
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with its nested models written in place (for a hand-written requestBody)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)

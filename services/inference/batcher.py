@@ -124,13 +124,17 @@ class DynamicBatcher:
     def __init__(self, run_batch: Callable[[np.ndarray], np.ndarray], *,
                  prepare: Callable[[bytes], np.ndarray] | None = None,
                  workers: Workers | None = None, max_batch_size: int = 64,
-                 max_delay_s: float = 0.0, max_queue_size: int = 4096, executor: Executor | None = None) -> None:
+                 max_delay_s: float = 0.0, max_queue_size: int = 4096, executor: Executor | None = None,
+                 on_batch: Callable[[int, float, float], None] | None = None) -> None:
+        """`on_batch(rows, input_s, infer_s)` is told of every model run: its rows, how long their
+        images took to decode and how long the model took."""
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if workers is not None and not workers.runs_model and prepare is None:
             raise ValueError("a batcher with decoding workers needs prepare too: lone images are decoded "
                              "on the engine thread")
         self._run_batch = run_batch
+        self._on_batch = on_batch
         self._prepare = prepare
         self._workers = workers
         self.max_batch_size = max_batch_size
@@ -345,6 +349,8 @@ class DynamicBatcher:
         if total:
             metrics.BATCH_SIZE.observe(total)
             metrics.COMPUTE_DURATION.observe(run.finished - run.decoded)
+            if self._on_batch is not None:
+                self._on_batch(total, run.decoded - run.started, run.finished - run.decoded)
         offset = 0
         empty = np.zeros((0, 0), np.float32)
         for p, n, errs in zip(batch, usable, run.errors, strict=True):

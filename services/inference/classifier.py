@@ -23,6 +23,7 @@ from services.inference.batcher import IN_FLIGHT, BatchTiming, DynamicBatcher
 from services.inference.engine import CPU, OnnxModel
 from services.inference.imaging import ImageRejected, Preprocessor
 from services.inference.model import ModelManifest
+from services.inference.statistics import ModelStatistics
 from services.inference.workers.pool import WorkerPool
 from services.inference.workers.wire import WorkerModel
 
@@ -100,6 +101,8 @@ class Classifier:
     def __init__(self, settings: InferenceSettings) -> None:
         self.settings = settings
         self.stats = ServiceStats()
+        self.statistics = ModelStatistics()
+        """Triton-style per-request timings and model runs (KServe ModelStatistics)."""
         self.manifest: ModelManifest | None = None
         self.model: OnnxModel | None = None
         self.load_error: str | None = None
@@ -137,7 +140,8 @@ class Classifier:
         self._batcher = DynamicBatcher(model.run, prepare=pre, workers=self._workers,
                                        max_batch_size=self.settings.max_batch_size,
                                        max_delay_s=self.settings.max_delay_ms / 1000,
-                                       max_queue_size=self.settings.max_queue_size)
+                                       max_queue_size=self.settings.max_queue_size,
+                                       on_batch=self.statistics.record_execution)
         self._batcher.start()
         metrics.MODEL_LOADED.labels(manifest.name).set(1)
         self.load_error = None
@@ -179,9 +183,12 @@ class Classifier:
             latency_ms = (time.perf_counter() - start) * 1000
             result = self._rank(probs, [self.clamp_top_k(top_k)], latency_ms)[0]
             ok = True
+            self.statistics.record_success(start, timing, 1)
             return result
         finally:
             self.stats.record(int(ok), int(not ok), time.perf_counter() - start)
+            if not ok:
+                self.statistics.record_failure(start)
 
     async def classify_many(self, images: Sequence[bytes], top_k: int | Sequence[int] = 0,
                             requests: int = 1) -> list[Classification | ImageRejected]:
@@ -194,6 +201,7 @@ class Classifier:
         batcher = self._require()
         start = time.perf_counter()
         results: list[Classification | ImageRejected] = []
+        answered = False
         try:
             outcomes, timing = await batcher.submit_encoded_many(images)
             latency_ms = (time.perf_counter() - start) * 1000
@@ -208,16 +216,22 @@ class Classifier:
                                   strict=True))
                 _record_batch_spans(timing)
             results = [ranked.get(i, o) for i, o in enumerate(outcomes)]  # type: ignore[misc]
+            answered = True
+            self.statistics.record_success(start, timing, len(good), requests)
             return results
         finally:
             succeeded = sum(isinstance(r, Classification) for r in results)
             self.stats.record(succeeded, len(images) - succeeded, time.perf_counter() - start, requests)
+            if not answered:
+                self.statistics.record_failure(start, requests)
 
-    async def infer_tensor(self, x: np.ndarray) -> np.ndarray:
-        """Raw preprocessed tensor (N, *input_shape) -> probabilities (N, classes) (KServe V2)."""
+    async def infer_tensor(self, x: np.ndarray, received_at: float | None = None) -> np.ndarray:
+        """Raw preprocessed tensor (N, *input_shape) -> probabilities (N, classes) (KServe V2).
+        `received_at` (time.perf_counter()): when the request arrived, if before this call."""
         batcher = self._require()
         assert self.manifest is not None
         start = time.perf_counter()
+        received_at = received_at or start
         ok = False
         try:
             if x.ndim != 4 or tuple(x.shape[1:]) != self.manifest.input_shape or x.shape[0] < 1:
@@ -227,10 +241,46 @@ class Classifier:
             probs, timing = await batcher.submit(x)
             _record_batch_spans(timing)
             ok = True
+            self.statistics.record_success(received_at, timing, len(x))
             return probs
         finally:
             n = len(x) if x.ndim else 1
             self.stats.record(n if ok else 0, 0 if ok else n, time.perf_counter() - start)
+            if not ok:
+                self.statistics.record_failure(received_at)
+
+    async def infer_images(self, images: Sequence[bytes], received_at: float | None = None) -> np.ndarray:
+        """Encoded images -> probabilities (N, classes), preprocessed as Classify does (KServe V2
+        BYTES input). The first unusable image fails the request: ImageRejected naming its
+        position ("element 3: ...")."""
+        batcher = self._require()
+        start = time.perf_counter()
+        received_at = received_at or start
+        ok = False
+        try:
+            if not images:
+                raise ImageRejected("no images: the tensor has 0 elements")
+            if len(images) == 1:  # Classify's per-request path: no chunking, no per-image list
+                try:
+                    probs, timing = await batcher.submit_encoded(images[0])
+                except ImageRejected as exc:
+                    raise ImageRejected(f"element 0: {exc}") from None
+            else:
+                outcomes, timing = await batcher.submit_encoded_many(images)
+                for i, outcome in enumerate(outcomes):
+                    if isinstance(outcome, ImageRejected):
+                        raise ImageRejected(f"element {i}: {outcome}")
+                    if isinstance(outcome, Exception):
+                        raise outcome
+                probs = np.concatenate(outcomes)  # type: ignore[arg-type]
+            _record_batch_spans(timing)
+            ok = True
+            self.statistics.record_success(received_at, timing, len(images))
+            return probs
+        finally:
+            self.stats.record(len(images) if ok else 0, 0 if ok else len(images), time.perf_counter() - start)
+            if not ok:
+                self.statistics.record_failure(received_at)
 
     def _rank(self, probs: np.ndarray, ks: Sequence[int], latency_ms: float) -> list[Classification]:
         order = np.argsort(-probs, axis=1)

@@ -1,29 +1,57 @@
 """KServe V2 / Open Inference Protocol (`inference.GRPCInferenceService`) over the Classifier.
 
-Lets unmodified Triton and KServe clients run the model on preprocessed tensors: ModelInfer
-takes FP32 input as typed `contents` or `raw_input_contents` and answers with
-`raw_output_contents`, as Triton does. Requests share the dynamic batcher with fashion.v1.
+Lets unmodified Triton and KServe clients run the model: inputs in natural units (UINT8 pixels,
+FP32 in [0, 1], or encoded image files as BYTES), Triton's classification, streaming
+(ModelStreamInfer) and statistics extensions. What the tensors mean is openinference.py's; this
+servicer only translates. Requests share the dynamic batcher with fashion.v1.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
 import grpc
-import numpy as np
 
 from fashion.kserve.v2 import grpc_service_pb2 as pb
 from fashion.kserve.v2 import grpc_service_pb2_grpc as pb_grpc
 from services import __version__
-from services.inference.classifier import Classifier, TensorRejected
-from services.inference.model import ModelManifest
-from services.inference.servicer import ERRORS
+from services.common.server import ErrorStatuses
+from services.common.tensors import TensorError
+from services.inference.classifier import Classifier, ModelNotReady
+from services.inference.openinference import EXTENSIONS, ModelNotFound, OpenInferenceModel
+from services.inference.servicer import ERROR_CODES
 
-PLATFORM = "onnxruntime_onnx"
+log = logging.getLogger(__name__)
+
+STREAM_IN_FLIGHT = 64  # requests of one ModelStreamInfer stream being answered at once
+
+ERRORS = ErrorStatuses({TensorError: grpc.StatusCode.INVALID_ARGUMENT, ModelNotFound: grpc.StatusCode.NOT_FOUND,
+                        **ERROR_CODES})
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, classifier: Classifier, server_name: str) -> None:
         self._classifier = classifier
         self._server_name = server_name
+        self._served: OpenInferenceModel | None = None
+
+    async def _loaded_model(self) -> OpenInferenceModel:
+        """The loaded model as the protocol sees it; ModelNotReady while there is none."""
+        manifest = self._classifier.manifest
+        if manifest is None:
+            raise ModelNotReady(self._classifier.load_error or "model is loading")
+        if self._served is None or self._served.manifest is not manifest:
+            self._served = OpenInferenceModel(manifest)
+        return self._served
+
+    async def _checked_model(self, name: str, version: str) -> OpenInferenceModel:
+        """The loaded model, when `name` (and `version`, if given) are its; else ModelNotFound."""
+        model = await self._loaded_model()
+        model.check(name, version)
+        return model
 
     async def ServerLive(self, request: pb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -35,22 +63,26 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=self._server_name, version=__version__, extensions=[])
+        return pb.ServerMetadataResponse(name=self._server_name, version=__version__, extensions=list(EXTENSIONS))
 
     async def ModelReady(self, request: pb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        await self._check_model(request.name, request.version, context)
+        await ERRORS.call(context, lambda: self._checked_model(request.name, request.version))
         return pb.ModelReadyResponse(ready=self._classifier.ready)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        manifest = await self._check_model(request.name, request.version, context)
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=manifest.name, versions=[manifest.version], platform=PLATFORM,
-            inputs=[tensor(name=manifest.input_name, datatype="FP32", shape=[-1, *manifest.input_shape])],
-            outputs=[tensor(name=manifest.output_name, datatype="FP32", shape=[-1, len(manifest.labels)])],
-        )
+        model = await ERRORS.call(context, lambda: self._checked_model(request.name, request.version))
+        return model.metadata()
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+                              context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+        """Every model's (this one's) statistics, or those of the model `name` asks for."""
+        if request.name:
+            model = await ERRORS.call(context, lambda: self._checked_model(request.name, request.version))
+        else:
+            model = await ERRORS.call(context, self._loaded_model)
+        return pb.ModelStatisticsResponse(model_stats=[model.statistics(self._classifier.statistics)])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
@@ -67,55 +99,54 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        manifest = await self._check_model(request.model_name, request.model_version, context)
-        tensor = await ERRORS.call(context, lambda: _read_input(request, manifest.input_name))
-        for out in request.outputs:
-            if out.name != manifest.output_name:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"unknown output {out.name!r}; the model has {manifest.output_name!r}")
-        probs = await ERRORS.call(context, lambda: self._classifier.infer_tensor(tensor))
-        return pb.ModelInferResponse(
-            model_name=manifest.name, model_version=manifest.version, id=request.id,
-            outputs=[pb.ModelInferResponse.InferOutputTensor(
-                name=manifest.output_name, datatype="FP32", shape=list(probs.shape))],
-            raw_output_contents=[np.ascontiguousarray(probs, "<f4").tobytes()],
-        )
+        received_at = time.perf_counter()
+        return await ERRORS.call(context, lambda: self._infer(request, received_at))
 
-    async def _check_model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> ModelManifest:
-        manifest = self._classifier.manifest
-        if manifest is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, self._classifier.load_error or "model is loading")
-        assert manifest is not None
-        if name != manifest.name:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {name!r} is not served here; this server has {manifest.name!r}")
-        if version and version != manifest.version:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {name!r} has no version {version!r}; it has {manifest.version!r}")
-        return manifest
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Triton's bidirectional stream: one answer per request, in request order; a request that
+        fails gets its error_message and the stream goes on. Up to STREAM_IN_FLIGHT requests are
+        answered at once, through the same dynamic batcher as every other call."""
+        answers: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None] = asyncio.Queue(STREAM_IN_FLIGHT)
 
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await answers.put(asyncio.ensure_future(self._stream_answer(request, time.perf_counter())))
+            finally:
+                await answers.put(None)
 
-async def _read_input(request: pb.ModelInferRequest, input_name: str) -> np.ndarray:
-    """The one FP32 input tensor, from raw_input_contents or typed contents."""
-    if len(request.inputs) != 1:
-        raise TensorRejected(f"expected exactly 1 input ({input_name!r}), got {len(request.inputs)}")
-    tensor = request.inputs[0]
-    if tensor.name != input_name:
-        raise TensorRejected(f"unknown input {tensor.name!r}; the model's input is {input_name!r}")
-    if tensor.datatype != "FP32":
-        raise TensorRejected(f"input {tensor.name!r} must be FP32, not {tensor.datatype or 'unset'}")
-    shape = tuple(int(d) for d in tensor.shape)
-    if any(d < 1 for d in shape):
-        raise TensorRejected(f"input shape {list(shape)} must be fully specified and positive")
-    count = int(np.prod(shape)) if shape else 0
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1:
-            raise TensorRejected(f"{len(request.raw_input_contents)} raw_input_contents for 1 input")
-        raw = request.raw_input_contents[0]
-        if len(raw) != count * 4:
-            raise TensorRejected(f"raw input has {len(raw)} bytes; shape {list(shape)} FP32 needs {count * 4}")
-        return np.frombuffer(raw, "<f4").reshape(shape)
-    values = tensor.contents.fp32_contents
-    if len(values) != count:
-        raise TensorRejected(f"input has {len(values)} fp32_contents; shape {list(shape)} needs {count}")
-    return np.asarray(values, np.float32).reshape(shape)
+        reader = asyncio.ensure_future(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield await answer
+            await reader  # a broken request stream ends the call with its error
+        finally:
+            reader.cancel()
+            while not answers.empty():
+                if (pending := answers.get_nowait()) is not None:
+                    pending.cancel()
+
+    async def _stream_answer(self, request: pb.ModelInferRequest, received_at: float) -> pb.ModelStreamInferResponse:
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self._infer(request, received_at))
+        except Exception as exc:
+            status = ERRORS.status_for(exc)
+            if status is None:
+                log.exception("ModelStreamInfer request %r failed", request.id)
+                return pb.ModelStreamInferResponse(error_message=f"internal error: {type(exc).__name__}: {exc}")
+            return pb.ModelStreamInferResponse(error_message=status[1])
+
+    async def _infer(self, request: pb.ModelInferRequest, received_at: float) -> pb.ModelInferResponse:
+        model = await self._checked_model(request.model_name, request.model_version)
+        try:
+            wanted = model.read(request)
+        except TensorError:
+            self._classifier.statistics.record_failure(received_at)
+            raise
+        if wanted.images is not None:
+            probs = await self._classifier.infer_images(wanted.images, received_at)
+        else:
+            assert wanted.rows is not None
+            probs = await self._classifier.infer_tensor(wanted.rows, received_at)
+        return model.response(request, wanted, probs)

@@ -19,11 +19,12 @@ STREAM_GROUP = 64  # most stream messages decoded and inferred together
 STREAM_GROUPS_IN_FLIGHT = 3  # a group forming while earlier ones are classified and written
 
 
-ERRORS = ErrorStatuses({
+ERROR_CODES: dict[type[Exception] | tuple[type[Exception], ...], grpc.StatusCode] = {
     (ImageRejected, TensorRejected): grpc.StatusCode.INVALID_ARGUMENT,
     (ModelNotReady, BatcherClosed): grpc.StatusCode.UNAVAILABLE,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
-})
+}
+ERRORS = ErrorStatuses(ERROR_CODES)
 
 
 class InferenceServicer(pb_grpc.InferenceServiceServicer):

@@ -40,6 +40,16 @@ def test_importing_the_client_loads_nothing_of_the_server() -> None:
     assert _loaded(code, SERVER_MODULES) == []
 
 
+def test_the_kserve_clients_load_their_protos_on_first_use_only() -> None:
+    """Our KServe messages and tritonclient's register the same `inference.*` names: a program may
+    use tritonclient beside our clients as long as it does not use KServeClient."""
+    code = "import tritonclient.grpc\nfrom fashion.client import InferenceClient, ChannelOptions"
+    assert _loaded(code, ("fashion.kserve.v2.grpc_service_pb2",)) == []
+    code = "from fashion.client import KServeClient, AsyncKServeClient"
+    assert _loaded(code, ("fashion.kserve.v2.grpc_service_pb2", *SERVER_MODULES)) == [
+        "fashion.kserve.v2.grpc_service_pb2"]
+
+
 def test_parsing_a_command_line_loads_neither_grpc_nor_rich() -> None:
     """`fashion --help` and argument errors answer without importing grpc, protobuf or rich."""
     code = ("from fashion.cli import build_parser\n"

@@ -3,7 +3,13 @@
     from fashion.client import InferenceClient
     with InferenceClient("localhost:50051") as client:
         print(client.classify("shoe.jpg").category)
+
+`KServeClient` and `AsyncKServeClient` (the KServe V2 / Open Inference Protocol API) are imported
+on first use only: their messages register the protocol's `inference.*` names, as tritonclient's
+do, and a program may use tritonclient beside these clients.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from fashion.client._channel import ChannelOptions
 from fashion.client._token import TokenFile, TokenFileError, token_file
@@ -11,7 +17,18 @@ from fashion.client.batch import AsyncBatchClient, BatchClient
 from fashion.client.inference import AsyncInferenceClient, InferenceClient
 from fashion.client.monitor import AsyncMonitorClient, MonitorClient
 
+if TYPE_CHECKING:
+    from fashion.client.kserve import AsyncKServeClient, KServeClient
+
 __all__ = [
-    "AsyncBatchClient", "AsyncInferenceClient", "AsyncMonitorClient", "BatchClient", "ChannelOptions",
-    "InferenceClient", "MonitorClient", "TokenFile", "TokenFileError", "token_file",
+    "AsyncBatchClient", "AsyncInferenceClient", "AsyncKServeClient", "AsyncMonitorClient", "BatchClient",
+    "ChannelOptions", "InferenceClient", "KServeClient", "MonitorClient", "TokenFile", "TokenFileError", "token_file",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("KServeClient", "AsyncKServeClient"):
+        from fashion.client import kserve
+
+        return getattr(kserve, name)
+    raise AttributeError(f"module 'fashion.client' has no attribute {name!r}")
