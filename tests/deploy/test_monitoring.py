@@ -178,7 +178,7 @@ MONITOR_DEFAULTS = {
     # rule: [(MonitorSettings field, its default, where rules.yml uses it)]
     "high_error_rate": [("alert_success_rate_min", 95.0, "< 95"), ("alert_api_window_s", 900.0, "[15m]"),
                         ("alert_min_images", 20, ">= 20")],
-    "no_recent_batch_run": [("alert_batch_max_age_h", 26.0, "> 26 * 3600")],
+    "no_recent_batch_run": [("batch_max_age_hours", 26.0, "> 26 * 3600")],
     "high_response_time": [("alert_response_time_max_s", 5.0, "> 5\n"), ("alert_api_window_s", 900.0, "[15m]"),
                            ("alert_min_images", 20, ">= 20")],
     "model_load_failure": [("alert_model_load_grace_s", 300.0, "for: 5m")],
