@@ -11,8 +11,8 @@ from fashion.v1 import batch_pb2
 from fashion.v1 import monitor_pb2 as pb
 from services.common.config import MonitorSettings, load_settings
 from services.monitor.health import BatchUnavailable
-from services.monitor.monitor import Monitor
-from services.monitor.servicer import HEALTH, batch_health_pb, system_health_pb
+from services.monitor.monitor import InvalidRequest, Monitor, NotConfigured
+from services.monitor.servicer import HEALTH, batch_health_pb, system_health_pb, test_alert_pb
 
 
 def health(days: int) -> tuple[pb.SystemHealth, batch_pb2.BatchHealth | None, str]:
@@ -54,3 +54,13 @@ def report(days: int | None, text_only: bool, output_dir: Path | None) -> pb.Rep
         return written
 
     return asyncio.run(generate())
+
+
+def test_alert(channel: str) -> pb.SendTestAlertResponse:
+    """Send a test notification from this process, with the notifier settings of its environment. Raises
+    ValueError when the channel is unknown or not configured."""
+    settings = load_settings(MonitorSettings)
+    try:
+        return test_alert_pb(Monitor.embedded(settings).send_test_alert(channel))
+    except (InvalidRequest, NotConfigured) as exc:
+        raise ValueError(str(exc)) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from services.monitor.health import (
     SystemChecker,
     worst,
 )
-from services.monitor.notifiers import Notification, NotificationOutbox, build_notifiers
+from services.monitor.notifiers import Notification, NotificationError, NotificationOutbox, build_notifiers
 from services.monitor.rules import AlertRule, ApiStatsWindow, Observation, build_rules
 from services.monitor.store import AlertRecord, HistoryEntry, MonitorStore
 
@@ -35,6 +36,23 @@ log = logging.getLogger(__name__)
 MAX_DAYS = 366
 MAX_HISTORY = 10_000
 DEFAULT_HISTORY = 50
+
+
+CHANNELS = ("email", "slack")
+
+
+class NotConfigured(Exception):
+    """No notifier of the asked channel is configured."""
+
+
+@dataclass(frozen=True)
+class TestDelivery:
+    """How one notifier delivered the test alert."""
+
+    channel: str
+    destination: str
+    delivered: bool
+    error: str = ""
 
 
 class InvalidRequest(ValueError):
@@ -139,6 +157,37 @@ class Monitor:
         status = worst(system.status, bh.status) if bh else system.status
         log.info("Report written: %s (%s)", files.text_path, status)
         return files, status
+
+    def send_test_alert(self, channel: str = "") -> list[TestDelivery]:
+        """Blocking (the notifiers' network calls). Sends a test notification through the configured
+        notifiers (all, or `channel`'s) now, bypassing the outbox, and says how each went. Raises
+        InvalidRequest for an unknown channel, NotConfigured when no notifier of it is configured."""
+        if channel and channel not in CHANNELS:
+            raise InvalidRequest(f"channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
+        notifiers = build_notifiers(self.settings)
+        chosen = {name: n for name, n in notifiers.items() if not channel or name == channel}
+        if not chosen:
+            what = {"email": "FASHION_SMTP_HOST and FASHION_SMTP_TO",
+                    "slack": "FASHION_SLACK_WEBHOOK_URL or FASHION_SLACK_WEBHOOK_URL_FILE"}
+            wanted = [channel] if channel else list(CHANNELS)
+            raise NotConfigured(f"no {' or '.join(wanted)} notifier is configured (set "
+                                f"{' or '.join(what[c] for c in wanted)})")
+        now = time.time()
+        notification = Notification(
+            rule="test_alert", title="Test alert from the Fashion Classifier monitor", severity="INFO", kind="fired",
+            message="A test notification sent with `fashion monitor test-alert`: alerts reach you here.",
+            at=now, started_at=now, condition="sent on request", host=socket.gethostname())
+        results = []
+        for name, notifier in chosen.items():
+            try:
+                notifier.send(notification)
+            except NotificationError as exc:
+                log.warning("Test alert through %s failed: %s", name, exc)
+                results.append(TestDelivery(name, notifier.destination, False, str(exc)))
+            else:
+                log.info("Test alert sent through %s", name)
+                results.append(TestDelivery(name, notifier.destination, True))
+        return results
 
     def list_alerts(self, history_limit: int = 0, rule: str = "") -> AlertListing:
         """Blocking (SQLite). Raises InvalidRequest for a bad limit or an unknown rule."""

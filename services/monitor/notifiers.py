@@ -96,6 +96,10 @@ class Notification:
 class Notifier(Protocol):
     name: str
 
+    @property
+    def destination(self) -> str:
+        """Where it delivers, safe to show (recipients, a host; never a secret)."""
+
     def send(self, notification: Notification) -> None:
         """Deliver or raise NotificationError."""
 
@@ -134,6 +138,10 @@ class EmailNotifier:
                              "in clear text: set FASHION_SMTP_STARTTLS=true or FASHION_SMTP_SSL=true (or "
                              "FASHION_SMTP_ALLOW_PLAINTEXT_AUTH=true on a network you trust)")
         self.settings = settings
+
+    @property
+    def destination(self) -> str:
+        return ", ".join(self.settings.smtp_to)
 
     def send(self, notification: Notification) -> None:
         password = ""
@@ -211,6 +219,14 @@ class SlackNotifier:
             self._url()  # a wrong URL stops the start, with the reason (never the URL)
         except NotificationError as exc:
             raise ValueError(str(exc)) from None
+
+    @property
+    def destination(self) -> str:
+        """The webhook's host (its path is the secret)."""
+        try:
+            return urllib.parse.urlsplit(self._url()).hostname or ""
+        except NotificationError:
+            return ""
 
     def _url(self) -> str:
         """The webhook URL as the secret holds it now. Raises NotificationError when it is unusable."""

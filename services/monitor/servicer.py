@@ -12,7 +12,7 @@ from fashion.v1 import monitor_pb2 as pb
 from fashion.v1 import monitor_pb2_grpc as pb_grpc
 from services.common.server import ErrorStatuses
 from services.monitor.health import BatchHealthResult, BatchUnavailable, Health, ServiceCheck, SystemCheck
-from services.monitor.monitor import InvalidRequest, Monitor
+from services.monitor.monitor import InvalidRequest, Monitor, NotConfigured, TestDelivery
 from services.monitor.store import AlertRecord, HistoryEntry
 
 HEALTH = {Health.HEALTHY: health_pb2.HEALTH_STATUS_HEALTHY, Health.DEGRADED: health_pb2.HEALTH_STATUS_DEGRADED,
@@ -21,6 +21,7 @@ HEALTH = {Health.HEALTHY: health_pb2.HEALTH_STATUS_HEALTHY, Health.DEGRADED: hea
 
 ERRORS = ErrorStatuses({
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    NotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
     BatchUnavailable: grpc.StatusCode.UNAVAILABLE,
 })
 
@@ -65,6 +66,12 @@ class MonitorServicer(pb_grpc.MonitorServiceServicer):
 
 
 # --- domain → protobuf ---------------------------------------------------------------------------
+
+    async def SendTestAlert(self, request: pb.SendTestAlertRequest,
+                            context: grpc.aio.ServicerContext) -> pb.SendTestAlertResponse:
+        results = await ERRORS.call(context, lambda: asyncio.to_thread(self._monitor.send_test_alert,
+                                                                       request.channel))
+        return test_alert_pb(results)
 
 def _ts(seconds: float) -> Timestamp:
     ts = Timestamp()
@@ -118,3 +125,9 @@ def alert_pb(a: AlertRecord) -> pb.Alert:
 def event_pb(e: HistoryEntry) -> pb.AlertEvent:
     return pb.AlertEvent(rule=e.rule, title=e.title, severity=_severity(e.severity), kind=e.kind, message=e.message,
                          at=_ts(e.at), notified=e.notified)
+
+
+def test_alert_pb(results: list[TestDelivery]) -> pb.SendTestAlertResponse:
+    return pb.SendTestAlertResponse(results=[
+        pb.NotificationResult(channel=r.channel, destination=r.destination, delivered=r.delivered, error=r.error)
+        for r in results])

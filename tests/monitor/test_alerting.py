@@ -20,6 +20,7 @@ from tests.monitor.conftest import (
     unused_address,
     wait_until,
 )
+from tests.monitor.test_cli import fashion
 from tests.support import free_port, health_status
 
 pytestmark = pytest.mark.timeout(180)
@@ -146,3 +147,38 @@ def test_scheduled_report_is_emailed_with_the_dashboard_attached(
         assert list((tmp_path / "reports").glob("report_*.txt"))
     finally:
         monitor.kill()
+
+
+def test_fashion_monitor_test_alert_reaches_email_and_slack(tmp_path: Path, smtp_inbox: SmtpInbox,
+                                                            webhook: WebhookReceiver) -> None:
+    """`fashion monitor test-alert` sends through the Monitor service's notifiers now and says how each went."""
+    env = monitor_env(tmp_path, unused_address(), unused_address(), FASHION_SMTP_HOST="127.0.0.1",
+                      FASHION_SMTP_PORT=str(smtp_inbox.port), FASHION_SMTP_TO="ops@fashion.example",
+                      FASHION_SLACK_WEBHOOK_URL=webhook.url, FASHION_ALERT_DISABLED_RULES=QUIET + ",api_down,"
+                      "model_load_failure")
+    monitor = start_monitor(tmp_path, env)
+    try:
+        run = fashion("test-alert", "--address", monitor.address, cwd=tmp_path)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "✓ email (ops@fashion.example): test alert sent" in run.stdout
+        assert "✓ slack (127.0.0.1): test alert sent" in run.stdout
+        assert smtp_inbox.subjects() == ["[INFO] Test alert from the Fashion Classifier monitor"]
+        assert "fashion monitor test-alert" in smtp_inbox.messages[0].get_content()
+        assert len(webhook.posts) == 1 and "Test alert" in webhook.texts()[0]
+
+        webhook.fail_with.append(500)  # one channel failing: said, exit 1, the other still delivered
+        run = fashion("test-alert", "--address", monitor.address, "--channel", "slack", cwd=tmp_path)
+        assert run.returncode == 1 and "✗ slack (127.0.0.1): not delivered: Slack webhook answered HTTP 500" \
+            in run.stdout, run.stdout
+        assert len(smtp_inbox.messages) == 1 and "webhook-secret-token" not in run.stdout
+    finally:
+        monitor.terminate()
+
+
+def test_test_alert_without_a_notifier_says_what_to_set(tmp_path: Path) -> None:
+    monitor = start_monitor(tmp_path, monitor_env(tmp_path, unused_address(), unused_address()))
+    try:
+        run = fashion("test-alert", "--address", monitor.address, "--channel", "email", cwd=tmp_path)
+    finally:
+        monitor.terminate()
+    assert run.returncode == 2 and "FAILED_PRECONDITION" in run.stderr and "FASHION_SMTP_HOST" in run.stderr

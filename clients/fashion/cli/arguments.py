@@ -220,3 +220,8 @@ def _monitor(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--rules", action="store_true", help="also list the rules and their thresholds")
     common(p, embeddable=False)
     _command(p, "monitor:alerts")
+
+    p = monitor_commands.add_parser("test-alert", help="send a test notification through the configured notifiers")
+    p.add_argument("--channel", choices=("email", "slack"), default="", help="only this channel (default: all)")
+    common(p)
+    _command(p, "monitor:test_alert")

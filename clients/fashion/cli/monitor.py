@@ -221,3 +221,32 @@ def alerts(args: argparse.Namespace) -> int:
             table.add_row(r.rule, r.title, _severity(r.severity), r.condition, "yes" if r.enabled else "no")
         console.print(table)
     return 0
+
+
+# --- test-alert ------------------------------------------------------------------------------------
+
+def test_alert(args: argparse.Namespace) -> int:
+    """Exit 0 when every notifier delivered, 1 when one did not, 2 when none is configured or the Monitor
+    service could not be asked."""
+    if args.embedded:
+        try:
+            response = server_function("monitor_test_alert", "monitor test-alert --embedded")(args.channel)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return FAILED
+    else:
+        try:
+            with MonitorClient(ChannelOptions.from_env(args.address, retries=1, timeout_s=60.0)) as client:
+                response = client.send_test_alert(args.channel)
+        except grpc.RpcError as exc:
+            return _error(exc)
+    if args.json:
+        print(json.dumps(MessageToDict(response, always_print_fields_with_no_presence=True), indent=2))
+    else:
+        for result in response.results:
+            where = f" ({result.destination})" if result.destination else ""
+            if result.delivered:
+                print(f"✓ {result.channel}{where}: test alert sent")
+            else:
+                print(f"✗ {result.channel}{where}: not delivered: {result.error}")
+    return 0 if all(r.delivered for r in response.results) else UNHEALTHY

@@ -37,6 +37,10 @@ class MonitorClient(ServiceClient[pb_grpc.MonitorServiceStub]):
         return self._stub.ListAlerts(pb.ListAlertsRequest(history_limit=history_limit, rule=rule),
                                      **self._kw(timeout_s))
 
+    def send_test_alert(self, channel: str = "", timeout_s: float | None = None) -> pb.SendTestAlertResponse:
+        """A test notification through the Monitor's notifiers (all, or "email" / "slack"), sent now."""
+        return self._stub.SendTestAlert(pb.SendTestAlertRequest(channel=channel), **self._kw(timeout_s))
+
 
 class AsyncMonitorClient(AsyncServiceClient[pb_grpc.MonitorServiceStub]):
     """asyncio client with the same methods as MonitorClient, awaitable."""
