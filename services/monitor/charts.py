@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from fashion.v1 import batch_pb2
-from services.monitor.health import BatchHealthResult, Health, SystemCheck
+from services.monitor.health import BatchHealthResult, Health, SystemCheck, worst
 from services.monitor.rules import measure_drift
 from services.monitor.store import AlertRecord
 
@@ -192,10 +192,11 @@ def summary_chart(generated_at: datetime, system: SystemCheck, batch_health: Bat
                  x=0.01, ha="left")
     bh = batch_health
     inf = system.inference
+    api = worst(inf.status, system.gateway.status) if system.gateway is not None else inf.status
     stats = inf.inference_stats
     week = bh.stats if bh else None
     tiles: list[tuple[str, str, Health | None]] = [
-        ("API", str(inf.status), inf.status),
+        ("API", str(api), api),
         ("Batch processing", str(bh.status) if bh else "UNKNOWN", bh.status if bh else Health.UNHEALTHY),
         ("Active alerts", "—" if alerts is None else str(len(alerts)),
          None if alerts is None else (Health.UNHEALTHY if alerts else Health.HEALTHY)),

@@ -72,9 +72,13 @@ class ReportFiles:
 def render_text(data: ReportData) -> str:
     lines = ["FASHION CLASSIFIER - MONITORING REPORT", RULE,
              f"Generated: {data.generated_at:%Y-%m-%d %H:%M:%S}", ""]
-    inf = data.system.inference
-    lines += ["API HEALTH:", f"  {MARK[inf.status]} Status: {inf.status}", f"     Message: {inf.message}",
-              f"     Check latency: {inf.latency_ms:.1f} ms", ""]
+    inf, gateway = data.system.inference, data.system.gateway
+    api = worst(inf.status, gateway.status) if gateway is not None else inf.status
+    lines += ["API HEALTH:", f"  {MARK[api]} Status: {api}", f"     Message: {inf.message}",
+              f"     Check latency: {inf.latency_ms:.1f} ms"]
+    if gateway is not None:
+        lines.append(f"     REST gateway ({gateway.address}): {gateway.status}: {gateway.message}")
+    lines.append("")
     lines += ["BATCH PROCESSING HEALTH:"]
     bh = data.batch_health
     if bh is None:

@@ -161,6 +161,10 @@ def test_the_gateway_is_watched_and_its_death_is_the_api_down(stack: Stack, infe
         assert run.returncode == 0 and services["gateway"]["servingStatus"] == "HTTP 200 healthy", run.stdout
         assert services["gateway"]["address"] == address
 
+        with MonitorClient(monitor.address) as client:
+            report = client.generate_report(text_only=True).text
+        assert f"REST gateway ({address}): HEALTHY" in report
+
         gateway.proc.kill()
         gateway.proc.wait()
         run = fashion("health", "--address", monitor.address, cwd=tmp_path)
