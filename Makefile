@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test chaos install lock dataset test-tools proto docs lint bench train evaluate install-gpu install-train clean
+.PHONY: run test chaos install lock dataset test-tools proto docs lint bench train evaluate install-gpu install-train images clean
 
 # The virtual environment, created and filled when missing or when the project or its lock changed:
 # the exact versions of requirements-dev.lock, then the two distributions of this checkout (editable).
@@ -97,6 +97,19 @@ evaluate: $(STAMP) dataset
 install-gpu: $(STAMP)
 	$(PIP) uninstall --quiet --yes onnxruntime
 	$(PIP) install --quiet "$$($(PY) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["gpu"][0])')"
+
+## make images REGISTRY=registry.example.com/fashion TAG=0.1.0: build every image of deploy/docker/Dockerfile
+## (IMAGES, one target each) with docker or podman and push it (PUSH=0: build only). The defaults are the
+## registry and tag of deploy/k8s/base/kustomization.yaml (images:); another registry: change it there.
+REGISTRY ?= ghcr.io/fashion-classifier
+TAG ?= $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' services/__init__.py)
+IMAGES ?= inference inference-gpu batch monitor gateway
+PUSH ?= 1
+CONTAINER_TOOL ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+images:
+	@[ -n "$(CONTAINER_TOOL)" ] || { echo "make images: neither docker nor podman is installed: install one of them (or set CONTAINER_TOOL to a compatible command) to build the images"; exit 2; }
+	$(foreach t,$(IMAGES),$(CONTAINER_TOOL) build -f deploy/docker/Dockerfile --target $(t) --build-arg VERSION=$(TAG) -t $(REGISTRY)/$(t):$(TAG) . &&) true
+	$(if $(filter 1,$(PUSH)),$(foreach t,$(IMAGES),$(CONTAINER_TOOL) push $(REGISTRY)/$(t):$(TAG) &&) true,echo "make images: PUSH=$(PUSH): built, not pushed")
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

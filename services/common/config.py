@@ -179,14 +179,16 @@ class InferenceSettings(CommonSettings):
     max_queue_size: int = 4096
     """Images waiting for the engine beyond which new calls get RESOURCE_EXHAUSTED."""
     intra_op_threads: int = 0
-    """ONNX Runtime intra-op threads (0: one per core)."""
+    """ONNX Runtime intra-op threads (0: one per CPU the service may use: its container's CPU limit
+    rounded up, else the CPUs it may run on, else the machine's cores)."""
     inter_op_threads: int = 1
     """ONNX Runtime inter-op threads."""
     worker_processes: int = Field(default=-1, ge=-1, le=64,
                                   validation_alias=renamed_from("worker_processes", "decode_processes"))
     """Worker processes that decode images, and on the CPU run the model, off the service's GIL (-1:
-    one per batch in flight, 2, when the machine has 2 or more cores; 0: none, the service process
-    decodes and runs the model itself). Formerly FASHION_DECODE_PROCESSES (deprecated, read when this one is unset)."""
+    one per batch in flight, 2, when the service may use 2 or more CPUs, counted as for
+    intra_op_threads; 0: none, the service process decodes and runs the model itself). Formerly
+    FASHION_DECODE_PROCESSES (deprecated, read when this one is unset)."""
     workers_run_model: bool = Field(default=True,
                                     validation_alias=renamed_from("workers_run_model", "helpers_run_model"))
     """On the CPU, the worker processes also run the model (a session each, the intra-op threads

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from opentelemetry import trace
 
 from services.common import metrics, tracing
 from services.common.config import InferenceSettings
+from services.common.cpus import available_cpus
 from services.inference.batcher import IN_FLIGHT, BatchTiming, DynamicBatcher
 from services.inference.engine import CPU, OnnxModel
 from services.inference.imaging import ImageRejected, Preprocessor
@@ -131,7 +131,7 @@ class Classifier:
         pre = Preprocessor.from_manifest(manifest, max_pixels=self.settings.max_image_pixels)
         processes = self.settings.worker_processes
         if processes < 0:
-            processes = IN_FLIGHT if len(os.sched_getaffinity(0)) >= 2 else 0
+            processes = IN_FLIGHT if available_cpus() >= 2 else 0
         if processes:
             worker_model = None
             if self.settings.workers_run_model and model.provider == CPU:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import onnxruntime as ort
 
+from services.common.cpus import available_cpus
 from services.inference.model import ModelManifest
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,11 @@ class OnnxModel:
         """`cuda_batch`: on CUDA, smaller batches are padded to this many rows (0: not padded).
         There a change of input shape costs more than the rows: ONNX Runtime's convolutions set
         up cuDNN again whenever the batch size differs from the last run's (docs/performance.md
-        has the measurements)."""
+        has the measurements). `intra_op_threads` 0: one per CPU the container may use (its CPU
+        limit, not the node's cores: services.common.cpus.available_cpus)."""
         self.manifest = manifest
         options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
+        options.intra_op_num_threads = intra_op_threads or available_cpus()
         options.inter_op_num_threads = inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning worker threads would take the cores the event loop needs between batches.

@@ -1,5 +1,6 @@
-"""The Dockerfiles and the compose file agree with the Kubernetes manifests: images, ports, users,
-settings, entry points; images are multi-stage, non-root and built on a pinned base."""
+"""The Dockerfile and the compose file agree with the Kubernetes manifests: images, ports, users,
+settings, entry points; one multi-stage Dockerfile with a target per service, each non-root, labelled
+(OCI) and built on a pinned base from requirements.lock; `make images` builds and pushes them all."""
 
 from __future__ import annotations
 
@@ -12,13 +13,45 @@ import yaml
 from services.launcher import SERVICES as SERVABLE
 from tests.support import REPO
 
-DOCKER = REPO / "deploy" / "docker"
+DOCKERFILE = REPO / "deploy" / "docker" / "Dockerfile"
 K8S_BASE = REPO / "deploy" / "k8s" / "base"
 NAMES = ["inference", "batch", "monitor", "gateway"]
+TARGETS = [*NAMES, "inference-gpu"]
+REGISTRY = "ghcr.io/fashion-classifier"
 
 
-def dockerfile(name: str) -> str:
-    return (DOCKER / f"{name}.Dockerfile").read_text()
+def stages() -> dict[str, dict[str, Any]]:
+    """The Dockerfile's stages by name: the image they start FROM and their instructions."""
+    found: dict[str, dict[str, Any]] = {}
+    current: dict[str, Any] | None = None
+    for line in re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text()).splitlines():
+        if match := re.match(r"FROM (\S+) AS (\S+)$", line):
+            current = found[match.group(2)] = {"from": match.group(1), "lines": []}
+        elif current is not None and line and not line.startswith("#"):
+            current["lines"].append(line)
+    return found
+
+
+def chain(target: str) -> list[dict[str, Any]]:
+    """A target and the stages it is built on, the target first."""
+    all_stages, found = stages(), []
+    while target in all_stages:
+        found.append(all_stages[target])
+        target = all_stages[target]["from"]
+    return found
+
+
+def instructions(target: str, keyword: str) -> list[str]:
+    """Every `keyword` instruction's arguments a target inherits, the nearest (the effective one) first."""
+    return [line[len(keyword) + 1:] for stage in chain(target) for line in reversed(stage["lines"])
+            if line.startswith(keyword + " ")]
+
+
+def labels(target: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for args in reversed(instructions(target, "LABEL")):
+        found |= dict(re.findall(r'(\S+?)="([^"]*)"', args))
+    return found
 
 
 def k8s_docs() -> list[dict[str, Any]]:
@@ -44,36 +77,88 @@ def compose() -> dict[str, Any]:
     return yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_dockerfile_is_multistage_pinned_and_non_root(name: str) -> None:
-    text = dockerfile(name)
+def test_one_dockerfile_pinned_base_and_build_from_the_lock() -> None:
+    text = DOCKERFILE.read_text()
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
     assert base, "the base image is one pinned ARG"
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base.group(1)), base.group(1)
-    assert len(re.findall(r"^FROM ", text, re.M)) >= 2, "multi-stage"
-    assert re.search(r"^FROM \$\{PYTHON_IMAGE\} AS runtime$", text, re.M)
-    assert re.search(r"^USER 10001:10001$", text, re.M)
-    assert "COPY --from=build /opt/venv /opt/venv" in text
-    entry = re.search(r'^ENTRYPOINT \["fashion", "serve", "(\w+)"\]$', text, re.M)
-    assert entry and entry.group(1) == name and name in SERVABLE
-    exposed = {int(p) for p in re.search(r"^EXPOSE (.+)$", text, re.M).group(1).split()}  # type: ignore[union-attr]
-    assert exposed == {p["containerPort"] for p in k8s_container(name)["ports"]}
+    assert not list(DOCKERFILE.parent.glob("*.Dockerfile")), "one Dockerfile, a target per service"
+    build = stages()["build"]
+    assert build["from"] == "${PYTHON_IMAGE}"
+    runs = [line for line in build["lines"] if line.startswith("RUN ")]
+    assert "RUN pip install --no-deps -r requirements.lock" in runs
+    assert any(line.startswith("RUN pip install --no-deps ./clients .") for line in runs)
+    assert set(TARGETS) <= set(stages())
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_target_is_multistage_non_root_and_labelled(target: str) -> None:
+    from services import __version__
+
+    bases = chain(target)
+    assert bases[-1]["from"] == "${PYTHON_IMAGE}", "built on the pinned base"
+    assert instructions(target, "USER")[0] == "10001:10001"
+    venv = instructions(target, "COPY")
+    assert venv[0] == ("--from=build-gpu /opt/venv /opt/venv" if target.endswith("-gpu")
+                       else "--from=build /opt/venv /opt/venv"), "only the virtual environment comes along"
+    service = target.removesuffix("-gpu")
+    assert instructions(target, "ENTRYPOINT")[0] == f'["fashion", "serve", "{service}"]' and service in SERVABLE
+    exposed = {int(p) for p in instructions(target, "EXPOSE")[0].split()}
+    assert exposed == {p["containerPort"] for p in k8s_container(service)["ports"]}
+    found = labels(target)
+    assert found["org.opencontainers.image.title"] == f"fashion-{target}"
+    assert found["org.opencontainers.image.source"].startswith("https://github.com/")
+    assert found["org.opencontainers.image.licenses"] == "Apache-2.0"
+    assert found["org.opencontainers.image.version"] == "${VERSION}"
+    assert re.search(rf"^ARG VERSION={re.escape(__version__)}$", DOCKERFILE.read_text(), re.M)
+
+
+def test_the_gpu_target_swaps_onnxruntime_at_the_same_version() -> None:
+    gpu = stages()["build-gpu"]
+    assert gpu["from"] == "build"
+    script = " ".join(gpu["lines"])
+    assert "pip uninstall --yes onnxruntime" in script and 'onnxruntime-gpu[cuda,cudnn]==${version}' in script
 
 
 def test_dockerignore_sends_only_the_sources() -> None:
     lines = (REPO / ".dockerignore").read_text().splitlines()
     assert lines[lines.index("**")] == "**"
-    assert {"!pyproject.toml", "!clients/**", "!services/**"} <= set(lines)
+    assert {"!pyproject.toml", "!requirements.lock", "!clients/**", "!services/**"} <= set(lines)
+    # Everything the Dockerfile copies from the context is let through.
+    copied = {word for line in DOCKERFILE.read_text().splitlines() if line.startswith("COPY ") and "--from" not in line
+              for word in line.split()[1:-1]}
+    for path in copied:
+        assert f"!{path}" in lines or f"!{path}/**" in lines, path
+
+
+def test_make_images_builds_every_target_and_says_when_no_tool_is_there() -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    run = subprocess.run(["make", "-s", "images", "CONTAINER_TOOL="], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 2 and "neither docker nor podman is installed" in run.stdout
+    run = subprocess.run(["make", "-s", "images", "CONTAINER_TOOL=echo", "REGISTRY=registry.example.com/team",
+                          "TAG=9.9.9"], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    for target in TARGETS:
+        assert (f"build -f deploy/docker/Dockerfile --target {target} --build-arg VERSION=9.9.9 "
+                f"-t registry.example.com/team/{target}:9.9.9 .") in run.stdout
+        assert f"push registry.example.com/team/{target}:9.9.9" in run.stdout
+    run = subprocess.run(["make", "-s", "images", "CONTAINER_TOOL=echo", "PUSH=0", "IMAGES=batch"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert f"-t {REGISTRY}/batch:" in run.stdout and "push" not in run.stdout.replace("not pushed", "")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_compose_matches_the_manifests(name: str) -> None:
     service = compose()["services"][name]
     container = k8s_container(name)
-    tag = next(i["newTag"] for i in yaml.safe_load((K8S_BASE / "kustomization.yaml").read_text())["images"]
-               if i["name"] == container["image"])
-    assert service["image"] == f"{container['image']}:{tag}"
-    assert service["build"]["dockerfile"] == f"deploy/docker/{name}.Dockerfile"
+    image = next(i for i in yaml.safe_load((K8S_BASE / "kustomization.yaml").read_text())["images"]
+                 if i["name"] == container["image"])
+    assert service["image"] == f"{image['newName']}:{image['newTag']}"
+    assert service["build"] == {"context": "..", "dockerfile": "deploy/docker/Dockerfile", "target": name}
     assert service["user"] == "10001:10001" and service["read_only"] is True and service["cap_drop"] == ["ALL"]
     published = {int(p.split(":")[1]) for p in service["ports"]}
     assert published == {p["containerPort"] for p in container["ports"]}

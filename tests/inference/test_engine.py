@@ -52,6 +52,14 @@ def test_padded_batches_give_each_row_its_own_answer(linear_model) -> None:
         np.testing.assert_allclose(out, linear_expected(wb, x), rtol=1e-4, atol=1e-6)
 
 
+def test_threads_default_to_the_cpus_the_container_may_use(monkeypatch, linear_model) -> None:
+    """intra_op_threads 0: services.common.cpus.available_cpus (the CPU limit, not the node's cores)."""
+    monkeypatch.setattr(engine, "available_cpus", lambda: 3)
+    folder, _ = linear_model
+    assert engine.OnnxModel(ModelManifest.load(folder), "cpu").intra_op_threads == 3
+    assert engine.OnnxModel(ModelManifest.load(folder), "cpu", intra_op_threads=1).intra_op_threads == 1
+
+
 def test_manifest_errors_name_the_problem(tmp_path) -> None:
     with pytest.raises(ModelFolderError, match=r"no manifest\.json"):
         ModelManifest.load(tmp_path)
