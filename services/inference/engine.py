@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import onnxruntime as ort
 
+from services.inference.cpus import machine_cpus
 from services.inference.model import ModelManifest
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class OnnxModel:
         has the measurements)."""
         self.manifest = manifest
         options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
+        options.intra_op_num_threads = intra_op_threads or machine_cpus()
         options.inter_op_num_threads = inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning worker threads would take the cores the event loop needs between batches.
