@@ -2,10 +2,11 @@
 a run folder where each publishes its GetStats counters and whether its model is warm.
 
 Each process rewrites `stats-<pid>.json` (atomically: a temporary file renamed over it) every
-PUBLISH_INTERVAL_S, at once on SIGUSR1, and when it stops. GetStats, whichever process answers it,
-asks its live siblings for fresh counters (SIGUSR1), waits for them (at most FRESH_WAIT_S) and sums
-them with its own current ones and with the `retired-<pid>.json` of processes that died (the parent
-renames their last file so that their calls stay counted). A process reports SERVING once every
+PUBLISH_INTERVAL_S and at once on SIGUSR1; when it stops, its last counters become
+`retired-<pid>.json`. GetStats, whichever process answers it, asks its live siblings for fresh
+counters (SIGUSR1), waits for them (at most FRESH_WAIT_S) and sums them with its own current ones
+and with the `retired-<pid>.json` of processes that stopped or died (for one that died, the parent
+renames its last file, so that its calls stay counted). A process reports SERVING once every
 sibling's file says its model is warm. The parent (services.inference.processes) makes the folder
 and says where it is, and when the service started, in the environment.
 """
@@ -80,11 +81,18 @@ class Siblings:
         self._task = asyncio.ensure_future(self._every_interval())
 
     async def stop(self) -> None:
+        """Publish the final counters as retired: counted by the siblings from now on, never twice."""
+        # A sibling's SIGUSR1 from now on is ignored: not the default action (ending the process once
+        # the event loop closed), nor a publish that would bring back the live file after the rename.
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self.publish()  # the final counters: the parent retires this file once the process exited
+        self.publish()
+        with contextlib.suppress(OSError):
+            self.path.replace(self.run_dir / f"retired-{self.pid}.json")
 
     async def _every_interval(self) -> None:
         while True:
