@@ -9,6 +9,7 @@ import re
 import signal
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -141,17 +142,26 @@ def test_two_server_processes_answer_as_one_service(tmp_path: Path, linear_model
                                       timeout=10).read().decode()
         assert metric(page, "fashion_grpc_requests_total", method=CLASSIFY, code="OK") == 50
 
+        # SIGTERM to the parent while a call is in flight: it is drained, then all exit.
         tree = process_tree(svc.proc.pid)
+        big = [encode(np.kron(img, np.ones((36, 36), np.uint8))) for img in x[:8]] * 25
+        with ThreadPoolExecutor(1) as pool, InferenceClient(svc.address) as client:
+            in_flight = pool.submit(client.classify_batch, big)
+            time.sleep(0.3)
+            svc.proc.send_signal(signal.SIGTERM)
+            resp = in_flight.result(timeout=30)
+        assert len(resp.results) == 200 and all(r.category for r in resp.results), "in-flight call drained"
+        code = svc.proc.wait(40)
     finally:
-        code = svc.terminate()
+        svc.terminate()
     assert code == 0, svc.output()
     assert not [pid for pid in tree if Path(f"/proc/{pid}").exists()
                 and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"], "a process left"
     assert not folder.exists(), "the run folder is removed"
 
     log = (tmp_path / "run" / "logs" / "api.log").read_text().splitlines()
-    access = [line for line in log if f"method={CLASSIFY} status=OK" in line]
-    assert len(access) == 50, "every access line exactly once"
+    access = [line for line in log if "Service/Classify" in line and "status=OK" in line]
+    assert len(access) == 50 + 1, "every access line exactly once (and the drained ClassifyBatch)"
     assert all(LINE.match(line) and line.count("[trace_id=") == 1 for line in access)
     assert all(LINE.match(line) or line.startswith((" ", "Traceback")) for line in log), "whole lines only"
     assert "exited with -9" in "\n".join(log)
