@@ -104,6 +104,8 @@ class GrpcService(Generic[S]):
     """Its own parts, built inside the event loop after logs, tracing and metrics are set up."""
     check: Callable[[S], None] | None = None
     """Refuses settings of its own that cannot work (raises StartupError), before anything starts."""
+    reuse_port: Callable[[S], bool] | None = None
+    """Whether its gRPC port is shared with sibling processes (SO_REUSEPORT), from its settings."""
 
     @property
     def title(self) -> str:
@@ -160,7 +162,8 @@ async def serve(service: GrpcService[S], settings: S) -> None:
                          metrics_token_check(settings))
 
     parts = service.build(settings)
-    server, names = grpc_server.create_server(settings, service.name, parts.servicers)
+    reuse_port = service.reuse_port is not None and service.reuse_port(settings)
+    server, names = grpc_server.create_server(settings, service.name, parts.servicers, reuse_port)
     health = await grpc_server.add_health_and_reflection(server, names, settings.reflection)
     address = settings.listen_address(listener.host, listener.port)
     await grpc_server.bind(server, settings, address, health)

@@ -169,6 +169,12 @@ class InferenceSettings(CommonSettings):
     """Prometheus /metrics port of the Inference service; 0 disables it."""
     model_dir: Path = SHIPPED_MODEL_DIR
     """Model folder: model.onnx plus manifest.json. Defaults to the shipped Fashion-MNIST model."""
+    inference_processes: int = Field(default=0, ge=0, le=64)
+    """Inference server processes sharing the one gRPC port (SO_REUSEPORT), each with its own batcher
+    and worker processes, the cores split between them (0: from the core count: 1 on up to 2 cores,
+    then one per 2 cores). With more than one, a parent process starts them, writes their logs,
+    serves their metrics summed on the one metrics port, restarts one that dies, and stops them all
+    on SIGTERM; GetStats sums them and health says SERVING once all are warm (docs/architecture.md)."""
     max_batch_size: int = 256
     """Most images merged into one ONNX Runtime run by the dynamic batcher. A batch is only as big as
     what is waiting (max_delay_ms 0), so this bounds busy moments: there, fewer and bigger batches
@@ -179,8 +185,9 @@ class InferenceSettings(CommonSettings):
     max_queue_size: int = 4096
     """Images waiting for the engine beyond which new calls get RESOURCE_EXHAUSTED."""
     intra_op_threads: int = 0
-    """ONNX Runtime intra-op threads (0: one per CPU the service may use: its container's CPU limit
-    rounded up, else the CPUs it may run on, else the machine's cores)."""
+    """ONNX Runtime intra-op threads of each Inference server process (0: its share of the CPUs the
+    service may use: its container's CPU limit rounded up, else the CPUs it may run on, else the
+    machine's cores; all of them with one process)."""
     inter_op_threads: int = 1
     """ONNX Runtime inter-op threads."""
     worker_processes: int = Field(default=-1, ge=-1, le=64,

@@ -19,7 +19,10 @@ import atexit
 import json
 import logging
 import logging.handlers
+import os
 import queue
+import socket
+import struct
 import sys
 import threading
 import time
@@ -160,6 +163,67 @@ class _Stdout:
         self.flush()
 
 
+FORWARD_FD_ENV = "_FASHION_LOG_FD"
+"""Set by a parent process that writes its children's logs (services.inference.processes): the child's
+end of a socket to send its formatted lines to, instead of writing files and stdout itself."""
+_FRAME = struct.Struct("!IH")  # a forwarded line: its length in bytes and its level, then the UTF-8 line
+
+
+class ForwardSink:
+    """A child process's only sink: its formatted lines go, each whole with its level, over a socket
+    to the parent, whose one LogWriter writes logs/<name>.log: one writer, no interleaved lines, the
+    rotation as with one process (`forward_lines` is the parent's end)."""
+
+    level = logging.DEBUG
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def send(self, level: int, line: str) -> None:
+        data = line.encode("utf-8", "replace")
+        self._buffer += _FRAME.pack(len(data), level)
+        self._buffer += data
+
+    def write(self, line: str) -> None:
+        self.send(logging.INFO, line)
+
+    def flush(self) -> None:
+        if self._buffer:
+            data, self._buffer = bytes(self._buffer), bytearray()
+            try:
+                self._sock.sendall(data)
+            except OSError:
+                pass  # the parent is gone: nothing left to write to
+
+    def close(self) -> None:
+        self.flush()
+        self._sock.close()
+
+
+def forward_lines(sock: socket.socket) -> None:
+    """The parent's end of a child's ForwardSink: put each line the child sends into this process's
+    LogWriter queue until the child closes the socket (it exited). Runs in a thread of its own."""
+    buffer = b""
+    with sock:
+        while chunk := sock.recv(1 << 16):
+            buffer += chunk
+            offset = 0
+            while len(buffer) - offset >= _FRAME.size:
+                size, level = _FRAME.unpack_from(buffer, offset)
+                end = offset + _FRAME.size + size
+                if end > len(buffer):
+                    break
+                line = buffer[offset + _FRAME.size:end].decode("utf-8", "replace")
+                writer = _writer
+                if writer is not None:
+                    writer.queue.put((level, line))
+                else:
+                    sys.stdout.write(line)
+                offset = end
+            buffer = buffer[offset:]
+
+
 WRITE_INTERVAL_S = 0.05  # how long lines may wait in the queue: the writer wakes at most this often
 
 
@@ -172,7 +236,7 @@ class LogWriter:
 
     _STOP = object()
 
-    def __init__(self, sinks: list[RotatingFile | _Stdout], formatter: logging.Formatter,
+    def __init__(self, sinks: list[RotatingFile | _Stdout | ForwardSink], formatter: logging.Formatter,
                  service: str | None = None) -> None:
         self.queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.sinks = sinks
@@ -207,7 +271,9 @@ class LogWriter:
         else:
             level, line = item  # type: ignore[misc]
         for sink in self.sinks:
-            if level >= sink.level:
+            if isinstance(sink, ForwardSink):
+                sink.send(level, line)
+            elif level >= sink.level:
                 sink.write(line)
 
     def _flush(self) -> None:
@@ -263,6 +329,8 @@ def setup_logging(settings: CommonSettings, name: str, service: str = "") -> Pat
     """Route the root logger to logs/<name>.log, logs/<name>_errors.log (unless FASHION_LOG_FILES is off)
     and stdout, as text lines or (FASHION_LOG_FORMAT=json) JSON lines naming `service` (default: name).
 
+    In a child process whose parent writes the logs (FORWARD_FD_ENV set), lines go to the parent only.
+
     Returns the log folder. Calling it again replaces the previous set-up.
     """
     global _writer
@@ -275,14 +343,17 @@ def setup_logging(settings: CommonSettings, name: str, service: str = "") -> Pat
     logging.logMultiprocessing = False
     log_dir = Path(settings.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    sinks: list[RotatingFile | _Stdout] = []
-    if settings.log_files:
+    sinks: list[RotatingFile | _Stdout | ForwardSink] = []
+    forward_fd = os.environ.get(FORWARD_FD_ENV)
+    if forward_fd:  # a child of a parent that writes the files (and stdout)
+        sinks.append(ForwardSink(socket.socket(fileno=int(forward_fd))))
+    elif settings.log_files:
         sinks += [
             RotatingFile(log_dir / f"{name}.log", settings.log_max_bytes, settings.log_backup_count, logging.DEBUG),
             RotatingFile(log_dir / f"{name}_errors.log", settings.log_max_bytes, settings.log_backup_count,
                          logging.ERROR),
         ]
-    if settings.log_stdout or not sinks:
+    if not forward_fd and (settings.log_stdout or not sinks):
         sinks.append(_Stdout(logging.DEBUG))
     if settings.log_format == "json":
         _writer = LogWriter(sinks, JsonLineFormatter(service or name), service or name)

@@ -1,5 +1,11 @@
 """Prometheus metrics of every service, in one registry (prometheus-client's default).
 
+With several processes behind one service (FASHION_INFERENCE_PROCESSES), prometheus-client's
+multiprocess mode sums them: PROMETHEUS_MULTIPROC_DIR is set in each child's environment before it
+imports prometheus-client, and the parent serves a MultiProcessCollector registry on the one
+metrics port (`start_metrics_server(registry=...)`); the gauges say how processes combine
+(multiprocess_mode: in-flight and queue depth summed over live processes, model loaded their minimum).
+
 Each service process exposes them on its own HTTP port (see README), on the service's bind
 address, and behind its bearer token when one is set (unless FASHION_METRICS_PUBLIC=true); names
 follow Prometheus conventions, and queue time is kept apart from compute time, as Triton does.
@@ -19,7 +25,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +40,8 @@ GRPC_LATENCY = Histogram(
     "fashion_grpc_request_duration_seconds", "Server-side gRPC call duration",
     ["service", "method"], buckets=LATENCY_BUCKETS,
 )
-GRPC_IN_FLIGHT = Gauge("fashion_grpc_requests_in_flight", "gRPC calls being handled", ["service"])
+GRPC_IN_FLIGHT = Gauge("fashion_grpc_requests_in_flight", "gRPC calls being handled", ["service"],
+                       multiprocess_mode="livesum")
 
 # --- Inference service ---------------------------------------------------------------------
 IMAGES_PROCESSED = Counter(
@@ -44,7 +51,7 @@ BATCH_SIZE = Histogram(
     "fashion_inference_batch_size", "Images per ONNX Runtime run (dynamic batching)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
-QUEUE_DEPTH = Gauge("fashion_inference_queue_depth", "Images waiting for the engine")
+QUEUE_DEPTH = Gauge("fashion_inference_queue_depth", "Images waiting for the engine", multiprocess_mode="livesum")
 QUEUE_DURATION = Histogram(
     "fashion_inference_queue_duration_seconds", "Time an image waited for its batch to start",
     buckets=LATENCY_BUCKETS,
@@ -57,11 +64,13 @@ DECODE_DURATION = Histogram(
     "fashion_inference_decode_duration_seconds", "Decode and preprocessing time per image",
     buckets=LATENCY_BUCKETS,
 )
-MODEL_LOADED = Gauge("fashion_inference_model_loaded", "1 when the model is loaded and warmed up", ["model"])
+MODEL_LOADED = Gauge("fashion_inference_model_loaded", "1 when the model is loaded and warmed up", ["model"],
+                     multiprocess_mode="livemin")  # several server processes: 1 when every one is
 
 # --- Batch service -------------------------------------------------------------------------
 BATCH_JOBS = Counter("fashion_batch_jobs", "Jobs ended, by final state (succeeded, failed, cancelled)", ["state"])
-BATCH_JOBS_ACTIVE = Gauge("fashion_batch_jobs_active", "Jobs running now, by state (running, waiting)", ["state"])
+BATCH_JOBS_ACTIVE = Gauge("fashion_batch_jobs_active", "Jobs running now, by state (running, waiting)", ["state"],
+                          multiprocess_mode="livesum")
 BATCH_FILES = Counter(
     "fashion_batch_files", "Files handled, by outcome (success, uncertain, failed, skipped)", ["outcome"],
 )
@@ -76,7 +85,8 @@ BATCH_SORT_DURATION = Histogram(
 BATCH_INFERENCE_WAITS = Counter(
     "fashion_batch_inference_waits", "Retries scheduled because the Inference service was unavailable",
 )
-BATCH_LAST_RUN = Gauge("fashion_batch_last_run_timestamp_seconds", "Unix time the last job ended")
+BATCH_LAST_RUN = Gauge("fashion_batch_last_run_timestamp_seconds", "Unix time the last job ended",
+                       multiprocess_mode="max")
 
 # --- Monitor service -----------------------------------------------------------------------
 MONITOR_CHECK_DURATION = Histogram(
@@ -105,7 +115,8 @@ HTTP_LATENCY = Histogram(
     "fashion_http_request_duration_seconds", "Gateway HTTP request duration, first byte in to last byte out",
     ["route", "method"], buckets=LATENCY_BUCKETS,
 )
-HTTP_IN_FLIGHT = Gauge("fashion_http_requests_in_flight", "HTTP requests being handled by the gateway")
+HTTP_IN_FLIGHT = Gauge("fashion_http_requests_in_flight", "HTTP requests being handled by the gateway",
+                       multiprocess_mode="livesum")
 
 
 FAMILIES = {
@@ -154,14 +165,15 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # a scrape every few seconds is not worth a log line
 
 
-def start_metrics_server(service: str, port: int, addr: str, token_check: TokenCheck | None = None) -> int:
-    """Serve `service`'s own metrics (expose()) on `addr`:`port` (port 0 disables it) in a background
-    thread; with `token_check`, scrapes without an accepted bearer token get 401. Returns the port, or 0
-    when disabled."""
+def start_metrics_server(service: str, port: int, addr: str, token_check: TokenCheck | None = None,
+                         registry: CollectorRegistry | None = None) -> int:
+    """Serve `service`'s own metrics (expose()), or those `registry` collects, on `addr`:`port` (port 0
+    disables it) in a background thread; with `token_check`, scrapes without an accepted bearer token
+    get 401. Returns the port, or 0 when disabled."""
     expose(service)
     if port <= 0:
         return 0
-    app = make_wsgi_app()
+    app = make_wsgi_app(registry if registry is not None else REGISTRY)
     if token_check is not None:
         app = _requiring_token(app, token_check)
     server = make_server(addr, port, app, _MetricsServer6 if ":" in addr else _MetricsServer,

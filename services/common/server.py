@@ -28,9 +28,10 @@ T = TypeVar("T")
 _CALLER_CODES = {grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-def server_options(settings: CommonSettings) -> list[tuple[str, int]]:
+def server_options(settings: CommonSettings, reuse_port: bool = False) -> list[tuple[str, int]]:
     """A server's options: message limits both ways, keepalive (channels to other services take
-    theirs from security.client_options)."""
+    theirs from security.client_options); SO_REUSEPORT only with `reuse_port` (several server
+    processes on one port: the kernel spreads new connections between them)."""
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -39,7 +40,7 @@ def server_options(settings: CommonSettings) -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
     if settings.max_connection_age_s > 0:
         # Clients reconnect (and re-resolve DNS) now and then, so new replicas get their share.
@@ -230,7 +231,8 @@ class _Registrar:
         self.services.append(service)
 
 
-def create_server(settings: CommonSettings, service: str, servicers: Servicers) -> tuple[grpc.aio.Server, list[str]]:
+def create_server(settings: CommonSettings, service: str, servicers: Servicers, reuse_port: bool = False
+                  ) -> tuple[grpc.aio.Server, list[str]]:
     """A grpc.aio server with the shared options and `servicers` registered, each given as
     (generated add_*Servicer_to_server function, servicer): their calls observed and, when a token
     is configured, refused without it (refusals logged and counted like any call). Returns the
@@ -241,7 +243,8 @@ def create_server(settings: CommonSettings, service: str, servicers: Servicers) 
     def wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         return observer.wrap(method, require_token(handler, tokens) if tokens.enabled else handler)
 
-    server = grpc.aio.server(options=server_options(settings), maximum_concurrent_rpcs=None)
+    server = grpc.aio.server(options=server_options(settings, reuse_port), maximum_concurrent_rpcs=None)
+    _reuse_port[id(server)] = reuse_port
     names: list[str] = []
     for add, servicer in servicers:
         registrar = _Registrar(server, wrap)
@@ -254,6 +257,7 @@ def create_server(settings: CommonSettings, service: str, servicers: Servicers) 
 
 # Plaintext health-only servers started by bind(), stopped after their main server (stop()).
 _health_companions: dict[int, grpc.aio.Server] = {}
+_reuse_port: dict[int, bool] = {}  # servers made by create_server with SO_REUSEPORT: their companion too
 
 
 async def bind(server: grpc.aio.Server, settings: CommonSettings, address: str,
@@ -273,7 +277,7 @@ async def bind(server: grpc.aio.Server, settings: CommonSettings, address: str,
     log.info("Listening on %s (TLS%s%s)", address, ", client certificates required" if settings.tls_client_ca else "",
              ", bearer token required" if TokenSource(settings).enabled else "")
     if settings.health_port and health_servicer is not None:
-        companion = grpc.aio.server(options=server_options(settings))
+        companion = grpc.aio.server(options=server_options(settings, _reuse_port.get(id(server), False)))
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, companion)
         host = address.rsplit(":", 1)[0]
         companion.add_insecure_port(f"{host}:{settings.health_port}")
@@ -310,6 +314,7 @@ async def stop(server: grpc.aio.Server, grace_s: float) -> None:
     """Stop `server`, letting in-flight calls finish for up to `grace_s`, then the plaintext health
     server bind() may have started beside it."""
     await server.stop(grace_s)
+    _reuse_port.pop(id(server), None)
     companion = _health_companions.pop(id(server), None)
     if companion is not None:
         await companion.stop(0)

@@ -9,9 +9,11 @@ import logging
 
 from fashion.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fashion.v1 import inference_pb2_grpc as pb_grpc
-from services.common.bootstrap import GrpcService, Listener, ServiceParts, run
+from services.common.bootstrap import GrpcService, Listener, ServiceParts, load, run_loop, serve
 from services.common.config import InferenceSettings
+from services.inference import processes
 from services.inference.classifier import Classifier
+from services.inference.cpus import server_processes
 from services.inference.kserve import KServeServicer
 from services.inference.servicer import InferenceServicer
 
@@ -32,7 +34,13 @@ class InferenceParts(ServiceParts):
         ]
 
     def describe(self) -> str:
-        return "NOT_SERVING until the model is loaded"
+        siblings = self.classifier.siblings
+        return "NOT_SERVING until the model is loaded" + (
+            f" in all {siblings.processes} server processes" if siblings is not None else "")
+
+    async def start(self) -> None:
+        if self.classifier.siblings is not None:
+            self.classifier.siblings.start()
 
     async def ready(self) -> str:
         """Load and warm up the model, retrying with backoff."""
@@ -48,18 +56,32 @@ class InferenceParts(ServiceParts):
                 continue
             m, model = self.classifier.manifest, self.classifier.model
             assert m is not None and model is not None
-            return f"model {m.name} v{m.version} ready on {model.provider}"
+            siblings = self.classifier.siblings
+            if siblings is None:
+                return f"model {m.name} v{m.version} ready on {model.provider}"
+            await siblings.wait_all_ready()
+            return f"model {m.name} v{m.version} ready on {model.provider} in all {siblings.processes} processes"
 
     async def stop(self) -> None:
         await self.classifier.close()
+        if self.classifier.siblings is not None:
+            await self.classifier.siblings.stop()
 
 
 SERVICE = GrpcService(
     name="inference", settings_class=InferenceSettings, log_name="api",
     listener=lambda s: Listener(s.inference_host, s.inference_port, s.inference_metrics_port),
-    build=InferenceParts,
+    build=InferenceParts, reuse_port=lambda s: server_processes(s) > 1,
 )
 
 
 def main() -> None:
-    run(SERVICE)
+    """One server process (the default on up to 2 cores), else a parent that starts
+    FASHION_INFERENCE_PROCESSES of them on the one port (services.inference.processes)."""
+    settings = load(SERVICE.settings_class, SERVICE.check)
+    count = server_processes(settings)
+    if count > 1 and not processes.is_child():
+        raise SystemExit(processes.supervise(settings, count))
+    if processes.is_child():
+        processes.stop_with_parent()
+    run_loop(serve(SERVICE, settings))

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -18,11 +19,12 @@ from opentelemetry import trace
 
 from services.common import metrics, tracing
 from services.common.config import InferenceSettings
-from services.common.cpus import available_cpus
 from services.inference.batcher import IN_FLIGHT, BatchTiming, DynamicBatcher
+from services.inference.cpus import process_cpus, server_processes
 from services.inference.engine import CPU, OnnxModel
 from services.inference.imaging import ImageRejected, Preprocessor
 from services.inference.model import ModelManifest
+from services.inference.siblings import STARTED_ENV, Siblings
 from services.inference.statistics import ModelStatistics
 from services.inference.workers.pool import WorkerPool
 from services.inference.workers.wire import WorkerModel
@@ -56,6 +58,11 @@ class Classification:
         return self.top_k[0][2]
 
 
+COUNTERS = ("total_requests", "total_images_processed", "successful_predictions", "failed_predictions",
+            "latency_total_s")
+"""The ServiceStats fields that server processes sharing a port add up (services.inference.siblings)."""
+
+
 @dataclass
 class ServiceStats:
     """Counters behind GetStats (the REST API's /stats)."""
@@ -78,20 +85,31 @@ class ServiceStats:
         if failed:
             metrics.IMAGES_PROCESSED.labels("failed").inc(failed)
 
-    def snapshot(self) -> dict[str, object]:
+    def counters(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in COUNTERS}
+
+    def snapshot(self, others: Sequence[Mapping[str, float]] = ()) -> dict[str, object]:
+        """The guide's /stats fields; with `others` (sibling processes' counters()), of them all: counts
+        summed, the success rate from the sums, the average latency weighted by requests."""
+        sums = self.counters()
+        for other in others:
+            for name in COUNTERS:
+                sums[name] += other.get(name, 0)
+        requests, succeeded = int(sums["total_requests"]), int(sums["successful_predictions"])
+        failed = int(sums["failed_predictions"])
         uptime = int(time.monotonic() - self.started)
-        processed = self.successful_predictions + self.failed_predictions
-        rate = 100.0 if processed == 0 else round(100.0 * self.successful_predictions / processed, 2)
+        processed = succeeded + failed
+        rate = 100.0 if processed == 0 else round(100.0 * succeeded / processed, 2)
         return {
             "uptime_seconds": uptime,
             "uptime_human": str(timedelta(seconds=uptime)),
-            "total_requests": self.total_requests,
-            "total_images_processed": self.total_images_processed,
-            "successful_predictions": self.successful_predictions,
-            "failed_predictions": self.failed_predictions,
+            "total_requests": requests,
+            "total_images_processed": int(sums["total_images_processed"]),
+            "successful_predictions": succeeded,
+            "failed_predictions": failed,
             "success_rate": rate,
             "timestamp": datetime.now().replace(microsecond=0).isoformat(),
-            "average_latency_ms": 1000 * self.latency_total_s / self.total_requests if self.total_requests else 0.0,
+            "average_latency_ms": 1000 * sums["latency_total_s"] / requests if requests else 0.0,
         }
 
 
@@ -101,6 +119,11 @@ class Classifier:
     def __init__(self, settings: InferenceSettings) -> None:
         self.settings = settings
         self.stats = ServiceStats()
+        self.siblings = Siblings.from_environment(server_processes(settings), self.stats.counters,
+                                                  lambda: self.ready)
+        """The other server processes on this port (FASHION_INFERENCE_PROCESSES), None when alone."""
+        if self.siblings is not None and (started := os.environ.get(STARTED_ENV)):
+            self.stats.started = time.monotonic() - max(0.0, time.time() - float(started))  # the service's
         self.statistics = ModelStatistics()
         """Triton-style per-request timings and model runs (KServe ModelStatistics)."""
         self.manifest: ModelManifest | None = None
@@ -131,7 +154,7 @@ class Classifier:
         pre = Preprocessor.from_manifest(manifest, max_pixels=self.settings.max_image_pixels)
         processes = self.settings.worker_processes
         if processes < 0:
-            processes = IN_FLIGHT if available_cpus() >= 2 else 0
+            processes = IN_FLIGHT if process_cpus(self.settings) >= 2 else 0
         if processes:
             worker_model = None
             if self.settings.workers_run_model and model.provider == CPU:
@@ -147,7 +170,8 @@ class Classifier:
         self.load_error = None
 
     def _open_model(self, manifest: ModelManifest) -> OnnxModel:
-        model = OnnxModel(manifest, self.settings.execution_provider, self.settings.intra_op_threads,
+        model = OnnxModel(manifest, self.settings.execution_provider,
+                          self.settings.intra_op_threads or process_cpus(self.settings),
                           self.settings.inter_op_threads, cuda_batch=self.settings.max_batch_size)
         model.warm_up()
         return model
@@ -161,6 +185,10 @@ class Classifier:
             await workers.close()
         if self.manifest is not None:
             metrics.MODEL_LOADED.labels(self.manifest.name).set(0)
+
+    async def stats_snapshot(self) -> dict[str, object]:
+        """GetStats' fields: this process's counters, summed with its siblings' when it has some."""
+        return self.stats.snapshot(await self.siblings.others() if self.siblings is not None else ())
 
     def _require(self) -> DynamicBatcher:
         if self._batcher is None:

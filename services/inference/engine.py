@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnxruntime as ort
 
-from services.common.cpus import available_cpus
+from services.inference.cpus import machine_cpus
 from services.inference.model import ModelManifest
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class OnnxModel:
         limit, not the node's cores: services.common.cpus.available_cpus)."""
         self.manifest = manifest
         options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads or available_cpus()
+        options.intra_op_num_threads = intra_op_threads or machine_cpus()
         options.inter_op_num_threads = inter_op_threads
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Spinning worker threads would take the cores the event loop needs between batches.

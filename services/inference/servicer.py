@@ -132,7 +132,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def GetStats(self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext) -> pb.Stats:
         manifest = self._classifier.manifest
-        return pb.Stats(**self._classifier.stats.snapshot(), model_loaded=self._classifier.ready,
+        return pb.Stats(**await self._classifier.stats_snapshot(), model_loaded=self._classifier.ready,
                         model_name=manifest.name if manifest else "",
                         model_version=manifest.version if manifest else "",
                         classes=len(manifest.labels) if manifest else 0, model_error=self._classifier.load_error or "")

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from services.inference import engine
+from services.inference import cpus, engine
 from services.inference.model import ModelFolderError, ModelManifest
 from tests.support import linear_expected
 
@@ -53,8 +53,9 @@ def test_padded_batches_give_each_row_its_own_answer(linear_model) -> None:
 
 
 def test_threads_default_to_the_cpus_the_container_may_use(monkeypatch, linear_model) -> None:
-    """intra_op_threads 0: services.common.cpus.available_cpus (the CPU limit, not the node's cores)."""
-    monkeypatch.setattr(engine, "available_cpus", lambda: 3)
+    """intra_op_threads 0: the Inference service's cores (services.inference.cpus.machine_cpus, which reads
+    the CPU limit through services.common.cpus.available_cpus, not the node's cores)."""
+    monkeypatch.setattr(cpus, "available_cpus", lambda: 3)
     folder, _ = linear_model
     assert engine.OnnxModel(ModelManifest.load(folder), "cpu").intra_op_threads == 3
     assert engine.OnnxModel(ModelManifest.load(folder), "cpu", intra_op_threads=1).intra_op_threads == 1
