@@ -28,8 +28,9 @@ dataset:
 		>/dev/null 2>&1; ls $(FASHION_MNIST_DIR)/t10k-images-idx3-ubyte* >/dev/null 2>&1 || \
 		{ echo "make: Fashion-MNIST is missing: install Debian's dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist) or set FASHION_MNIST_DIR to a folder of its idx files"; exit 2; }
 
-# Tools some tests use (kubectl for the manifests, Debian's prometheus for promtool and the monitoring tests): installed
-# when root and apt-get exist; without them those tests skip and say why.
+# Tools some tests use (kubectl for the manifests, Debian's prometheus for promtool and the monitoring tests, Debian's
+# postgresql for the Batch service's PostgreSQL job store): installed when root and apt-get exist; without them those
+# tests skip and say why.
 test-tools:
 	@command -v kubectl >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get && \
 		{ $(APT_INSTALL) kubectl || $(APT_INSTALL) kubernetes-client || \
@@ -38,6 +39,9 @@ test-tools:
 	@{ command -v prometheus && command -v promtool; } >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get && \
 		{ $(APT_INSTALL) prometheus || { apt-get update -qq && $(APT_INSTALL) prometheus; }; }; } >/dev/null 2>&1; \
 		{ command -v prometheus && command -v promtool; } >/dev/null || echo "make: prometheus not found (apt-get install prometheus): the monitoring tests will be skipped"
+	@{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get && \
+		{ $(APT_INSTALL) postgresql || { apt-get update -qq && $(APT_INSTALL) postgresql; }; }; } >/dev/null 2>&1; \
+		{ command -v initdb || ls /usr/lib/postgresql/*/bin/initdb; } >/dev/null 2>&1 || echo "make: PostgreSQL not found (apt-get install postgresql): the PostgreSQL store tests of the Batch service will be skipped"
 
 ## make run: start the whole local stack in the foreground (Ctrl-C stops it)
 run: $(STAMP)

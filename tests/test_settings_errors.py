@@ -42,3 +42,13 @@ def test_each_unusable_value_gets_its_own_line(tmp_path: Path) -> None:
     assert sorted(done.stderr.splitlines()) == sorted([  # the Batch service's own setting is not the Monitor's
         "error: FASHION_LOG_LEVEL='LOUD': Input should be 'DEBUG', 'INFO', 'WARNING', 'ERROR' or 'CRITICAL'",
         "error: FASHION_MONITOR_PORT='http': Input should be a valid integer, unable to parse string as an integer"])
+
+
+def test_a_secret_that_is_refused_is_named_but_never_shown(tmp_path: Path) -> None:
+    url = "mysql://batch:hunter2-secret@db:3306/jobs"
+    done = subprocess.run([sys.executable, "-m", "services.batch"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "FASHION_BATCH_DATABASE_URL": url}, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["error: FASHION_BATCH_DATABASE_URL: Value error, must be a PostgreSQL URL: "
+                                        "postgresql://user:password@host:5432/database"], done.stderr
+    assert "hunter2" not in done.stdout + done.stderr

@@ -5,25 +5,32 @@ The process around it is services.common.bootstrap's."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from fashion.v1 import batch_pb2_grpc as pb_grpc
 from services.batch.events import JobEvents
 from services.batch.jobs import JobQueue
-from services.batch.runner import JobRunner, default_db_path
+from services.batch.runner import JobRunner
 from services.batch.schedule import Schedule, ScheduledRuns
 from services.batch.servicer import BatchServicer
-from services.batch.store import JobStore
+from services.batch.store import StoreUnavailable, open_job_store
 from services.common import metrics
 from services.common.bootstrap import GrpcService, Listener, ServiceParts, StartupError, run
 from services.common.config import BatchSettings
 
+log = logging.getLogger(__name__)
+
 
 def check(settings: BatchSettings) -> None:
-    """A bad schedule stops the start, with the reason."""
+    """A bad schedule, or an unreadable FASHION_BATCH_DATABASE_URL_FILE, stops the start, with the reason."""
     try:
         Schedule.parse(settings.batch_schedule)
     except ValueError as exc:
         raise StartupError(f"FASHION_BATCH_SCHEDULE: {exc}") from exc
+    try:
+        settings.batch_database_url_value()
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
 
 
 class BatchParts(ServiceParts):
@@ -33,7 +40,11 @@ class BatchParts(ServiceParts):
         self.settings = settings
         self.schedule = Schedule.parse(settings.batch_schedule)
         settings.data_root.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(default_db_path(settings))
+        try:
+            self.store = open_job_store(settings)
+        except StoreUnavailable as exc:  # the reason, never the password; the orchestrator starts it again
+            log.error("Batch service cannot start: %s", exc)
+            raise SystemExit(1) from None
         if (last := self.store.last_finished()) is not None and last.finished_at is not None:
             metrics.BATCH_LAST_RUN.set(last.finished_at)  # alerts on stale runs stay right across restarts
         events = JobEvents()
@@ -43,8 +54,8 @@ class BatchParts(ServiceParts):
         self.scheduled: asyncio.Future[None] | None = None
 
     def describe(self) -> str:
-        return (f"data root {self.settings.data_root.resolve()}, jobs database {self.store.path}, Inference service "
-                f"at {self.settings.inference_address}, scheduled runs: "
+        return (f"data root {self.settings.data_root.resolve()}, jobs database {self.store.describe()}, "
+                f"Inference service at {self.settings.inference_address}, scheduled runs: "
                 f"{self.schedule.describe() if self.schedule else 'off'}")
 
     async def start(self) -> None:

@@ -15,7 +15,6 @@ import contextlib
 import errno
 import logging
 import os
-import sqlite3
 import stat
 import time
 from collections.abc import Iterable
@@ -35,7 +34,7 @@ from services.batch.mover import (
 from services.batch.paths import DataRoot
 from services.batch.records import FileDone, FilePlan, FileRecord, JobRecord, Outcome
 from services.batch.reports import RunFiles, RunLog
-from services.batch.store import JobStore
+from services.batch.store import DestinationTaken, JobStore
 from services.batch.tree import FolderRefused, OpenFolders, basename, join, lstat_or_none, parent
 from services.common import metrics
 from services.common.config import BatchSettings
@@ -68,6 +67,8 @@ class JobFiling:
         self._folder_names: dict[str, set[str]] = {}
         self.recovery_failures: list[str] = []
         """Why interrupted transfers could not be finished (their files are left in place)."""
+        self.sorted_count = 0
+        """Images this run sorted (recorded as done)."""
 
     # --- reading -------------------------------------------------------------------------------------
 
@@ -133,6 +134,7 @@ class JobFiling:
         now = time.time()
         done = {d.seq: d for d in [*moved, *in_place.values()]}
         self.store.done(self.job.job_id, list(done.values()), now)
+        self.sorted_count += len(done)
         failpoints.reached("recorded")
         updates = self._report(decided, plans, done, now)
         metrics.BATCH_SORT_DURATION.observe(time.perf_counter() - start)
@@ -171,8 +173,8 @@ class JobFiling:
                 plans[row.seq] = FilePlan(row.seq, outcome, category, confidence, join(folder, name), v.error)
             try:
                 self.store.plan(self.job.job_id, [p for p in plans.values() if p.seq not in in_place])
-            except sqlite3.IntegrityError:
-                continue  # another job reserved one of these names meanwhile: choose again
+            except DestinationTaken:
+                continue  # another transfer reserved one of these names meanwhile: choose again
             for folder, names in chosen.items():
                 self._folder_names[folder] |= names
             return plans, in_place
@@ -222,7 +224,7 @@ class JobFiling:
             candidate = join(folder, unique_name(basename(source), existing, reserved))
             try:
                 self.store.replan(self.job.job_id, seq, candidate)
-            except sqlite3.IntegrityError:
+            except DestinationTaken:
                 continue
             existing.add(basename(candidate))
             return candidate

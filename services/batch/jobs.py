@@ -1,10 +1,12 @@
 """The Batch service's data plane: validates submissions, queues jobs and runs them.
 
 Transport-free: the gRPC servicer is a thin adapter over JobQueue. Jobs run oldest first, up to
-batch_max_concurrent_jobs at a time. At start, and every ADOPT_INTERVAL_S after, every
-unfinished job in the database is (re)queued: jobs interrupted by a crash of this service, and
-jobs of a `fashion batch run` process that died (its lock is gone). A job whose lock another live
-process holds is skipped and offered again at the next round.
+batch_max_concurrent_jobs at a time. At start, and every batch_poll_interval_s after, every
+unfinished job in the database is (re)queued: jobs interrupted by a crash of this service, jobs
+of a `fashion batch run` process that died (its lock is gone), and (PostgreSQL) jobs submitted
+through another replica. A job whose lock another live process holds is skipped and offered again
+at the next round; on a store that replicas share, a worker with nothing else queued helps with
+it instead (JobRunner.assist): the replicas split a big job's files.
 """
 
 from __future__ import annotations
@@ -22,15 +24,15 @@ from services.batch.records import JobRecord, JobSpec, JobState
 from services.batch.reports import printable, prune_run_files
 from services.batch.runner import JobBusy, JobRunner
 from services.batch.stats import BatchHistory, batch_history
-from services.batch.store import JobStore
+from services.batch.store import JobStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
-ADOPT_INTERVAL_S = 30.0
+PRUNE_INTERVAL_S = 30.0  # per-file records older than FASHION_BATCH_HISTORY_DAYS
 FILE_SWEEP_INTERVAL_S = 3600.0  # per-run files older than FASHION_RETENTION_DAYS
 CANCEL_WAIT_S = 10.0
 
 
-def job_spec(root: DataRoot, store_dir: Path, input_dir: str, output_dir: str = "", mode: str = "move",
+def job_spec(root: DataRoot, store_dir: Path | None, input_dir: str, output_dir: str = "", mode: str = "move",
              min_confidence: float | None = None, recursive: bool = False, idempotency_key: str = "") -> JobSpec:
     """A checked job request, folders relative to the data root.
 
@@ -42,10 +44,11 @@ def job_spec(root: DataRoot, store_dir: Path, input_dir: str, output_dir: str = 
         raise PathRefused(f"mode must be move or copy, got {mode!r}")
     source = root.folder(input_dir, "input_dir")
     target = root.resolve(output_dir, "output_dir")
-    store_real = Path(store_dir).resolve()
-    for what, path in (("input_dir", source), ("output_dir", target)):
-        if path.is_relative_to(store_real):
-            raise PathRefused(f"{what} lies in {store_real}, the jobs database folder")
+    if store_dir is not None:  # the SQLite file's folder
+        store_real = Path(store_dir).resolve()
+        for what, path in (("input_dir", source), ("output_dir", target)):
+            if path.is_relative_to(store_real):
+                raise PathRefused(f"{what} lies in {store_real}, the jobs database folder")
     if target.exists() and not target.is_dir():
         raise PathRefused(f"output_dir {output_dir!r} exists and is not a folder")
     if source == target:
@@ -66,6 +69,7 @@ class JobQueue:
         self._max_concurrent = max_concurrent
         self._history_days = history_days
         self._next_file_sweep = 0.0
+        self._next_prune = 0.0
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._running: dict[str, asyncio.Event] = {}
@@ -73,7 +77,7 @@ class JobQueue:
 
     def spec(self, input_dir: str, output_dir: str = "", mode: str = "", min_confidence: float | None = None,
              recursive: bool = False, idempotency_key: str = "") -> JobSpec:
-        return job_spec(self.root, self.store.path.parent, input_dir, output_dir or self.settings.batch_output_dir,
+        return job_spec(self.root, self.store.folder, input_dir, output_dir or self.settings.batch_output_dir,
                         mode or self.settings.batch_mode,
                         min_confidence if min_confidence is not None else self.settings.batch_min_confidence,
                         recursive, idempotency_key)
@@ -154,24 +158,45 @@ class JobQueue:
                 await self.runner.run(job_id, event)
             except JobBusy:
                 log.debug("Job %s is run by another process; offered again later", job_id)
+                if self.store.shared and self._queue.empty():
+                    await self._assist(job_id, event)
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailable as exc:
+                log.warning("Job %s stopped: %s", job_id, exc)
             except Exception:
                 log.exception("Job %s could not be run", job_id)
             finally:
                 del self._running[job_id]
 
+    async def _assist(self, job_id: str, event: asyncio.Event) -> None:
+        """Nothing of its own queued here: help with a job another replica runs."""
+        try:
+            sorted_here = await self.runner.assist(job_id, event)
+        except StoreUnavailable as exc:
+            log.warning("Stopped helping with job %s: %s", job_id, exc)
+            return
+        except Exception:  # in an except clause of _work: nothing else would catch it
+            log.exception("Could not help with job %s", job_id)
+            return
+        if sorted_here:
+            log.info("Job %s: sorted %d of its images for the replica that runs it", job_id, sorted_here)
+
     async def _adopt_forever(self) -> None:
         while True:
             try:
-                for job in await asyncio.to_thread(self.store.unfinished):
-                    self._enqueue(job.job_id)
-                pruned = await asyncio.to_thread(self.store.prune, time.time() - self._history_days * 86400)
-                if pruned:
-                    log.info("Deleted %d per-file records older than %d days", pruned, self._history_days)
+                for job_id in await asyncio.to_thread(self.store.unfinished_ids):
+                    self._enqueue(job_id)
+                if time.monotonic() >= self._next_prune:
+                    self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
+                    pruned = await asyncio.to_thread(self.store.prune, time.time() - self._history_days * 86400)
+                    if pruned:
+                        log.info("Deleted %d per-file records older than %d days", pruned, self._history_days)
                 if time.monotonic() >= self._next_file_sweep:
                     self._next_file_sweep = time.monotonic() + FILE_SWEEP_INTERVAL_S
                     await asyncio.to_thread(prune_run_files, self.settings, self.settings.results_dir)
+            except StoreUnavailable as exc:
+                log.warning("Could not look for unfinished jobs: %s", exc)
             except Exception:
                 log.exception("Could not look for unfinished jobs")
-            await asyncio.sleep(ADOPT_INTERVAL_S)
+            await asyncio.sleep(self.settings.batch_poll_interval_s)

@@ -1,16 +1,16 @@
 """A folder run as a job in this process, without a Batch server (`fashion batch run`, for cron and
 Kubernetes CronJobs), and the batch health read straight from the jobs database.
 
-The job is the Batch service's own: the same store, lock, runner and reports; the service and
-these runs share the database, and a lock keeps a job from being run twice.
+The job is the Batch service's own: the same store (SQLite or PostgreSQL), lock, runner and
+reports; the service and these runs share the database, and a lock keeps a job from being run twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from fashion.v1 import batch_pb2 as pb
 from services.batch import converters, health
@@ -19,10 +19,10 @@ from services.batch.jobs import job_spec
 from services.batch.paths import FolderMissing, PathRefused
 from services.batch.records import JobRecord, JobState
 from services.batch.reports import RunnerLog
-from services.batch.runner import JobLock, JobRunner, default_db_path
+from services.batch.runner import JobRunner
 from services.batch.sharding import Shard
 from services.batch.stats import batch_history
-from services.batch.store import JobStore, new_job_id
+from services.batch.store import JobLock, StoreUnavailable, default_db_path, new_job_id, open_job_store
 from services.common.config import BatchSettings, load_settings
 
 JobUpdate = Callable[[pb.Job, pb.JobEvent | None], None]
@@ -36,8 +36,8 @@ def run_folder(folder: str, output: str = "", copy: bool = False, min_confidence
     """Resume this folder's interrupted runs, then run it as a new job; returns the new job as it ended.
 
     `on_start(job_id, resumed)` announces each job before it runs, `on_update` follows it. Raises
-    ValueError, with the reason, when the folders or options are refused; unusable FASHION_* values
-    end the process with exit code 2 (config.load_settings).
+    ValueError, with the reason, when the folders or options are refused or the jobs database cannot be
+    used; unusable FASHION_* values end the process with exit code 2 (config.load_settings).
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     overrides: dict[str, object] = {"inference_address": inference_address} if inference_address else {}
@@ -47,19 +47,26 @@ def run_folder(folder: str, output: str = "", copy: bool = False, min_confidence
         overrides["batch_shard_index"] = shard_index
     settings = load_settings(BatchSettings, **overrides)
     Shard.resolve(settings.batch_shard_index, settings.batch_shard_count)  # ValueError names the problem
-    return asyncio.run(_run_folder(settings, folder, output, copy, min_confidence, recursive, on_start, on_update))
+    try:
+        return asyncio.run(_run_folder(settings, folder, output, copy, min_confidence, recursive, on_start,
+                                       on_update))
+    except StoreUnavailable as exc:  # the job resumes when the same command runs again
+        raise ValueError(str(exc)) from None
 
 
 async def _run_folder(settings: BatchSettings, folder: str, output: str, copy: bool, min_confidence: float | None,
                       recursive: bool, on_start: Callable[[str, bool], None], on_update: JobUpdate) -> pb.Job:
-    store = JobStore(default_db_path(settings))
+    try:
+        store = open_job_store(settings)
+    except (ValueError, StoreUnavailable) as exc:
+        raise ValueError(str(exc)) from None
     runner = JobRunner(settings, store, JobEvents())
     runner_log = RunnerLog(settings)
     job_id = ""
     try:
         runner_log.started(trigger="fashion batch run")
         try:
-            spec = job_spec(runner.root, store.path.parent, folder, output or settings.batch_output_dir,
+            spec = job_spec(runner.root, store.folder, folder, output or settings.batch_output_dir,
                             "copy" if copy else settings.batch_mode,
                             min_confidence if min_confidence is not None else settings.batch_min_confidence,
                             recursive)
@@ -70,14 +77,14 @@ async def _run_folder(settings: BatchSettings, folder: str, output: str, copy: b
         runner_log.line("Output: %s", runner.root.display(spec.output_dir))
         for old in store.unfinished():
             if old.trigger == "cli" and old.input_dir == spec.input_dir:
-                lock = JobLock.try_acquire(runner.lock_dir, old.job_id)
+                lock = store.lock_job(old.job_id)
                 if lock is not None:
                     job_id = old.job_id
                     runner_log.line("Resuming interrupted batch job %s", job_id)
                     on_start(job_id, True)
                     runner_log.outcome(await _run_job(runner, job_id, lock, on_update))
         job_id = new_job_id()
-        lock = JobLock.try_acquire(runner.lock_dir, job_id)  # before the job exists: no service adopts it
+        lock = store.lock_job(job_id)  # before the job exists: no service adopts it
         assert lock is not None
         store.create(spec, "cli", job_id=job_id)
         runner_log.line("Started batch job %s", job_id)
@@ -125,10 +132,14 @@ def batch_health(days: int, max_age_hours: float | None = None) -> pb.BatchHealt
     """The batch health check read straight from the jobs database under the data root (no Batch service
     needed), judged as the Batch service judges it."""
     settings = load_settings(BatchSettings)
-    path: Path = default_db_path(settings)
-    if not path.exists():
-        return health.judge(pb.BatchStats(days=days, success_rate=100.0), None, settings, max_age_hours)
-    store = JobStore(path)
+    try:
+        sqlite = not settings.batch_database_url_value()
+        if sqlite and not default_db_path(settings).exists():
+            return health.judge(pb.BatchStats(days=days, success_rate=100.0), None, settings, max_age_hours)
+        store = open_job_store(settings)
+    except (ValueError, StoreUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         failed = store.list(1, JobState.FAILED)
         return health.judge(converters.history_to_pb(batch_history(store, days)),

@@ -1,5 +1,5 @@
 """The Batch service's records: a job, its images' rows, and the states and outcomes they go through;
-what JobStore (store.py) keeps in SQLite and the runner, reports and API read. Paths are relative to
+what the job store (store.py: SQLite or PostgreSQL) keeps and the runner, reports and API read. Paths are relative to
 the data root; times are Unix seconds.
 """
 
@@ -111,6 +111,8 @@ class FileRecord:
     destination: str
     error: str
     finished_at: float | None
+    worker: str = ""
+    """The process (JobStore.worker) that claimed the row while it is not done; "" when unclaimed."""
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,14 @@ makes its files fail with the reason and stay untouched, and the job goes on wit
 A job's end state is recorded before its reports are written, so a restart that only has the
 reports left to write ends the job in that state (a failure is never turned into a success).
 
-A job is run by one process at a time: an flock on <db folder>/locks/<job_id>.lock, which the
-kernel releases when the process dies, so a restarted service can adopt the job at once.
+A job is run by one process at a time (JobStore.lock_job: an flock with SQLite, a session-level
+advisory lock with PostgreSQL; both end with the process), so a restarted service, or another
+replica, can adopt the job at once. The runner claims the job's files a chunk at a time; with
+PostgreSQL, replicas with nothing of their own to run help (assist): they claim and sort files
+of the same job, with the same write-ahead records, but never start, scan or end it. The job's
+runner takes over the files of helpers that died (finishing their transfers from their records)
+and, before it ends the job, records its end state (no more plans from anyone) and waits until
+no helper is transferring any of its files.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import fcntl
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,7 +54,7 @@ from services.batch.records import FileRecord, JobRecord, JobState, Outcome
 from services.batch.reports import RunFiles, RunLog
 from services.batch.scanner import FolderScan, scan_folder
 from services.batch.sharding import Shard
-from services.batch.store import JobStore
+from services.batch.store import JobClosed, JobLock, JobStore, StoreUnavailable
 from services.batch.tree import FolderRefused, OpenFolders
 from services.common import metrics
 from services.common.config import BatchSettings
@@ -59,6 +65,7 @@ T = TypeVar("T")
 MESSAGE_OVERHEAD = 64 * 1024  # room for protobuf framing around the image bytes of one call
 CANCEL_POLL_S = 1.0
 SORT_GROUP_MAX = 1024  # images sorted (recorded, moved, fsynced) together at most
+HELPERS_POLL_S = 0.2  # the job's runner waiting for its helpers (other replicas) to finish their files
 
 
 class JobBusy(RuntimeError):
@@ -71,34 +78,6 @@ class _Cancelled(Exception):
 
 class _InputMissing(Exception):
     """The job's input folder does not exist (any more)."""
-
-
-def default_db_path(settings: BatchSettings) -> Path:
-    return settings.batch_db or Path(settings.data_root) / ".batch" / "jobs.db"
-
-
-class JobLock:
-    """An exclusive, non-blocking flock per job; the kernel drops it when its process dies."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path, self._fd = path, fd
-
-    @classmethod
-    def try_acquire(cls, folder: Path, job_id: str) -> JobLock | None:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{job_id}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return cls(path, fd)
-
-    def release(self, remove: bool = False) -> None:
-        if remove:
-            self.path.unlink(missing_ok=True)
-        os.close(self._fd)
 
 
 @dataclass
@@ -119,7 +98,6 @@ class JobRunner:
         self.store = store
         self.events = events or JobEvents()
         self.root = DataRoot(Path(settings.data_root))
-        self.lock_dir = store.path.parent / "locks"
         self.mover = FileMover(settings.batch_fsync)
         self._inference = inference
         self.max_image_bytes = settings.max_message_bytes - MESSAGE_OVERHEAD
@@ -138,12 +116,12 @@ class JobRunner:
     async def run(self, job_id: str, cancel: asyncio.Event | None = None, lock: JobLock | None = None) -> JobRecord:
         """Run (or resume) the job to its end. Raises JobBusy when another process runs it.
         Cancelling the task (service shutdown) leaves the job resumable."""
-        lock = lock or JobLock.try_acquire(self.lock_dir, job_id)
+        lock = lock or await _io(self.store.lock_job, job_id)
         if lock is None:
             raise JobBusy(f"job {job_id} is being run by another process")
         finished = False
         try:
-            job = self.store.get(job_id)
+            job = await _io(self.store.get, job_id)
             if job.state.finished:
                 finished = True
                 return job
@@ -151,14 +129,25 @@ class JobRunner:
             finished = job.state.finished
             return job
         finally:
-            lock.release(remove=finished)
+            lock.release(finished=finished)
+
+    async def assist(self, job_id: str, cancel: asyncio.Event | None = None) -> int:
+        """Help another process with its job (a store shared by replicas): claim and sort its files until
+        none is left unclaimed, it ends, or `cancel`. Returns how many images this process sorted."""
+        job = await _io(self.store.get, job_id)
+        if (not self.store.shared or job.state not in (JobState.RUNNING, JobState.WAITING) or not job.scanned
+                or job.stamp is None or job.ending is not None or job.cancel_requested):
+            return 0
+        return await _JobRun(self, job, cancel or asyncio.Event(), leader=False).assist()
 
 
 class _JobRun:
     """One execution of one job (a resumed job gets a new one)."""
 
-    def __init__(self, runner: JobRunner, job: JobRecord, cancel: asyncio.Event) -> None:
+    def __init__(self, runner: JobRunner, job: JobRecord, cancel: asyncio.Event, leader: bool = True) -> None:
         self.runner = runner
+        self.leader = leader
+        """The job's runner (it holds the job's lock: starts, scans and ends it), else a helper."""
         self.settings = runner.settings
         self.store = runner.store
         self.root = runner.root
@@ -176,15 +165,18 @@ class _JobRun:
 
     # --- lifecycle -------------------------------------------------------------------------------
 
-    async def execute(self) -> JobRecord:
-        resumed = self.job.stamp is not None
-        self.job = await _io(self.store.start, self.job.job_id)
+    def _open_run_files(self) -> None:
         assert self.job.stamp is not None
         self.files = RunFiles.of(self.job.stamp, self.settings.results_dir, self.settings.log_dir)
         self.log = RunLog(self.files.log, self.job.job_id, self.settings)
         runner = self.runner
         self.filing = JobFiling(self.settings, self.store, self.root, runner.mover, runner.events,
                                 runner.max_image_bytes, self.job, self.files, self.log)
+
+    async def execute(self) -> JobRecord:
+        resumed = self.job.stamp is not None
+        self.job = await _io(self.store.start, self.job.job_id)
+        self._open_run_files()
         try:
             self._set_phase("running")
             if self.job.ending is not None:  # a run before ended it; only its reports are left to write
@@ -197,9 +189,50 @@ class _JobRun:
         except asyncio.CancelledError:
             self.log.line("Interrupted (service stopping): the job resumes when the Batch service starts again")
             raise
+        except StoreUnavailable as exc:
+            self.log.line("Interrupted (%s): the job resumes once the jobs database is back", str(exc))
+            raise
         finally:
             self._set_phase("")
             self.log.close()
+
+    async def assist(self) -> int:
+        """Sort some of the files of a job another process runs (see JobRunner.assist)."""
+        self._open_run_files()
+        before = self.filing.sorted_count
+        self.log.line("Worker %s (%s, pid %d) helps with job %s", self.store.worker, socket.gethostname(), os.getpid(),
+                      self.job.job_id)
+        log.info("Helping with job %s, run by another process", self.job.job_id)
+        watcher = asyncio.ensure_future(self._watch_cancel())
+        remote = RemoteClassifier(
+            self.runner.inference_client(), self.settings.batch_inference_timeout_s,
+            self.settings.batch_retry_initial_s, self.settings.batch_retry_max_s,
+            on_wait=self._inference_down, on_ready=self._inference_back)
+        try:
+            await self._or_cancel(remote.wait_ready())
+            await self._process(remote)
+        except (_Cancelled, JobClosed):
+            pass
+        except (asyncio.CancelledError, StoreUnavailable):
+            raise
+        except Exception:
+            log.exception("Job %s: helping failed", self.job.job_id)
+        finally:
+            watcher.cancel()
+            remote.close()
+            try:  # what this worker still holds is finished or handed back, not left for a takeover
+                await _shielded_io(self._let_go)
+            except StoreUnavailable:
+                pass
+            finally:
+                self.log.line("Worker %s sorted %d images of job %s", self.store.worker,
+                              self.filing.sorted_count - before, self.job.job_id)
+                self.log.close()
+        return self.filing.sorted_count - before
+
+    def _let_go(self) -> None:
+        self.filing.recover_all()
+        self.store.release_claims(self.job.job_id)
 
     async def _run(self, resumed: bool) -> tuple[JobState, str]:
         """Everything up to the end state; the job's own failures become FAILED with the reason."""
@@ -223,6 +256,7 @@ class _JobRun:
             if not self.job.scanned:
                 await self._scan()
             else:
+                await _io(self.store.take_over, self.job.job_id)  # a crashed run's transfers are this run's now
                 await _io(self.filing.recover_all)
                 rows = await _io(self.store.files, self.job.job_id)
                 await _io(reports.write_csv, self.files.csv, reports.csv_rows(rows, self.job.input_dir),
@@ -239,6 +273,8 @@ class _JobRun:
             return JobState.FAILED, f"the Inference service refused the job: {exc}"
         except _InputMissing as exc:
             return JobState.FAILED, str(exc)
+        except StoreUnavailable:
+            raise  # not the job's failure: it stops where it is and resumes later
         except Exception as exc:
             log.exception("Job %s failed", self.job.job_id)
             return JobState.FAILED, f"internal error: {type(exc).__name__}: {exc}"
@@ -278,10 +314,11 @@ class _JobRun:
                       message=f"found {self.job.total} images; {self.job.skipped} other files skipped")
 
     def _list_input(self) -> FolderScan:
-        store_folder = Path(os.path.realpath(self.store.path.parent))
         exclude = {self.job.output_dir}
-        if store_folder.is_relative_to(self.root.real):
-            exclude.add(self.root.relative(store_folder))
+        if self.store.folder is not None:
+            store_folder = Path(os.path.realpath(self.store.folder))
+            if store_folder.is_relative_to(self.root.real):
+                exclude.add(self.root.relative(store_folder))
         try:
             with OpenFolders(self.root) as folders:
                 return scan_folder(folders, self.job.input_dir, self.job.recursive, exclude,
@@ -296,6 +333,7 @@ class _JobRun:
         terminal state: a crash in between only makes the next start write the reports again."""
         job_id, now = self.job.job_id, time.time()
         self.store.set_ending(job_id, state, error)
+        self._settle_helpers()
         self.filing.recover_all()  # transfers left recorded as moving when the job stopped early
         if self.filing.recovery_failures and state != JobState.FAILED:
             state, error = JobState.FAILED, joined_reasons(error, self.filing.recovery_error())
@@ -321,6 +359,21 @@ class _JobRun:
                  job.counts.failed, job.skipped, job.duration_s(), f": {error}" if error else "")
         return job
 
+    def _settle_helpers(self) -> None:
+        """Once the end state is recorded nobody plans more of the job's files: wait until no other worker
+        is transferring any (those of workers that died are taken over and finished here)."""
+        job_id, note_at = self.job.job_id, time.monotonic()
+        while True:
+            if self.store.take_over(job_id):
+                self.filing.recover_all()
+            elif not self.store.moving_elsewhere(job_id):
+                return
+            else:
+                if time.monotonic() >= note_at:
+                    log.info("Job %s: waiting for other workers to finish moving its files", job_id)
+                    note_at = time.monotonic() + 30
+                time.sleep(HELPERS_POLL_S)
+
     def _write_reports(self, job: JobRecord) -> None:
         job_id = job.job_id
         reports.write_csv(self.files.csv, reports.csv_rows(self.store.files(job_id), job.input_dir),
@@ -332,6 +385,23 @@ class _JobRun:
     # --- the pipeline ----------------------------------------------------------------------------
 
     async def _process(self, remote: RemoteClassifier) -> None:
+        """Claim and sort the job's files until none is left to claim. The job's runner then goes on until
+        every file of the job is done: it takes over the files of helpers that died (finishing their
+        transfers from their records, sorting the rest) and waits for the live ones."""
+        job_id = self.job.job_id
+        while True:
+            await self._sort_claims(remote)
+            if not self.leader:
+                return
+            await _io(self.store.release_claims, job_id)  # none normally: all were sorted
+            if await _io(self.store.take_over, job_id):
+                await _shielded_io(self.filing.recover_all)
+            elif not await _io(self.store.unfinished_files, job_id):
+                return
+            else:
+                await self._or_cancel(asyncio.sleep(HELPERS_POLL_S))
+
+    async def _sort_claims(self, remote: RemoteClassifier) -> None:
         """Chunks go out in order, several in flight; their answers are sorted in order. Chunks whose
         answers are already back when a sort starts join it: one write-ahead commit and one round of
         folder fsyncs for all of them, so a slow disk batches more instead of stalling the pipeline."""
@@ -368,9 +438,9 @@ class _JobRun:
 
     async def _send_chunks(self, remote: RemoteClassifier, out: asyncio.Queue[_Chunk | BaseException | None]) -> None:
         try:
-            after = 0
-            while rows := await _io(self.store.pending, self.job.job_id, after, 512):
-                after = rows[-1].seq
+            # A chunk's worth at a time: what one worker holds and has not sorted yet stays small, so that
+            # workers sharing a job (replicas) split it evenly.
+            while rows := await _io(self.store.claim_files, self.job.job_id, self.settings.batch_chunk_size):
                 for group, data in await _io(self.filing.read, rows):
                     images = [d for d in data if isinstance(d, bytes)]
                     verdicts = asyncio.ensure_future(remote.classify(images)) if images else None
@@ -388,6 +458,9 @@ class _JobRun:
     def _inference_down(self, reason: str, delay: float) -> None:
         address = self.settings.inference_address
         error = f"waiting for the Inference service at {address}: {reason}; next attempt in {delay:.0f}s"
+        if not self.leader:  # the job's state is its runner's
+            self.log.line("✗ API not available (%s): retrying in %.0f seconds", reason, delay)
+            return
         self.store.set_state(self.job.job_id, JobState.WAITING, error)
         self._set_phase("waiting")
         metrics.BATCH_INFERENCE_WAITS.inc()
@@ -396,6 +469,9 @@ class _JobRun:
         self._publish(self.store.get(self.job.job_id), message=error)
 
     def _inference_back(self) -> None:
+        if not self.leader:
+            self.log.line("✓ API is healthy and ready")
+            return
         self.store.set_state(self.job.job_id, JobState.RUNNING)
         self._set_phase("running")
         self.log.line("✓ API is healthy and ready")
@@ -413,10 +489,11 @@ class _JobRun:
         self.phase = phase
 
     async def _watch_cancel(self) -> None:
-        """A cancel requested from another process (only the database is shared) reaches the job too."""
+        """A cancel requested from another process (only the database is shared) reaches the job too; a
+        helper also stops once the job's runner recorded its end."""
         while not self.cancel.is_set():
             await asyncio.sleep(CANCEL_POLL_S)
-            if await _io(self.store.cancel_requested, self.job.job_id):
+            if await _io(self.store.cancel_requested if self.leader else self.store.closing, self.job.job_id):
                 self.cancel.set()
 
     async def _or_cancel(self, awaitable: Awaitable[T]) -> T:
@@ -440,7 +517,7 @@ class _JobRun:
 
 
 async def _io(fn: Callable[..., T], *args: object) -> T:
-    """Blocking work (SQLite, the filesystem) off the event loop."""
+    """Blocking work (the jobs database, the filesystem) off the event loop."""
     return await asyncio.to_thread(fn, *args)
 
 

@@ -84,15 +84,16 @@ class ScheduledRuns:
                 due = self.schedule.next_after(max(datetime.now(), last_due))
                 await asyncio.sleep(max(0.0, (due - datetime.now()).total_seconds()))
                 last_due = due
-                task = asyncio.ensure_future(self.fire())
+                task = asyncio.ensure_future(self.fire(due))
                 self._runs.add(task)
                 task.add_done_callback(self._runs.discard)
         finally:
             for task in list(self._runs):
                 task.cancel()
 
-    async def fire(self) -> JobRecord | None:
-        """One scheduled run, with its own batch_runner log. Returns the job (None when skipped)."""
+    async def fire(self, due: datetime | None = None) -> JobRecord | None:
+        """One scheduled run, with its own batch_runner log. Returns the job (None when skipped). Replicas
+        sharing a PostgreSQL jobs database submit the run of one due time as one job (its idempotency key)."""
         runner_log = RunnerLog(self.settings)
         job: JobRecord | None = None
         try:
@@ -106,7 +107,9 @@ class ScheduledRuns:
                     return None
             try:
                 self.queue.root.folder(self.settings.batch_inbox, "inbox", create=True)
-                spec = self.queue.spec(self.settings.batch_inbox, recursive=self.settings.batch_recursive)
+                key = f"schedule {due.isoformat()}" if due is not None and self.queue.store.shared else ""
+                spec = self.queue.spec(self.settings.batch_inbox, recursive=self.settings.batch_recursive,
+                                       idempotency_key=key)
             except (PathRefused, FolderMissing) as exc:
                 runner_log.line("✗ Cannot process the inbox: %s", str(exc))
                 log.error("Scheduled run skipped: %s", exc)

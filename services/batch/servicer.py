@@ -15,7 +15,7 @@ from services.batch.events import JobEvents, JobUpdate
 from services.batch.jobs import JobQueue
 from services.batch.paths import FolderMissing, PathRefused
 from services.batch.records import JobRecord
-from services.batch.store import JobFinished, JobNotFound
+from services.batch.store import JobFinished, JobNotFound, StoreUnavailable
 from services.common.server import ErrorStatuses
 
 T = TypeVar("T")
@@ -29,11 +29,12 @@ ERRORS = ErrorStatuses({
     PathRefused: grpc.StatusCode.INVALID_ARGUMENT,
     (FolderMissing, JobNotFound): grpc.StatusCode.NOT_FOUND,
     JobFinished: grpc.StatusCode.FAILED_PRECONDITION,
+    StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 })
 
 
 async def call(context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
-    """Run blocking `fn` (SQLite, file system) off the event loop; domain errors become statuses."""
+    """Run blocking `fn` (the jobs database, file system) off the event loop; domain errors become statuses."""
     return await ERRORS.call(context, lambda: asyncio.to_thread(fn))
 
 
@@ -62,7 +63,7 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
             request.input_dir, request.output_dir, converters.MODE_OF.get(request.mode, ""),
             request.min_confidence if request.HasField("min_confidence") else None, request.recursive,
             request.idempotency_key))
-        return self._job(await self._job_queue.submit(spec, trigger="api"))
+        return self._job(await ERRORS.call(context, lambda: self._job_queue.submit(spec, trigger="api")))
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         job_id = await _required(context, request.job_id, "job_id")

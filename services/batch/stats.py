@@ -101,7 +101,7 @@ def batch_history(store: JobStore, days: int = 7, now: float | None = None) -> B
         top_categories=sorted(categories.items(), key=lambda kv: (-kv[1], kv[0])),
         daily=list(daily.values()),
         recent_errors=recent_errors(store, now),
-        active_jobs=len(store.unfinished()),
+        active_jobs=len(store.unfinished_ids()),
     )
 
 

@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar, get_args
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -234,7 +234,18 @@ class BatchSettings(CommonSettings):
     results_dir: Path = Path("results")
     """CSV results and JSON summaries go to <results_dir>/batch_results/."""
     batch_db: Path | None = None
-    """SQLite file of jobs and per-file state; unset: <data_root>/.batch/jobs.db."""
+    """SQLite file of jobs and per-file state; unset: <data_root>/.batch/jobs.db. Not used when
+    batch_database_url is set."""
+    batch_database_url: SecretStr | None = None
+    """PostgreSQL URL of the jobs database (postgresql://user:password@host:5432/database), which
+    several Batch service replicas share; a secret, never logged. Unset
+    (with batch_database_url_file unset): the SQLite file batch_db."""
+    batch_database_url_file: Path | None = None
+    """File holding that URL (a mounted secret), read at start; used when batch_database_url is unset."""
+    batch_poll_interval_s: float = Field(default=5.0, gt=0)
+    """How often the Batch service looks in the jobs database for work it was not handed: jobs
+    submitted through another replica or left by a process that died, and (PostgreSQL) the files of
+    a job another replica runs, which it helps with when it has nothing of its own to run."""
     batch_inbox: str = "inbox"
     """Folder (under data_root) that scheduled runs process."""
     batch_output_dir: str = "processed_batches"
@@ -276,6 +287,34 @@ class BatchSettings(CommonSettings):
     stable hash of their path; this process sorts only its own shard."""
     batch_shard_index: int | None = Field(default=None, ge=0)
     """This process's shard, 0-based; unset: JOB_COMPLETION_INDEX (a Kubernetes Indexed Job), else 0."""
+
+    @field_validator("batch_database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value() and not _is_postgres_url(value.get_secret_value()):
+            raise ValueError("must be a PostgreSQL URL: postgresql://user:password@host:5432/database")
+        return value
+
+    def batch_database_url_value(self) -> str:
+        """The PostgreSQL URL of the jobs database, "" for SQLite. Raises ValueError (naming the setting,
+        never the URL) when the file cannot be read or does not hold such a URL."""
+        if self.batch_database_url is not None and self.batch_database_url.get_secret_value():
+            return self.batch_database_url.get_secret_value()
+        if self.batch_database_url_file is None:
+            return ""
+        try:
+            url = self.batch_database_url_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"FASHION_BATCH_DATABASE_URL_FILE: cannot read {self.batch_database_url_file}: "
+                             f"{exc.strerror}") from None
+        if not _is_postgres_url(url):
+            raise ValueError(f"FASHION_BATCH_DATABASE_URL_FILE: {self.batch_database_url_file} does not hold a "
+                             "PostgreSQL URL (postgresql://user:password@host:5432/database)")
+        return url
+
+
+def _is_postgres_url(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
 
 
 def _comma_list(value: object) -> object:
@@ -439,9 +478,17 @@ def invalid_settings_message(exc: ValidationError) -> str:
     for error in exc.errors():
         variable = _variable_of(str(error["loc"][0])) if error["loc"] else "FASHION_*"
         value = error.get("input")
-        shown = f"={value!r}" if isinstance(value, str | int | float) else ""
+        secret = str(error["loc"][0]).lower().removeprefix("fashion_") in _secret_fields() if error["loc"] else False
+        shown = f"={value!r}" if isinstance(value, str | int | float) and not secret else ""
         lines.append(f"error: {variable}{shown}: {error['msg']}")
     return "\n".join(lines)
+
+
+def _secret_fields() -> set[str]:
+    """The settings that hold secrets (SecretStr): an error never shows their value."""
+    classes = [c for c in globals().values() if isinstance(c, type) and issubclass(c, CommonSettings)]
+    return {name for cls in classes for name, field in cls.model_fields.items()
+            if SecretStr in (field.annotation, *get_args(field.annotation))}
 
 
 def _variable_of(location: str) -> str:

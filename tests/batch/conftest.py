@@ -1,5 +1,10 @@
 """Fixtures of the Batch tests: Batch service processes on real ports with a temporary data root,
-against the shared Inference service (fixture model) or their own; folders of real images."""
+against the shared Inference service (fixture model) or their own; folders of real images.
+
+The jobs database is a parameter (`jobs_database`, and the module-scoped `batch_home`): the tests
+that take it run twice, on the SQLite file under the data root ("sqlite") and on a fresh database
+of one PostgreSQL server per session ("postgres", tests/postgres.py; skipped with the reason when
+PostgreSQL is not installed)."""
 
 from __future__ import annotations
 
@@ -8,14 +13,17 @@ import errno
 import hashlib
 import json
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import psycopg
 import pytest
 
 from fashion.client import BatchClient
@@ -23,17 +31,39 @@ from fashion.v1 import batch_pb2 as pb
 from services.batch.mover import category_folder
 from services.inference.imaging import Preprocessor
 from tests.images import encode, fashion_images
+from tests.postgres import PostgresServer, missing_reason
 from tests.support import LABELS, ServiceProcess, free_port, linear_expected, start_service
 
 PRE = Preprocessor(28, 28, mean=(0.5,), std=(0.5,))  # the fixture model's manifest
 MIN_CONFIDENCE = 0.3  # the fixture model's manifest
 
 
+STORES = ("sqlite", "postgres")
+_connections: dict[str, psycopg.Connection[Any]] = {}
+"""The tests' own connections to PostgreSQL jobs databases, by URL (closed with the server)."""
+
+
 @dataclass
 class BatchHome:
-    """A working folder: data root, results, logs, as a Batch service process or the CLI sees them."""
+    """A working folder: data root, results, logs, as a Batch service process or the CLI sees them; and
+    its jobs database: the SQLite file under the data root, or a PostgreSQL database (`database_url`)."""
 
     workdir: Path
+    database_url: str | None = None
+
+    @property
+    def store(self) -> str:
+        return "postgres" if self.database_url else "sqlite"
+
+    def query(self, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a query (? placeholders) on the jobs database, as tuples."""
+        if self.database_url:
+            conn = _connections.get(self.database_url)
+            if conn is None:
+                conn = _connections[self.database_url] = psycopg.connect(self.database_url, autocommit=True)
+            return [tuple(r) for r in conn.execute(sql.replace("?", "%s"), args).fetchall()]  # type: ignore
+        with sqlite3.connect(self.data / ".batch" / "jobs.db", timeout=30) as db:
+            return db.execute(sql, args).fetchall()
 
     @property
     def data(self) -> Path:
@@ -52,7 +82,8 @@ class BatchHome:
             "FASHION_INFERENCE_ADDRESS": inference_address, "FASHION_BATCH_SCHEDULE": "",
             "FASHION_BATCH_METRICS_PORT": "0", "FASHION_BATCH_FSYNC": "true", "OTEL_SDK_DISABLED": "true",
             "FASHION_BATCH_RETRY_INITIAL_S": "0.2", "FASHION_BATCH_RETRY_MAX_S": "1",
-            "PYTHONFAULTHANDLER": "1", **extra,
+            "PYTHONFAULTHANDLER": "1",
+            **({"FASHION_BATCH_DATABASE_URL": self.database_url} if self.database_url else {}), **extra,
         }
 
     def start(self, inference_address: str, unprivileged: bool = False, wait: bool = True,
@@ -131,6 +162,30 @@ def regular_files_by_digest(root: Path) -> dict[str, list[str]]:
     return by_digest
 
 
+def assert_all_sorted_once(home: BatchHome, inbox: Path, images: dict[str, bytes], job: pb.Job) -> None:
+    """Every image in exactly one place under the output folder, bytes intact; reports complete."""
+    assert not [p for p in inbox.iterdir() if p.name in images], "images left in the inbox"
+    found = files_under(home.data)
+    for name, data in images.items():
+        places = found.get(name, [])
+        assert len(places) == 1 and places[0].is_relative_to(home.output), (name, places)
+        assert places[0].read_bytes() == data, name
+    assert not [p for p in home.data.rglob(".batch-*.part")], "staging files left behind"
+    assert sum(len(v) for v in files_under(home.output).values()) == len(images)
+    rows = read_csv(home.workdir / job.results_csv)
+    assert sorted(r["filename"] for r in rows) == sorted(images)  # complete, no duplicates
+    summary = read_summary(home.workdir / job.summary_json)
+    assert summary["total_processed"] == len(images) and summary["failed"] == 0
+    assert summary["successful"] + summary["uncertain"] == len(images)  # type: ignore[operator]
+    assert (job.processed, job.failed, job.total) == (len(images), 0, len(images))
+    states = home.query("SELECT state, COUNT(*) FROM files WHERE job_id = ? GROUP BY state", (job.job_id,))
+    assert states == [("done", len(images))]
+    recorded = home.query("SELECT source, destination FROM files WHERE job_id = ?", (job.job_id,))
+    assert sorted(Path(s).name for s, _ in recorded) == sorted(images)  # the records agree with the folders
+    for source, destination in recorded:
+        assert (home.data / destination).read_bytes() == images[Path(source).name], (source, destination)
+
+
 @contextmanager
 def tmpfs(path: Path, size: str = "4m") -> Iterator[Path]:
     """A size-limited tmpfs mounted at `path` (created), unmounted at exit: another filesystem, or one
@@ -185,9 +240,49 @@ def wait_for(client: BatchClient, job_id: str, condition: Callable[[pb.Job], boo
     return job
 
 
-@pytest.fixture(scope="module")
-def batch_home(tmp_path_factory: pytest.TempPathFactory) -> BatchHome:
-    return BatchHome(tmp_path_factory.mktemp("batch"))
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session (skips with the reason where it cannot run)."""
+    reason = missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        for conn in _connections.values():
+            conn.close()
+        _connections.clear()
+        server.stop()
+
+
+def _database(request: pytest.FixtureRequest, store: str) -> str | None:
+    """A fresh jobs database for `store`: None for SQLite (the file under the data root), else a URL."""
+    if store == "sqlite":
+        return None
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.create_database()
+
+
+@pytest.fixture(params=STORES)
+def jobs_database(request: pytest.FixtureRequest) -> str | None:
+    """The test runs on each store: None (SQLite), then a fresh PostgreSQL database's URL."""
+    return _database(request, request.param)
+
+
+@pytest.fixture
+def postgres_database(request: pytest.FixtureRequest) -> str:
+    """A fresh PostgreSQL database's URL (tests of PostgreSQL only)."""
+    url = _database(request, "postgres")
+    assert url is not None
+    return url
+
+
+@pytest.fixture(scope="module", params=STORES)
+def batch_home(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> BatchHome:
+    """The module's working folder, once per store."""
+    return BatchHome(tmp_path_factory.mktemp("batch"), _database(request, request.param))
 
 
 @pytest.fixture(scope="module")

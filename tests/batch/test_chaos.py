@@ -8,9 +8,10 @@ filesystems) fills up, then frees again. The Batch service runs without root's r
 file permissions. Afterwards: every image's bytes exactly once under the data root, nothing
 outside touched or moved in, no transfer left in flight, the CSV one row per processed image.
 
-`make test` runs FASHION_CHAOS_SEEDS (default 5) seeds; `make chaos SEEDS=50` runs more. A failure
-names its seed and the events as they happened: FASHION_CHAOS_FIRST_SEED=<seed> with
-FASHION_CHAOS_SEEDS=1 replays it.
+`make test` runs FASHION_CHAOS_SEEDS (default 5) seeds on SQLite and the first
+FASHION_CHAOS_POSTGRES_SEEDS (default 2) of them again on PostgreSQL; `make chaos SEEDS=50` runs
+more. A failure names its seed, store and the events as they happened: FASHION_CHAOS_FIRST_SEED=<seed>
+with FASHION_CHAOS_SEEDS=1 replays it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,13 +28,25 @@ import pytest
 
 from fashion.client import BatchClient
 from fashion.v1 import batch_pb2 as pb
-from tests.batch.conftest import BatchHome, contents, digest, fill, read_csv, regular_files_by_digest, tmpfs
+from tests.batch.conftest import (
+    BatchHome,
+    _database,
+    contents,
+    digest,
+    fill,
+    read_csv,
+    regular_files_by_digest,
+    tmpfs,
+)
 from tests.conftest import start_inference
 from tests.images import encode, fashion_images
 from tests.support import ServiceProcess, free_port
 
 SEEDS = int(os.environ.get("FASHION_CHAOS_SEEDS", "5"))
 FIRST_SEED = int(os.environ.get("FASHION_CHAOS_FIRST_SEED", "0"))
+POSTGRES_SEEDS = min(SEEDS, int(os.environ.get("FASHION_CHAOS_POSTGRES_SEEDS", "2")))
+RUNS = [(seed, "sqlite") for seed in range(FIRST_SEED, FIRST_SEED + SEEDS)] + [
+    (seed, "postgres") for seed in range(FIRST_SEED, FIRST_SEED + POSTGRES_SEEDS)]
 IMAGES = 2000
 SUBFOLDERS = 4
 INJECT_FOR_S = 90.0  # after this, no more faults: the job is left to finish
@@ -92,21 +104,21 @@ class World:
                 process.kill()
 
 
-def progress(db: Path, job_id: str) -> tuple[str, int]:
+def progress(home: BatchHome, job_id: str) -> tuple[str, int]:
     """The job's state and how many of its images are done, read from the jobs database."""
-    with sqlite3.connect(db, timeout=30) as conn:
-        state = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()[0]
-        done = conn.execute("SELECT COUNT(*) FROM files WHERE job_id = ? AND state = 'done'", (job_id,)).fetchone()[0]
+    state = home.query("SELECT state FROM jobs WHERE job_id = ?", (job_id,))[0][0]
+    done = home.query("SELECT COUNT(*) FROM files WHERE job_id = ? AND state = 'done'", (job_id,))[0][0]
     return state, done
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("seed", range(FIRST_SEED, FIRST_SEED + SEEDS), ids=lambda s: f"seed={s}")
+@pytest.mark.parametrize(("seed", "store"), RUNS, ids=[f"seed={seed}-{store}" for seed, store in RUNS])
 def test_chaos_loses_duplicates_and_escapes_nothing(
-        tmp_path: Path, linear_model: tuple[Path, np.ndarray], chaos_images: dict[str, bytes], seed: int) -> None:
+        request: pytest.FixtureRequest, tmp_path: Path, linear_model: tuple[Path, np.ndarray],
+        chaos_images: dict[str, bytes], seed: int, store: str) -> None:
     rng = random.Random(seed)
-    home = BatchHome(tmp_path / "home")
+    home = BatchHome(tmp_path / "home", _database(request, store))
     inbox = home.data / "inbox"
     for rel, data in chaos_images.items():
         (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -122,10 +134,10 @@ def test_chaos_loses_duplicates_and_escapes_nothing(
             job = finish(world, job_id)
         except BaseException as exc:
             world.stop_all()
-            raise AssertionError(f"chaos seed {seed}: {exc!r}; events: {world.events}") from exc
+            raise AssertionError(f"chaos seed {seed} ({store}): {exc!r}; events: {world.events}") from exc
         world.stop_all()
-        print(f"chaos seed {seed}: {pb.JobState.Name(job.state)}, {job.processed} processed, {job.failed} failed;"
-              f" events: {world.events}")  # shown with a failure, and by `make chaos`
+        print(f"chaos seed {seed} ({store}): {pb.JobState.Name(job.state)}, {job.processed} processed, "
+              f"{job.failed} failed; events: {world.events}")  # shown with a failure, and by `make chaos`
         check(world, job, chaos_images, elsewhere, seed)
 
 
@@ -143,10 +155,9 @@ def run_chaos(world: World, elsewhere: Path) -> str:
     assert world.batch is not None
     with BatchClient(world.batch.address) as client:
         job_id = client.submit("inbox", recursive=True).job_id
-    db = home.data / ".batch" / "jobs.db"
     deadline = time.monotonic() + INJECT_FOR_S
     while time.monotonic() < deadline and events:
-        state, done = progress(db, job_id)
+        state, done = progress(home, job_id)
         if state in ("succeeded", "failed", "cancelled"):
             break
         if events and done >= events[0][0] * IMAGES:  # one at a time: a killed service is back before the next
@@ -209,7 +220,7 @@ def finish(world: World, job_id: str) -> pb.Job:
 
 def check(world: World, job: pb.Job, images: dict[str, bytes], elsewhere: Path, seed: int) -> None:
     home = world.home
-    where = f"chaos seed {seed}, events {world.events}"
+    where = f"chaos seed {seed} ({home.store}), events {world.events}"
     assert job.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED), (where, job)
     if job.state == pb.JOB_STATE_FAILED:
         assert job.error, (where, job)
@@ -221,8 +232,7 @@ def check(world: World, job: pb.Job, images: dict[str, bytes], elsewhere: Path, 
     assert not moved_in, (where, "files from outside the data root moved in", moved_in[:5])
     assert contents(elsewhere) == world.outside, (where, "the folder outside the data root changed")
     assert not [p for p in contents(home.data) if ".batch-" in p and p.endswith(".part")], (where, "staging left")
-    with sqlite3.connect(home.data / ".batch" / "jobs.db") as db:
-        unfinished = db.execute("SELECT COUNT(*) FROM files WHERE state != 'done'").fetchone()[0]
+    unfinished = home.query("SELECT COUNT(*) FROM files WHERE state != 'done'")[0][0]
     assert unfinished == 0, (where, f"{unfinished} rows still pending or moving")
     rows = read_csv(home.workdir / job.results_csv)
     names = [r["filename"] for r in rows]

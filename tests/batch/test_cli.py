@@ -1,5 +1,6 @@
 """`fashion batch ...` as a user runs it (the installed `fashion` script, in its own process):
-embedded runs for cron, jobs on the Batch service, the health check; and scheduled runs."""
+embedded runs for cron, jobs on the Batch service, the health check; and scheduled runs. On each
+jobs database (SQLite, PostgreSQL) where the database matters."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def fashion(home: BatchHome, inference: str, *args: str, **env: str) -> subproce
 
 
 def test_embedded_run_sorts_a_folder_without_a_batch_server_then_health_reports_it(
-        tmp_path: Path, inference_server: ServiceProcess) -> None:
-    home = BatchHome(tmp_path)
+        tmp_path: Path, jobs_database: str | None, inference_server: ServiceProcess) -> None:
+    home = BatchHome(tmp_path, jobs_database)
     images = write_images(home.data / "inbox", 12)
     (home.data / "inbox" / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
     never = fashion(home, inference_server.address, "health", "--local")
@@ -111,8 +112,8 @@ def test_submit_wait_status_list_watch_cancel_health_against_the_service(
 
 
 def test_scheduled_runs_process_the_inbox_with_a_runner_log(
-        tmp_path: Path, inference_server: ServiceProcess) -> None:
-    home = BatchHome(tmp_path)
+        tmp_path: Path, jobs_database: str | None, inference_server: ServiceProcess) -> None:
+    home = BatchHome(tmp_path, jobs_database)
     images = write_images(home.data / "inbox", 3)
     batch = home.start(inference_server.address, FASHION_BATCH_SCHEDULE="every 1s")
     try:

@@ -3,7 +3,9 @@ links mid-job, folders it may not write, another (read-only, full) filesystem, l
 recovery looks, hostile file names. Every test checks conservation byte for byte: each input file
 exactly once (or, copying, its original plus at most one copy), nothing outside the data root
 touched. Permission faults run the Batch service without root's right to ignore file permissions
-(tests/support.py drop_file_privileges); other filesystems are size-limited tmpfs mounts."""
+(tests/support.py drop_file_privileges); other filesystems are size-limited tmpfs mounts. The
+tests of recovery after a crash run on each jobs database (SQLite, PostgreSQL); the others, which
+are about the filesystem, on SQLite."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import contextlib
 import csv
 import os
 import signal
-import sqlite3
 import threading
 from pathlib import Path
 
@@ -194,13 +195,12 @@ def crash_at(home: BatchHome, inference: ServiceProcess, point: str, folder: str
 
 
 def moving_rows(home: BatchHome) -> list[tuple[str, str]]:
-    with sqlite3.connect(home.data / ".batch" / "jobs.db") as db:
-        return db.execute("SELECT source, destination FROM files WHERE state = 'moving'").fetchall()
+    return [(s, d) for s, d in home.query("SELECT source, destination FROM files WHERE state = 'moving'")]
 
 
 def test_recovery_never_follows_a_link_planted_at_the_recorded_destination(
-        tmp_path: Path, inference_server: ServiceProcess) -> None:
-    home = BatchHome(tmp_path)
+        tmp_path: Path, jobs_database: str | None, inference_server: ServiceProcess) -> None:
+    home = BatchHome(tmp_path, jobs_database)
     images = write_images(home.data / "inbox", 12)
     job_id = crash_at(home, inference_server, "planned")
     moving = moving_rows(home)
@@ -215,8 +215,8 @@ def test_recovery_never_follows_a_link_planted_at_the_recorded_destination(
 
 
 def test_a_transfer_recovery_cannot_finish_fails_the_job_and_frees_its_file(
-        tmp_path: Path, inference_server: ServiceProcess) -> None:
-    home = BatchHome(tmp_path)
+        tmp_path: Path, jobs_database: str | None, inference_server: ServiceProcess) -> None:
+    home = BatchHome(tmp_path, jobs_database)
     inbox = home.data / "inbox"
     images = write_images(inbox, 12)
     job_id = crash_at(home, inference_server, "linked")  # one image in two places (hard link), not yet unlinked
@@ -242,8 +242,8 @@ def test_a_transfer_recovery_cannot_finish_fails_the_job_and_frees_its_file(
 
 
 def test_recovery_with_the_source_folder_swapped_keeps_what_reached_its_destination(
-        tmp_path: Path, inference_server: ServiceProcess) -> None:
-    home = BatchHome(tmp_path / "home")
+        tmp_path: Path, jobs_database: str | None, inference_server: ServiceProcess) -> None:
+    home = BatchHome(tmp_path / "home", jobs_database)
     inbox = home.data / "inbox"
     images = write_images(inbox, 12)
     elsewhere = tmp_path / "elsewhere"
@@ -257,8 +257,7 @@ def test_recovery_with_the_source_folder_swapped_keeps_what_reached_its_destinat
     job = resume(home, inference_server, job_id)
     assert contents(elsewhere) == before
     assert job.state == pb.JOB_STATE_FAILED and "is now a symbolic link" in job.error, job
-    with sqlite3.connect(home.data / ".batch" / "jobs.db") as db:
-        recorded = db.execute("SELECT destination FROM files WHERE source = ?", (linked[0][0],)).fetchone()[0]
+    recorded = home.query("SELECT destination FROM files WHERE source = ?", (linked[0][0],))[0][0]
     assert recorded == linked[0][1]  # recorded where it surely is
     found = regular_files_by_digest(home.data)
     for name, data in images.items():  # nothing lost; only the linked one may have a second name
@@ -268,8 +267,8 @@ def test_recovery_with_the_source_folder_swapped_keeps_what_reached_its_destinat
 # --- 6: a job that cannot write its results ---------------------------------------------------------------
 
 def test_a_full_disk_while_finishing_fails_the_job_and_no_restart_turns_it_into_success(
-        tmp_path: Path, inference_server: ServiceProcess) -> None:
-    home = BatchHome(tmp_path)
+        tmp_path: Path, jobs_database: str | None, inference_server: ServiceProcess) -> None:
+    home = BatchHome(tmp_path, jobs_database)
     images = write_images(home.data / "inbox", 10)
     with tmpfs(home.workdir / "results", size="256k") as results:
         filler = fill(results)
@@ -400,11 +399,11 @@ def test_hostile_file_names_become_neither_formulas_nor_log_lines(
 ], ids=["copy-copied", "copy-planned", "across-filesystems-copied", "recovery-interrupted", "replanning",
         "recorded-before-csv", "finishing"])
 def test_a_crash_at_every_step_loses_and_duplicates_nothing(
-        tmp_path: Path, inference_server: ServiceProcess, points: list[str], mode: str,
+        tmp_path: Path, jobs_database: str | None, inference_server: ServiceProcess, points: list[str], mode: str,
         across_filesystems: bool) -> None:
     """Each point in turn kills the service (the later ones while it recovers from the earlier);
     a last clean start finishes the job."""
-    home = BatchHome(tmp_path)
+    home = BatchHome(tmp_path, jobs_database)
     inbox = home.data / "inbox"
     with contextlib.ExitStack() as stack:
         if across_filesystems:

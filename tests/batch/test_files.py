@@ -1,26 +1,33 @@
-"""The pieces that decide where files go, on a real filesystem and a real SQLite file: data-root
-confinement, scanning, collision-free names, every state a crash can leave a transfer in, the
-jobs database's guarantees, and schedules."""
+"""The pieces that decide where files go, on a real filesystem and a real jobs database (SQLite, and
+PostgreSQL where installed): data-root confinement, scanning, collision-free names, every state a
+crash can leave a transfer in, the jobs database's guarantees (claims and takeovers between
+workers too), and schedules."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import sqlite3
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from services.batch.mover import FileMover, Resume, category_folder, unique_name
 from services.batch.paths import DataRoot, FolderMissing, PathRefused
+from services.batch.postgres_store import PostgresJobStore
 from services.batch.records import FileDone, FilePlan, JobSpec, JobState, Outcome
 from services.batch.scanner import scan_folder
 from services.batch.schedule import Schedule
-from services.batch.store import JobStore
+from services.batch.sqlite_store import SqliteJobStore
+from services.batch.store import DestinationTaken, JobClosed, JobStore, StoreUnavailable
 from services.batch.tree import MAX_OPEN, Entry, FolderRefused, OpenFolders
+from tests.postgres import PASSWORD
 from tests.support import LABELS
 
 
@@ -222,12 +229,27 @@ def test_complete_finishes_every_interrupted_transfer(tmp_path: Path, copy: bool
     assert complete(s, d, "w") == Resume.MISSING and d.is_symlink()
 
 
-def test_store_keeps_jobs_apart_and_write_ahead_records(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "jobs.db")
+@pytest.fixture
+def open_store(tmp_path: Path, jobs_database: str | None) -> Iterator[Callable[[], JobStore]]:
+    """Opens the jobs database of the test's store, as one more worker (process) each time."""
+    opened: list[JobStore] = []
+
+    def make() -> JobStore:
+        store: JobStore = PostgresJobStore(jobs_database) if jobs_database else SqliteJobStore(tmp_path / "jobs.db")
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+def test_store_keeps_jobs_apart_and_write_ahead_records(open_store: Callable[[], JobStore]) -> None:
+    store = open_store()
     a = store.create(JobSpec("inbox", "out"), "api")
     b = store.create(JobSpec("inbox", "out"), "cli")
-    assert store.create(JobSpec("x", "out", idempotency_key="k"), "api").job_id == store.create(
-        JobSpec("y", "out", idempotency_key="k"), "api").job_id
+    keyed = store.create(JobSpec("x", "out", idempotency_key="k"), "api")
+    assert keyed.job_id == store.create(JobSpec("y", "out", idempotency_key="k"), "api").job_id
     a = store.start(a.job_id, now=datetime(2025, 10, 7, 2, 0, 0).timestamp())
     b = store.start(b.job_id, now=datetime(2025, 10, 7, 2, 0, 0).timestamp())
     assert (a.stamp, b.stamp) == ("20251007_020000", "20251007_020001")  # files of two runs never collide
@@ -236,18 +258,149 @@ def test_store_keeps_jobs_apart_and_write_ahead_records(tmp_path: Path) -> None:
     assert b.total == 1 and b.skipped == 1  # 2.png belongs to the unfinished job a
     skipped = store.files(b.job_id, (Outcome.SKIPPED,))
     assert [(f.source, f.error) for f in skipped] == [("inbox/2.png", f"being processed by job {a.job_id}")]
+    assert [f.source for f in store.claim_files(a.job_id, 10)] == ["inbox/1.png", "inbox/2.png"]
+    assert [f.source for f in store.claim_files(b.job_id, 10)] == ["inbox/3.png"]
     store.plan(a.job_id, [FilePlan(1, Outcome.SUCCESS, "Bag", 0.9, "out/Bag/1.png")])
-    with pytest.raises(sqlite3.IntegrityError):  # one destination, one transfer in flight
+    with pytest.raises(DestinationTaken):  # one destination, one transfer in flight
         store.plan(b.job_id, [FilePlan(1, Outcome.SUCCESS, "Bag", 0.9, "out/Bag/1.png")])
     assert [r.destination for r in store.in_flight(a.job_id)] == ["out/Bag/1.png"]
     store.done(a.job_id, [FileDone(1, Outcome.SUCCESS, "out/Bag/1.png")])
+    store.set_ending(a.job_id, JobState.CANCELLED, "cancelled on request")
+    with pytest.raises(JobClosed):  # its end is recorded: nothing more is planned, by anyone
+        store.plan(a.job_id, [FilePlan(2, Outcome.SUCCESS, "Bag", 0.9, "out/Bag/2.png")])
+    assert store.claim_files(a.job_id, 10) == [] and store.unfinished_files(a.job_id) == 1
     assert store.release_pending(a.job_id) == 1
     finished = store.finish(a.job_id, JobState.CANCELLED)
     assert (finished.counts.successful, finished.counts.unprocessed, finished.counts.categories) == (1, 1, {"Bag": 1})
+    assert store.unfinished_ids() == [b.job_id, keyed.job_id]
+    assert finished.finished_at is not None
     assert store.prune(before=finished.finished_at + 1) == 3  # per-file rows go, totals stay
     assert store.get(a.job_id).counts.successful == 1
     assert store.get(a.job_id[:8]).job_id == a.job_id
-    store.close()
+    assert store.get(a.job_id[:8].upper()).job_id == a.job_id
+
+
+def test_workers_claim_different_files_and_take_over_those_of_one_that_died(
+        open_store: Callable[[], JobStore]) -> None:
+    runner, helper = open_store(), open_store()
+    assert runner.worker != helper.worker
+    job_id = runner.create(JobSpec("inbox", "out"), "api").job_id
+    lock = runner.lock_job(job_id)
+    assert lock is not None and helper.lock_job(job_id) is None and runner.lock_job(job_id) is None
+    runner.start(job_id)
+    runner.add_files(job_id, [f"inbox/{i:02d}.png" for i in range(1, 11)], [])
+    assert [f.seq for f in runner.claim_files(job_id, 3)] == [1, 2, 3]
+    assert [f.seq for f in helper.claim_files(job_id, 3)] == [4, 5, 6]
+    with pytest.raises(RuntimeError, match="not claimed by this worker"):  # never another worker's row
+        runner.plan(job_id, [FilePlan(4, Outcome.SUCCESS, "Bag", 0.9, "out/Bag/04.png")])
+    helper.plan(job_id, [FilePlan(4, Outcome.SUCCESS, "Bag", 0.9, "out/Bag/04.png")])
+    assert runner.in_flight(job_id) == [] and [f.seq for f in helper.in_flight(job_id)] == [4]
+    assert runner.moving_elsewhere(job_id) == 1 and helper.moving_elsewhere(job_id) == 0
+    if isinstance(runner, PostgresJobStore):
+        assert runner.take_over(job_id) == 0  # the helper is alive: its files stay its own
+    helper.close()  # the helper's process dies: its session, and with it its worker's lock, ends
+    deadline = time.monotonic() + 10
+    while not (taken := runner.take_over(job_id)):
+        assert time.monotonic() < deadline, "the dead worker's files were never taken over"
+        time.sleep(0.05)
+    assert taken == 3  # 4 is recorded as moving: the runner's to finish; 5 and 6 are unclaimed again
+    assert [(f.seq, f.destination) for f in runner.in_flight(job_id)] == [(4, "out/Bag/04.png")]
+    assert runner.moving_elsewhere(job_id) == 0
+    assert [f.seq for f in runner.claim_files(job_id, 100)] == [5, 6, 7, 8, 9, 10]
+    runner.done(job_id, [FileDone(4, Outcome.SUCCESS, "out/Bag/04.png")])
+    assert runner.unfinished_files(job_id) == 9
+    lock.release()
+    assert runner.lock_job(job_id) is not None
+
+
+def test_workers_claiming_at_the_same_time_never_get_the_same_file(open_store: Callable[[], JobStore]) -> None:
+    workers = [open_store() for _ in range(4)]
+    job_id = workers[0].create(JobSpec("inbox", "out"), "api").job_id
+    workers[0].start(job_id)
+    workers[0].add_files(job_id, [f"inbox/{i:04d}.png" for i in range(1, 601)], [])
+    claimed: dict[str, list[int]] = {w.worker: [] for w in workers}
+    start = threading.Barrier(len(workers))
+
+    def claim(store: JobStore) -> None:
+        start.wait()
+        while rows := store.claim_files(job_id, 7):
+            claimed[store.worker] += [r.seq for r in rows]
+
+    threads = [threading.Thread(target=claim, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    every = [seq for seqs in claimed.values() for seq in seqs]
+    assert sorted(every) == list(range(1, 601))  # each file claimed exactly once
+    if isinstance(workers[0], PostgresJobStore):
+        assert all(claimed.values()), {w: len(s) for w, s in claimed.items()}  # shared, not queued behind one
+
+
+def test_replicas_starting_together_create_the_schema_once(postgres_database: str) -> None:
+    stores: list[PostgresJobStore] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def open_one() -> None:
+        start.wait()
+        try:
+            stores.append(PostgresJobStore(postgres_database))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert not errors and len({s.worker for s in stores}) == 4, errors
+        again = PostgresJobStore(postgres_database)  # a restart finds the schema as it is
+        stores.append(again)
+        with psycopg.connect(postgres_database) as conn:
+            assert conn.execute("SELECT version FROM batch_schema").fetchall() == [(1,)]
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_lost_connection_stops_the_runs_then_connects_again_as_a_new_worker(postgres_database: str) -> None:
+    store = PostgresJobStore(postgres_database)
+    other = PostgresJobStore(postgres_database)
+    try:
+        job_id = store.create(JobSpec("inbox", "out"), "api").job_id
+        lock = store.lock_job(job_id)
+        assert lock is not None and other.lock_job(job_id) is None
+        first = store.worker
+        with psycopg.connect(postgres_database, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name ="
+                          " 'fashion-batch' AND pid != pg_backend_pid() AND backend_xid IS NULL"
+                          " AND pid = (SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = %s"
+                          " AND classid = %s)", (int(first), 0x62617401))
+        with pytest.raises(StoreUnavailable, match="lost the connection to the jobs database"):
+            store.get(job_id)
+        with pytest.raises(StoreUnavailable):  # its job runs must stop first: their lock is gone
+            store.unfinished_ids()
+        deadline = time.monotonic() + 10
+        while (taken := other.lock_job(job_id)) is None:  # the job is free for another replica at once
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        taken.release()
+        lock.release()  # the run stopped
+        assert store.unfinished_ids() == [job_id] and store.worker != first  # back, as a new worker
+    finally:
+        store.close()
+        other.close()
+
+
+def test_an_unusable_database_is_named_without_its_password(postgres_database: str) -> None:
+    wrong = postgres_database.replace(PASSWORD, "not-the-password")
+    with pytest.raises(StoreUnavailable) as refused:
+        PostgresJobStore(wrong)
+    message = str(refused.value)
+    assert message.startswith(f"cannot connect to the jobs database fashion@127.0.0.1:{wrong.split(':')[3]}")
+    assert "password authentication failed" in message and "not-the-password" not in message
 
 
 def test_schedules_cron_and_interval() -> None:

@@ -1,18 +1,26 @@
 """Nothing lost: the Batch service killed (SIGKILL) mid-job and restarted, the Inference service
-stopped and restarted mid-job, cancellation. Each test owns its processes."""
+stopped and restarted mid-job, cancellation. Each test owns its processes, and runs on each jobs
+database (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
 import re
 import signal
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from fashion.client import BatchClient
 from fashion.v1 import batch_pb2 as pb
-from tests.batch.conftest import BatchHome, files_under, read_csv, read_summary, wait_for, write_images
+from tests.batch.conftest import (
+    BatchHome,
+    assert_all_sorted_once,
+    files_under,
+    read_csv,
+    read_summary,
+    wait_for,
+    write_images,
+)
 from tests.conftest import start_inference
 from tests.support import ServiceProcess, free_port
 
@@ -20,31 +28,9 @@ pytestmark = pytest.mark.timeout(180)
 SLOW = {"FASHION_BATCH_CHUNK_SIZE": "2", "FASHION_BATCH_IN_FLIGHT": "1"}  # many small steps: time to interrupt
 
 
-def assert_all_sorted_once(home: BatchHome, inbox: Path, images: dict[str, bytes], job: pb.Job) -> None:
-    """Every image in exactly one place under the output folder, bytes intact; reports complete."""
-    assert not [p for p in inbox.iterdir() if p.name in images], "images left in the inbox"
-    found = files_under(home.data)
-    for name, data in images.items():
-        places = found.get(name, [])
-        assert len(places) == 1 and places[0].is_relative_to(home.output), (name, places)
-        assert places[0].read_bytes() == data, name
-    assert not [p for p in home.data.rglob(".batch-*.part")], "staging files left behind"
-    assert sum(len(v) for v in files_under(home.output).values()) == len(images)
-    rows = read_csv(home.workdir / job.results_csv)
-    assert sorted(r["filename"] for r in rows) == sorted(images)  # complete, no duplicates
-    summary = read_summary(home.workdir / job.summary_json)
-    assert summary["total_processed"] == len(images) and summary["failed"] == 0
-    assert summary["successful"] + summary["uncertain"] == len(images)  # type: ignore[operator]
-    assert (job.processed, job.failed, job.total) == (len(images), 0, len(images))
-    with sqlite3.connect(home.data / ".batch" / "jobs.db") as db:
-        states = db.execute("SELECT state, COUNT(*) FROM files WHERE job_id = ? GROUP BY state",
-                            (job.job_id,)).fetchall()
-    assert states == [("done", len(images))]
-
-
 def test_sigkill_mid_job_then_restart_finishes_without_loss_or_duplicates(
-        tmp_path: Path, inference_server: ServiceProcess) -> None:
-    home = BatchHome(tmp_path)
+        tmp_path: Path, jobs_database: str | None, inference_server: ServiceProcess) -> None:
+    home = BatchHome(tmp_path, jobs_database)
     inbox = home.data / "inbox"
     images = write_images(inbox, 300)
     batch = home.start(inference_server.address, **SLOW)
@@ -53,8 +39,7 @@ def test_sigkill_mid_job_then_restart_finishes_without_loss_or_duplicates(
             job = client.submit("inbox")
             wait_for(client, job.job_id, lambda j: j.processed >= 30, what="30 images sorted")
             batch.kill()
-        with sqlite3.connect(home.data / ".batch" / "jobs.db") as db:
-            done = db.execute("SELECT COUNT(*) FROM files WHERE state = 'done'").fetchone()[0]
+        done = home.query("SELECT COUNT(*) FROM files WHERE state = 'done'")[0][0]
         assert 30 <= done < 300, f"the kill should land mid-job ({done} done)"
         batch = home.start(inference_server.address)  # resumes the job on start
         with BatchClient(batch.address) as client:
@@ -71,8 +56,8 @@ def test_sigkill_mid_job_then_restart_finishes_without_loss_or_duplicates(
 
 
 def test_inference_down_mid_job_waits_and_survives_a_batch_crash_while_waiting(
-        tmp_path: Path, linear_model) -> None:
-    home = BatchHome(tmp_path / "batch")
+        tmp_path: Path, jobs_database: str | None, linear_model) -> None:
+    home = BatchHome(tmp_path / "batch", jobs_database)
     inbox = home.data / "inbox"
     images = write_images(inbox, 160)
     port = free_port()
@@ -104,8 +89,9 @@ def test_inference_down_mid_job_waits_and_survives_a_batch_crash_while_waiting(
     assert "✗ API not available (UNAVAILABLE" in log and log.count("✓ API is healthy and ready") >= 2
 
 
-def test_cancel_a_waiting_job_and_a_queued_one_leaves_their_files_in_place(tmp_path: Path) -> None:
-    home = BatchHome(tmp_path)
+def test_cancel_a_waiting_job_and_a_queued_one_leaves_their_files_in_place(
+        tmp_path: Path, jobs_database: str | None) -> None:
+    home = BatchHome(tmp_path, jobs_database)
     first = write_images(home.data / "first", 5)
     second = write_images(home.data / "second", 3, start=10)
     batch = home.start(f"127.0.0.1:{free_port()}")  # nothing listens there: jobs wait for it
@@ -135,8 +121,8 @@ def test_cancel_a_waiting_job_and_a_queued_one_leaves_their_files_in_place(tmp_p
 
 
 def test_cancel_a_running_job_keeps_what_is_sorted_and_leaves_the_rest(
-        tmp_path: Path, inference_server: ServiceProcess) -> None:
-    home = BatchHome(tmp_path)
+        tmp_path: Path, jobs_database: str | None, inference_server: ServiceProcess) -> None:
+    home = BatchHome(tmp_path, jobs_database)
     inbox = home.data / "inbox"
     images = write_images(inbox, 200)
     batch = home.start(inference_server.address, **SLOW)
@@ -160,9 +146,9 @@ def test_cancel_a_running_job_keeps_what_is_sorted_and_leaves_the_rest(
 
 @pytest.mark.parametrize("point", ["planned", "linked", "moved"])
 def test_a_crash_at_each_step_of_sorting_is_recovered_at_restart(
-        tmp_path: Path, inference_server: ServiceProcess, point: str) -> None:
+        tmp_path: Path, jobs_database: str | None, inference_server: ServiceProcess, point: str) -> None:
     """SIGKILL exactly where recovery has work to do (see services/batch/failpoints.py)."""
-    home = BatchHome(tmp_path)
+    home = BatchHome(tmp_path, jobs_database)
     inbox = home.data / "inbox"
     images = write_images(inbox, 24)
     batch = home.start(inference_server.address, FASHION_BATCH_FAILPOINT=f"{point}:1",
@@ -173,8 +159,7 @@ def test_a_crash_at_each_step_of_sorting_is_recovered_at_restart(
         assert batch.proc.wait(timeout=60) == -signal.SIGKILL, batch.output()
     finally:
         batch.kill()
-    with sqlite3.connect(home.data / ".batch" / "jobs.db") as db:
-        moving = db.execute("SELECT source, destination FROM files WHERE state = 'moving'").fetchall()
+    moving = home.query("SELECT source, destination FROM files WHERE state = 'moving'")
     assert moving, "the crash should leave transfers recorded as started"
     at_source = [(home.data / s).exists() for s, _ in moving]
     at_destination = [(home.data / d).exists() for _, d in moving]
