@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,40 @@ class _MetricsServer6(_MetricsServer):
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass  # a scrape every few seconds is not worth a log line
+
+
+class _OwnFamilies:
+    """What `collector` collects, less the families not in `names` (another service's, whose files every
+    process writes too, since every family is defined in every process)."""
+
+    def __init__(self, collector: MultiProcessCollector, names: set[str]) -> None:
+        self.collector = collector
+        self.names = names
+
+    def collect(self) -> list[Any]:
+        return [family for family in self.collector.collect() if family.name in self.names]
+
+
+def summed_registry(service: str, folder: str | None = None) -> CollectorRegistry | None:
+    """For processes that share one metrics view (prometheus-client's multiprocess mode: the gateway's
+    workers, the Inference service's server processes), a registry summing every process's files in
+    `folder` (default PROMETHEUS_MULTIPROC_DIR) over `service`'s own families; None in a single process."""
+    folder = folder or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return None
+    names = {metric.name for group in SERVICE_FAMILIES[service] for family in FAMILIES[group]
+             for metric in family.describe()}
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_OwnFamilies(MultiProcessCollector(None, path=folder), names))  # type: ignore[arg-type]
+    return registry
+
+
+def retire_process() -> None:
+    """A process that shares its metrics with others (PROMETHEUS_MULTIPROC_DIR) is stopping: its live
+    gauges (in flight, queue depth) leave the sums; its counters stay."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if folder:
+        mark_process_dead(os.getpid(), folder)
 
 
 def start_metrics_server(service: str, port: int, addr: str, token_check: TokenCheck | None = None,

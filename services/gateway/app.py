@@ -10,10 +10,14 @@ traces are exported; otherwise the context alone is carried, which costs nothing
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import shutil
 import signal
 import ssl
 import sys
+import tempfile
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -78,6 +82,7 @@ def create_app(settings: GatewaySettings | None = None, trace_http: bool = False
         yield
         await app.state.backends.close()
         shutdown_tracing()  # flush the last spans
+        metrics.retire_process()
 
     # FastAPI's native OpenTelemetry: server spans only (no per-dependency spans, metrics or logs:
     # Prometheus and our log files cover those).
@@ -153,6 +158,12 @@ def main() -> None:
     settings = load(GatewaySettings)  # unusable settings, a bad token file: one line, exit 2, before workers start
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit 0 then, with the logs flushed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    if settings.gateway_workers > 1:
+        # The workers (fresh interpreters) write prometheus-client's multiprocess files here, and /metrics,
+        # whichever worker answers, sums them: one view of the gateway, as with a single process.
+        metrics_dir = tempfile.mkdtemp(prefix="fashion-gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
     uvicorn.run(
         "services.gateway.app:factory", factory=True, host=settings.listen_host(settings.gateway_host),
         port=settings.gateway_port,

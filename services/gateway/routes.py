@@ -11,7 +11,7 @@ from typing import Annotated
 import grpc
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from fashion.client import AsyncInferenceClient, AsyncKServeClient
 from fashion.client.batch import AsyncBatchClient
@@ -21,6 +21,7 @@ from fashion.kserve.v2 import grpc_service_pb2 as kserve_pb
 from fashion.v1 import batch_pb2, monitor_pb2
 from fashion.v1 import inference_pb2 as pb
 from services.common.config import GatewaySettings
+from services.common.metrics import summed_registry
 from services.common.tensors import TensorError
 from services.gateway import openinference, protojson, uploads
 from services.gateway.backends import Backends
@@ -120,8 +121,9 @@ metrics = APIRouter(tags=["metrics"])
 
 @metrics.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
 async def prometheus_metrics() -> Response:
-    """Prometheus metrics of the gateway: HTTP requests by route and status, latency, in flight."""
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus metrics of the gateway: HTTP requests by route and status, latency, in flight (with
+    several workers, summed over all of them, whichever answers)."""
+    return Response(generate_latest(summed_registry("gateway") or REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
 # --- Inference -------------------------------------------------------------------------------

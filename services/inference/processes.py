@@ -36,12 +36,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.multiprocess import mark_process_dead
 
 from services.common.config import InferenceSettings
 from services.common.logs import FORWARD_FD_ENV, forward_lines, setup_logging, shutdown_logging
-from services.common.metrics import start_metrics_server
+from services.common.metrics import start_metrics_server, summed_registry
 from services.common.security import metrics_token_check
 from services.inference.siblings import RUN_DIR_ENV, STARTED_ENV
 
@@ -185,8 +184,7 @@ def supervise(settings: InferenceSettings, processes: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(supervisor.metrics_dir))
+    registry = summed_registry("inference", str(supervisor.metrics_dir))
     start_metrics_server("inference", settings.inference_metrics_port,
                          settings.listen_host(settings.inference_host), metrics_token_check(settings), registry)
     log.info("Inference service: %d server processes on %s (run folder %s)", processes,

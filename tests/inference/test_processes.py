@@ -121,6 +121,8 @@ def test_two_server_processes_answer_as_one_service(tmp_path: Path, linear_model
                                       timeout=10).read().decode()
         types = [line for line in page.splitlines() if line.startswith("# TYPE ")]
         assert len(types) == len(set(types)), "one set of families"
+        foreign = [t for t in types if t.split()[2].startswith(("fashion_batch_", "fashion_monitor_", "fashion_http_"))]
+        assert foreign == [], "only the Inference service's own families"
         assert metric(page, "fashion_grpc_requests_total", method=CLASSIFY, code="OK") == 40
         assert metric(page, "fashion_inference_images_total", outcome="success") == 40
         assert metric(page, "fashion_inference_model_loaded") == 1
