@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -168,40 +169,24 @@ def start_service(module: str, workdir: Path, env: Mapping[str, str], address: s
     return ServiceProcess(proc, address, log_path, full_env)
 
 
-class OtlpCollector:
-    """A real OTLP/gRPC trace receiver on a free loopback port: `env` points services at it;
-    `spans` holds (name, trace id, parent span id) of everything received."""
+class SpanRecorder:
+    """What an OTLP trace receiver got: `spans` holds (name, trace id, parent span id) of everything
+    received, `span_ids` (name, trace id) -> span id, `resources` the resource attributes of each export."""
 
     def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-
         self.spans: list[tuple[str, str, str]] = []
         self.span_ids: dict[tuple[str, str], str] = {}
-        """(name, trace id) -> span id, of everything received."""
         self.resources: list[dict[str, str]] = []
-        """The resource attributes of each export (service.name, service.version, ...)."""
         self.lock = threading.Lock()
-        collector = self
 
-        class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-            def Export(self, request, context):
-                with collector.lock:
-                    for rs in request.resource_spans:
-                        collector.resources.append({a.key: a.value.string_value for a in rs.resource.attributes})
-                        for ss in rs.scope_spans:
-                            collector.spans.extend((s.name, s.trace_id.hex(), s.parent_span_id.hex())
-                                                   for s in ss.spans)
-                            collector.span_ids.update(((s.name, s.trace_id.hex()), s.span_id.hex())
-                                                      for s in ss.spans)
-                return trace_service_pb2.ExportTraceServiceResponse()
-
-        self._server = grpc.server(futures.ThreadPoolExecutor(4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self._server)
-        port = free_port()
-        self._server.add_insecure_port(f"127.0.0.1:{port}")
-        self._server.start()
-        self.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
-                    "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    def record(self, request: Any) -> None:
+        """One ExportTraceServiceRequest."""
+        with self.lock:
+            for rs in request.resource_spans:
+                self.resources.append({a.key: a.value.string_value for a in rs.resource.attributes})
+                for ss in rs.scope_spans:
+                    self.spans.extend((s.name, s.trace_id.hex(), s.parent_span_id.hex()) for s in ss.spans)
+                    self.span_ids.update(((s.name, s.trace_id.hex()), s.span_id.hex()) for s in ss.spans)
 
     def snapshot(self) -> list[tuple[str, str, str]]:
         with self.lock:
@@ -214,6 +199,29 @@ class OtlpCollector:
         while not done(spans := self.snapshot()) and time.monotonic() < deadline:
             time.sleep(0.1)
         return spans
+
+
+class OtlpCollector(SpanRecorder):
+    """A real OTLP/gRPC trace receiver on a free loopback port: `env` points services at it."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        super().__init__()
+        collector = self
+
+        class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                collector.record(request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self._server)
+        port = free_port()
+        self._server.add_insecure_port(f"127.0.0.1:{port}")
+        self._server.start()
+        self.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}", "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                    "OTEL_BSP_SCHEDULE_DELAY": "100"}
 
     def stop(self) -> None:
         self._server.stop(0)
@@ -269,7 +277,7 @@ def listening_addresses(root_pid: int) -> set[tuple[str, int]]:
     return found
 
 
-class OtlpHttpCollector:
+class OtlpHttpCollector(SpanRecorder):
     """A real OTLP/HTTP (protobuf) trace receiver on a free loopback port, like OtlpCollector."""
 
     def __init__(self) -> None:
@@ -277,21 +285,13 @@ class OtlpHttpCollector:
 
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-        self.spans: list[tuple[str, str, str]] = []
-        self.resources: list[dict[str, str]] = []
-        self.lock = threading.Lock()
+        super().__init__()
         collector = self
 
         class Receiver(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
-                with collector.lock:
-                    for rs in request.resource_spans:
-                        collector.resources.append({a.key: a.value.string_value for a in rs.resource.attributes})
-                        for ss in rs.scope_spans:
-                            collector.spans.extend((s.name, s.trace_id.hex(), s.parent_span_id.hex())
-                                                   for s in ss.spans)
+                collector.record(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
                 reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200 if self.path == "/v1/traces" else 404)
                 self.send_header("Content-Type", "application/x-protobuf")
@@ -306,17 +306,6 @@ class OtlpHttpCollector:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         self.env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{self._server.server_port}",
                     "OTEL_BSP_SCHEDULE_DELAY": "100"}
-
-    def snapshot(self) -> list[tuple[str, str, str]]:
-        with self.lock:
-            return list(self.spans)
-
-    def wait_for(self, done: Callable[[list[tuple[str, str, str]]], bool], timeout: float = 20.0
-                 ) -> list[tuple[str, str, str]]:
-        deadline = time.monotonic() + timeout
-        while not done(spans := self.snapshot()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return spans
 
     def stop(self) -> None:
         self._server.shutdown()

@@ -13,10 +13,12 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
@@ -27,6 +29,7 @@ from services.common import metrics, security
 from services.common.config import MonitorSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STATS_DAYS = 7
 DRIFT_DAYS = 8  # the last day plus the 7 before it
@@ -381,30 +384,25 @@ class SystemChecker:
 
     async def batch_stats(self, days: int) -> batch_pb2.BatchStats:
         """GetBatchStats over `days`; BatchUnavailable when the Batch service does not answer."""
-        address = self.settings.batch_address
-        try:
-            return await self.batch.stats(days)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-                raise BatchUnavailable(security.token_refused(self.settings, f"the Batch service at {address}",
-                                                     exc.details() or ""), exc.code()) from exc
-            raise BatchUnavailable(
-                f"GetBatchStats of the Batch service at {address} failed ({exc.code().name}: "
-                f"{short_details(exc.details())})", exc.code()
-            ) from exc
+        return await self._ask_batch("GetBatchStats", self.batch.stats(days))
 
     async def batch_health(self, days: int) -> BatchHealthResult:
         """The Batch service's judgment of batch processing (GetBatchHealth); BatchUnavailable when it
         does not answer."""
+        return batch_health_result(await self._ask_batch("GetBatchHealth", self.batch.batch_health(days)))
+
+    async def _ask_batch(self, method: str, call: Awaitable[T]) -> T:
+        """The answer of a call to the Batch service; its failure as BatchUnavailable naming `method`
+        (a refused token as token_refused says it)."""
         address = self.settings.batch_address
         try:
-            return batch_health_result(await self.batch.batch_health(days))
+            return await call
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise BatchUnavailable(security.token_refused(self.settings, f"the Batch service at {address}",
                                                               exc.details() or ""), exc.code()) from exc
             raise BatchUnavailable(
-                f"GetBatchHealth of the Batch service at {address} failed ({exc.code().name}: "
+                f"{method} of the Batch service at {address} failed ({exc.code().name}: "
                 f"{short_details(exc.details())})", exc.code()
             ) from exc
 
