@@ -22,10 +22,10 @@ SECONDS, WARMUP = 8.0, 2.0
 GOAL = 3.0  # the gateway at least 3x the Flask baseline at concurrency 64
 
 
-def httpload(url: str, concurrency: int) -> dict[str, float]:
+def httpload(url: str, concurrency: int, seconds: float = SECONDS, warmup: float = WARMUP) -> dict[str, float]:
     args = [sys.executable, "-m", "bench.httpload", "--url", url, "--concurrency", str(concurrency),
-            "--seconds", str(SECONDS), "--warmup", str(WARMUP)]
-    out = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=SECONDS + WARMUP + 120)
+            "--seconds", str(seconds), "--warmup", str(warmup)]
+    out = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=seconds + warmup + 120)
     if out.returncode != 0:
         raise RuntimeError(f"httpload failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -29,8 +30,26 @@ def ensure_venv() -> Path:
     return VENV / "bin" / "mlserver"
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """The knobs MLServer's users tune for a small CPU model (bench.peers tries each combination)."""
+
+    intra_op_threads: int = 2
+    """ONNX Runtime's intra-op threads in the runtime."""
+    spinning: bool = True
+    """ONNX Runtime's intra-op threads spin while waiting for work (its default) or sleep."""
+    max_batch_size: int = 64
+    """Adaptive batching: the most requests in one model run."""
+    parallel_workers: int = 1
+    """MLServer's inference pool: worker processes that run the model (its default is 1)."""
+
+    def label(self) -> str:
+        return (f"threads {self.intra_op_threads}, spinning {'on' if self.spinning else 'off'}, "
+                f"batch {self.max_batch_size}, parallel_workers {self.parallel_workers}")
+
+
 def start(model_onnx: Path, workdir: Path, name: str, input_name: str, output_name: str,
-          grpc_port: int, http_port: int, metrics_port: int, max_batch_size: int = 64,
+          grpc_port: int, http_port: int, metrics_port: int, tuning: Tuning = Tuning(),
           max_batch_time_s: float = 0.005) -> subprocess.Popen[bytes]:
     """Write an MLServer model repository into `workdir` and start `mlserver start` on it."""
     mlserver = ensure_venv()
@@ -40,16 +59,17 @@ def start(model_onnx: Path, workdir: Path, name: str, input_name: str, output_na
     shutil.copy(BENCH / "mlserver" / "onnx_runtime.py", workdir / "onnx_runtime.py")
     (workdir / "settings.json").write_text(json.dumps({
         "grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port,
-        "debug": False, "load_models_at_startup": True,
+        "debug": False, "load_models_at_startup": True, "parallel_workers": tuning.parallel_workers,
     }))
     (model_dir / "model-settings.json").write_text(json.dumps({
         "name": name,
         "implementation": "onnx_runtime.OnnxRuntimeModel",
-        "max_batch_size": max_batch_size,
+        "max_batch_size": tuning.max_batch_size,
         "max_batch_time": max_batch_time_s,
         "inputs": [{"name": input_name, "datatype": "FP32", "shape": [-1, 1, 28, 28]}],
         "outputs": [{"name": output_name, "datatype": "FP32", "shape": [-1, 10]}],
-        "parameters": {"uri": str(model_dir / "model.onnx"), "extra": {"intra_op_threads": 2}},
+        "parameters": {"uri": str(model_dir / "model.onnx"), "extra": {
+            "intra_op_threads": tuning.intra_op_threads, "allow_spinning": tuning.spinning}},
     }))
     log = open(workdir / "mlserver.out", "ab")
     return subprocess.Popen([str(mlserver), "start", str(workdir)], cwd=workdir, stdout=log,

@@ -21,6 +21,7 @@ SECTIONS = {
     "inference": "bench.inference",
     "batch": "bench.batch_pipeline",
     "gateway": "bench.gateway",
+    "peers": "bench.peers",
     "cli": "bench.cli",
 }
 

@@ -73,6 +73,17 @@ def linear_expected(wb: np.ndarray, x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def assert_top_classes(entries: list[str], probs: np.ndarray, labels: list[str]) -> None:
+    """The classification extension's "score:index:label" entries are the best classes of `probs`, best
+    first, each score printed with 6 decimals and equal to the reference up to float rounding (the model
+    runtime and numpy may differ in the last digit)."""
+    order = np.argsort(-probs)[:len(entries)]
+    parsed = [entry.split(":", 2) for entry in entries]
+    assert [(int(index), label) for _, index, label in parsed] == [(int(i), labels[i]) for i in order], entries
+    for (score, _, _), i in zip(parsed, order, strict=True):
+        assert len(score.partition(".")[2]) == 6 and abs(float(score) - probs[i]) <= 2e-6, (score, probs[i])
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,10 @@ from mlserver.types import InferenceRequest, InferenceResponse
 class OnnxRuntimeModel(MLModel):
     async def load(self) -> bool:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(self.settings.parameters.extra.get("intra_op_threads", 2))
+        extra = self.settings.parameters.extra
+        options.intra_op_num_threads = int(extra.get("intra_op_threads", 2))
+        if not extra.get("allow_spinning", True):
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         uri = self.settings.parameters.uri
         self._session = ort.InferenceSession(uri, options, providers=["CPUExecutionProvider"])
         self._input = self._session.get_inputs()[0].name

@@ -22,7 +22,7 @@ from services.inference import fashion_mnist  # noqa: E402
 from services.inference.imaging import Preprocessor  # noqa: E402
 from tests.gateway.conftest import GatewayProcess, start_gateway  # noqa: E402
 from tests.images import encode, fashion_images  # noqa: E402
-from tests.support import LABELS, ServiceProcess, linear_expected  # noqa: E402
+from tests.support import LABELS, ServiceProcess, assert_top_classes, linear_expected  # noqa: E402
 
 PRE = Preprocessor(28, 28, mean=(0.5,), std=(0.5,))  # the fixture model's manifest
 MODEL = "linear-test"
@@ -115,9 +115,7 @@ def test_classification_extension(triton, linear_model, binary: bool) -> None:
     top = result.as_numpy("probabilities")
     assert top.shape == (3, 3) and result.get_output("probabilities")["datatype"] == "BYTES"
     for row, probs in zip(top, want, strict=True):
-        order = np.argsort(-probs)[:3]
-        got = [e.decode() if isinstance(e, bytes) else e for e in row]
-        assert got == [f"{probs[i]:f}:{i}:{LABELS[i]}" for i in order]
+        assert_top_classes([e.decode() if isinstance(e, bytes) else e for e in row], probs, LABELS)
 
 
 def test_compressed_requests_and_answers(triton, linear_model) -> None:

@@ -27,7 +27,7 @@ import services  # noqa: E402
 from services.inference import fashion_mnist  # noqa: E402
 from services.inference.imaging import Preprocessor  # noqa: E402
 from tests.images import encode, fashion_images, png_declaring  # noqa: E402
-from tests.support import LABELS, linear_expected  # noqa: E402
+from tests.support import LABELS, assert_top_classes, linear_expected  # noqa: E402
 
 PRE = Preprocessor(28, 28, mean=(0.5,), std=(0.5,))  # the fixture model's manifest
 MODEL = "linear-test"
@@ -150,8 +150,7 @@ def test_classification_extension(triton, linear_model) -> None:
     top = result.as_numpy("probabilities")
     assert top.shape == (4, 3) and result.get_output("probabilities").datatype == "BYTES"
     for row, probs in zip(top, want, strict=True):
-        order = np.argsort(-probs)[:3]
-        assert [entry.decode() for entry in row] == [f"{probs[i]:f}:{i}:{LABELS[i]}" for i in order]
+        assert_top_classes([entry.decode() for entry in row], probs, LABELS)
     everything = triton.infer(MODEL, [tensor("image", x[:1, None])], outputs=[
         tritonclient_grpc.InferRequestedOutput("probabilities", class_count=50)]).as_numpy("probabilities")
     assert everything.shape == (1, 10)
