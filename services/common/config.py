@@ -444,7 +444,8 @@ class GatewaySettings(CommonSettings):
     gateway_port: int = 8080
     """HTTP port of the gateway (/predict, /health, /stats, /batch/jobs, /monitor, /metrics, /docs)."""
     gateway_workers: int = Field(default=1, ge=1, le=64)
-    """uvicorn worker processes (each with its own gRPC channels); /metrics then shows one worker's counters."""
+    """uvicorn worker processes on the one port, each with its own gRPC channels; /metrics, whichever worker
+    answers, sums every worker's counters."""
     gateway_timeout_s: float = Field(default=30.0, gt=0)
     """Deadline of each gRPC call the gateway makes (HTTP 504 when it passes)."""
     gateway_classify_calls: int = Field(default=2, ge=0, le=64)
