@@ -9,7 +9,9 @@ previous batch was computing.
 Requests are preprocessed tensors (`submit`, e.g. KServe ModelInfer) or encoded images
 (`submit_encoded`). Where the worker processes (`workers`, a WorkerPool: services/inference/workers/) run the
 model, the CPU default, a batch goes to them whole from the event loop and comes back as the
-model's outputs: no thread of this process takes part. Otherwise an engine thread runs the model
+model's outputs: no thread of this process takes part; except a lone request of one row with
+nothing else queued or in flight (one user at a time), which the engine thread runs here: there
+the round trip to a worker process costs more than the model run. Otherwise an engine thread runs the model
 here, one thread hand-off per batch, not two per image (a decoding stage of its own would add
 hand-offs contending with the event loop for the GIL); the batch's images were decoded by workers
 that only decode, or, for a lone image or without workers, by the engine thread itself with
@@ -150,6 +152,7 @@ class DynamicBatcher:
         self._batches_in_workers = workers is not None and workers.runs_model
         self._wakeups = [asyncio.Event() for _ in range(IN_FLIGHT)]  # one per slot
         self._sleeping = [False] * IN_FLIGHT
+        self._in_flight = 0  # batches being decoded or run
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -267,8 +270,9 @@ class DynamicBatcher:
             if not batch:
                 continue
             items = [p.data for p in batch]
+            self._in_flight += 1
             try:
-                if self._batches_in_workers:
+                if self._batches_in_workers and not self._alone(batch):
                     run = await self._run_in_worker(items)
                 else:
                     started = time.perf_counter()
@@ -284,7 +288,15 @@ class DynamicBatcher:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
+            finally:
+                self._in_flight -= 1
             self._deliver(batch, run)
+
+    def _alone(self, batch: list[_Pending]) -> bool:
+        """Whether `batch` is one request of one row with nothing else queued or in flight: run here (on
+        the engine thread, with `prepare` for an image), it skips the round trip to a worker process."""
+        return (len(batch) == 1 and batch[0].rows == 1 and not self._queue and self._in_flight == 1
+                and (self._prepare is not None or isinstance(batch[0].data, np.ndarray)))
 
     async def _run_in_worker(self, items: list[Item]) -> _BatchRun:
         """The whole batch through a worker that decodes its images and runs the model."""

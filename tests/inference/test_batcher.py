@@ -267,15 +267,42 @@ class GatedWorkers(StandInWorkers):
 
 async def test_batches_run_by_workers_start_beside_each_other() -> None:
     workers = GatedWorkers()
-    batcher = DynamicBatcher(RecordingModel(), prepare=_prepare, workers=workers, max_batch_size=8)
+    model = RecordingModel()
+    batcher = DynamicBatcher(model, prepare=_prepare, workers=workers, max_batch_size=8)
     batcher.start()
-    first = asyncio.ensure_future(batcher.submit_encoded(b"1"))
+    first = asyncio.ensure_future(batcher.submit_encoded_many([b"1", b"3"]))
     await asyncio.sleep(0.01)
     second = asyncio.ensure_future(batcher.submit_encoded(b"2"))
     await asyncio.sleep(0.01)
     assert workers.running == 2, "a lone image does not wait for a batch in the other worker"
     workers.gate.set()
-    assert (await first)[0][0, 0] == 4 and (await second)[0][0, 0] == 8
+    assert [r[0, 0] for r in (await first)[0]] == [4, 12] and (await second)[0][0, 0] == 8
+    assert model.batches == [], "an image arriving while a batch is in flight goes to a worker too"
+    await batcher.stop()
+
+
+@pytest.mark.parametrize("request_kind", ["image", "tensor row"])
+async def test_one_user_at_a_time_is_served_here_without_the_worker_round_trip(request_kind: str) -> None:
+    """Workers that run the model: a lone one-row request with nothing else queued or in flight runs on
+    the engine thread here; anything larger, or anything arriving together, still goes to the workers."""
+    workers = StandInWorkers(runs_model=True)
+    model = RecordingModel(delay_s=0)
+    batcher = DynamicBatcher(model, prepare=_prepare, workers=workers, max_batch_size=8)
+    batcher.start()
+
+    async def one(i: int) -> float:
+        if request_kind == "image":
+            return float((await batcher.submit_encoded(str(i).encode()))[0][0, 0])
+        return float((await batcher.submit(np.full((1, 4), i, np.float32)))[0][0, 0])
+
+    assert [await one(i) for i in range(1, 6)] == [4, 8, 12, 16, 20]
+    assert model.batches == [1] * 5 and workers.batches == [], "one at a time: all here"
+    together = await asyncio.gather(*(one(i) for i in range(6, 10)))
+    assert together == [24, 28, 32, 36]
+    assert sum(workers.inferred) >= 3, "requests arriving together went to the workers"
+    assert sum(model.batches) + sum(workers.inferred) == 9
+    pair, _ = await batcher.submit_encoded_many([b"1", b"2"])
+    assert [r[0, 0] for r in pair] == [4, 8] and workers.inferred[-1] == 2, "a request of two images goes to a worker"
     await batcher.stop()
 
 
