@@ -6,7 +6,10 @@ unfinished job in the database is (re)queued: jobs interrupted by a crash of thi
 of a `fashion batch run` process that died (its lock is gone), and (PostgreSQL) jobs submitted
 through another replica. A job whose lock another live process holds is skipped and offered again
 at the next round; on a store that replicas share, a worker with nothing else queued helps with
-it instead (JobRunner.assist): the replicas split a big job's files.
+it instead (JobRunner.assist): the replicas split a big job's files. A helper goes back to the queue
+as soon as a job that nobody runs (its lock is free) waits for a worker here: one submitted here, or
+one the round finds (queued on a busy replica, or its runner died); jobs other live processes run
+never interrupt it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from services.batch.paths import DataRoot, PathRefused
@@ -73,6 +77,8 @@ class JobQueue:
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._queued: set[str] = set()
         self._running: dict[str, asyncio.Event] = {}
+        self._assisting: dict[str, asyncio.Event] = {}
+        """The jobs this service's workers help with (a subset of _running), and the events that stop them."""
         self._tasks: list[asyncio.Task[None]] = []
 
     def spec(self, input_dir: str, output_dir: str = "", mode: str = "", min_confidence: float | None = None,
@@ -101,6 +107,10 @@ class JobQueue:
         job = await asyncio.to_thread(self.store.create, spec, trigger)
         if job.state == JobState.QUEUED:
             self._enqueue(job.job_id)
+            try:
+                await self._yield_to_unrun([job.job_id])
+            except StoreUnavailable as exc:  # the job is recorded: the next round looks again
+                log.warning("Job %s: could not tell whether it waits for a worker: %s", job.job_id, exc)
         log.info("Job %s submitted (%s): %s -> %s, %s", job.job_id, trigger, printable(job.input_dir),
                  printable(job.output_dir), job.mode)
         return job
@@ -170,7 +180,9 @@ class JobQueue:
                 del self._running[job_id]
 
     async def _assist(self, job_id: str, event: asyncio.Event) -> None:
-        """Nothing of its own queued here: help with a job another replica runs."""
+        """Nothing of its own queued here: help with a job another replica runs, until `event` (set by
+        _yield_to_unrun when a job nobody runs waits here, or by a cancellation)."""
+        self._assisting[job_id] = event
         try:
             sorted_here = await self.runner.assist(job_id, event)
         except StoreUnavailable as exc:
@@ -179,14 +191,40 @@ class JobQueue:
         except Exception:  # in an except clause of _work: nothing else would catch it
             log.exception("Could not help with job %s", job_id)
             return
+        finally:
+            del self._assisting[job_id]
         if sorted_here:
             log.info("Job %s: sorted %d of its images for the replica that runs it", job_id, sorted_here)
+
+    async def _yield_to_unrun(self, job_ids: Sequence[str]) -> None:
+        """Helpers make room for the jobs among `job_ids` that wait for a worker here and that nobody runs (their
+        lock is free): free workers take them, and for each of the others one helper stops helping (it finishes
+        or hands back what it holds) and goes back to the queue. A helped job whose runner died is left by its
+        helper (the next round runs it here). Jobs other live processes run stop no helper: no flipping."""
+        if all(event.is_set() for event in self._assisting.values()):
+            return
+        candidates = [job_id for job_id in job_ids if job_id not in self._running or job_id in self._assisting]
+        if not candidates:
+            return
+        unrun = await asyncio.to_thread(self.store.runnable, candidates)
+        for job_id in unrun & self._assisting.keys():
+            if not self._assisting[job_id].is_set():
+                log.info("Stopping helping with job %s: nobody runs it any more, so it is run here", job_id)
+                self._assisting[job_id].set()
+        waiting = [job_id for job_id in candidates if job_id in unrun and job_id not in self._running]
+        free = self._max_concurrent - len(self._running)
+        helping = [(job_id, event) for job_id, event in self._assisting.items() if not event.is_set()]
+        for (helped, event), job_id in zip(helping, waiting[max(free, 0):], strict=False):
+            log.info("Stopping helping with job %s to run job %s, which waits here and nobody runs", helped, job_id)
+            event.set()
 
     async def _adopt_forever(self) -> None:
         while True:
             try:
-                for job_id in await asyncio.to_thread(self.store.unfinished_ids):
+                unfinished = await asyncio.to_thread(self.store.unfinished_ids)
+                for job_id in unfinished:
                     self._enqueue(job_id)
+                await self._yield_to_unrun(unfinished)
                 if time.monotonic() >= self._next_prune:
                     self._next_prune = time.monotonic() + PRUNE_INTERVAL_S
                     pruned = await asyncio.to_thread(self.store.prune, time.time() - self._history_days * 86400)

@@ -31,7 +31,7 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -305,6 +305,19 @@ class PostgresJobStore(JobStore):
                 _unlock(conn, JOB_LOCKS, lock_key(job_id))
             except psycopg.Error as exc:
                 log.warning("Could not release the lock of job %s: %s", job_id, _scrubbed(str(exc), self._url))
+
+    def runnable(self, job_ids: Collection[str]) -> set[str]:
+        """The unfinished jobs whose advisory lock no session of this database holds, read from pg_locks
+        (nothing taken: a try-and-release could make a replica starting the job at that moment miss it).
+        The states are read after the locks: a job that ended meanwhile (its lock released) is left out."""
+        if not job_ids:
+            return set()
+        with self._reading() as tx:  # the two-key form: classid key 1, objid key 2 (as unsigned), objsubid 2
+            held = {int(r["objid"]) for r in tx.all(
+                "SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND classid = ?"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", (JOB_LOCKS,))}
+            free = [job_id for job_id in job_ids if lock_key(job_id) & 0xFFFFFFFF not in held]
+        return set(free) & set(self.unfinished_ids()) if free else set()
 
     def _claim(self, tx: Any, job_id: str, limit: int) -> list[Row]:
         # A CTE that locks rows is evaluated exactly once (a subquery in FROM may be run again per row).

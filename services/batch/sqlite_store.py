@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -169,6 +169,10 @@ class SqliteJobStore(JobStore):
 
     def lock_job(self, job_id: str) -> FileJobLock | None:
         return FileJobLock.try_acquire(self.folder / "locks", job_id)
+
+    def runnable(self, job_ids: Collection[str]) -> set[str]:
+        """All of them: nobody helps with a job on SQLite (not shared), so nobody asks."""
+        return set(job_ids)
 
     def take_over(self, job_id: str) -> int:
         """The caller holds the job's lock, and only the lock's holder works on a job's files here: every

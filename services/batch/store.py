@@ -20,8 +20,8 @@ on the caller's own rows, and take_over gives the rows of workers that died to t
 pending rows go back to the unclaimed, their moving rows become the caller's, to be finished from
 their records (FileMover.complete). A job is run by one process at a time (lock_job: a flock on
 SQLite, a session-level advisory lock on PostgreSQL; both end with the process); on PostgreSQL
-other replicas may help with its files meanwhile. Once the job's end state is recorded
-(set_ending), nothing more is planned for it by anyone.
+other replicas may help with its files meanwhile, until a job that nobody runs (runnable) waits for
+them. Once the job's end state is recorded (set_ending), nothing more is planned for it by anyone.
 
 Paths are stored relative to the data root. Times are Unix seconds.
 """
@@ -32,7 +32,7 @@ import json
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
@@ -157,6 +157,11 @@ class JobStore(ABC):
     @abstractmethod
     def lock_job(self, job_id: str) -> JobLock | None:
         """Hold the job (it need not exist yet), or None when another process (or task) holds it."""
+
+    @abstractmethod
+    def runnable(self, job_ids: Collection[str]) -> set[str]:
+        """Which of these jobs are unfinished and run by no process now (their lock is free): a helper stops
+        helping for them. Only stores that replicas share need tell (nobody helps on the others)."""
 
     @abstractmethod
     def take_over(self, job_id: str) -> int:

@@ -162,16 +162,19 @@ def regular_files_by_digest(root: Path) -> dict[str, list[str]]:
     return by_digest
 
 
-def assert_all_sorted_once(home: BatchHome, inbox: Path, images: dict[str, bytes], job: pb.Job) -> None:
-    """Every image in exactly one place under the output folder, bytes intact; reports complete."""
+def assert_all_sorted_once(home: BatchHome, inbox: Path, images: dict[str, bytes], job: pb.Job,
+                           output: Path | None = None) -> None:
+    """Every image in exactly one place under the job's output folder (`output`, else home.output), bytes
+    intact; reports complete."""
+    output = output or home.output
     assert not [p for p in inbox.iterdir() if p.name in images], "images left in the inbox"
     found = files_under(home.data)
     for name, data in images.items():
         places = found.get(name, [])
-        assert len(places) == 1 and places[0].is_relative_to(home.output), (name, places)
+        assert len(places) == 1 and places[0].is_relative_to(output), (name, places)
         assert places[0].read_bytes() == data, name
     assert not [p for p in home.data.rglob(".batch-*.part")], "staging files left behind"
-    assert sum(len(v) for v in files_under(home.output).values()) == len(images)
+    assert sum(len(v) for v in files_under(output).values()) == len(images)
     rows = read_csv(home.workdir / job.results_csv)
     assert sorted(r["filename"] for r in rows) == sorted(images)  # complete, no duplicates
     summary = read_summary(home.workdir / job.summary_json)

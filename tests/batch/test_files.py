@@ -20,14 +20,14 @@ import pytest
 
 from services.batch.mover import FileMover, Resume, category_folder, unique_name
 from services.batch.paths import DataRoot, FolderMissing, PathRefused
-from services.batch.postgres_store import PostgresJobStore
+from services.batch.postgres_store import PostgresJobStore, lock_key
 from services.batch.records import FileDone, FilePlan, JobSpec, JobState, Outcome
 from services.batch.scanner import scan_folder
 from services.batch.schedule import Schedule
 from services.batch.sqlite_store import SqliteJobStore
 from services.batch.store import DestinationTaken, JobClosed, JobStore, StoreUnavailable
 from services.batch.tree import MAX_OPEN, Entry, FolderRefused, OpenFolders
-from tests.postgres import PASSWORD
+from tests.postgres import PASSWORD, PostgresServer
 from tests.support import LABELS
 
 
@@ -311,6 +311,33 @@ def test_workers_claim_different_files_and_take_over_those_of_one_that_died(
     assert runner.unfinished_files(job_id) == 9
     lock.release()
     assert runner.lock_job(job_id) is not None
+
+
+def test_runnable_jobs_are_the_unfinished_ones_whose_lock_no_process_holds(
+        postgres: PostgresServer, postgres_database: str) -> None:
+    """What a helping replica leaves off for (PostgreSQL: read from pg_locks, nothing taken)."""
+    runner, other = PostgresJobStore(postgres_database), PostgresJobStore(postgres_database)
+    elsewhere = PostgresJobStore(postgres.create_database())  # another database on the same server
+    try:
+        ids = [runner.create(JobSpec(f"inbox{i}", "out"), "api", job_id=f"job{i:02d}").job_id for i in range(12)]
+        assert {lock_key(job_id) < 0 for job_id in ids[:6]} == {True, False}  # keys of either sign held
+        held = [lock for job_id in ids[:6] if (lock := runner.lock_job(job_id)) is not None]
+        assert len(held) == 6
+        assert all(elsewhere.lock_job(job_id) is not None for job_id in ids[6:])  # not this database's locks
+        assert other.runnable(ids) == runner.runnable(ids) == set(ids[6:])
+        runner.finish(ids[6], JobState.CANCELLED)  # ended: nobody's to run
+        assert other.runnable(ids) == set(ids[7:])
+        held[0].release()
+        assert other.runnable(ids) == {ids[0], *ids[7:]}
+        runner.close()  # its process dies: so do its locks, once the server has ended its session
+        deadline = time.monotonic() + 10
+        while other.runnable(ids) != {*ids[:6], *ids[7:]}:
+            assert time.monotonic() < deadline, other.runnable(ids)
+            time.sleep(0.05)
+        assert other.runnable([]) == set()
+    finally:
+        for store in (runner, other, elsewhere):
+            store.close()
 
 
 def test_workers_claiming_at_the_same_time_never_get_the_same_file(open_store: Callable[[], JobStore]) -> None:

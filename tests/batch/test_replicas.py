@@ -1,7 +1,9 @@
 """Batch service replicas on one PostgreSQL jobs database (tests/postgres.py: skipped with the reason
 where PostgreSQL is not installed): two processes split one big job's files, with nothing lost or
 sorted twice, also when one of them is SIGKILLed mid-job (the other takes its work over); a
-database that cannot be reached stops the start with the reason and never the password.
+replica helping with a job leaves off at once for a job that nobody runs, and never for one another
+live replica runs; a database that cannot be reached stops the start with the reason and never the
+password.
 
 The replicas share the data root and the results folder (as pods share their volume) and write
 their per-run logs to their own folders, so each one's log says which images it sorted."""
@@ -11,19 +13,38 @@ from __future__ import annotations
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fashion.client import BatchClient
 from fashion.v1 import batch_pb2 as pb
-from tests.batch.conftest import BatchHome, assert_all_sorted_once, read_csv, write_images
+from tests.batch.conftest import BatchHome, assert_all_sorted_once, read_csv, wait_for, write_images
+from tests.conftest import start_inference
 from tests.postgres import PASSWORD
 from tests.support import ServiceProcess, free_port
 
 pytestmark = pytest.mark.timeout(240)
 IMAGES = 400
 REPLICA = {"FASHION_BATCH_CHUNK_SIZE": "2", "FASHION_BATCH_IN_FLIGHT": "1", "FASHION_BATCH_POLL_INTERVAL_S": "0.2"}
+PACE_MS = 150  # the paced Inference service's wait for a fuller batch: each call of a job lasts about this long
+BIG = 500  # images of each of the jobs a replica runs: with PACE_MS, tens of seconds however fast the machine
+SMALL = 6  # images of the job that must not wait for them
+
+
+@pytest.fixture(scope="module")
+def paced_inference(tmp_path_factory: pytest.TempPathFactory, linear_model: tuple[Path, np.ndarray]
+                    ) -> Iterator[ServiceProcess]:
+    """An Inference service that answers a call only once its batcher waited PACE_MS for a fuller batch."""
+    svc = start_inference(tmp_path_factory.mktemp("paced-inference"), linear_model[0],
+                          FASHION_MAX_DELAY_MS=str(PACE_MS))
+    try:
+        svc.wait_serving()
+        yield svc
+    finally:
+        svc.terminate()
 
 
 def start_replicas(home: BatchHome, inference: ServiceProcess, **b_extra: str) -> tuple[ServiceProcess, ServiceProcess]:
@@ -52,11 +73,12 @@ def workers_done(home: BatchHome, job_id: str) -> dict[str, int]:
                            (job_id,)))
 
 
-def check_one_job(home: BatchHome, inbox: Path, images: dict[str, bytes], job: pb.Job) -> None:
-    """Every input in exactly one place, the CSV, the summary and the records agree, nothing left in flight,
-    and the password in no log."""
+def check_one_job(home: BatchHome, inbox: Path, images: dict[str, bytes], job: pb.Job,
+                  output: Path | None = None) -> None:
+    """Every input in exactly one place (under `output`, else home.output), the CSV, the summary and the
+    records agree, nothing left in flight, and the password in no log."""
     assert job.state == pb.JOB_STATE_SUCCEEDED and job.error == "", job
-    assert_all_sorted_once(home, inbox, images, job)
+    assert_all_sorted_once(home, inbox, images, job, output)
     recorded = {Path(s).name: outcome for s, outcome in home.query(
         "SELECT source, outcome FROM files WHERE job_id = ?", (job.job_id,))}
     rows = read_csv(home.workdir / job.results_csv)
@@ -133,6 +155,74 @@ def test_a_replica_killed_mid_job_leaves_its_work_to_the_other(
         assert re.search(r"Recovered \d+ transfers interrupted by a crash", survivor_log), survivor_log[-3000:]
     else:  # the survivor adopted the job at its next look at the database
         assert "BATCH PROCESSING RESUMED" in survivor_log
+
+
+def helping_lines(home: BatchHome, log_dir: str) -> list[str]:
+    """The "helps with job" lines of a replica's per-run logs: one each time it begins helping with a job."""
+    return [line for path in sorted((home.workdir / log_dir).glob("batch_[0-9]*.log"))
+            for line in path.read_text(encoding="utf-8").splitlines() if "helps with job" in line]
+
+
+def unclaimed(home: BatchHome, job_id: str) -> int:
+    """The job's images no worker has claimed yet."""
+    return home.query("SELECT COUNT(*) FROM files WHERE job_id = ? AND state = 'pending' AND worker = ''",
+                      (job_id,))[0][0]
+
+
+@pytest.mark.parametrize("submitted_to", ["the helping replica", "the busy replica"])
+def test_a_helping_replica_leaves_off_for_a_job_nobody_runs_and_never_for_one_another_replica_runs(
+        tmp_path: Path, postgres_database: str, paced_inference: ServiceProcess, submitted_to: str) -> None:
+    """Replica a runs two big jobs at once (both its slots), replica b helps with one of them. The other
+    one, which a live replica runs, never stops b's helping: one "helps with job" line in b's logs over
+    many rounds. A small job that nobody runs (submitted to b; or to a, which has no free slot, so b's
+    next round finds it) is run by b at once: it ends while both big jobs still have unclaimed images.
+    Every image of the three jobs is sorted exactly once."""
+    home = BatchHome(tmp_path, postgres_database)
+    big = {name: write_images(home.data / name, BIG, prefix=name) for name in ("big1", "big2")}
+    small = write_images(home.data / "small", SMALL, prefix="small")
+    a = home.start(paced_inference.address, FASHION_BATCH_MAX_CONCURRENT_JOBS="2", **REPLICA)
+    b = None
+    try:
+        with BatchClient(a.address) as client:
+            jobs = {name: client.submit(name, output_dir=f"sorted_{name}") for name in big}
+            for job in jobs.values():  # both run by a before b starts (b's first round could adopt one)
+                wait_for(client, job.job_id, lambda j: j.state == pb.JOB_STATE_RUNNING and j.total == BIG,
+                         what="replica a to run both big jobs")
+        b = home.start(paced_inference.address, FASHION_LOG_DIR="logs_b", **REPLICA)
+        deadline = time.monotonic() + 60
+        while not helping_lines(home, "logs_b"):
+            assert time.monotonic() < deadline, b.output()
+            time.sleep(0.05)
+        time.sleep(1.5)  # several rounds of b's, each offering it both big jobs: they are run by a, b stays put
+        lines = helping_lines(home, "logs_b")
+        left = {name: unclaimed(home, job.job_id) for name, job in jobs.items()}
+        assert len(lines) == 1, lines
+        assert all(left.values()), left  # (so b had no reason to switch jobs meanwhile)
+
+        target = b if submitted_to == "the helping replica" else a
+        with BatchClient(target.address) as client:
+            started = time.monotonic()
+            job = client.submit("small", output_dir="sorted_small")
+        with BatchClient(b.address) as client:
+            small_job = client.wait(job.job_id, timeout_s=120)
+        took = time.monotonic() - started
+        left = {name: unclaimed(home, job.job_id) for name, job in jobs.items()}
+        assert all(left.values()), (left, took)  # b did not wait until the big jobs' images were all claimed
+        small_log = (home.workdir / "logs_b" / Path(small_job.log_file).name).read_text(encoding="utf-8")
+        assert "BATCH PROCESSING STARTED" in small_log  # b ran it
+        assert "Stopping helping with job" in b.output(), b.output()[-3000:]
+
+        with BatchClient(a.address) as client:
+            ended = {name: client.wait(job.job_id, timeout_s=180) for name, job in jobs.items()}
+    finally:
+        a.terminate()
+        if b is not None:
+            b.terminate()
+    check_one_job(home, home.data / "small", small, small_job, home.data / "sorted_small")
+    for name, job in ended.items():
+        check_one_job(home, home.data / name, big[name], job, home.data / f"sorted_{name}")
+    helped = [job for job in ended.values() if any(job.job_id in line for line in lines)]
+    assert len(helped) == 1 and len(workers_done(home, helped[0].job_id)) == 2, workers_done(home, helped[0].job_id)
 
 
 def test_an_unreachable_database_stops_the_start_with_the_reason_and_never_the_password(tmp_path: Path) -> None:
