@@ -19,14 +19,21 @@ from tests.support import ServiceProcess, start_service
 
 
 class CountingClient(AsyncInferenceClient):
-    """The real client, recording what each ClassifyBatch call carried."""
+    """The real client, recording what each ClassifyBatch call carried (image sizes) and each Classify call."""
 
-    calls: list[list[int]]
+    def __init__(self, options: ChannelOptions) -> None:
+        super().__init__(options)
+        self.calls: list[list[int]] = []
+        self.lone: list[int] = []
 
     async def classify_batch(self, images, top_k=0, timeout_s=None, requests=0):  # type: ignore[no-untyped-def, override]
         images = list(images)
         self.calls.append([len(r.image) for r in images])
         return await super().classify_batch(images, top_k, timeout_s, requests)
+
+    async def classify(self, image, top_k=0, timeout_s=None):  # type: ignore[no-untyped-def, override]
+        self.lone.append(len(image))
+        return await super().classify(image, top_k, timeout_s)
 
 
 def test_concurrent_callers_get_their_own_answers_in_few_calls(inference_server: ServiceProcess) -> None:
@@ -39,6 +46,7 @@ def test_concurrent_callers_get_their_own_answers_in_few_calls(inference_server:
             client.calls = []
             coalescer = ClassifyCoalescer(client, max_calls=2)
             want = [await client.classify(img, top_k=k) for img, k in zip(images, ks, strict=True)]
+            client.lone = []
             before = await client.stats()
             got = await asyncio.gather(*(coalescer.classify(img, top_k=k) for img, k in zip(images, ks, strict=True)))
             for w, g, k in zip(want, got, ks, strict=True):
@@ -46,9 +54,10 @@ def test_concurrent_callers_get_their_own_answers_in_few_calls(inference_server:
                 assert [c.index for c in g.top_k] == [c.index for c in w.top_k]
                 assert g.confidence == pytest.approx(w.confidence, rel=1e-5)
                 assert (g.category, g.model_name, g.model_version) == (w.category, w.model_name, w.model_version)
-            # The first caller left alone; the others waited for it and went together.
-            assert sum(len(c) for c in client.calls) == len(images)
-            assert len(client.calls) <= 4 and client.calls[0] == [len(images[0])]
+            # The first caller left alone, in a Classify call; the others waited for it and went together.
+            assert client.lone == [len(images[0])]
+            assert sum(len(c) for c in client.calls) == len(images) - 1
+            assert len(client.calls) <= 4
             # ... and each still counts as a request in the service's statistics (the monitoring guide's /stats).
             after = await client.stats()
             assert after.total_requests - before.total_requests == len(images)
@@ -64,6 +73,32 @@ def test_concurrent_callers_get_their_own_answers_in_few_calls(inference_server:
     asyncio.run(main())
 
 
+def test_one_caller_at_a_time_gets_classify_calls_and_deadlines_hold(inference_server: ServiceProcess) -> None:
+    """Callers one after another each get a Classify call of their own (no batch framing); a caller that
+    arrives while a call is in flight waits for it, and one whose deadline passes while waiting gets
+    DEADLINE_EXCEEDED without ever being sent."""
+    x, _ = fashion_images(6)
+    images = [encode(img) for img in x]
+
+    async def main() -> None:
+        async with CountingClient(ChannelOptions(inference_server.address)) as client:
+            client.calls, client.lone = [], []
+            coalescer = ClassifyCoalescer(client, max_calls=1)
+            alone = [await coalescer.classify(img, top_k=2) for img in images]
+            assert [len(r.top_k) for r in alone] == [2] * 6
+            assert client.lone == [len(i) for i in images] and client.calls == []
+            first = asyncio.ensure_future(coalescer.classify(images[0]))
+            await asyncio.sleep(0)  # the first is in its call: the next ones wait for it
+            late = await asyncio.gather(coalescer.classify(images[1], timeout_s=1e-6),
+                                        coalescer.classify(images[2]), return_exceptions=True)
+            assert isinstance(late[0], grpc.aio.AioRpcError) and late[0].code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert late[1].category and (await first).category  # type: ignore[union-attr]
+            assert client.calls == [[len(images[2])]], "the timed-out caller was never sent"
+            await coalescer.close()
+
+    asyncio.run(main())
+
+
 def test_calls_stay_under_the_message_limit(inference_server: ServiceProcess) -> None:
     x, _ = fashion_images(40)
     images = [encode(img) for img in x]
@@ -72,11 +107,11 @@ def test_calls_stay_under_the_message_limit(inference_server: ServiceProcess) ->
     async def main() -> None:
         options = ChannelOptions(inference_server.address, max_message_bytes=limit)
         async with CountingClient(options) as client:
-            client.calls = []
+            client.calls, client.lone = [], []
             coalescer = ClassifyCoalescer(client, max_calls=1)
             got = await asyncio.gather(*(coalescer.classify(img) for img in images))
             assert all(r.category for r in got)
-            assert sum(len(c) for c in client.calls) == len(images)
+            assert sum(len(c) for c in client.calls) + len(client.lone) == len(images)
             assert all(sum(c) <= limit - FRAMING_BYTES for c in client.calls)
             assert max(len(c) for c in client.calls) >= 3  # ... and still several per call
             await coalescer.close()

@@ -1,9 +1,11 @@
 """Many concurrent single-image classifications sent together as ClassifyBatch calls.
 
 A front end that receives independent requests (the REST gateway) pays a full RPC per image with
-Classify, on both sides. The coalescer keeps at most `max_calls` ClassifyBatch calls in flight;
-requests that arrive meanwhile wait and leave together in the next call. A lone request leaves at
-once (no timer, no added latency when idle), and under load the calls grow on their own:
+Classify, on both sides. The coalescer keeps at most `max_calls` calls in flight; requests that
+arrive meanwhile wait and leave together in the next ClassifyBatch call. A lone request (nothing
+waiting, no call in flight) leaves at once as a Classify call of its own (no timer, no batch
+framing: one user at a time pays nothing for the coalescing), and under load the calls grow on
+their own:
 
     coalescer = ClassifyCoalescer(AsyncInferenceClient(options))
     result = await coalescer.classify(image_bytes, top_k=3)  # raises grpc.aio.AioRpcError like Classify
@@ -58,6 +60,7 @@ class ClassifyCoalescer:
         self._max_bytes = max(1, client.options.max_message_bytes - FRAMING_BYTES)
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._calls: dict[asyncio.Task[None], list[_Waiting]] = {}
+        self._lone_calls = 0  # Classify calls of lone requests in flight (they count against max_calls)
 
     async def classify(self, image: bytes, top_k: int = 0, timeout_s: float | None = None) -> pb.ClassifyResponse:
         """Like AsyncInferenceClient.classify: the answer, or grpc.aio.AioRpcError with the image's
@@ -66,12 +69,20 @@ class ClassifyCoalescer:
             raise rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
                             f"{len(self._waiting)} classifications already waiting for a call")
         timeout = timeout_s or self.client.options.timeout_s
+        if not self._waiting and not self._calls and not self._lone_calls:
+            self._lone_calls += 1
+            try:
+                return await self.client.classify(image, top_k=top_k, timeout_s=timeout)
+            finally:
+                self._lone_calls -= 1
+                self._launch()  # what arrived meanwhile
         future: asyncio.Future[pb.ClassifyResponse] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(pb.ClassifyRequest(image=image, top_k=top_k), time.monotonic() + timeout,
                                       future))
         self._launch()
         try:
-            response = await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):  # cancels `future` when it passes: _launch then skips it
+                response = await future
         except TimeoutError:
             raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
         if response.HasField("error"):
@@ -80,7 +91,7 @@ class ClassifyCoalescer:
 
     def _launch(self) -> None:
         """Start calls while there is room, each taking what is waiting (oldest first)."""
-        while self._waiting and len(self._calls) < self.max_calls:
+        while self._waiting and len(self._calls) + self._lone_calls < self.max_calls:
             group: list[_Waiting] = []
             size = 0
             while self._waiting and len(group) < self.max_batch:
