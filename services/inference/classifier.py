@@ -21,7 +21,7 @@ from services.common import metrics, tracing
 from services.common.config import InferenceSettings
 from services.inference.batcher import IN_FLIGHT, BatchTiming, DynamicBatcher
 from services.inference.cpus import process_cpus, server_processes
-from services.inference.engine import CPU, OnnxModel
+from services.inference.engine import CPU, OnnxModel, choose_providers
 from services.inference.imaging import ImageRejected, Preprocessor
 from services.inference.model import ModelManifest
 from services.inference.siblings import STARTED_ENV, Siblings
@@ -152,13 +152,11 @@ class Classifier:
         self.min_confidence = (self.settings.min_confidence if self.settings.min_confidence is not None
                                else manifest.min_confidence)
         pre = Preprocessor.from_manifest(manifest, max_pixels=self.settings.max_image_pixels)
-        processes = self.settings.worker_processes
-        if processes < 0:
-            processes = IN_FLIGHT if process_cpus(self.settings) >= 2 else 0
+        processes = self._worker_processes()
         if processes:
             worker_model = None
-            if self.settings.workers_run_model and model.provider == CPU:
-                worker_model = WorkerModel(manifest, max(1, model.intra_op_threads // processes))
+            if self._workers_run_model(model.provider):
+                worker_model = WorkerModel(manifest, max(1, self._intra_op_threads() // processes))
             self._workers = await WorkerPool.open(pre, processes, worker_model, nice=self.settings.worker_nice)
         self._batcher = DynamicBatcher(model.run, prepare=pre, workers=self._workers,
                                        max_batch_size=self.settings.max_batch_size,
@@ -169,10 +167,24 @@ class Classifier:
         metrics.MODEL_LOADED.labels(manifest.name).set(1)
         self.load_error = None
 
+    def _worker_processes(self) -> int:
+        processes = self.settings.worker_processes
+        return processes if processes >= 0 else IN_FLIGHT if process_cpus(self.settings) >= 2 else 0
+
+    def _workers_run_model(self, provider: str) -> bool:
+        return self._worker_processes() > 0 and self.settings.workers_run_model and provider == CPU
+
+    def _intra_op_threads(self) -> int:
+        return self.settings.intra_op_threads or process_cpus(self.settings)
+
     def _open_model(self, manifest: ModelManifest) -> OnnxModel:
-        model = OnnxModel(manifest, self.settings.execution_provider,
-                          self.settings.intra_op_threads or process_cpus(self.settings),
-                          self.settings.inter_op_threads, cuda_batch=self.settings.max_batch_size)
+        threads = self._intra_op_threads()
+        if self._workers_run_model(choose_providers(self.settings.execution_provider)[0]):
+            # The workers run every batch; this process's session only runs lone one-row requests (the
+            # batcher's one user at a time), where one thread answers sooner than a pool of them.
+            threads = 1
+        model = OnnxModel(manifest, self.settings.execution_provider, threads, self.settings.inter_op_threads,
+                          cuda_batch=self.settings.max_batch_size)
         model.warm_up()
         return model
 

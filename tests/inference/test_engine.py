@@ -6,9 +6,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from services.common.config import InferenceSettings
 from services.inference import cpus, engine
+from services.inference.classifier import Classifier
+from services.inference.imaging import Preprocessor
 from services.inference.model import ModelFolderError, ModelManifest
-from tests.support import linear_expected
+from tests.images import encode, fashion_images
+from tests.support import LABELS, linear_expected
 
 
 @pytest.mark.parametrize(("available", "preference", "expected"), [
@@ -82,3 +86,31 @@ def test_cuda_runs_the_folders_gpu_file(tmp_path) -> None:
     (tmp_path / "model.fp32.onnx").unlink()
     with pytest.raises(ModelFolderError, match=r"no model\.fp32\.onnx"):
         ModelManifest.load(tmp_path)
+
+
+@pytest.mark.parametrize("workers_run_model", [True, False])
+async def test_the_service_session_is_single_threaded_when_the_workers_run_the_model(
+        monkeypatch, linear_model, workers_run_model: bool) -> None:
+    """With 4 cores and 2 worker processes running the model, each worker gets 2 threads and the service
+    process's own session, which then only runs lone one-row requests, gets 1; when the workers only
+    decode, the service's session runs every batch on all 4."""
+    monkeypatch.setattr(cpus, "available_cpus", lambda: 4)
+    folder, wb = linear_model
+    classifier = Classifier(InferenceSettings(model_dir=folder, execution_provider="cpu", inference_processes=1,
+                                              worker_processes=2,
+                                              workers_run_model=workers_run_model))
+    await classifier.load()
+    try:
+        assert classifier.model is not None
+        assert classifier.model.intra_op_threads == (1 if workers_run_model else 4)
+        workers = classifier._workers
+        assert workers is not None
+        assert (workers.model.threads if workers.model else 0) == (2 if workers_run_model else 0)
+        x, _ = fashion_images(1)
+        image = encode(x[0])
+        want = linear_expected(wb, Preprocessor.from_manifest(ModelManifest.load(folder))(image)[None])[0]
+        result = await classifier.classify(image)  # a lone request: run by the service's session
+        assert result.category == LABELS[int(np.argmax(want))]
+        assert result.confidence == pytest.approx(float(want.max()), rel=1e-4)
+    finally:
+        await classifier.close()
