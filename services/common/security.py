@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 
 from fashion.client import ChannelOptions, TokenFileError, token_file
+from services.common import tracing
 from services.common.config import CommonSettings
 
 log = logging.getLogger(__name__)
@@ -205,5 +206,8 @@ def client_options(settings: CommonSettings, address: str, **overrides: object) 
     take them): built from the same settings that configure its server side, by the mapping that
     ChannelOptions.from_env uses for the same variables, so a service and the CLI beside it reach a
     peer alike: TLS when tls (or tls_ca) is set, the client certificate for mTLS, the bearer token,
-    message limits, load-balancing policy. `overrides` set other fields (timeouts, retries)."""
+    message limits, load-balancing policy; and, when no spans are exported, the caller's trace context
+    in each call's metadata. `overrides` set other fields (timeouts, retries)."""
+    if tracing.propagating_by_metadata():
+        overrides.setdefault("call_metadata", tracing.call_metadata)
     return ChannelOptions.from_settings(address, settings, **overrides)

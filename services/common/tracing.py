@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer, filters
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -126,12 +126,26 @@ _propagating = False
 
 def _propagate_only() -> None:
     """No spans, but outgoing gRPC calls still carry the current W3C context (e.g. a caller's
-    traceparent continued by the gateway): with no SDK installed the API's tracer hands the
-    caller's non-recording span through, and the client instrumentation injects it."""
+    traceparent continued by the gateway): the services' channel options add it to each call's
+    metadata (call_metadata), where the client instrumentation's interceptor would cost every call
+    an intercepted call's extra task and filters, traced or not."""
     global _propagating
-    if not _propagating:
-        GrpcAioInstrumentorClient(filter_=_UNTRACED).instrument()
-        _propagating = True
+    _propagating = True
+
+
+def call_metadata() -> tuple[tuple[str, str], ...]:
+    """The current W3C trace context as gRPC metadata (none when there is none)."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return ()
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return tuple(carrier.items())
+
+
+def propagating_by_metadata() -> bool:
+    """Whether outgoing calls carry the trace context through call_metadata (no spans are made), rather
+    than through the client instrumentation (spans exported)."""
+    return _propagating and _provider is None
 
 
 def shutdown_tracing() -> None:

@@ -93,6 +93,29 @@ def test_asyncio_client_retries_too(flaky: tuple[Flaky, str]) -> None:
     assert asyncio.run(main()) == "Bag" and servicer.calls == 3
 
 
+def test_call_metadata_is_asked_for_as_each_call_starts(flaky: tuple[Flaky, str]) -> None:
+    """ChannelOptions.call_metadata (what the services pass their trace context through): its metadata
+    as of each call, beside the token, on the sync and the asyncio client."""
+    servicer, address = flaky
+    asked = iter(range(100))
+
+    def trace_context() -> tuple[tuple[str, str], ...]:
+        return (("traceparent", f"00-{next(asked):032x}-b7ad6b7169203331-01"),)
+
+    options = ChannelOptions(address, token="t0k", call_metadata=trace_context)
+    with InferenceClient(options) as client:
+        client.classify(b"img")
+        client.classify(b"img")
+
+    async def main() -> None:
+        async with AsyncInferenceClient(options) as client:
+            await client.classify(b"img")
+
+    asyncio.run(main())
+    assert [md["traceparent"][3:35] for md in servicer.seen_metadata] == [f"{i:032x}" for i in range(3)]
+    assert all(md["authorization"] == "Bearer t0k" for md in servicer.seen_metadata)
+
+
 def test_client_needs_nothing_from_the_services() -> None:
     """A user who installs the package uses fashion.client without the services' code."""
     code = ("import sys; sys.modules['services'] = None\n"
