@@ -11,13 +11,14 @@ services.inference.cpus), and what must stay one is kept one:
   metrics   the children write prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set
             in their environment before they import it); the parent serves their sum on the one
             metrics port and marks the files of a child that died (mark_process_dead)
-  GetStats  summed across the children through the run folder (services.inference.siblings)
+  stats     GetStats and KServe ModelStatistics: summed across the children through the run folder
+            (services.inference.siblings)
   health    each child reports SERVING once every child's model is warm
   SIGTERM   (or SIGINT) forwarded to every child, which stops as one process does (NOT_SERVING,
             in-flight calls drained); the parent waits for them and exits 0
   a child that dies is restarted (after 1, 2, 5, 10, 30 s when it keeps dying within a minute of
-            its start); its calls stay counted in GetStats and /metrics. The restarted child answers
-            NOT_SERVING until its model is warm, as every child does at start.
+            its start); its calls stay counted in GetStats, ModelStatistics and /metrics. The
+            restarted child answers NOT_SERVING until its model is warm, as every child does at start.
 """
 
 from __future__ import annotations

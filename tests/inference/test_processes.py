@@ -169,6 +169,60 @@ def test_two_server_processes_answer_as_one_service(tmp_path: Path, linear_model
     assert "exited with -9" in "\n".join(log)
 
 
+def wait_published(folder: Path, done, timeout: float = 5.0) -> dict[int, dict]:  # type: ignore[no-untyped-def]
+    """The processes' files once `done(files)` holds (each process rewrites its file every second)."""
+    deadline = time.monotonic() + timeout
+    while not done(files := published(folder)):
+        assert time.monotonic() < deadline, files
+        time.sleep(0.1)
+    return files
+
+
+def test_kserve_model_statistics_count_every_server_process(tmp_path: Path, linear_model) -> None:
+    """ModelStatistics, whichever process answers it, counts the calls both processes answered."""
+    tritonclient_grpc = pytest.importorskip("tritonclient.grpc")  # not fashion.kserve: tests/inference/test_kserve.py
+    svc = start_inference(tmp_path / "run", linear_model[0], FASHION_INFERENCE_PROCESSES="2",
+                          FASHION_WORKER_PROCESSES="0")
+
+    def on_a_new_connection(call):  # type: ignore[no-untyped-def]
+        triton = tritonclient_grpc.InferenceServerClient(svc.address)
+        try:
+            return call(triton)
+        finally:
+            triton.close()
+
+    def infer(name: str, data: np.ndarray) -> None:
+        tensor = tritonclient_grpc.InferInput(name, list(data.shape), "UINT8" if name == "image" else "BYTES")
+        tensor.set_data_from_numpy(data)
+        on_a_new_connection(lambda triton: triton.infer("linear-test", [tensor]))
+
+    try:
+        folder = run_dir(svc)
+        svc.wait_serving()
+        x, _ = fashion_images(24)
+        for img in x:  # one image per call, each on a connection of its own: the kernel picks its process
+            infer("image", img[None, None])
+        last_call = time.time()
+        for _ in range(4):
+            with pytest.raises(tritonclient_grpc.InferenceServerException):
+                infer("image_bytes", np.array([b"not an image"], dtype=np.object_))
+        files = wait_published(folder, lambda files: sum(f["total_requests"] for f in files.values()) == 28)
+        assert len(files) == 2 and all(f["total_requests"] > 0 for f in files.values()), f"calls not spread: {files}"
+
+        for _ in range(6):  # each on a new connection: both processes answer some
+            (model,) = on_a_new_connection(lambda triton: triton.get_inference_statistics("linear-test")).model_stats
+            stats = model.inference_stats
+            assert (stats.success.count, model.inference_count, stats.fail.count) == (24, 24, 4), model
+            for part in ("queue", "compute_input", "compute_infer", "compute_output"):
+                assert getattr(stats, part).count == 24 and getattr(stats, part).ns > 0, part
+            assert stats.success.ns > 0 and stats.fail.ns > 0
+            assert model.execution_count == 24, "one model run per call: they came one at a time"
+            assert [(b.batch_size, b.compute_infer.count) for b in model.batch_stats] == [(1, 24)]
+            assert model.last_inference >= int(last_call * 1000), "the latest process's last call"
+    finally:
+        assert svc.terminate() == 0, svc.output()
+
+
 def test_one_process_is_the_default_here_and_has_no_parent(tmp_path: Path, linear_model) -> None:
     """FASHION_INFERENCE_PROCESSES=1 (the default on up to 2 cores): the service process itself serves."""
     svc = start_inference(tmp_path / "run", linear_model[0], FASHION_INFERENCE_PROCESSES="1",
