@@ -15,8 +15,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fashion.client import InferenceClient
+from fashion.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.imaging import Preprocessor
 from tests.conftest import start_inference
 from tests.images import encode, fashion_images
@@ -221,6 +223,79 @@ def test_kserve_model_statistics_count_every_server_process(tmp_path: Path, line
             assert model.last_inference >= int(last_call * 1000), "the latest process's last call"
     finally:
         assert svc.terminate() == 0, svc.output()
+
+
+def classify_on_a_new_connection(address: str, image: bytes) -> str | None:
+    """Health, then Classify, on a connection of their own and without retries: what failed, None if nothing."""
+    options = [("grpc.enable_retries", 0), ("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(address, options=options) as channel:
+        try:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            if health.status != health_pb2.HealthCheckResponse.SERVING:
+                return f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)}"
+            inference_pb2_grpc.InferenceServiceStub(channel).Classify(inference_pb2.ClassifyRequest(image=image),
+                                                                       timeout=10)
+        except grpc.RpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+    return None
+
+
+def test_a_restarted_server_process_takes_no_connection_before_its_model_is_warm(tmp_path: Path,
+                                                                                 linear_model) -> None:
+    """A server process killed: until its replacement is warm, every new connection goes to its warm
+    sibling, then to either; a SIGTERM while a replacement warms up stops the service cleanly."""
+    # Worker processes make the warm-up long enough that calls would meet it (they start with the model).
+    svc = start_inference(tmp_path / "run", linear_model[0], FASHION_INFERENCE_PROCESSES="2",
+                          FASHION_WORKER_PROCESSES="3")
+    try:
+        folder = run_dir(svc)
+        svc.wait_serving()
+        deadline = time.monotonic() + 30
+        while svc.output().count("Inference service SERVING") < 2:  # each process's line, whichever answered
+            assert time.monotonic() < deadline, svc.output()
+            time.sleep(0.05)
+        image = encode(fashion_images(1)[0][0])
+        victim, survivor = servers(svc)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        # Reaped, not just a zombie: a zombie leader's threads may still hold its listening socket open.
+        while Path(f"/proc/{victim}").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+        failures: list[str] = []
+        calls = 0
+        serving_at = None
+        deadline = time.monotonic() + 90
+        while serving_at is None or time.monotonic() < serving_at + 2:  # and 2 s more
+            if serving_at is None and svc.output().count("Inference service SERVING") == 3:
+                serving_at = time.monotonic()
+            if (failure := classify_on_a_new_connection(svc.address, image)) is not None:
+                failures.append(failure)
+            calls += 1
+            assert time.monotonic() < deadline, svc.output()
+        assert not failures, f"{len(failures)} of {calls} calls failed, first: {failures[0]}"
+        (replacement,) = set(servers(svc)) - {survivor}
+        files = wait_published(folder, lambda files: files.get(replacement, {}).get("total_requests", 0) > 0)
+        assert files[replacement]["ready"], "the replacement serves"
+
+        # Another one killed, and SIGTERM while its replacement warms up: all stop, exit code 0.
+        os.kill(replacement, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not (warming := [pid for pid, f in published(folder).items()
+                               if pid not in (survivor, replacement) and not f["ready"]]):
+            assert time.monotonic() < deadline, svc.output()
+            time.sleep(0.01)
+        tree = process_tree(svc.proc.pid)
+        svc.proc.send_signal(signal.SIGTERM)
+        code = svc.proc.wait(40)
+    finally:
+        svc.terminate()
+    assert code == 0, svc.output()
+    assert not [pid for pid in tree if Path(f"/proc/{pid}").exists()
+                and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"], "a process left"
+    log = (tmp_path / "run" / "logs" / "api.log").read_text()
+    assert "Shutting down before it listened" in log, f"{warming} was warming up: {log}"
 
 
 def test_one_process_is_the_default_here_and_has_no_parent(tmp_path: Path, linear_model) -> None:
