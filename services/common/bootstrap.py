@@ -10,7 +10,9 @@ of its own settings. `run(service)` is the whole process around that:
                 channel: calls to other services carry the trace context), the Prometheus port
   server        the gRPC server (services.common.server: options, access log and metrics, token
                 check, TLS), grpc.health.v1 NOT_SERVING until the parts are ready, reflection unless
-                FASHION_REFLECTION=false, bound on CommonSettings.listen_address
+                FASHION_REFLECTION=false, bound on CommonSettings.listen_address; a service whose
+                ready_before_listening says so gets ready first and binds SERVING (a process joining
+                siblings that already serve a shared port: no connection reaches it while it warms up)
   event loop    uvloop when installed, else asyncio's
   shutdown      on SIGTERM or SIGINT: NOT_SERVING (enter_graceful_shutdown), in-flight calls drained
                 for up to shutdown_grace_s, the parts' stop hook, traces flushed
@@ -27,7 +29,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -77,7 +79,8 @@ class ServiceParts:
         return ""
 
     async def start(self) -> None:
-        """Runs once the server listens, while still NOT_SERVING: start the background work."""
+        """Runs once the server listens (before it does when the service gets ready before listening),
+        while still NOT_SERVING: start the background work."""
 
     async def ready(self) -> str:
         """Returns once the service can take calls (SERVING from then on), with what the SERVING log
@@ -106,6 +109,10 @@ class GrpcService(Generic[S]):
     """Refuses settings of its own that cannot work (raises StartupError), before anything starts."""
     reuse_port: Callable[[S], bool] | None = None
     """Whether its gRPC port is shared with sibling processes (SO_REUSEPORT), from its settings."""
+    ready_before_listening: Callable[[S], bool] | None = None
+    """Whether it gets ready (its parts' start and ready hooks) before it binds its port, from its
+    settings: for a process that joins siblings already serving the shared port, which would
+    otherwise be handed connections it cannot answer yet. A signal meanwhile stops it unbound."""
 
     @property
     def title(self) -> str:
@@ -163,42 +170,68 @@ async def serve(service: GrpcService[S], settings: S) -> None:
 
     parts = service.build(settings)
     reuse_port = service.reuse_port is not None and service.reuse_port(settings)
+    ready_first = service.ready_before_listening is not None and service.ready_before_listening(settings)
     server, names = grpc_server.create_server(settings, service.name, parts.servicers, reuse_port)
     health = await grpc_server.add_health_and_reflection(server, names, settings.reflection)
     address = settings.listen_address(listener.host, listener.port)
-    await grpc_server.bind(server, settings, address, health)
-    await server.start()
-    about = parts.describe()
-    log.info("%s listening on %s%s", service.title, address, f": {about}" if about else "")
-    await parts.start()
 
-    async def serving_once_ready() -> None:
+    async def get_ready() -> str | None:
+        """What the SERVING log line adds; None (logged) when the parts never became ready."""
         try:
-            about = await parts.ready()
+            return await parts.ready()
         except Exception:
             log.exception("%s never became ready: it stays NOT_SERVING", service.title)
-            return
-        await grpc_server.set_serving(health, names, True)
+            return None
+
+    def log_serving(about: str) -> None:
         log.info("%s SERVING%s", service.title, f": {about}" if about else "")
 
-    readiness = asyncio.ensure_future(serving_once_ready())
+    async def serving_once_ready() -> None:
+        if (about := await get_ready()) is not None:
+            await grpc_server.set_serving(health, names, True)
+            log_serving(about)
+
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in SIGNALS:  # kept until the end: a second signal does not cut the drain short
         loop.add_signal_handler(sig, stopping.set)
+    stop_wait = asyncio.ensure_future(stopping.wait())
+    readiness: asyncio.Future[Any] | None = None  # the parts getting ready
     try:
-        server_done = asyncio.ensure_future(server.wait_for_termination())
-        stop_wait = asyncio.ensure_future(stopping.wait())
-        await asyncio.wait({server_done, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        ready_about: str | None = None
+        if ready_first:
+            log.info("%s getting ready before it listens on %s", service.title, address)
+            await parts.start()
+            readiness = asyncio.ensure_future(get_ready())
+            await asyncio.wait({readiness, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if not stopping.is_set() and (ready_about := readiness.result()) is not None:
+                await grpc_server.set_serving(health, names, True)  # SERVING from the first connection on
+        listening = not stopping.is_set()
+        if listening:
+            await grpc_server.bind(server, settings, address, health)
+            await server.start()
+            about = parts.describe()
+            log.info("%s listening on %s%s", service.title, address, f": {about}" if about else "")
+            if not ready_first:
+                await parts.start()
+                readiness = asyncio.ensure_future(serving_once_ready())
+            elif ready_about is not None:
+                log_serving(ready_about)
+            server_done = asyncio.ensure_future(server.wait_for_termination())
+            await asyncio.wait({server_done, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         stop_wait.cancel()
 
-        log.info("Shutting down: marking NOT_SERVING and draining in-flight calls (grace %.1fs)",
-                 settings.shutdown_grace_s)
-        await health.enter_graceful_shutdown()
-        await grpc_server.stop(server, settings.shutdown_grace_s)
-        readiness.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await readiness
+        if listening:
+            log.info("Shutting down: marking NOT_SERVING and draining in-flight calls (grace %.1fs)",
+                     settings.shutdown_grace_s)
+            await health.enter_graceful_shutdown()
+            await grpc_server.stop(server, settings.shutdown_grace_s)
+        else:
+            log.info("Shutting down before it listened")
+        if readiness is not None:
+            readiness.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await readiness
         await parts.stop()
         shutdown_tracing()
     finally:

@@ -173,8 +173,9 @@ class InferenceSettings(CommonSettings):
     """Inference server processes sharing the one gRPC port (SO_REUSEPORT), each with its own batcher
     and worker processes, the cores split between them (0: from the core count: 1 on up to 2 cores,
     then one per 2 cores). With more than one, a parent process starts them, writes their logs,
-    serves their metrics summed on the one metrics port, restarts one that dies, and stops them all
-    on SIGTERM; GetStats sums them and health says SERVING once all are warm (docs/architecture.md)."""
+    serves their metrics summed on the one metrics port, restarts one that dies (the replacement
+    listens once its model is warm), and stops them all on SIGTERM; GetStats and ModelStatistics sum
+    them and health says SERVING once all are warm (docs/architecture.md)."""
     max_batch_size: int = 256
     """Most images merged into one ONNX Runtime run by the dynamic batcher. A batch is only as big as
     what is waiting (max_delay_ms 0), so this bounds busy moments: there, fewer and bigger batches

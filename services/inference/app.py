@@ -34,6 +34,8 @@ class InferenceParts(ServiceParts):
         ]
 
     def describe(self) -> str:
+        if self.classifier.ready:  # a replacement server process, warm before it listened
+            return ""
         siblings = self.classifier.siblings
         return "NOT_SERVING until the model is loaded" + (
             f" in all {siblings.processes} server processes" if siblings is not None else "")
@@ -72,6 +74,7 @@ SERVICE = GrpcService(
     name="inference", settings_class=InferenceSettings, log_name="api",
     listener=lambda s: Listener(s.inference_host, s.inference_port, s.inference_metrics_port),
     build=InferenceParts, reuse_port=lambda s: server_processes(s) > 1,
+    ready_before_listening=lambda s: processes.is_replacement(),
 )
 
 

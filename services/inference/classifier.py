@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import numpy as np
 from opentelemetry import trace
@@ -61,6 +62,8 @@ class Classification:
 COUNTERS = ("total_requests", "total_images_processed", "successful_predictions", "failed_predictions",
             "latency_total_s")
 """The ServiceStats fields that server processes sharing a port add up (services.inference.siblings)."""
+MODEL_STATISTICS = "model_statistics"
+"""Where a server process's ModelStatistics are in what it publishes to its siblings."""
 
 
 @dataclass
@@ -119,7 +122,7 @@ class Classifier:
     def __init__(self, settings: InferenceSettings) -> None:
         self.settings = settings
         self.stats = ServiceStats()
-        self.siblings = Siblings.from_environment(server_processes(settings), self.stats.counters,
+        self.siblings = Siblings.from_environment(server_processes(settings), self._published_statistics,
                                                   lambda: self.ready)
         """The other server processes on this port (FASHION_INFERENCE_PROCESSES), None when alone."""
         if self.siblings is not None and (started := os.environ.get(STARTED_ENV)):
@@ -201,6 +204,18 @@ class Classifier:
     async def stats_snapshot(self) -> dict[str, object]:
         """GetStats' fields: this process's counters, summed with its siblings' when it has some."""
         return self.stats.snapshot(await self.siblings.others() if self.siblings is not None else ())
+
+    async def statistics_snapshot(self) -> ModelStatistics:
+        """KServe ModelStatistics: this process's, summed with its siblings' when it has some."""
+        if self.siblings is None:
+            return self.statistics
+        others = await self.siblings.others()
+        return self.statistics.summed(ModelStatistics.from_json(other[MODEL_STATISTICS])
+                                      for other in others if MODEL_STATISTICS in other)
+
+    def _published_statistics(self) -> dict[str, Any]:
+        """What this process publishes to its siblings: its GetStats counters and its ModelStatistics."""
+        return {**self.stats.counters(), MODEL_STATISTICS: self.statistics.to_json()}
 
     def _require(self) -> DynamicBatcher:
         if self._batcher is None:

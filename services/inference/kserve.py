@@ -77,12 +77,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
                               context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
-        """Every model's (this one's) statistics, or those of the model `name` asks for."""
+        """Every model's (this one's) statistics, or those of the model `name` asks for; of every
+        server process sharing the port, as GetStats."""
         if request.name:
             model = await ERRORS.call(context, lambda: self._checked_model(request.name, request.version))
         else:
             model = await ERRORS.call(context, self._loaded_model)
-        return pb.ModelStatisticsResponse(model_stats=[model.statistics(self._classifier.statistics)])
+        statistics = await self._classifier.statistics_snapshot()
+        return pb.ModelStatisticsResponse(model_stats=[model.statistics(statistics)])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:

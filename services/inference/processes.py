@@ -11,13 +11,16 @@ services.inference.cpus), and what must stay one is kept one:
   metrics   the children write prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set
             in their environment before they import it); the parent serves their sum on the one
             metrics port and marks the files of a child that died (mark_process_dead)
-  GetStats  summed across the children through the run folder (services.inference.siblings)
+  stats     GetStats and KServe ModelStatistics: summed across the children through the run folder
+            (services.inference.siblings)
   health    each child reports SERVING once every child's model is warm
   SIGTERM   (or SIGINT) forwarded to every child, which stops as one process does (NOT_SERVING,
             in-flight calls drained); the parent waits for them and exits 0
   a child that dies is restarted (after 1, 2, 5, 10, 30 s when it keeps dying within a minute of
-            its start); its calls stay counted in GetStats and /metrics. The restarted child answers
-            NOT_SERVING until its model is warm, as every child does at start.
+            its start); its calls stay counted in GetStats, ModelStatistics and /metrics. The
+            replacement (REPLACEMENT_ENV in its environment) loads and warms its model before it binds
+            the port, so the kernel hands it no connection before it can answer; meanwhile its warm
+            siblings take them all
 """
 
 from __future__ import annotations
@@ -52,12 +55,19 @@ STABLE_S = 60.0
 STOP_MARGIN_S = 30.0
 """How long past the drain grace the parent waits for its children before it kills them."""
 PARENT_PID_ENV = "_FASHION_INFERENCE_PARENT"
+REPLACEMENT_ENV = "_FASHION_INFERENCE_REPLACEMENT"
+"""Set for a child started in place of one that died: it gets ready before it binds the shared port."""
 PR_SET_PDEATHSIG = 1
 
 
 def is_child() -> bool:
     """Whether this process is one of the server processes a parent started."""
     return RUN_DIR_ENV in os.environ
+
+
+def is_replacement() -> bool:
+    """Whether this server process replaces one that died (its siblings already serve the port)."""
+    return os.environ.get(REPLACEMENT_ENV) == "1"
 
 
 def stop_with_parent() -> None:
@@ -100,10 +110,13 @@ class Supervisor:
                 RUN_DIR_ENV: str(self.run_dir), STARTED_ENV: repr(self.started),
                 PARENT_PID_ENV: str(os.getpid())}
 
-    def start_child(self, index: int) -> None:
+    def start_child(self, index: int, replacement: bool = False) -> None:
+        """Start server process `index`; a `replacement` of one that died gets ready before it binds."""
         parent_end, child_end = socket.socketpair()
         try:
             env = {**self._environment(), FORWARD_FD_ENV: str(child_end.fileno())}
+            if replacement:
+                env[REPLACEMENT_ENV] = "1"
             proc = subprocess.Popen([sys.executable, "-m", "services.inference"], env=env,
                                     pass_fds=(child_end.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
         except BaseException:
@@ -114,7 +127,8 @@ class Supervisor:
         reader = threading.Thread(target=forward_lines, args=(parent_end,), name=f"logs-{index}", daemon=True)
         reader.start()
         self.children[index] = _Child(index, proc, reader=reader)
-        log.info("Inference server process %d of %d started (pid %d)", index + 1, self.processes, proc.pid)
+        log.info("Inference server process %d of %d %s (pid %d)", index + 1, self.processes,
+                 "restarted" if replacement else "started", proc.pid)
 
     def _child_exited(self, child: _Child) -> None:
         pid = child.proc.pid
@@ -147,7 +161,7 @@ class Supervisor:
             for index, when in list(restart_at.items()):
                 if time.monotonic() >= when:
                     del restart_at[index]
-                    self.start_child(index)
+                    self.start_child(index, replacement=True)
         return self.stop_all()
 
     def stop_all(self) -> int:

@@ -1,13 +1,14 @@
 """What the Inference server processes sharing one port (FASHION_INFERENCE_PROCESSES > 1) share:
-a run folder where each publishes its GetStats counters and whether its model is warm.
+a run folder where each publishes its statistics (GetStats counters, KServe ModelStatistics) and
+whether its model is warm.
 
 Each process rewrites `stats-<pid>.json` (atomically: a temporary file renamed over it) every
-PUBLISH_INTERVAL_S and at once on SIGUSR1; when it stops, its last counters become
-`retired-<pid>.json`. GetStats, whichever process answers it, asks its live siblings for fresh
-counters (SIGUSR1), waits for them (at most FRESH_WAIT_S) and sums them with its own current ones
-and with the `retired-<pid>.json` of processes that stopped or died (for one that died, the parent
-renames its last file, so that its calls stay counted). A process reports SERVING once every
-sibling's file says its model is warm. The parent (services.inference.processes) makes the folder
+PUBLISH_INTERVAL_S and at once on SIGUSR1; when it stops, its last statistics become
+`retired-<pid>.json`. GetStats and ModelStatistics, whichever process answers them, ask its live
+siblings for fresh statistics (SIGUSR1), wait for them (at most FRESH_WAIT_S) and sum them with its
+own current ones and with the `retired-<pid>.json` of processes that stopped or died (for one that
+died, the parent renames its last file, so that its calls stay counted). A process reports SERVING
+once every sibling's file says its model is warm. The parent (services.inference.processes) makes the folder
 and says where it is, and when the service started, in the environment.
 """
 
@@ -22,6 +23,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -45,28 +47,29 @@ def alive(pid: int) -> bool:
 class Siblings:
     """This server process's file in the run folder, and its view of the others'."""
 
-    def __init__(self, run_dir: Path, processes: int, counters: Callable[[], dict[str, float]],
+    def __init__(self, run_dir: Path, processes: int, statistics: Callable[[], dict[str, Any]],
                  ready: Callable[[], bool]) -> None:
+        """`statistics`: what this process publishes (JSON values), `ready`: whether its model is warm."""
         self.run_dir = run_dir
         self.processes = processes
         self.pid = os.getpid()
         self.path = run_dir / f"stats-{self.pid}.json"
-        self._counters = counters
+        self._statistics = statistics
         self._ready = ready
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
-    def from_environment(cls, processes: int, counters: Callable[[], dict[str, float]],
+    def from_environment(cls, processes: int, statistics: Callable[[], dict[str, Any]],
                          ready: Callable[[], bool]) -> Siblings | None:
         """This process's Siblings when a parent started it as one of several, else None."""
         run_dir = os.environ.get(RUN_DIR_ENV)
         if not run_dir or processes <= 1:
             return None
-        return cls(Path(run_dir), processes, counters, ready)
+        return cls(Path(run_dir), processes, statistics, ready)
 
     def publish(self) -> None:
         """Rewrite this process's file now, atomically."""
-        data = {"pid": self.pid, "ready": self._ready(), "written": time.time(), **self._counters()}
+        data = {"pid": self.pid, "ready": self._ready(), "written": time.time(), **self._statistics()}
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
             tmp.write_text(json.dumps(data))
@@ -81,7 +84,7 @@ class Siblings:
         self._task = asyncio.ensure_future(self._every_interval())
 
     async def stop(self) -> None:
-        """Publish the final counters as retired: counted by the siblings from now on, never twice."""
+        """Publish the final statistics as retired: counted by the siblings from now on, never twice."""
         # A sibling's SIGUSR1 from now on is ignored: not the default action (ending the process once
         # the event loop closed), nor a publish that would bring back the live file after the rename.
         asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
@@ -99,10 +102,10 @@ class Siblings:
             await asyncio.sleep(PUBLISH_INTERVAL_S)
             self.publish()
 
-    def _files(self) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    def _files(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(live siblings' latest snapshots, retired processes' last ones), this process's left out."""
-        live: list[dict[str, float]] = []
-        retired: list[dict[str, float]] = []
+        live: list[dict[str, Any]] = []
+        retired: list[dict[str, Any]] = []
         for path in self.run_dir.glob("*.json"):
             kind = path.name.split("-", 1)[0]
             if kind not in ("stats", "retired") or path == self.path:
@@ -127,8 +130,8 @@ class Siblings:
                 return
             await asyncio.sleep(0.1)
 
-    async def others(self) -> list[dict[str, float]]:
-        """The siblings' counters, fresh (each asked to publish now, waited for at most FRESH_WAIT_S),
+    async def others(self) -> list[dict[str, Any]]:
+        """The siblings' statistics, fresh (each asked to publish now, waited for at most FRESH_WAIT_S),
         and the retired processes' last ones."""
         asked = time.time()
         live, _ = self._files()

@@ -9,12 +9,18 @@ batch) and `compute_output` (from the batch's end to the answer). `inference_cou
 `execution_count` model runs; `batches` has, per batch size, how many runs and their input and
 model time (their output time is per request only: a batch's rows are answered by each request on
 its own). A request whose images ran in several batches counts its first start to last end.
+
+Server processes sharing one port (FASHION_INFERENCE_PROCESSES > 1) publish theirs in their sibling
+files in a plain JSON form (to_json, from_json); whichever answers ModelStatistics reports their sum
+(summed), as GetStats does with its counters (services.inference.siblings).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.inference.batcher import BatchTiming
 
@@ -30,6 +36,18 @@ class Duration:
         self.count += count
         self.ns += max(0, int(seconds * 1e9)) * count
 
+    def merge(self, other: Duration) -> None:
+        self.count += other.count
+        self.ns += other.ns
+
+    def to_json(self) -> list[int]:
+        return [self.count, self.ns]
+
+    @classmethod
+    def from_json(cls, data: Iterable[int]) -> Duration:
+        count, ns = data
+        return cls(int(count), int(ns))
+
 
 @dataclass
 class BatchSizeStatistics:
@@ -37,6 +55,14 @@ class BatchSizeStatistics:
 
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
+
+    def merge(self, other: BatchSizeStatistics) -> None:
+        self.compute_input.merge(other.compute_input)
+        self.compute_infer.merge(other.compute_infer)
+
+
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+"""ModelStatistics' per-request durations."""
 
 
 @dataclass
@@ -77,3 +103,40 @@ class ModelStatistics:
             per_size = self.batches[batch_size] = BatchSizeStatistics()
         per_size.compute_input.add(input_s)
         per_size.compute_infer.add(infer_s)
+
+    def merge(self, other: ModelStatistics) -> None:
+        """Add `other` (another process's) to these: durations and counts summed, the later last
+        inference, runs of the same batch size together."""
+        for name in DURATIONS:
+            getattr(self, name).merge(getattr(other, name))
+        self.inference_count += other.inference_count
+        self.execution_count += other.execution_count
+        self.last_inference_ms = max(self.last_inference_ms, other.last_inference_ms)
+        for size, runs in other.batches.items():
+            self.batches.setdefault(size, BatchSizeStatistics()).merge(runs)
+
+    def summed(self, others: Iterable[ModelStatistics]) -> ModelStatistics:
+        """A new ModelStatistics: these plus `others` (these stay as they are)."""
+        total = ModelStatistics.from_json(self.to_json())
+        for other in others:
+            total.merge(other)
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        """Its plain JSON form: {"success": [count, ns], ..., "batches": {"<size>": {...}}}."""
+        return {**{name: getattr(self, name).to_json() for name in DURATIONS},
+                "inference_count": self.inference_count, "execution_count": self.execution_count,
+                "last_inference_ms": self.last_inference_ms,
+                "batches": {str(size): {"compute_input": runs.compute_input.to_json(),
+                                        "compute_infer": runs.compute_infer.to_json()}
+                            for size, runs in self.batches.items()}}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelStatistics:
+        """The ModelStatistics that to_json wrote `data` from."""
+        return cls(**{name: Duration.from_json(data[name]) for name in DURATIONS},
+                   inference_count=int(data["inference_count"]), execution_count=int(data["execution_count"]),
+                   last_inference_ms=int(data["last_inference_ms"]),
+                   batches={int(size): BatchSizeStatistics(Duration.from_json(runs["compute_input"]),
+                                                           Duration.from_json(runs["compute_infer"]))
+                            for size, runs in data["batches"].items()})

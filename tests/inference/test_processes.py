@@ -15,8 +15,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fashion.client import InferenceClient
+from fashion.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.imaging import Preprocessor
 from tests.conftest import start_inference
 from tests.images import encode, fashion_images
@@ -167,6 +169,133 @@ def test_two_server_processes_answer_as_one_service(tmp_path: Path, linear_model
     assert all(LINE.match(line) and line.count("[trace_id=") == 1 for line in access)
     assert all(LINE.match(line) or line.startswith((" ", "Traceback")) for line in log), "whole lines only"
     assert "exited with -9" in "\n".join(log)
+
+
+def wait_published(folder: Path, done, timeout: float = 5.0) -> dict[int, dict]:  # type: ignore[no-untyped-def]
+    """The processes' files once `done(files)` holds (each process rewrites its file every second)."""
+    deadline = time.monotonic() + timeout
+    while not done(files := published(folder)):
+        assert time.monotonic() < deadline, files
+        time.sleep(0.1)
+    return files
+
+
+def test_kserve_model_statistics_count_every_server_process(tmp_path: Path, linear_model) -> None:
+    """ModelStatistics, whichever process answers it, counts the calls both processes answered."""
+    tritonclient_grpc = pytest.importorskip("tritonclient.grpc")  # not fashion.kserve: tests/inference/test_kserve.py
+    svc = start_inference(tmp_path / "run", linear_model[0], FASHION_INFERENCE_PROCESSES="2",
+                          FASHION_WORKER_PROCESSES="0")
+
+    def on_a_new_connection(call):  # type: ignore[no-untyped-def]
+        triton = tritonclient_grpc.InferenceServerClient(svc.address)
+        try:
+            return call(triton)
+        finally:
+            triton.close()
+
+    def infer(name: str, data: np.ndarray) -> None:
+        tensor = tritonclient_grpc.InferInput(name, list(data.shape), "UINT8" if name == "image" else "BYTES")
+        tensor.set_data_from_numpy(data)
+        on_a_new_connection(lambda triton: triton.infer("linear-test", [tensor]))
+
+    try:
+        folder = run_dir(svc)
+        svc.wait_serving()
+        x, _ = fashion_images(24)
+        for img in x:  # one image per call, each on a connection of its own: the kernel picks its process
+            infer("image", img[None, None])
+        last_call = time.time()
+        for _ in range(4):
+            with pytest.raises(tritonclient_grpc.InferenceServerException):
+                infer("image_bytes", np.array([b"not an image"], dtype=np.object_))
+        files = wait_published(folder, lambda files: sum(f["total_requests"] for f in files.values()) == 28)
+        assert len(files) == 2 and all(f["total_requests"] > 0 for f in files.values()), f"calls not spread: {files}"
+
+        for _ in range(6):  # each on a new connection: both processes answer some
+            (model,) = on_a_new_connection(lambda triton: triton.get_inference_statistics("linear-test")).model_stats
+            stats = model.inference_stats
+            assert (stats.success.count, model.inference_count, stats.fail.count) == (24, 24, 4), model
+            for part in ("queue", "compute_input", "compute_infer", "compute_output"):
+                assert getattr(stats, part).count == 24 and getattr(stats, part).ns > 0, part
+            assert stats.success.ns > 0 and stats.fail.ns > 0
+            assert model.execution_count == 24, "one model run per call: they came one at a time"
+            assert [(b.batch_size, b.compute_infer.count) for b in model.batch_stats] == [(1, 24)]
+            assert model.last_inference >= int(last_call * 1000), "the latest process's last call"
+    finally:
+        assert svc.terminate() == 0, svc.output()
+
+
+def classify_on_a_new_connection(address: str, image: bytes) -> str | None:
+    """Health, then Classify, on a connection of their own and without retries: what failed, None if nothing."""
+    options = [("grpc.enable_retries", 0), ("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(address, options=options) as channel:
+        try:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            if health.status != health_pb2.HealthCheckResponse.SERVING:
+                return f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)}"
+            inference_pb2_grpc.InferenceServiceStub(channel).Classify(inference_pb2.ClassifyRequest(image=image),
+                                                                       timeout=10)
+        except grpc.RpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+    return None
+
+
+def test_a_restarted_server_process_takes_no_connection_before_its_model_is_warm(tmp_path: Path,
+                                                                                 linear_model) -> None:
+    """A server process killed: until its replacement is warm, every new connection goes to its warm
+    sibling, then to either; a SIGTERM while a replacement warms up stops the service cleanly."""
+    # Worker processes make the warm-up long enough that calls would meet it (they start with the model).
+    svc = start_inference(tmp_path / "run", linear_model[0], FASHION_INFERENCE_PROCESSES="2",
+                          FASHION_WORKER_PROCESSES="3")
+    try:
+        folder = run_dir(svc)
+        svc.wait_serving()
+        deadline = time.monotonic() + 30
+        while svc.output().count("Inference service SERVING") < 2:  # each process's line, whichever answered
+            assert time.monotonic() < deadline, svc.output()
+            time.sleep(0.05)
+        image = encode(fashion_images(1)[0][0])
+        victim, survivor = servers(svc)
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        # Reaped, not just a zombie: a zombie leader's threads may still hold its listening socket open.
+        while Path(f"/proc/{victim}").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+        failures: list[str] = []
+        calls = 0
+        serving_at = None
+        deadline = time.monotonic() + 90
+        while serving_at is None or time.monotonic() < serving_at + 2:  # and 2 s more
+            if serving_at is None and svc.output().count("Inference service SERVING") == 3:
+                serving_at = time.monotonic()
+            if (failure := classify_on_a_new_connection(svc.address, image)) is not None:
+                failures.append(failure)
+            calls += 1
+            assert time.monotonic() < deadline, svc.output()
+        assert not failures, f"{len(failures)} of {calls} calls failed, first: {failures[0]}"
+        (replacement,) = set(servers(svc)) - {survivor}
+        files = wait_published(folder, lambda files: files.get(replacement, {}).get("total_requests", 0) > 0)
+        assert files[replacement]["ready"], "the replacement serves"
+
+        # Another one killed, and SIGTERM while its replacement warms up: all stop, exit code 0.
+        os.kill(replacement, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not (warming := [pid for pid, f in published(folder).items()
+                               if pid not in (survivor, replacement) and not f["ready"]]):
+            assert time.monotonic() < deadline, svc.output()
+            time.sleep(0.01)
+        tree = process_tree(svc.proc.pid)
+        svc.proc.send_signal(signal.SIGTERM)
+        code = svc.proc.wait(40)
+    finally:
+        svc.terminate()
+    assert code == 0, svc.output()
+    assert not [pid for pid in tree if Path(f"/proc/{pid}").exists()
+                and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"], "a process left"
+    log = (tmp_path / "run" / "logs" / "api.log").read_text()
+    assert "Shutting down before it listened" in log, f"{warming} was warming up: {log}"
 
 
 def test_one_process_is_the_default_here_and_has_no_parent(tmp_path: Path, linear_model) -> None:
