@@ -10,12 +10,13 @@ Requests are preprocessed tensors (`submit`, e.g. KServe ModelInfer) or encoded 
 (`submit_encoded`). Where the worker processes (`workers`, a WorkerPool: services/inference/workers/) run the
 model, the CPU default, a batch goes to them whole from the event loop and comes back as the
 model's outputs: no thread of this process takes part; except a lone request of one row with
-nothing else queued or in flight (one user at a time), which the engine thread runs here: there
-the round trip to a worker process costs more than the model run. Otherwise an engine thread runs the model
-here, one thread hand-off per batch, not two per image (a decoding stage of its own would add
-hand-offs contending with the event loop for the GIL); the batch's images were decoded by workers
-that only decode, or, for a lone image or without workers, by the engine thread itself with
-`prepare`.
+nothing else queued or in flight (one user at a time), which runs here: there the round trip to a
+worker process costs more than the model run, and when it is small (a tensor row, an image of a few
+KiB) it runs on the event loop itself, without the engine thread's two hand-offs. Otherwise an
+engine thread runs the model here, one thread hand-off per batch, not two per image (a decoding
+stage of its own would add hand-offs contending with the event loop for the GIL); the batch's
+images were decoded by workers that only decode, or, for a lone image or without workers, by the
+engine thread itself with `prepare`.
 Two batches may be in flight, one per slot (a task taking batches from the queue). With workers
 that run the model, one in each worker, the second starting as soon as anything waits.
 Otherwise one decodes while the other is in the model, whose runs in this process are
@@ -55,6 +56,9 @@ from services.inference.decoding import (
 
 log = logging.getLogger(__name__)
 IN_FLIGHT = 2  # batches being decoded or run at once, one per slot
+INLINE_IMAGE_BYTES = 4096
+"""The largest encoded image a lone request has decoded on the event loop (a Fashion-MNIST PNG is under
+1 KiB; a 4 KiB PNG can still inflate to a few megapixels, a few milliseconds of decoding)."""
 
 Result = tuple[np.ndarray, "BatchTiming"]
 
@@ -281,7 +285,10 @@ class DynamicBatcher:
                         # A lone image is decoded on the engine thread: the round trip to a worker
                         # costs more than the GIL contention it saves when nothing else is waiting.
                         decoded = _observed(await self._workers.run([encoded]))
-                    run = await loop.run_in_executor(self._executor, self._run, items, decoded, started)
+                    if self._alone(batch) and _small(items[0]):
+                        run = self._run(items, decoded, started)  # here, on the event loop: no thread hand-off
+                    else:
+                        run = await loop.run_in_executor(self._executor, self._run, items, decoded, started)
             except Exception as exc:  # the whole batch failed: every caller in it gets the error
                 log.exception("Batch of %d requests failed", len(batch))
                 for p in batch:
@@ -293,8 +300,9 @@ class DynamicBatcher:
             self._deliver(batch, run)
 
     def _alone(self, batch: list[_Pending]) -> bool:
-        """Whether `batch` is one request of one row with nothing else queued or in flight: run here (on
-        the engine thread, with `prepare` for an image), it skips the round trip to a worker process."""
+        """Whether `batch` is one request of one row with nothing else queued or in flight (one user at a
+        time): run in this process, it skips the round trip to a worker process, and when small (_small)
+        the hand-off to the engine thread too."""
         return (len(batch) == 1 and batch[0].rows == 1 and not self._queue and self._in_flight == 1
                 and (self._prepare is not None or isinstance(batch[0].data, np.ndarray)))
 
@@ -372,6 +380,13 @@ class DynamicBatcher:
                 outputs = run.outputs[offset: offset + n] if run.outputs is not None else empty
                 p.future.set_result(_Outcome(outputs, errs, timing))
             offset += n
+
+
+def _small(item: Item) -> bool:
+    """A tensor row, or an encoded image of at most INLINE_IMAGE_BYTES: run on the event loop itself when
+    alone, since its decoding (bounded by the file's size) and one-row model run cost less than the two
+    thread hand-offs of the engine thread, and nothing else is waiting meanwhile."""
+    return isinstance(item, np.ndarray) or len(item[0]) <= INLINE_IMAGE_BYTES
 
 
 def _observed(decoded: Decoded) -> Decoded:

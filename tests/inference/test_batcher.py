@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from services.inference import decoding as dec
-from services.inference.batcher import DynamicBatcher, QueueFull
+from services.inference.batcher import INLINE_IMAGE_BYTES, DynamicBatcher, QueueFull
 from services.inference.decoding import Decoded, Item
 
 
@@ -157,7 +157,9 @@ def _row(data: bytes) -> np.ndarray:
 
 
 def _prepare(data: bytes) -> np.ndarray:
-    assert threading.current_thread().name.startswith("onnx"), "images are decoded on the engine thread"
+    thread = threading.current_thread()
+    assert thread.name.startswith("onnx") or thread is threading.main_thread(), \
+        "images are decoded on the engine thread, or a lone small one on the event loop"
     return _row(data)
 
 
@@ -310,13 +312,34 @@ async def test_batches_sharing_the_model_here_wait_to_form_a_fuller_batch() -> N
     model = RecordingModel(delay_s=0.05)
     batcher = DynamicBatcher(model, prepare=_prepare, max_batch_size=8)
     batcher.start()
-    first = asyncio.ensure_future(batcher.submit_encoded(b"1"))
+    first = asyncio.ensure_future(batcher.submit_encoded_many([b"1", b"0"]))  # two images: the engine thread
     await asyncio.sleep(0.01)
     rest = []
     for i in range(2, 5):  # one by one while the first runs
         rest.append(asyncio.ensure_future(batcher.submit_encoded(str(i).encode())))
         await asyncio.sleep(0.01)
-    outs = [await f for f in (first, *rest)]
-    assert [o[0][0, 0] for o in outs] == [4, 8, 12, 16]
-    assert model.batches == [1, 3], "the three that came while the first ran formed one batch"
+    assert [r[0, 0] for r in (await first)[0]] == [4, 0]
+    assert [(await f)[0][0, 0] for f in rest] == [8, 12, 16]
+    assert model.batches == [2, 3], "the three that came while the first ran formed one batch"
+    assert model.threads == {"onnx_0"}
+    await batcher.stop()
+
+
+@pytest.mark.parametrize("decoding", DECODING)
+async def test_a_lone_small_request_runs_on_the_event_loop(decoding: str) -> None:
+    """One user at a time: a one-row tensor or a small image runs on the event loop (no thread hand-off);
+    a large image, alone too, goes to the engine thread, so that decoding an arbitrary file never holds
+    up the loop; none of them makes the round trip to a worker process."""
+    model = RecordingModel(delay_s=0)
+    kwargs = decoding_kwargs(decoding)
+    batcher = DynamicBatcher(model, **kwargs, max_batch_size=8)  # type: ignore[arg-type]
+    batcher.start()
+    assert (await batcher.submit(np.full((1, 4), 2, np.float32)))[0][0, 0] == 8
+    assert (await batcher.submit_encoded(b"3"))[0][0, 0] == 12
+    assert model.threads == {threading.main_thread().name} and model.batches == [1, 1]
+    large = b"0" * (INLINE_IMAGE_BYTES + 1)  # a valid stand-in image of zeros, over the inline size
+    assert (await batcher.submit_encoded(large))[0][0, 0] == 0
+    assert model.threads == {threading.main_thread().name, "onnx_0"} and model.batches == [1, 1, 1]
+    workers = kwargs.get("workers")
+    assert not (isinstance(workers, StandInWorkers) and workers.batches)
     await batcher.stop()
