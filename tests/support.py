@@ -238,6 +238,16 @@ class OtlpCollector(SpanRecorder):
         self._server.stop(0)
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (a zombie is dead too)."""
+    try:
+        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def process_tree(root_pid: int) -> set[int]:
     """`root_pid` and all its descendants (the Inference service's worker processes, uvicorn workers), from /proc."""
     parents: dict[int, int] = {}

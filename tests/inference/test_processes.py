@@ -22,7 +22,7 @@ from fashion.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.imaging import Preprocessor
 from tests.conftest import start_inference
 from tests.images import encode, fashion_images
-from tests.support import ServiceProcess, health_status, linear_expected, process_tree
+from tests.support import ServiceProcess, alive, health_status, linear_expected, process_tree
 
 CLASSIFY = "/fashion.v1.InferenceService/Classify"
 LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+ "
@@ -159,8 +159,7 @@ def test_two_server_processes_answer_as_one_service(tmp_path: Path, linear_model
     finally:
         svc.terminate()
     assert code == 0, svc.output()
-    assert not [pid for pid in tree if Path(f"/proc/{pid}").exists()
-                and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"], "a process left"
+    assert not [pid for pid in tree if alive(pid)], "a process left"
     assert not folder.exists(), "the run folder is removed"
 
     log = (tmp_path / "run" / "logs" / "api.log").read_text().splitlines()
@@ -292,8 +291,7 @@ def test_a_restarted_server_process_takes_no_connection_before_its_model_is_warm
     finally:
         svc.terminate()
     assert code == 0, svc.output()
-    assert not [pid for pid in tree if Path(f"/proc/{pid}").exists()
-                and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"], "a process left"
+    assert not [pid for pid in tree if alive(pid)], "a process left"
     log = (tmp_path / "run" / "logs" / "api.log").read_text()
     assert "Shutting down before it listened" in log, f"{warming} was warming up: {log}"
 

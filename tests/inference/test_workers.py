@@ -20,6 +20,7 @@ from services.inference.model import ModelManifest
 from services.inference.workers.pool import ModelRunFailed, WorkerCrashed, WorkerPool
 from services.inference.workers.wire import WorkerModel
 from tests.images import encode, fashion_images, png_declaring
+from tests.support import alive
 
 CRASH = b"crash the decoder"
 
@@ -32,15 +33,6 @@ class CrashingPreprocessor(Preprocessor):
         if data == CRASH:
             os._exit(70)
         return super().__call__(data)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead too
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.fixture
