@@ -10,13 +10,12 @@ prints one line per measurement: round, target, p50 ms, p99 ms, images/s.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from bench.common import REPO, free_port, loadgen, model_dir
-from bench.gateway import httpload, start, stop, wait_http
+from bench.gateway import httpload, start_flask, start_gateway, stop
 from services.inference.model import ModelManifest
 from tests.support import ServiceProcess, start_service
 
@@ -31,17 +30,8 @@ def start_side(tree: Path, side: str, work: Path, model: Path) -> tuple[ServiceP
         **env, "FASHION_MODEL_DIR": str(model), "FASHION_INFERENCE_PORT": str(port),
         "FASHION_INFERENCE_METRICS_PORT": str(free_port())}, f"127.0.0.1:{port}")
     inference.wait_serving(timeout=120)
-    gateway_port = free_port()
-    log = work / f"gateway-{side}.out"
-    with open(log, "ab") as out:  # `python -m` runs the tree it starts in: the gateway's working directory is it
-        gateway = subprocess.Popen([sys.executable, "-m", "services.gateway"], cwd=tree, stdout=out,
-                                   stderr=subprocess.STDOUT, env={
-                                       **os.environ, **env, "FASHION_GATEWAY_HOST": "127.0.0.1",
-                                       "FASHION_GATEWAY_PORT": str(gateway_port),
-                                       "FASHION_INFERENCE_ADDRESS": inference.address,
-                                       "FASHION_LOG_DIR": str(work / f"gateway-{side}-logs")})
-    wait_http(f"http://127.0.0.1:{gateway_port}/healthz", gateway, log)
-    return inference, gateway, f"http://127.0.0.1:{gateway_port}/predict"
+    gateway, url = start_gateway(inference.address, work, f"gateway-{side}", cwd=tree, env=env)
+    return inference, gateway, url
 
 
 def main() -> None:
@@ -61,14 +51,9 @@ def main() -> None:
             targets |= {f"{side} Classify": ("classify", inference.address),
                         f"{side} ModelInfer UINT8": ("modelinfer", inference.address),
                         f"{side} POST /predict": ("http", url)}
-        port = free_port()
-        flask, log = start([sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "sync", "--bind",
-                            f"127.0.0.1:{port}", "--log-level", "warning", "bench.flask_baseline:create_app()"],
-                           work, "flask", {"FLASK_BASELINE_MODEL_DIR": str(model),
-                                           "FLASK_BASELINE_LOG_DIR": str(work / "flask-logs")})
+        flask, flask_url = start_flask(model, work, "flask")
         servers.append(flask)
-        wait_http(f"http://127.0.0.1:{port}/predict", flask, log)
-        targets["Flask POST /predict"] = ("http", f"http://127.0.0.1:{port}/predict")
+        targets["Flask POST /predict"] = ("http", flask_url)
         for n in range(1, rounds + 1):
             for target, (kind, address) in targets.items():
                 if kind == "http":

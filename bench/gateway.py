@@ -44,11 +44,48 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float
     raise TimeoutError(f"{url} not answering after {timeout}s")
 
 
-def start(args: list[str], work: Path, name: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], Path]:
+def start(args: list[str], work: Path, name: str, env: dict[str, str],
+          cwd: Path = REPO) -> tuple[subprocess.Popen[bytes], Path]:
+    """`args` started in `cwd` (where `python -m` finds the code it runs), output to work/<name>.out."""
     log = work / f"{name}.out"
     with open(log, "ab") as out:
-        proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, cwd=cwd, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
     return proc, log
+
+
+def start_gateway(inference_address: str, work: Path, name: str, cwd: Path = REPO,
+                  env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A gateway (the code of `cwd`) in front of the Inference service at `inference_address`, answering:
+    the process and its POST /predict URL."""
+    port = free_port()
+    proc, log = start([sys.executable, "-m", "services.gateway"], work, name, {
+        **(env or {}), "FASHION_GATEWAY_HOST": "127.0.0.1", "FASHION_GATEWAY_PORT": str(port),
+        "FASHION_INFERENCE_ADDRESS": inference_address, "FASHION_LOG_STDOUT": "false",
+        "FASHION_LOG_DIR": str(work / f"{name}-logs")}, cwd)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, f"http://127.0.0.1:{port}/predict"
+
+
+def start_flask(model: Path, work: Path, name: str, workers: int = 2,
+                threads: int = 0) -> tuple[subprocess.Popen[bytes], str]:
+    """The Flask baseline (bench.flask_baseline) under gunicorn with `workers` sync workers and `threads` ONNX
+    Runtime threads each (0: its default), answering: the process and its POST /predict URL."""
+    port = free_port()
+    proc, log = start([sys.executable, "-m", "gunicorn", "--workers", str(workers), "--worker-class", "sync",
+                       "--bind", f"127.0.0.1:{port}", "--log-level", "warning", "bench.flask_baseline:create_app()"],
+                      work, name, {"FLASK_BASELINE_MODEL_DIR": str(model), "FLASK_BASELINE_THREADS": str(threads),
+                                   "FLASK_BASELINE_LOG_DIR": str(work / f"{name}-logs")})
+    url = f"http://127.0.0.1:{port}/predict"
+    try:
+        wait_http(url, proc, log)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, url
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -71,34 +108,27 @@ def run(out_dir: Path) -> str:
     results: dict[str, dict[int, dict[str, float]]] = {"gateway": {}, "grpc": {}, "flask": {}, "flask_tuned": {}}
 
     inference = start_inference(work / "inference", model)
-    port = free_port()
-    gateway, gateway_log = start([sys.executable, "-m", "services.gateway"], work, "gateway", {
-        "FASHION_GATEWAY_HOST": "127.0.0.1", "FASHION_GATEWAY_PORT": str(port),
-        "FASHION_INFERENCE_ADDRESS": inference.address, "FASHION_LOG_STDOUT": "false",
-        "FASHION_LOG_DIR": str(work / "gateway-logs")})
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", gateway, gateway_log)
+        gateway, predict_url = start_gateway(inference.address, work, "gateway")
+    except BaseException:
+        inference.terminate()
+        raise
+    try:
         for c in CONCURRENCY:
             print(f"gateway POST /predict, concurrency {c}", flush=True)
-            results["gateway"][c] = httpload(f"http://127.0.0.1:{port}/predict", c)
+            results["gateway"][c] = httpload(predict_url, c)
             print(f"gRPC Classify, concurrency {c}", flush=True)
             results["grpc"][c] = loadgen("classify", inference.address, c, SECONDS, WARMUP)
     finally:
         stop(gateway)
         inference.terminate()
 
-    for key, threads, levels in (("flask", "0", CONCURRENCY), ("flask_tuned", "1", (64,))):
-        port = free_port()
-        flask, flask_log = start([sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "sync",
-                                  "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
-                                  "bench.flask_baseline:create_app()"], work, key,
-                                 {"FLASK_BASELINE_MODEL_DIR": str(model), "FLASK_BASELINE_THREADS": threads,
-                                  "FLASK_BASELINE_LOG_DIR": str(work / f"{key}-logs")})
+    for key, threads, levels in (("flask", 0, CONCURRENCY), ("flask_tuned", 1, (64,))):
+        flask, flask_url = start_flask(model, work, key, threads=threads)
         try:
-            wait_http(f"http://127.0.0.1:{port}/predict", flask, flask_log)
             for c in levels:
                 print(f"{key}: Flask + gunicorn (2 sync workers), concurrency {c}", flush=True)
-                results[key][c] = httpload(f"http://127.0.0.1:{port}/predict", c)
+                results[key][c] = httpload(flask_url, c)
         finally:
             stop(flask)
 

@@ -204,10 +204,7 @@ class _JobRun:
                       self.job.job_id)
         log.info("Helping with job %s, run by another process", self.job.job_id)
         watcher = asyncio.ensure_future(self._watch_cancel())
-        remote = RemoteClassifier(
-            self.runner.inference_client(), self.settings.batch_inference_timeout_s,
-            self.settings.batch_retry_initial_s, self.settings.batch_retry_max_s,
-            on_wait=self._inference_down, on_ready=self._inference_back)
+        remote = self._remote_classifier()
         try:
             await self._or_cancel(remote.wait_ready())
             await self._process(remote)
@@ -230,6 +227,14 @@ class _JobRun:
                 self.log.close()
         return self.filing.sorted_count - before
 
+    def _remote_classifier(self) -> RemoteClassifier:
+        """The Inference service as this run calls it: its deadline, retries with backoff, and this run's
+        log lines when the service goes down and comes back."""
+        return RemoteClassifier(
+            self.runner.inference_client(), self.settings.batch_inference_timeout_s,
+            self.settings.batch_retry_initial_s, self.settings.batch_retry_max_s,
+            on_wait=self._inference_down, on_ready=self._inference_back)
+
     def _let_go(self) -> None:
         self.filing.recover_all()
         self.store.release_claims(self.job.job_id)
@@ -239,10 +244,7 @@ class _JobRun:
         if self.job.cancel_requested:
             self.cancel.set()
         watcher = asyncio.ensure_future(self._watch_cancel())
-        remote = RemoteClassifier(
-            self.runner.inference_client(), self.settings.batch_inference_timeout_s,
-            self.settings.batch_retry_initial_s, self.settings.batch_retry_max_s,
-            on_wait=self._inference_down, on_ready=self._inference_back)
+        remote = self._remote_classifier()
         try:
             self._announce(resumed)
             info = await self._or_cancel(remote.wait_ready())
