@@ -15,6 +15,7 @@ from opentelemetry import context, propagate
 from starlette.exceptions import HTTPException
 
 from services.common import metrics
+from services.common.logs import log_line
 from services.gateway.errors import is_open_inference
 
 Scope = MutableMapping[str, Any]
@@ -136,8 +137,8 @@ class AccessLog:
             if access_log.isEnabledFor(level):
                 client = scope.get("client")
                 peer = f"{client[0]}:{client[1]}" if client else "-"
-                access_log.log(level, "method=%s path=%s status=%d latency_ms=%.2f peer=%s",
-                               method, scope["path"], status, elapsed * 1000, peer)
+                log_line(access_log, level, f"method={method} path={scope['path']} status={status} "
+                                            f"latency_ms={elapsed * 1000:.2f} peer={peer}")
 
 
 class TraceContext:

@@ -36,6 +36,11 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
+def _expire(future: asyncio.Future[pb.ClassifyResponse]) -> None:
+    if not future.done():
+        future.set_exception(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+
+
 class _Waiting:
     __slots__ = ("deadline", "future", "request")
 
@@ -76,15 +81,18 @@ class ClassifyCoalescer:
             finally:
                 self._lone_calls -= 1
                 self._launch()  # what arrived meanwhile
-        future: asyncio.Future[pb.ClassifyResponse] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[pb.ClassifyResponse] = loop.create_future()
         self._waiting.append(_Waiting(pb.ClassifyRequest(image=image, top_k=top_k), time.monotonic() + timeout,
                                       future))
+        # A bare timer rather than asyncio.timeout (a context manager and task bookkeeping per image):
+        # when it fires, the future fails and _launch skips it.
+        expiry = loop.call_later(timeout, _expire, future)
         self._launch()
         try:
-            async with asyncio.timeout(timeout):  # cancels `future` when it passes: _launch then skips it
-                response = await future
-        except TimeoutError:
-            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            response = await future
+        finally:
+            expiry.cancel()
         if response.HasField("error"):
             raise rpc_error(image_error_code(response.error), response.error.message)
         return response
