@@ -99,6 +99,43 @@ def test_one_caller_at_a_time_gets_classify_calls_and_deadlines_hold(inference_s
     asyncio.run(main())
 
 
+def test_a_call_starts_beside_one_in_flight_only_for_a_group(inference_server: ServiceProcess) -> None:
+    """Under load, a call that ends is not followed at once by a call of the one image that arrived
+    meanwhile: while a call is in flight, the next starts only once `min_beside` images wait; else
+    what waits leaves together when the call ends."""
+    x, _ = fashion_images(12)
+    images = [encode(img) for img in x]
+
+    async def settle() -> None:  # the callers' tasks run, then the tasks of the calls they start
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        async with CountingClient(ChannelOptions(inference_server.address)) as client:
+            client.calls, client.lone = [], []
+            coalescer = ClassifyCoalescer(client, max_calls=2, min_beside=3)
+            first = asyncio.ensure_future(coalescer.classify(images[0]))
+            await asyncio.sleep(0)  # in its own Classify call
+            waiting = [asyncio.ensure_future(coalescer.classify(img)) for img in images[1:3]]
+            await settle()  # they wait, and a call they started would have begun
+            assert client.calls == [], "two waiting images do not start a call beside the one in flight"
+            waiting.append(asyncio.ensure_future(coalescer.classify(images[3])))
+            await settle()
+            assert client.calls == [[len(i) for i in images[1:4]]], "the third does"
+            assert all(r.category for r in await asyncio.gather(first, *waiting))
+
+            coalescer.min_beside = 100
+            first = asyncio.ensure_future(coalescer.classify(images[4]))
+            await asyncio.sleep(0)
+            rest = [asyncio.ensure_future(coalescer.classify(img)) for img in images[5:]]
+            assert all(r.category for r in await asyncio.gather(first, *rest))
+            assert client.calls[1:] == [[len(i) for i in images[5:]]], "the rest left together when the call ended"
+            assert client.lone == [len(images[0]), len(images[4])]
+            await coalescer.close()
+
+    asyncio.run(main())
+
+
 def test_calls_stay_under_the_message_limit(inference_server: ServiceProcess) -> None:
     x, _ = fashion_images(40)
     images = [encode(img) for img in x]

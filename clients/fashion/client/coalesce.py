@@ -2,10 +2,10 @@
 
 A front end that receives independent requests (the REST gateway) pays a full RPC per image with
 Classify, on both sides. The coalescer keeps at most `max_calls` calls in flight; requests that
-arrive meanwhile wait and leave together in the next ClassifyBatch call. A lone request (nothing
-waiting, no call in flight) leaves at once as a Classify call of its own (no timer, no batch
-framing: one user at a time pays nothing for the coalescing), and under load the calls grow on
-their own:
+arrive meanwhile wait and leave together in the next ClassifyBatch call, when a call ends or, beside
+the calls in flight, once `min_beside` of them wait. A lone request (nothing waiting, no call in
+flight) leaves at once as a Classify call of its own (no timer, no batch framing: one user at a
+time pays nothing for the coalescing), and under load the calls grow on their own:
 
     coalescer = ClassifyCoalescer(AsyncInferenceClient(options))
     result = await coalescer.classify(image_bytes, top_k=3)  # raises grpc.aio.AioRpcError like Classify
@@ -55,12 +55,16 @@ class ClassifyCoalescer:
     with at most `max_batch` images and `max_message_bytes` (the channel's) of them."""
 
     def __init__(self, client: AsyncInferenceClient, max_calls: int = 2, max_batch: int = 64,
-                 max_waiting: int = 4096) -> None:
-        if max_calls < 1 or max_batch < 1:
-            raise ValueError("max_calls and max_batch must be at least 1")
+                 max_waiting: int = 4096, min_beside: int = 16) -> None:
+        if max_calls < 1 or max_batch < 1 or min_beside < 1:
+            raise ValueError("max_calls, max_batch and min_beside must be at least 1")
         self.client = client
         self.max_calls = max_calls
         self.max_batch = max_batch
+        self.min_beside = min_beside
+        """Images that must be waiting before a call starts beside one in flight (with none in flight,
+        a call starts with whatever waits): under load, a call that just ended would otherwise be
+        followed at once by one of the one or two images that arrived meanwhile."""
         self.max_waiting = max_waiting
         self._max_bytes = max(1, client.options.max_message_bytes - FRAMING_BYTES)
         self._waiting: collections.deque[_Waiting] = collections.deque()
@@ -100,6 +104,8 @@ class ClassifyCoalescer:
     def _launch(self) -> None:
         """Start calls while there is room, each taking what is waiting (oldest first)."""
         while self._waiting and len(self._calls) + self._lone_calls < self.max_calls:
+            if (self._calls or self._lone_calls) and len(self._waiting) < self.min_beside:
+                return  # a call is in flight: what waits leaves when it ends, or once enough have gathered
             group: list[_Waiting] = []
             size = 0
             while self._waiting and len(group) < self.max_batch:
