@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from services import GRPC_EXPERIMENTS
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -72,8 +75,10 @@ def start(model_onnx: Path, workdir: Path, name: str, input_name: str, output_na
             "intra_op_threads": tuning.intra_op_threads, "allow_spinning": tuning.spinning}},
     }))
     log = open(workdir / "mlserver.out", "ab")
+    # The same grpcio transport as our services (services.GRPC_EXPERIMENTS): MLServer serves gRPC with grpc.aio too.
+    env = {**os.environ, "GRPC_EXPERIMENTS": os.environ.get("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)}
     return subprocess.Popen([str(mlserver), "start", str(workdir)], cwd=workdir, stdout=log,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, env=env)
 
 
 def wait_ready(address: str, name: str, timeout: float = 120) -> None:

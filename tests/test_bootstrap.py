@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import services
 from tests.batch.conftest import BatchHome
 from tests.conftest import start_inference
 from tests.monitor.conftest import monitor_env
@@ -43,6 +44,7 @@ def test_each_service_runs_on_uvloop_logs_to_its_own_files_and_stops_on_sigterm(
         for name, (svc, logs, log_name) in services.items():
             assert uses_uvloop(svc.proc.pid), f"the {name} service runs on asyncio's loop"
             assert svc.terminate() == 0, svc.output()
+            assert "Unknown experiment" not in svc.output(), "grpcio no longer has an experiment GRPC_EXPERIMENTS names"
             text = (logs / f"{log_name}.log").read_text()
             assert (logs / f"{log_name}_errors.log").exists()
             for line in (f"{name} service listening on {svc.address}", f"{name} service SERVING",
@@ -51,6 +53,21 @@ def test_each_service_runs_on_uvloop_logs_to_its_own_files_and_stops_on_sigterm(
     finally:
         for svc, _, _ in services.values():
             svc.kill()
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, services.GRPC_EXPERIMENTS),
+                                                 ("-event_engine_client", "-event_engine_client")])
+def test_grpc_experiments_are_set_before_grpc_is_imported_and_the_environment_wins(
+        given: str | None, expected: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    if given:
+        env["GRPC_EXPERIMENTS"] = given
+    code = "import services.common.server, os, sys; print(os.environ['GRPC_EXPERIMENTS'], 'grpc' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                         cwd=Path(services.__file__).parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [expected, "True"]
+    assert "Unknown experiment" not in out.stderr, "grpcio no longer has an experiment GRPC_EXPERIMENTS names"
 
 
 @pytest.mark.parametrize("module", ["services.inference", "services.batch", "services.monitor", "services.gateway"])
