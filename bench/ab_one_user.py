@@ -34,6 +34,14 @@ def start_side(tree: Path, side: str, work: Path, model: Path) -> tuple[ServiceP
     return inference, gateway, url
 
 
+def stop_all(servers: list[subprocess.Popen[bytes]], services: list[ServiceProcess]) -> None:
+    """Stop the gateways (and Flask) first, then the Inference services behind them."""
+    for server in servers:
+        stop(server)
+    for inference in services:
+        inference.terminate()
+
+
 def main() -> None:
     other, rounds = Path(sys.argv[1]).resolve(), int(sys.argv[2]) if len(sys.argv) > 2 else 3
     work = REPO / "bench" / "work" / "ab_one_user"
@@ -64,10 +72,7 @@ def main() -> None:
                     r = loadgen(kind, address, 1, SECONDS, WARMUP)
                 print(f"{n} | {target} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['images_per_s']:.0f}", flush=True)
     finally:
-        for server in servers:
-            stop(server)
-        for inference in services:
-            inference.terminate()
+        stop_all(servers, services)
 
 
 if __name__ == "__main__":

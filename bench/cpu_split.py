@@ -20,22 +20,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.ab_one_user import start_side
-from bench.common import REPO, model_dir
-from bench.gateway import start_flask, stop
+from bench.ab_one_user import start_side, stop_all
+from bench.common import REPO, cpu_seconds, model_dir
+from bench.gateway import start_flask
 from tests.support import process_tree
 
 TICK = os.sysconf("SC_CLK_TCK")
 SECONDS, WARMUP = 8.0, 2.0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time of `pid` (all its threads) so far; 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def machine_times() -> list[int]:
@@ -107,10 +98,7 @@ def main() -> None:
             for side, (url, parts) in targets.items():
                 print(row(n, side, measure(url, args.concurrency, parts)), flush=True)
     finally:
-        for server in servers:
-            stop(server)
-        for inference in services:
-            inference.terminate()
+        stop_all(servers, services)
 
 
 if __name__ == "__main__":

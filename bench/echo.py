@@ -23,7 +23,7 @@ import time
 
 import grpc
 
-from bench.common import free_port
+from bench.common import cpu_seconds, free_port
 
 METHOD = "/bench.Echo/Stream"
 
@@ -94,11 +94,6 @@ async def drive_unary(address: str, size: int, seconds: float, warmup: float) ->
                 took.append(time.perf_counter() - now)
     took.sort()
     return took[len(took) // 2] * 1000, len(took)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def unary_hop(server_pid: int, address: str, size: int, seconds: float, warmup: float) -> dict[str, float]:
