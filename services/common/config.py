@@ -452,7 +452,8 @@ class GatewaySettings(CommonSettings):
     gateway_classify_calls: int = Field(default=2, ge=0, le=64)
     """POST /predict requests that arrive together go to the Inference service together, as
     ClassifyBatch calls, at most this many at a time (raise it with several Inference replicas);
-    0: one Classify call per request. Requests carrying a traceparent always get their own call."""
+    while calls are out, another starts once 16 requests wait. 0: one Classify call per request.
+    Requests carrying a traceparent always get their own call."""
     max_upload_bytes: int = Field(default=10 * MIB, ge=1024)
     """Largest request body of POST /predict (one image); larger: HTTP 413 before the body is read."""
     max_batch_upload_bytes: int = Field(default=15 * MIB, ge=1024)
