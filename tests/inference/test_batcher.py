@@ -23,9 +23,12 @@ class RecordingModel:
         self.batches: list[int] = []
         self.delay_s = delay_s
         self.threads: set[str] = set()
+        self.runs: list[tuple[int, str]] = []
+        """(rows, thread) of every run."""
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         self.threads.add(threading.current_thread().name)
+        self.runs.append((len(x), threading.current_thread().name))
         self.batches.append(len(x))
         time.sleep(self.delay_s)
         sums = x.reshape(len(x), -1).sum(axis=1)
@@ -51,7 +54,10 @@ async def test_concurrent_callers_get_their_own_rows_in_order() -> None:
     await batcher.stop()
     assert max(model.batches) <= 16
     assert max(model.batches) > 1, "concurrent requests should have been merged"
-    assert model.threads and all(t.startswith("onnx") for t in model.threads), "inference off the event loop"
+    # Batches run off the event loop; only a lone one-row request (nothing else queued or in flight, which the
+    # callers' random start times sometimes leave) may run on it (test_a_lone_small_request_runs_on_the_event_loop).
+    merged = [thread for rows, thread in model.runs if rows > 1]
+    assert merged and all(t.startswith("onnx") for t in merged), "inference off the event loop"
 
 
 async def test_large_request_is_split_and_reassembled() -> None:
