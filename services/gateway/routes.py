@@ -17,13 +17,14 @@ from fashion.client import AsyncInferenceClient, AsyncKServeClient
 from fashion.client.batch import AsyncBatchClient
 from fashion.client.inference import image_error_code
 from fashion.client.monitor import AsyncMonitorClient
+from fashion.client.protojson import enum_number, to_json
 from fashion.kserve.v2 import grpc_service_pb2 as kserve_pb
 from fashion.v1 import batch_pb2, monitor_pb2
 from fashion.v1 import inference_pb2 as pb
 from services.common.config import GatewaySettings
 from services.common.metrics import summed_registry
 from services.common.tensors import TensorError
-from services.gateway import openinference, protojson, uploads
+from services.gateway import openinference, uploads
 from services.gateway.backends import Backends
 from services.gateway.errors import HTTP_STATUS, ApiError, ErrorBody, OpenInferenceError
 from services.gateway.schemas import (
@@ -35,6 +36,7 @@ from services.gateway.schemas import (
     Prediction,
     SubmitJob,
     inline_schema,
+    schema,
 )
 
 log = logging.getLogger(__name__)
@@ -43,14 +45,14 @@ HEALTH_TIMEOUT_S = 5.0
 TOP_K_MAX = 1000
 TopK = Annotated[int, Query(ge=0, le=TOP_K_MAX, description="categories returned per image; 0: 3")]
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 429, 502, 503, 504)}
-Job = protojson.schema(batch_pb2.Job.DESCRIPTOR)
-JobList = protojson.schema(batch_pb2.ListJobsResponse.DESCRIPTOR)
-BatchStats = protojson.schema(batch_pb2.BatchStats.DESCRIPTOR)
-SystemHealth = protojson.schema(monitor_pb2.SystemHealth.DESCRIPTOR)
-BatchHealth = protojson.schema(batch_pb2.BatchHealth.DESCRIPTOR)
-Alerts = protojson.schema(monitor_pb2.ListAlertsResponse.DESCRIPTOR)
-Report = protojson.schema(monitor_pb2.Report.DESCRIPTOR)
-ModelInfo = protojson.schema(pb.ModelInfo.DESCRIPTOR)
+Job = schema(batch_pb2.Job.DESCRIPTOR)
+JobList = schema(batch_pb2.ListJobsResponse.DESCRIPTOR)
+BatchStats = schema(batch_pb2.BatchStats.DESCRIPTOR)
+SystemHealth = schema(monitor_pb2.SystemHealth.DESCRIPTOR)
+BatchHealth = schema(batch_pb2.BatchHealth.DESCRIPTOR)
+Alerts = schema(monitor_pb2.ListAlertsResponse.DESCRIPTOR)
+Report = schema(monitor_pb2.Report.DESCRIPTOR)
+ModelInfo = schema(pb.ModelInfo.DESCRIPTOR)
 
 
 def inference(request: Request) -> AsyncInferenceClient:
@@ -174,7 +176,7 @@ def inference_router(settings: GatewaySettings) -> APIRouter:
     @router.get("/model", response_model=ModelInfo)
     async def model_info(request: Request) -> JSONResponse:
         """The served model: name, version, labels, input, execution provider."""
-        return JSONResponse(protojson.to_json(await inference(request).model_info()))
+        return JSONResponse(to_json(await inference(request).model_info()))
 
     return router
 
@@ -192,7 +194,7 @@ def batch_router() -> APIRouter:
         job = await batch(request).submit(body.input_dir, mode=body.mode or "", min_confidence=body.min_confidence,
                                           recursive=body.recursive, output_dir=body.output_dir,
                                           idempotency_key=body.idempotency_key)
-        return JSONResponse(protojson.to_json(job), 201)
+        return JSONResponse(to_json(job), 201)
 
     @router.get("/jobs", response_model=JobList)
     async def list_jobs(request: Request, limit: Annotated[int, Query(ge=0, le=1000)] = 0,
@@ -202,25 +204,25 @@ def batch_router() -> APIRouter:
         number = batch_pb2.JOB_STATE_UNSPECIFIED
         if state:
             try:
-                number = protojson.enum_number(batch_pb2.JobState.DESCRIPTOR, state)
+                number = enum_number(batch_pb2.JobState.DESCRIPTOR, state)
             except ValueError as exc:
                 raise ApiError(400, str(exc)) from None
         jobs = await batch(request).list(limit=limit, state=number)
-        return JSONResponse({"jobs": [protojson.to_json(job) for job in jobs]})
+        return JSONResponse({"jobs": [to_json(job) for job in jobs]})
 
     @router.get("/jobs/{job_id}", response_model=Job)
     async def get_job(request: Request, job_id: JobId) -> JSONResponse:
-        return JSONResponse(protojson.to_json(await batch(request).get(job_id)))
+        return JSONResponse(to_json(await batch(request).get(job_id)))
 
     @router.post("/jobs/{job_id}/cancel", response_model=Job)
     async def cancel_job(request: Request, job_id: JobId) -> JSONResponse:
         """Stop a queued or running job; files already sorted stay sorted."""
-        return JSONResponse(protojson.to_json(await batch(request).cancel(job_id)))
+        return JSONResponse(to_json(await batch(request).cancel(job_id)))
 
     @router.get("/stats", response_model=BatchStats)
     async def batch_stats(request: Request, days: Annotated[int, Query(ge=0, le=366)] = 0) -> JSONResponse:
         """Run history of the last `days` (0: 7)."""
-        return JSONResponse(protojson.to_json(await batch(request).stats(days=days)))
+        return JSONResponse(to_json(await batch(request).stats(days=days)))
 
     return router
 
@@ -232,33 +234,33 @@ def monitor_router() -> APIRouter:
     @router.get("/health", response_model=SystemHealth)
     async def system_health(request: Request) -> JSONResponse:
         """The Monitor service's check of every service and disk, now."""
-        return JSONResponse(protojson.to_json(await monitor(request).system_health()))
+        return JSONResponse(to_json(await monitor(request).system_health()))
 
     @router.get("/batch-health", response_model=BatchHealth)
     async def batch_health(request: Request, days: Annotated[int, Query(ge=0, le=366)] = 0) -> JSONResponse:
         """The batch processing health check: last run age, recent errors, statistics (days 0: 7)."""
-        return JSONResponse(protojson.to_json(await monitor(request).batch_health(days=days)))
+        return JSONResponse(to_json(await monitor(request).batch_health(days=days)))
 
     @router.get("/alerts", response_model=Alerts)
     async def alerts(request: Request, history_limit: Annotated[int, Query(ge=0, le=10000)] = 0,
                      rule: str = "") -> JSONResponse:
         """Active alerts, the alert history and the configured rules."""
-        return JSONResponse(protojson.to_json(await monitor(request).alerts(history_limit=history_limit, rule=rule)))
+        return JSONResponse(to_json(await monitor(request).alerts(history_limit=history_limit, rule=rule)))
 
     @router.post("/reports", response_model=Report, status_code=201)
     async def generate_report(request: Request, chart_days: Annotated[int, Query(ge=0, le=366)] = 0,
                               text_only: bool = False) -> JSONResponse:
         """Write the dashboard (text report, charts, HTML page) on the Monitor service's machine."""
         report = await monitor(request).generate_report(chart_days=chart_days, text_only=text_only)
-        return JSONResponse(protojson.to_json(report), 201)
+        return JSONResponse(to_json(report), 201)
 
     return router
 
 
 # --- Open Inference Protocol (KServe V2 REST) ---------------------------------------------------
-ServerMetadata = protojson.schema(kserve_pb.ServerMetadataResponse.DESCRIPTOR)
-ModelMetadata = protojson.schema(kserve_pb.ModelMetadataResponse.DESCRIPTOR)
-ModelStatistics = protojson.schema(kserve_pb.ModelStatisticsResponse.DESCRIPTOR)
+ServerMetadata = schema(kserve_pb.ServerMetadataResponse.DESCRIPTOR)
+ModelMetadata = schema(kserve_pb.ModelMetadataResponse.DESCRIPTOR)
+ModelStatistics = schema(kserve_pb.ModelStatisticsResponse.DESCRIPTOR)
 V2_ERRORS = {code: {"model": OpenInferenceError} for code in (400, 401, 404, 413, 429, 502, 503, 504)}
 HEALTH = {200: {"description": "Yes (empty body)"}, 400: {"description": "No (empty body)"}}
 INFER_BODY = {"requestBody": {"required": True, "content": {
@@ -293,7 +295,7 @@ def open_inference_router(settings: GatewaySettings) -> APIRouter:
     async def server_metadata(request: Request) -> JSONResponse:
         """The server: its name, version and the protocol extensions it serves."""
         meta = await kserve(request).server_metadata()
-        body = protojson.to_json(meta)
+        body = to_json(meta)
         body["extensions"] = [*meta.extensions, *openinference.REST_EXTENSIONS]
         return JSONResponse(body)
 
@@ -310,17 +312,17 @@ def open_inference_router(settings: GatewaySettings) -> APIRouter:
     @router.get("/models/stats", response_model=ModelStatistics)
     async def all_statistics(request: Request) -> JSONResponse:
         """Every model's statistics (Triton's statistics extension)."""
-        return JSONResponse(protojson.to_json(await kserve(request).model_statistics()))
+        return JSONResponse(to_json(await kserve(request).model_statistics()))
 
     @router.get("/models/{name}", response_model=ModelMetadata)
     async def model_metadata(request: Request, name: str) -> JSONResponse:
         """The model: its versions, and its inputs and outputs (name, datatype, shape; -1: any size).
         A request carries one of the inputs."""
-        return JSONResponse(protojson.to_json(await kserve(request).model_metadata(name)))
+        return JSONResponse(to_json(await kserve(request).model_metadata(name)))
 
     @router.get("/models/{name}/versions/{version}", response_model=ModelMetadata)
     async def model_version_metadata(request: Request, name: str, version: str) -> JSONResponse:
-        return JSONResponse(protojson.to_json(await kserve(request).model_metadata(name, version)))
+        return JSONResponse(to_json(await kserve(request).model_metadata(name, version)))
 
     @router.get("/models/{name}/ready", responses=HEALTH)
     async def model_ready(request: Request, name: str) -> Response:
@@ -334,11 +336,11 @@ def open_inference_router(settings: GatewaySettings) -> APIRouter:
     async def model_statistics(request: Request, name: str) -> JSONResponse:
         """Inference and execution counts, and the time requests spent queued, preparing input, in the
         model and answering (Triton's statistics extension)."""
-        return JSONResponse(protojson.to_json(await kserve(request).model_statistics(name)))
+        return JSONResponse(to_json(await kserve(request).model_statistics(name)))
 
     @router.get("/models/{name}/versions/{version}/stats", response_model=ModelStatistics)
     async def model_version_statistics(request: Request, name: str, version: str) -> JSONResponse:
-        return JSONResponse(protojson.to_json(await kserve(request).model_statistics(name, version)))
+        return JSONResponse(to_json(await kserve(request).model_statistics(name, version)))
 
     @router.post("/models/{name}/infer", response_model=InferenceResponse, openapi_extra=INFER_BODY,
                  responses=INFER_ANSWERS)

@@ -1,14 +1,18 @@
-"""Request and response bodies of the gateway that are not plain protobuf messages (those are in
-protojson): /health and /stats as the monitoring guide reads them
-(docs/monitoring-and-logging-guide.md), predictions, the job submission, and the Open Inference
+"""The gateway's request and response bodies for the OpenAPI document: those of protobuf messages,
+derived from their descriptors (`schema`) so that the documented shape cannot drift from what
+fashion.client.protojson returns; and the others: /health and /stats as the monitoring guide reads
+them (docs/monitoring-and-logging-guide.md), predictions, the job submission, and the Open Inference
 Protocol's inference request and response."""
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from pydantic import BaseModel, Field, create_model
 
+from fashion.client.protojson import enum_name
 from services.gateway.errors import ErrorDetail
 
 
@@ -152,3 +156,45 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
         return node
 
     return resolve(schema)
+
+
+# --- protobuf messages ---------------------------------------------------------------------------
+
+_TIMESTAMP = "google.protobuf.Timestamp"
+
+
+def _python_type(field: FieldDescriptor) -> Any:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        if field.message_type.full_name == _TIMESTAMP:
+            return str
+        return schema(field.message_type)
+    if field.type == FieldDescriptor.TYPE_ENUM:
+        names = tuple(enum_name(field.enum_type, v.number) for v in field.enum_type.values)
+        return Literal[names]  # type: ignore[valid-type]
+    if field.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return float
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        return bool
+    if field.type == FieldDescriptor.TYPE_STRING:
+        return str
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return None
+    return int
+
+
+@cache
+def schema(desc: Descriptor) -> type[BaseModel]:
+    """A pydantic model describing fashion.client.protojson.to_json's output for messages of `desc`."""
+    fields: dict[str, Any] = {}
+    for field in desc.fields:
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            kind: Any = dict[str, _python_type(field.message_type.fields_by_name["value"])]  # type: ignore[misc]
+        elif field.is_repeated:
+            kind = list[_python_type(field)]  # type: ignore[misc]
+        else:
+            kind = _python_type(field)
+            nullable = field.type == FieldDescriptor.TYPE_MESSAGE or field.has_presence
+            if nullable:
+                kind = kind | None
+        fields[field.name] = (kind, Field(...))
+    return create_model(desc.name, __doc__=f"{desc.file.package} {desc.name}", **fields)

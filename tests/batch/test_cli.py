@@ -92,11 +92,11 @@ def test_submit_wait_status_list_watch_cancel_health_against_the_service(
 
     listed = fashion(batch_home, inference_server.address, "list", "--json", *address)
     jobs = json.loads(listed.stdout)
-    assert listed.returncode == 0 and len(jobs) == 1 and jobs[0]["state"] == "JOB_STATE_SUCCEEDED"
+    assert listed.returncode == 0 and len(jobs) == 1 and jobs[0]["state"] == "succeeded"
     job_id = jobs[0]["job_id"]
     assert job_id in fashion(batch_home, inference_server.address, "list", *address).stdout
     status = json.loads(fashion(batch_home, inference_server.address, "status", job_id, "--json", *address).stdout)
-    assert (status["processed"], status["trigger"]) == ("8", "api")
+    assert (status["processed"], status["trigger"]) == (8, "api")
     watched = fashion(batch_home, inference_server.address, "watch", job_id, *address)
     assert watched.returncode == 0 and f"Batch job {job_id}: SUCCEEDED" in watched.stdout
     cancel = fashion(batch_home, inference_server.address, "cancel", job_id, *address)

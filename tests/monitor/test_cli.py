@@ -51,7 +51,7 @@ def test_health_via_the_monitor_exits_1_and_says_what_is_unhealthy(monitor: Serv
     report = json.loads(run.stdout)
     assert report["healthy"] is False and report["status"] == "unhealthy" and report["down"] == ["batch"]
     assert [s["name"] for s in report["system"]["services"]] == ["inference", "batch"]
-    assert report["system"]["services"][0]["status"] == "HEALTH_STATUS_HEALTHY"
+    assert report["system"]["services"][0]["status"] == "healthy"
     assert "Batch service" in report["batch"]["error"]
 
 
@@ -67,7 +67,7 @@ def test_health_without_a_monitor_checks_from_the_command_itself(
 
     run = fashion("health", "--embedded", "--json", cwd=tmp_path, **env)
     assert run.returncode == 1 and run.stderr == ""
-    assert json.loads(run.stdout)["system"]["services"][0]["status"] == "HEALTH_STATUS_HEALTHY"
+    assert json.loads(run.stdout)["system"]["services"][0]["status"] == "healthy"
 
 
 def test_dashboard_via_the_monitor_and_embedded(monitor: ServiceProcess, inference_server: ServiceProcess,
@@ -95,15 +95,15 @@ def test_dashboard_via_the_monitor_and_embedded(monitor: ServiceProcess, inferen
     assert not [n for n in old if (out_dir / n).exists()]
     assert (out_dir / recent).exists() and (out_dir / other).exists()
     report = json.loads(run.stdout)
-    assert Path(report["textPath"]).parent == out_dir
-    text = Path(report["textPath"]).read_text()
+    assert Path(report["text_path"]).parent == out_dir
+    text = Path(report["text_path"]).read_text()
     for section in SECTIONS:
         assert section in text
     assert "Not available: alert state is kept by the Monitor service" in text
-    assert len(report["chartPaths"]) == 4
-    for path in report["chartPaths"]:
+    assert len(report["chart_paths"]) == 4
+    for path in report["chart_paths"]:
         assert_valid_png(Path(path))
-    assert Path(report["htmlPath"]).stat().st_size > sum(Path(p).stat().st_size for p in report["chartPaths"])
+    assert Path(report["html_path"]).stat().st_size > sum(Path(p).stat().st_size for p in report["chart_paths"])
 
 
 def test_alerts_lists_active_alerts_history_and_rules(monitor: ServiceProcess, tmp_path: Path) -> None:

@@ -4,11 +4,14 @@ health, the report's batch sections and `fashion monitor health` read from GetBa
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fashion.client import BatchClient, MonitorClient
@@ -16,7 +19,7 @@ from fashion.v1 import batch_pb2, health_pb2
 from tests.gateway.conftest import start_gateway
 from tests.images import encode, fashion_images
 from tests.monitor.conftest import monitor_env, start_monitor, wait_until
-from tests.monitor.test_cli import fashion
+from tests.monitor.test_cli import FASHION, fashion
 from tests.monitor.test_service import SECTIONS, assert_valid_png
 from tests.support import ServiceProcess, free_port, start_service
 
@@ -133,7 +136,7 @@ def test_batch_errors_show_in_health_report_and_cli(stack: Stack, tmp_path: Path
     assert run.returncode == 0, run.stdout
     out = json.loads(run.stdout)
     assert out["healthy"] is False and out["status"] == "degraded" and out["down"] == []
-    assert out["batch"]["status"] == "HEALTH_STATUS_DEGRADED"
+    assert out["batch"]["status"] == "degraded"
     assert out["warnings"] == ["batch processing DEGRADED: 1 recent errors"]
     run = fashion("health", "--address", stack.monitor.address, cwd=tmp_path)
     assert run.returncode == 0
@@ -158,7 +161,7 @@ def test_the_gateway_is_watched_and_its_death_is_the_api_down(stack: Stack, infe
         run = fashion("health", "--address", monitor.address, "--json", cwd=tmp_path)
         out = json.loads(run.stdout)
         services = {s["name"]: s for s in out["system"]["services"]}
-        assert run.returncode == 0 and services["gateway"]["servingStatus"] == "HTTP 200 healthy", run.stdout
+        assert run.returncode == 0 and services["gateway"]["serving_status"] == "HTTP 200 healthy", run.stdout
         assert services["gateway"]["address"] == address
 
         with MonitorClient(monitor.address) as client:
@@ -178,3 +181,38 @@ def test_the_gateway_is_watched_and_its_death_is_the_api_down(stack: Stack, infe
         monitor.terminate()
         if gateway.proc.poll() is None:
             gateway.terminate()
+
+
+def test_the_commands_print_the_same_json_as_the_gateway(stack: Stack, inference_server: ServiceProcess,
+                                                         tmp_path: Path) -> None:
+    """A script reads the same fields whether it runs `fashion ... --json` or calls the REST gateway:
+    numbers as numbers (not protobuf's strings for 64-bit integers), short enum names, snake_case."""
+    gateway = start_gateway(tmp_path / "gateway", inference_server.address, FASHION_BATCH_ADDRESS=stack.batch.address,
+                            FASHION_MONITOR_ADDRESS=stack.monitor.address)
+    try:
+        gateway.wait_ready()
+        job_id = stack.first_job.job_id
+
+        def command(*args: str) -> object:  # `fashion stats` and `fashion model info` print JSON without --json
+            flag = [] if args[0] in ("stats", "model") else ["--json"]
+            run = subprocess.run([FASHION, *args, *flag], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                                 env={**os.environ, "OTEL_SDK_DISABLED": "true"})
+            assert run.returncode == 0, run.stderr
+            return json.loads(run.stdout)
+
+        job = command("batch", "status", job_id, "--address", stack.batch.address)
+        assert job == httpx.get(f"{gateway.url}/batch/jobs/{job_id}", timeout=10).json()
+        assert job["processed"] == 30 and job["state"] == "succeeded" and job["trigger"] == "api"
+        listed = command("batch", "list", "--address", stack.batch.address)
+        assert listed == httpx.get(f"{gateway.url}/batch/jobs", timeout=10).json()["jobs"]
+        assert command("model", "info", "--address", inference_server.address) == httpx.get(
+            f"{gateway.url}/model", timeout=10).json()
+        alerts = command("monitor", "alerts", "--address", stack.monitor.address)
+        assert alerts == httpx.get(f"{gateway.url}/monitor/alerts", timeout=10).json()
+
+        stats = command("stats", "--address", inference_server.address)
+        served = httpx.get(f"{gateway.url}/stats", timeout=10).json()
+        for field in ("total_requests", "total_images_processed", "successful_predictions", "failed_predictions"):
+            assert type(stats[field]) is int and stats[field] == served[field], field
+    finally:
+        gateway.terminate()

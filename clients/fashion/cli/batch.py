@@ -11,14 +11,12 @@ unhealthy; 2 bad arguments or the service could not be reached; 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Iterable
 from datetime import datetime
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -36,6 +34,7 @@ from rich.text import Text
 
 from fashion.cli.server import server_function
 from fashion.client.batch import BatchClient, state_name
+from fashion.client.protojson import dumps, to_json
 from fashion.v1 import batch_pb2 as pb
 from fashion.v1 import health_pb2
 
@@ -58,11 +57,6 @@ def _rpc_error(exc: grpc.RpcError) -> int:
     return EXIT_ERROR
 
 
-def _as_json(msg: object) -> str:
-    return json.dumps(MessageToDict(msg, preserving_proto_field_name=True,  # type: ignore[arg-type]
-                                    always_print_fields_with_no_presence=True), indent=2, ensure_ascii=False)
-
-
 # --- submit / watch ----------------------------------------------------------------------------
 
 
@@ -73,7 +67,7 @@ def submit(args: argparse.Namespace) -> int:
                                 args.recursive, _folder_arg(args.output), args.key)
             if not args.wait:
                 if args.json:
-                    print(_as_json(job))
+                    print(dumps(job))
                 else:
                     print(f"Job {job.job_id} {state_name(job.state)}: {job.input_dir} -> {job.output_dir}")
                     print(f"Follow it with: fashion batch watch {job.job_id}")
@@ -105,7 +99,7 @@ def _follow(client: BatchClient, job: pb.Job, as_json: bool) -> int:
                       f"{job.job_id}, stop it with: fashion batch cancel {job.job_id}")
         return EXIT_INTERRUPTED
     if as_json:
-        print(_as_json(job))
+        print(dumps(job))
     else:
         print_summary(console, job, display.failures)
     return EXIT_OK if job.state == pb.JOB_STATE_SUCCEEDED else EXIT_UNHEALTHY
@@ -200,7 +194,7 @@ def status(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         return _rpc_error(exc)
     if args.json:
-        print(_as_json(job))
+        print(dumps(job))
     else:
         print_summary(Console(), job)
     return EXIT_OK
@@ -214,7 +208,7 @@ def list_jobs(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         return _rpc_error(exc)
     if args.json:
-        print(json.dumps([json.loads(_as_json(j)) for j in jobs], indent=2, ensure_ascii=False))
+        print(dumps([to_json(j) for j in jobs]))
         return EXIT_OK
     table = Table("job", "state", "trigger", "input", "created", "processed", "successful", "uncertain", "failed",
                   "duration")
@@ -233,7 +227,7 @@ def cancel(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         return _rpc_error(exc)
     if args.json:
-        print(_as_json(job))
+        print(dumps(job))
     else:
         print(f"Job {job.job_id}: {state_name(job.state)} ({job.processed} of {job.total} images processed; "
               "the rest stay where they are)")
@@ -265,7 +259,7 @@ def run_embedded(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     if args.json:
-        print(_as_json(job))
+        print(dumps(job))
     else:
         print_summary(console, job, display.failures)
     return EXIT_OK if job.state == pb.JOB_STATE_SUCCEEDED else EXIT_UNHEALTHY
@@ -287,9 +281,7 @@ def health(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     healthy = report.status != health_pb2.HEALTH_STATUS_UNHEALTHY  # degraded: warnings, still exit 0
     if args.json:
-        out = json.loads(_as_json(report))
-        out["healthy"] = healthy
-        print(json.dumps(out, indent=2, ensure_ascii=False))
+        print(dumps({**to_json(report), "healthy": healthy}))
     else:
         print(batch_health_text(report))
     return EXIT_OK if healthy else EXIT_UNHEALTHY

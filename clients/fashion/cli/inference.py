@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
 from fashion.cli.server import server_function
 from fashion.client import InferenceClient
+from fashion.client.protojson import dumps
 
 BATCH = 64
 
@@ -91,6 +91,5 @@ def _print_rpc(fn, address: str) -> int:  # type: ignore[no-untyped-def]
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 2
-    print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True),
-                     indent=2))
+    print(dumps(msg))
     return 0

@@ -12,19 +12,18 @@ everything serves, printing warnings for what is degraded (batch processing prob
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import datetime
 from pathlib import Path
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
 from fashion.cli.batch import batch_health_text
 from fashion.cli.server import server_function
 from fashion.client import ChannelOptions, MonitorClient
+from fashion.client.protojson import dumps, to_json
 from fashion.v1 import batch_pb2, health_pb2
 from fashion.v1 import monitor_pb2 as pb
 
@@ -86,11 +85,11 @@ def health(args: argparse.Namespace) -> int:
     code = UNHEALTHY if down or (args.strict and warnings) else 0
     if args.json:
         out = {"healthy": status == "healthy", "status": status, "down": down, "warnings": warnings,
-               "system": MessageToDict(system),
-               "batch": MessageToDict(batch) if batch is not None else {"error": batch_error}}
+               "system": to_json(system),
+               "batch": to_json(batch) if batch is not None else {"error": batch_error}}
         if monitor_down:
             out["monitor"] = {"error": monitor_down}
-        print(json.dumps(out, indent=2, ensure_ascii=False))
+        print(dumps(out))
         return code
     console = _console()
     table = Table("service", "address", "status", "check", "details", title="Fashion Classifier — system health")
@@ -164,7 +163,7 @@ def dashboard(args: argparse.Namespace) -> int:
                   "writing the report from this process", file=sys.stderr)
             report = _embedded_report(args.days, args.text_only, None)
     if args.json:
-        print(json.dumps(MessageToDict(report, always_print_fields_with_no_presence=True), indent=2))
+        print(dumps(report))
         return 0
     console = _console()
     console.print(report.text, markup=False)
@@ -192,7 +191,7 @@ def alerts(args: argparse.Namespace) -> int:
     except grpc.RpcError as exc:
         return _error(exc)
     if args.json:
-        print(json.dumps(MessageToDict(resp), indent=2))
+        print(dumps(resp))
         return 0
     console = _console()
     if resp.active:
@@ -241,7 +240,7 @@ def test_alert(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             return _error(exc)
     if args.json:
-        print(json.dumps(MessageToDict(response, always_print_fields_with_no_presence=True), indent=2))
+        print(dumps(response))
     else:
         for result in response.results:
             where = f" ({result.destination})" if result.destination else ""

@@ -1,27 +1,24 @@
-"""Protobuf messages as the gateway's JSON, and the matching pydantic models for the OpenAPI document.
+"""Protobuf messages as plain JSON values, the one JSON shape of the system: the REST gateway answers
+with it and the `fashion` commands print it with `--json`, so a script reads the same fields either way.
 
-Both are derived from the message descriptors, so the documented schema cannot drift from what is
-returned. The JSON is friendlier than protobuf's canonical mapping: 64-bit integers are numbers,
-enum values are short lower-case names (JOB_STATE_RUNNING -> "running"), timestamps are RFC 3339
-strings and unset messages are null.
+Friendlier than protobuf's canonical JSON mapping: field names as in the .proto (snake_case), 64-bit
+integers as numbers (not strings), enum values as short lower-case names (JOB_STATE_RUNNING ->
+"running"), timestamps as RFC 3339 strings, every field present, unset messages null, and bytes
+(images) never echoed back (null).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any, Literal
+from typing import Any
 
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
-from pydantic import BaseModel, Field, create_model
 
 _TIMESTAMP = "google.protobuf.Timestamp"
-_FLOATS = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
-_BOOL = FieldDescriptor.TYPE_BOOL
-_STRINGS = {FieldDescriptor.TYPE_STRING}
-_BYTES = FieldDescriptor.TYPE_BYTES
 
 
 @cache
@@ -55,8 +52,8 @@ def _value(field: FieldDescriptor, value: Any) -> Any:
         return to_json(value)
     if field.type == FieldDescriptor.TYPE_ENUM:
         return enum_name(field.enum_type, value)
-    if field.type == _BYTES:
-        return None  # images are never echoed back
+    if field.type == FieldDescriptor.TYPE_BYTES:
+        return None
     return value
 
 
@@ -82,38 +79,7 @@ def to_json(msg: Message) -> Any:
     return out
 
 
-def _python_type(field: FieldDescriptor) -> Any:
-    if field.type == FieldDescriptor.TYPE_MESSAGE:
-        if field.message_type.full_name == _TIMESTAMP:
-            return str
-        return schema(field.message_type)
-    if field.type == FieldDescriptor.TYPE_ENUM:
-        names = tuple(enum_name(field.enum_type, v.number) for v in field.enum_type.values)
-        return Literal[names]  # type: ignore[valid-type]
-    if field.type in _FLOATS:
-        return float
-    if field.type == _BOOL:
-        return bool
-    if field.type in _STRINGS:
-        return str
-    if field.type == _BYTES:
-        return None
-    return int
-
-
-@cache
-def schema(desc: Descriptor) -> type[BaseModel]:
-    """A pydantic model describing to_json's output for messages of `desc` (for OpenAPI)."""
-    fields: dict[str, Any] = {}
-    for field in desc.fields:
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            kind: Any = dict[str, _python_type(field.message_type.fields_by_name["value"])]  # type: ignore[misc]
-        elif field.is_repeated:
-            kind = list[_python_type(field)]  # type: ignore[misc]
-        else:
-            kind = _python_type(field)
-            nullable = field.type == FieldDescriptor.TYPE_MESSAGE or field.has_presence
-            if nullable:
-                kind = kind | None
-        fields[field.name] = (kind, Field(...))
-    return create_model(desc.name, __doc__=f"{desc.file.package} {desc.name}", **fields)
+def dumps(value: Message | Any) -> str:
+    """`value` (a message, or JSON-ready values) as an indented JSON document, as the `fashion`
+    commands print it with --json."""
+    return json.dumps(to_json(value) if isinstance(value, Message) else value, indent=2, ensure_ascii=False)
