@@ -216,7 +216,8 @@ class JobStore(ABC):
                 if len(rows) > 1:
                     raise JobNotFound(f"job id prefix {job_id!r} is ambiguous")
             if not rows:
-                raise JobNotFound(f"no job {job_id!r}")
+                short = " (a prefix of a job id needs at least 6 characters)" if len(job_id) < 6 else ""
+                raise JobNotFound(f"no job {job_id!r}{short}")
             return self._record(tx, rows[0])
 
     def list(self, limit: int = 50, state: JobState | None = None) -> list[JobRecord]:

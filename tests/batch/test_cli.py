@@ -94,7 +94,10 @@ def test_submit_wait_status_list_watch_cancel_health_against_the_service(
     jobs = json.loads(listed.stdout)
     assert listed.returncode == 0 and len(jobs) == 1 and jobs[0]["state"] == "succeeded"
     job_id = jobs[0]["job_id"]
-    assert job_id in fashion(batch_home, inference_server.address, "list", *address).stdout
+    table = fashion(batch_home, inference_server.address, "list", *address).stdout  # at 80 columns: not a terminal
+    assert max(map(len, table.splitlines())) <= 80 and f"{job_id[:8]}  succeeded" in table, table
+    short = fashion(batch_home, inference_server.address, "status", job_id[:5], *address)
+    assert short.returncode == 2 and "a prefix of a job id needs at least 6 characters" in short.stderr
     status = json.loads(fashion(batch_home, inference_server.address, "status", job_id, "--json", *address).stdout)
     assert (status["processed"], status["trigger"]) == (8, "api")
     watched = fashion(batch_home, inference_server.address, "watch", job_id, *address)

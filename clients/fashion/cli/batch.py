@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from datetime import datetime
 
 import grpc
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -210,12 +211,19 @@ def list_jobs(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps([to_json(j) for j in jobs]))
         return EXIT_OK
-    table = Table("job", "state", "trigger", "input", "created", "processed", "successful", "uncertain", "failed",
-                  "duration")
+    # Fits 80 columns (rich's width when the output is not a terminal: cron logs, pipes): the job id's
+    # first 8 characters (any unique prefix of 6 or more is enough for the other commands), the input
+    # folder last, shortened when it must be; the trigger is in `status` and --json.
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+    for header in ("job", "state", "created"):
+        table.add_column(header, no_wrap=True)
+    for header in ("images", "ok", "uncertain", "failed", "took"):
+        table.add_column(header, justify="right", no_wrap=True)
+    table.add_column("input", overflow="ellipsis", no_wrap=True, min_width=5)
     for j in jobs:
-        created = datetime.fromtimestamp(j.created_at.seconds).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(j.job_id, state_name(j.state), j.trigger, j.input_dir, created, f"{j.processed}/{j.total}",
-                      str(j.successful), str(j.uncertain), str(j.failed), f"{j.duration_seconds:.1f}s")
+        created = datetime.fromtimestamp(j.created_at.seconds).strftime("%m-%d %H:%M")
+        table.add_row(j.job_id[:8], state_name(j.state).lower(), created, f"{j.processed}/{j.total}",
+                      str(j.successful), str(j.uncertain), str(j.failed), f"{j.duration_seconds:.1f}s", j.input_dir)
     Console().print(table)
     return EXIT_OK
 
