@@ -195,10 +195,12 @@ def alerts(args: argparse.Namespace) -> int:
         return 0
     console = _console()
     if resp.active:
+        # Rule names stay whole (they are what --rule takes); the free text wraps around them.
         table = Table("severity", "alert", "since", "notified", "message", title="Active alerts")
+        table.columns[1].no_wrap = True
         for a in resp.active:
             sev = _severity(a.severity)
-            table.add_row(f"[{SEVERITY_STYLE[sev]}]{sev}[/]", f"{a.title} ({a.rule})", _when(a.started_at),
+            table.add_row(f"[{SEVERITY_STYLE[sev]}]{sev}[/]", f"{a.title}\n({a.rule})", _when(a.started_at),
                           "yes" if a.notified else "held (cooldown)", a.message)
         console.print(table)
     else:
@@ -216,6 +218,7 @@ def alerts(args: argparse.Namespace) -> int:
         console.print(f"[yellow]{resp.pending_notifications} notification(s) waiting for delivery (retrying)[/]")
     if args.rules:
         table = Table("rule", "title", "severity", "fires when", "enabled", title="Rules")
+        table.columns[0].no_wrap = True
         for r in resp.rules:
             table.add_row(r.rule, r.title, _severity(r.severity), r.condition, "yes" if r.enabled else "no")
         console.print(table)
