@@ -81,11 +81,11 @@ lock: $(STAMP)
 ## make bench: benchmarks, results written to bench/results/ (SECTIONS="peers gateway" runs only those)
 SECTIONS ?=
 bench: $(STAMP) dataset
-	@# The C++ stream load generator needs gRPC C++; installed when this is a Debian machine and we are root.
-	@pkg-config --exists grpc++ 2>/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	@# The C++ load generator needs gRPC C++ and protobuf; installed when this is a Debian machine and we are root.
+	@pkg-config --exists grpc++ protobuf 2>/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-		g++ pkg-config libgrpc++-dev protobuf-compiler-grpc >/dev/null; } || \
-		echo "bench: no gRPC C++ (apt-get install libgrpc++-dev protobuf-compiler-grpc): C++ load generator skipped"
+		g++ pkg-config libgrpc++-dev libprotobuf-dev protobuf-compiler-grpc >/dev/null; } || \
+		echo "bench: no gRPC C++ (apt-get install libgrpc++-dev libprotobuf-dev protobuf-compiler-grpc): C++ load generator skipped"
 	$(PY) -m bench.run $(if $(SECTIONS),--only $(SECTIONS))
 
 ## make train: train the default model (needs torch; about 30 minutes on 2 cores)

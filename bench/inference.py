@@ -111,11 +111,11 @@ def run(out_dir: Path) -> str:
     rows: list[list[object]] = []
     results: dict[tuple[str, int], dict[str, float]] = {}
     try:
-        stream_load: Path | None = native.build()
+        load_binary: Path | None = native.build()
         stream_images = native.images_file(load_images(2000))
         native_note = ""
     except native.NativeUnavailable as exc:
-        stream_load, native_note = None, f"not run: {exc}"
+        load_binary, native_note = None, f"not run: {exc}"
     svc = start_inference(work / "service", folder)
     try:
         for mode, label in (("classify", "Classify"), ("batch", f"ClassifyBatch ({BATCH}/request)"),
@@ -128,9 +128,9 @@ def run(out_dir: Path) -> str:
                 r = loadgen(mode.partition("-")[0], svc.address, c, batch=BATCH, **extra)
                 results[(mode, c)] = r
                 rows.append([f"fashion {label}", c, r["images_per_s"], r["p50_ms"], r["p99_ms"], r["errors"]])
-        for c in CONCURRENCY if stream_load else ():
+        for c in CONCURRENCY if load_binary else ():
             print(f"ours stream (C++ client) c={c} ...", flush=True)
-            r = native.stream(stream_load, stream_images, svc.address, c)
+            r = native.stream(load_binary, stream_images, svc.address, c)
             results[("native", c)] = r
             rows.append(["fashion ClassifyStream, C++ load generator", c, r["images_per_s"], r["p50_ms"],
                          r["p99_ms"], r["errors"]])
@@ -178,7 +178,7 @@ def run(out_dir: Path) -> str:
     lines.append(f"- Classify p50 at c=1: {results[('classify', 1)]['p50_ms']:.2f} ms (goal < 1.5 ms)")
     for mode, label in (("batch", "batch"), ("stream", "stream, Python load generator"),
                         ("native", "stream, C++ load generator")):
-        if mode == "native" and not stream_load:
+        if mode == "native" and not load_binary:
             lines.append(f"- {label}: {native_note}")
             continue
         best = max(results[(mode, c)]["images_per_s"] for c in CONCURRENCY)

@@ -1,5 +1,6 @@
-"""The native ClassifyStream load generator (bench/native/stream_load.cc), built with the system's
-gRPC C++ into bench/work/native/ and run like `bench.loadgen --mode stream`.
+"""The native load generator (bench/native/classify_load.cc), built with the system's gRPC C++ into
+bench/work/native/ and run like `bench.loadgen --mode stream` (ClassifyStream) or `--mode classify`
+(Classify, one call after another per user).
 
 On these 2-core machines the load generator shares the cores with the service it measures; the
 Python client spends about 100 µs of CPU a message (43% of a core at 4,400 messages/s), more than
@@ -7,7 +8,7 @@ the service's event loop does, so the stream figures it produces say as much abo
 about the service. The C++ client drives the same
 closed loop (streams x window, one image per message, latencies of the messages sent after the
 warm-up) for a fraction of that. Needs g++, pkg-config, protoc and gRPC C++ (Debian:
-`apt-get install libgrpc++-dev protobuf-compiler-grpc`); `make bench` installs them when it can.
+`apt-get install libgrpc++-dev libprotobuf-dev protobuf-compiler-grpc`); `make bench` installs them when it can.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from bench.common import REPO
 
-SOURCE = REPO / "bench" / "native" / "stream_load.cc"
+SOURCE = REPO / "bench" / "native" / "classify_load.cc"
 PROTO = REPO / "protos" / "fashion" / "v1" / "inference.proto"
 BUILD = REPO / "bench" / "work" / "native"
 
@@ -30,14 +31,14 @@ class NativeUnavailable(RuntimeError):
 
 
 def build() -> Path:
-    """The stream_load binary, (re)built when missing or older than its source or the proto."""
-    binary = BUILD / "stream_load"
+    """The classify_load binary, (re)built when missing or older than its source or the proto."""
+    binary = BUILD / "classify_load"
     if binary.exists() and binary.stat().st_mtime > max(SOURCE.stat().st_mtime, PROTO.stat().st_mtime):
         return binary
     missing = [tool for tool in ("g++", "pkg-config", "protoc", "grpc_cpp_plugin") if not shutil.which(tool)]
     if missing:
         raise NativeUnavailable(f"missing {', '.join(missing)} (apt-get install g++ pkg-config libgrpc++-dev "
-                                "protobuf-compiler-grpc)")
+                                "libprotobuf-dev protobuf-compiler-grpc)")
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "grpc++", "protobuf"], capture_output=True,
                            text=True)
     if flags.returncode != 0:
@@ -68,8 +69,23 @@ def images_file(pngs: list[bytes]) -> Path:
 def stream(binary: Path, images: Path, address: str, concurrency: int, seconds: float = 8.0,
            warmup: float = 2.0, window: int = 64) -> dict[str, float]:
     """One closed-loop ClassifyStream run: bench.loadgen's JSON result."""
-    out = subprocess.run([str(binary), address, str(concurrency), str(window), str(seconds), str(warmup),
-                          str(images)], capture_output=True, text=True, timeout=seconds + warmup + 120)
+    return run(binary, "stream", images, address, concurrency, seconds, warmup, window)
+
+
+def unary(binary: Path, images: Path, address: str, concurrency: int, seconds: float = 8.0,
+          warmup: float = 2.0, channels: int = 0, cpus: str = "") -> dict[str, float]:
+    """One closed-loop Classify run (`concurrency` users, one image a call) over `channels`
+    connections (0: one per 16 users), pinned to the CPU list `cpus` (taskset's) when given."""
+    return run(binary, "unary", images, address, concurrency, seconds, warmup, 1, channels, cpus)
+
+
+def run(binary: Path, mode: str, images: Path, address: str, concurrency: int, seconds: float, warmup: float,
+        window: int, channels: int = 0, cpus: str = "") -> dict[str, float]:
+    args = [str(binary), mode, address, str(concurrency), str(window), str(seconds), str(warmup), str(images),
+            str(channels)]
+    if cpus:
+        args = ["taskset", "--cpu-list", cpus, *args]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + warmup + 120)
     if out.returncode != 0:
-        raise RuntimeError(f"stream_load failed ({out.returncode}): {out.stderr[-2000:]}")
+        raise RuntimeError(f"classify_load {mode} failed ({out.returncode}): {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

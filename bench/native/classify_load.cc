@@ -1,11 +1,18 @@
-// A native ClassifyStream load generator: the same closed loop as `bench.loadgen --mode stream`
-// (N streams, each keeping W messages in flight, one image per message), written with gRPC C++
-// so that the load takes less of the CPU the server needs when both share a 2-core machine
-// (measured: 18% of one core at 5,800 messages/s, where the Python client takes 43% at 4,400). Built and run by bench/native.py; prints one JSON line like
-// bench.loadgen: images_per_s, requests_per_s, p50_ms, p99_ms, errors.
+// A native load generator of the Inference service, written with gRPC C++ so that the load takes
+// less of the CPU the server needs when both share a machine (measured on 2 cores: 18% of one core
+// at 5,800 ClassifyStream messages/s, where the Python client takes 43% at 4,400). Built and run
+// by bench/native.py; prints one JSON line like bench.loadgen: images_per_s, requests_per_s,
+// p50_ms, p99_ms, errors.
 //
-//   stream_load ADDRESS STREAMS WINDOW SECONDS WARMUP IMAGES_FILE
+//   classify_load stream ADDRESS STREAMS WINDOW SECONDS WARMUP IMAGES_FILE CHANNELS
+//       the closed loop of `bench.loadgen --mode stream`: STREAMS ClassifyStream calls, each keeping
+//       WINDOW messages in flight, one image per message;
+//   classify_load unary ADDRESS USERS 1 SECONDS WARMUP IMAGES_FILE CHANNELS
+//       the closed loop of `bench.loadgen --mode classify`: USERS callers, each making one Classify
+//       call (one image) after another.
 //
+// The calls are spread over CHANNELS connections (0: one per 16 streams or users, as bench.loadgen
+// does); several server processes sharing a port get connections, not calls, from the kernel.
 // IMAGES_FILE holds the encoded images, each as a 4-byte little-endian length and its bytes.
 
 #include <grpcpp/grpcpp.h>
@@ -147,6 +154,64 @@ class StreamLoad : public grpc::ClientBidiReactor<ClassifyRequest, ClassifyRespo
   bool done_ = false;
 };
 
+// One closed-loop caller of Classify: each call starts from the completion of the one before, on
+// gRPC's own threads. A call's context is freed at the next completion, never inside its own.
+class UnaryLoad {
+ public:
+  UnaryLoad(InferenceService::Stub* stub, const std::vector<ClassifyRequest>& requests, size_t first, size_t step,
+            Clock::time_point start, Clock::time_point stop, Tally* tally)
+      : stub_(stub), requests_(requests), next_(first), step_(step), start_(start), stop_(stop), tally_(tally) {
+    Next();
+  }
+
+  void Wait() {
+    std::unique_lock<std::mutex> lock(done_mu_);
+    done_cv_.wait(lock, [this] { return done_; });
+  }
+
+ private:
+  void Next() {
+    auto now = Clock::now();
+    if (now >= stop_) {
+      std::lock_guard<std::mutex> lock(done_mu_);
+      done_ = true;
+      done_cv_.notify_all();
+      return;
+    }
+    previous_ = std::move(context_);
+    context_ = std::make_unique<grpc::ClientContext>();
+    context_->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    response_.Clear();
+    began_ = now;
+    const ClassifyRequest* request = &requests_[next_ % requests_.size()];
+    next_ += step_;
+    stub_->async()->Classify(context_.get(), request, &response_, [this](grpc::Status status) {
+      if (began_ >= start_) {
+        if (!status.ok() || response_.category().empty()) {
+          if (!status.ok() && tally_->errors == 0) {
+            std::fprintf(stderr, "call failed with %d: %s\n", status.error_code(), status.error_message().c_str());
+          }
+          ++tally_->errors;
+        } else {
+          tally_->latencies_ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - began_).count());
+        }
+      }
+      Next();
+    });
+  }
+
+  InferenceService::Stub* stub_;
+  const std::vector<ClassifyRequest>& requests_;
+  size_t next_, step_;
+  Clock::time_point start_, stop_, began_;
+  Tally* tally_;
+  std::unique_ptr<grpc::ClientContext> context_, previous_;
+  ClassifyResponse response_;
+  std::mutex done_mu_;
+  std::condition_variable done_cv_;
+  bool done_ = false;
+};
+
 double Percentile(std::vector<double>& v, double q) {
   if (v.empty()) return 0.0;
   size_t k = std::min(v.size() - 1, static_cast<size_t>(q * (v.size() - 1) + 0.5));
@@ -157,28 +222,31 @@ double Percentile(std::vector<double>& v, double q) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 7) {
-    std::fprintf(stderr, "usage: %s ADDRESS STREAMS WINDOW SECONDS WARMUP IMAGES_FILE\n", argv[0]);
+  const std::string mode = argc == 9 ? argv[1] : "";
+  if (mode != "stream" && mode != "unary") {
+    std::fprintf(stderr, "usage: %s stream|unary ADDRESS CONCURRENCY WINDOW SECONDS WARMUP IMAGES_FILE CHANNELS\n",
+                 argv[0]);
     return 2;
   }
-  const std::string address = argv[1];
-  const int streams = std::stoi(argv[2]);
-  const int window = std::stoi(argv[3]);
-  const double seconds = std::stod(argv[4]);
-  const double warmup = std::stod(argv[5]);
+  const std::string address = argv[2];
+  const int concurrency = std::stoi(argv[3]);
+  const int window = std::stoi(argv[4]);
+  const double seconds = std::stod(argv[5]);
+  const double warmup = std::stod(argv[6]);
   std::vector<ClassifyRequest> requests;
-  for (auto& image : LoadImages(argv[6])) {
+  for (auto& image : LoadImages(argv[7])) {
     requests.emplace_back();
     requests.back().set_image(image);
   }
   if (requests.empty()) {
-    std::fprintf(stderr, "no images in %s\n", argv[6]);
+    std::fprintf(stderr, "no images in %s\n", argv[7]);
     return 2;
   }
+  int channels = std::stoi(argv[8]);
+  if (channels <= 0) channels = std::max(1, concurrency / 16);
 
-  // One connection per 16 streams, as bench.loadgen does.
   std::vector<std::unique_ptr<InferenceService::Stub>> stubs;
-  for (int i = 0; i < std::max(1, streams / 16); ++i) {
+  for (int i = 0; i < channels; ++i) {
     grpc::ChannelArguments args;
     args.SetInt("grpc.channel_id", i);  // distinct arguments: a connection of its own
     args.SetMaxReceiveMessageSize(64 << 20);
@@ -188,13 +256,22 @@ int main(int argc, char** argv) {
   }
   auto start = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(warmup));
   auto stop = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
-  std::vector<Tally> tallies(streams);
-  std::vector<std::unique_ptr<StreamLoad>> loads;
-  for (int s = 0; s < streams; ++s) {
-    loads.push_back(std::make_unique<StreamLoad>(stubs[s % stubs.size()].get(), requests, s, streams, window, start,
-                                                 stop, &tallies[s]));
+  std::vector<Tally> tallies(concurrency);
+  if (mode == "stream") {
+    std::vector<std::unique_ptr<StreamLoad>> loads;
+    for (int s = 0; s < concurrency; ++s) {
+      loads.push_back(std::make_unique<StreamLoad>(stubs[s % stubs.size()].get(), requests, s, concurrency, window,
+                                                   start, stop, &tallies[s]));
+    }
+    for (auto& load : loads) load->Wait();
+  } else {
+    std::vector<std::unique_ptr<UnaryLoad>> loads;
+    for (int s = 0; s < concurrency; ++s) {
+      loads.push_back(std::make_unique<UnaryLoad>(stubs[s % stubs.size()].get(), requests, s, concurrency, start,
+                                                  stop, &tallies[s]));
+    }
+    for (auto& load : loads) load->Wait();
   }
-  for (auto& load : loads) load->Wait();
 
   std::vector<double> all;
   int64_t errors = 0;
