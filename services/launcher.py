@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
+from services.common.bootstrap import Port, refuse_unusable_ports
 from services.common.config import BatchSettings, GatewaySettings, InferenceSettings, MonitorSettings, load_settings
 
 # service name -> module with a main() that runs it
@@ -32,25 +34,36 @@ def serve(name: str) -> int:
     return 0
 
 
-def listeners() -> dict[str, str]:
+class Listening(NamedTuple):
+    """Where one service of the stack listens: as the start-up line says it, and its ports."""
+
+    description: str
+    ports: list[Port]
+
+
+def listeners() -> dict[str, Listening]:
     """Where each service listens, from the same settings the services read (FASHION_BIND_ADDRESS and
     the per-service host and port variables)."""
 
-    def grpc_and_metrics(settings: InferenceSettings | BatchSettings | MonitorSettings, host: str | None,
-                         port: int, metrics_port: int) -> str:
+    def grpc_service(name: str, settings: InferenceSettings | BatchSettings | MonitorSettings, host: str | None,
+                     port: int, metrics_port: int) -> Listening:
         metrics = (f"metrics http://{settings.listen_address(host, metrics_port)}/metrics" if metrics_port > 0
                    else "metrics off")
-        return f"gRPC {settings.listen_address(host, port)}, {metrics}"
+        bare, prefix = settings.listen_host(host), f"FASHION_{name.upper()}"
+        return Listening(f"gRPC {settings.listen_address(host, port)}, {metrics}",
+                         [Port(bare, port, f"{prefix}_PORT"), Port(bare, metrics_port, f"{prefix}_METRICS_PORT")])
 
     inference, batch = load_settings(InferenceSettings), load_settings(BatchSettings)
     monitor, gateway = load_settings(MonitorSettings), load_settings(GatewaySettings)
     web = gateway.listen_address(gateway.gateway_host, gateway.gateway_port)
     return {
-        "inference": grpc_and_metrics(inference, inference.inference_host, inference.inference_port,
-                                      inference.inference_metrics_port),
-        "batch": grpc_and_metrics(batch, batch.batch_host, batch.batch_port, batch.batch_metrics_port),
-        "monitor": grpc_and_metrics(monitor, monitor.monitor_host, monitor.monitor_port, monitor.monitor_metrics_port),
-        "gateway": f"HTTP http://{web} (/docs, /metrics)",
+        "inference": grpc_service("inference", inference, inference.inference_host, inference.inference_port,
+                                  inference.inference_metrics_port),
+        "batch": grpc_service("batch", batch, batch.batch_host, batch.batch_port, batch.batch_metrics_port),
+        "monitor": grpc_service("monitor", monitor, monitor.monitor_host, monitor.monitor_port,
+                                monitor.monitor_metrics_port),
+        "gateway": Listening(f"HTTP http://{web} (/docs, /metrics)", [
+            Port(gateway.listen_host(gateway.gateway_host), gateway.gateway_port, "FASHION_GATEWAY_PORT")]),
     }
 
 
@@ -68,11 +81,13 @@ def run_stack(only: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     where = listeners()
+    # Every port first: a port another program holds stops the stack before any service starts.
+    refuse_unusable_ports(load_settings(GatewaySettings), [port for name in names for port in where[name].ports])
     for name in names:
         # Own process group: the terminal's Ctrl-C reaches us once; we stop the children in order.
         procs[name] = subprocess.Popen([sys.executable, "-m", "fashion.cli", "serve", name],
                                        env=os.environ.copy(), start_new_session=True)
-        print(f"fashion run: started {name} (pid {procs[name].pid}): {where[name]}", flush=True)
+        print(f"fashion run: started {name} (pid {procs[name].pid}): {where[name].description}", flush=True)
     print("fashion run: Ctrl-C stops everything", flush=True)
     exit_code = 0
     while not stopping:

@@ -4,6 +4,7 @@ and why in one line and exits 2 (not 1, which means "unhealthy"); `--help` works
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,52 @@ def test_a_secret_that_is_refused_is_named_but_never_shown(tmp_path: Path) -> No
     assert done.stderr.splitlines() == ["error: FASHION_BATCH_DATABASE_URL: Value error, must be a PostgreSQL URL: "
                                         "postgresql://user:password@host:5432/database"], done.stderr
     assert "hunter2" not in done.stdout + done.stderr
+
+
+PORT_SETTINGS = {
+    "services.inference": ("FASHION_INFERENCE_PORT", "FASHION_INFERENCE_METRICS_PORT"),
+    "services.batch": ("FASHION_BATCH_PORT", "FASHION_BATCH_METRICS_PORT"),
+    "services.monitor": ("FASHION_MONITOR_PORT", "FASHION_MONITOR_METRICS_PORT"),
+    "services.gateway": ("FASHION_GATEWAY_PORT",),
+}
+
+
+@pytest.mark.parametrize(("module", "setting", "extra"), [
+    ("services.inference", "FASHION_INFERENCE_PORT", {}),
+    ("services.inference", "FASHION_INFERENCE_METRICS_PORT", {}),
+    ("services.inference", "FASHION_INFERENCE_PORT", {"FASHION_INFERENCE_PROCESSES": "2"}),  # the parent
+    ("services.batch", "FASHION_BATCH_PORT", {}),
+    ("services.monitor", "FASHION_MONITOR_METRICS_PORT", {}),
+    ("services.gateway", "FASHION_GATEWAY_PORT", {"FASHION_GATEWAY_WORKERS": "2"}),
+])
+def test_a_port_another_program_holds_is_one_line_naming_the_setting_and_exit_2(
+        tmp_path: Path, module: str, setting: str, extra: dict[str, str]) -> None:
+    """The commonest first-run failure (an earlier `make run` still going, another program on 8080):
+    one line naming the setting, exit 2, nothing started (no log file written)."""
+    from tests.support import free_port
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**{name: str(free_port()) for name in PORT_SETTINGS[module]}, setting: str(port), **extra}
+        done = subprocess.run([sys.executable, "-m", module], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "FASHION_BIND_ADDRESS": "127.0.0.1", **env}, timeout=60)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{port} ({setting}): the port is in use: "
+                                        "another program listens there (an earlier run still going?)"], done.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_port_is_free_again_once_its_holder_is_gone(tmp_path: Path) -> None:
+    """The check itself leaves nothing bound: the service it refused starts on the same port later."""
+    from services.common.ports import listen_problem
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        holder.listen()
+        assert "in use" in (listen_problem("127.0.0.1", port) or "")
+    assert listen_problem("127.0.0.1", port) is None
+    assert listen_problem("127.0.0.1", port) is None  # twice: the probe released it
+    assert listen_problem("192.0.2.1", port) == "this machine has no address 192.0.2.1"

@@ -37,11 +37,13 @@ from services.common import server as grpc_server
 from services.common.config import CommonSettings, load_settings
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
+from services.common.ports import listen_problem
 from services.common.security import (
     SecurityConfigError,
     TokenSource,
     metrics_token_check,
     server_credentials,
+    tls_enabled,
 )
 from services.common.tracing import configuration_problem as tracing_problem
 from services.common.tracing import setup_tracing, shutdown_tracing
@@ -55,6 +57,16 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class StartupError(Exception):
     """A setting that cannot work, found before anything starts: the process prints
     "error: <message>" and exits 2."""
+
+
+class Port(NamedTuple):
+    """A port a process listens on, and the setting that names it."""
+
+    host: str
+    port: int
+    setting: str
+    shared: bool = False
+    """Sibling server processes of ours may listen there too (SO_REUSEPORT)."""
 
 
 class Listener(NamedTuple):
@@ -137,6 +149,28 @@ def load(settings_class: type[S], check: Callable[[S], None] | None = None) -> S
     return settings
 
 
+def refuse_unusable_ports(settings: CommonSettings, ports: list[Port]) -> None:
+    """End the process with one line per port it cannot listen on (another program holds it, an
+    address this machine lacks), naming the setting, and exit code 2: before anything starts."""
+    problems = [f"error: cannot listen on {settings.listen_address(p.host, p.port)} ({p.setting}): {problem}"
+                for p in ports if p.port > 0 and (problem := listen_problem(p.host, p.port, p.shared))]
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        raise SystemExit(2)
+
+
+def service_ports(service: GrpcService[S], settings: S, shared: bool = False) -> list[Port]:
+    """The ports of a gRPC service process (its gRPC port `shared` with sibling processes or not), each
+    with the FASHION_* setting that names it."""
+    listener = service.listener(settings)
+    host, prefix = settings.listen_host(listener.host), f"FASHION_{service.name.upper()}"
+    ports = [Port(host, listener.port, f"{prefix}_PORT", shared),
+             Port(host, listener.metrics_port, f"{prefix}_METRICS_PORT")]
+    if tls_enabled(settings) and settings.health_port:
+        ports.append(Port(host, settings.health_port, "FASHION_HEALTH_PORT", shared))
+    return ports
+
+
 def observe(settings: CommonSettings, log_name: str, service: str) -> TracerProvider | None:
     """Logs to logs/<log_name>.log (and _errors.log, and stdout) and tracing as fashion-<service>;
     before any channel is made. Returns the tracer provider, None when spans are not exported."""
@@ -147,6 +181,7 @@ def observe(settings: CommonSettings, log_name: str, service: str) -> TracerProv
 def run(service: GrpcService[S]) -> None:
     """The entry point of a service process (`python -m services.<name>`, `fashion serve <name>`)."""
     settings = load(service.settings_class, service.check)
+    refuse_unusable_ports(settings, service_ports(service, settings))
     run_loop(serve(service, settings))
 
 

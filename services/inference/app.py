@@ -9,7 +9,16 @@ import logging
 
 from fashion.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fashion.v1 import inference_pb2_grpc as pb_grpc
-from services.common.bootstrap import GrpcService, Listener, ServiceParts, load, run_loop, serve
+from services.common.bootstrap import (
+    GrpcService,
+    Listener,
+    ServiceParts,
+    load,
+    refuse_unusable_ports,
+    run_loop,
+    serve,
+    service_ports,
+)
 from services.common.config import InferenceSettings
 from services.inference import processes
 from services.inference.classifier import Classifier
@@ -82,6 +91,8 @@ def main() -> None:
     """One server process (the default on up to 2 cores), else a parent that starts
     FASHION_INFERENCE_PROCESSES of them on the one port (services.inference.processes)."""
     settings = load(SERVICE.settings_class, SERVICE.check)
+    # The parent looks for any listener on the port; a server process, beside its siblings' listeners.
+    refuse_unusable_ports(settings, service_ports(SERVICE, settings, shared=processes.is_child()))
     count = server_processes(settings)
     if count > 1 and not processes.is_child():
         raise SystemExit(processes.supervise(settings, count))

@@ -8,6 +8,7 @@ import ipaddress
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -136,3 +137,22 @@ def test_fashion_run_starts_everything_and_ctrl_c_stops_everything(tmp_path: Pat
     assert "fashion run: stopped" in log.read_text()
     for name, pid in pids.items():
         assert not pid_alive(int(pid)), f"{name} still running"
+
+
+def test_fashion_run_starts_nothing_when_a_port_is_taken(tmp_path: Path) -> None:
+    """Every port of the stack is checked before any service starts: a port another program holds (an
+    earlier `make run` still going) is one line naming its setting, exit 2, and no service started."""
+    settings = ("FASHION_INFERENCE_PORT", "FASHION_BATCH_PORT", "FASHION_MONITOR_PORT", "FASHION_GATEWAY_PORT",
+                "FASHION_INFERENCE_METRICS_PORT", "FASHION_BATCH_METRICS_PORT", "FASHION_MONITOR_METRICS_PORT")
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_")}
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**inherited, **{name: str(free_port()) for name in settings}, "FASHION_MONITOR_METRICS_PORT": str(port)}
+        done = subprocess.run([sys.executable, "-m", "fashion.cli", "run"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{port} (FASHION_MONITOR_METRICS_PORT): the "
+                                        "port is in use: another program listens there (an earlier run still going?)"]
+    assert "started" not in done.stdout and not (tmp_path / "logs").exists()
