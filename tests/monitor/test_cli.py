@@ -138,5 +138,8 @@ def test_alerts_with_an_unknown_rule_reports_the_servers_error(monitor: ServiceP
 
 
 def test_alerts_needs_the_monitor(tmp_path: Path) -> None:
-    run = fashion("alerts", "--address", unused_address(), cwd=tmp_path)
-    assert run.returncode == 2 and "error: UNAVAILABLE" in run.stderr
+    address = unused_address()
+    run = fashion("alerts", "--address", address, cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.startswith("error: UNAVAILABLE: "), run.stderr
+    assert f"(the Monitor service at {address}: is it running? `fashion run` starts every service; --address or " \
+           "FASHION_MONITOR_ADDRESS says where it listens)" in run.stderr

@@ -33,6 +33,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
 from fashion.client.batch import BatchClient, state_name
 from fashion.client.protojson import dumps, to_json
@@ -53,8 +54,8 @@ def _folder_arg(raw: str) -> str:
     return os.path.realpath(raw)
 
 
-def _rpc_error(exc: grpc.RpcError) -> int:
-    print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+def _rpc_error(exc: grpc.RpcError, address: str) -> int:
+    print(rpc_failure(exc, "Batch", address), file=sys.stderr)
     return EXIT_ERROR
 
 
@@ -75,7 +76,7 @@ def submit(args: argparse.Namespace) -> int:
                 return EXIT_OK
             return _follow(client, job, args.json)
     except grpc.RpcError as exc:
-        return _rpc_error(exc)
+        return _rpc_error(exc, args.address)
 
 
 def watch(args: argparse.Namespace) -> int:
@@ -83,7 +84,7 @@ def watch(args: argparse.Namespace) -> int:
         with BatchClient(args.address) as client:
             return _follow(client, client.get(args.job_id), False)
     except grpc.RpcError as exc:
-        return _rpc_error(exc)
+        return _rpc_error(exc, args.address)
 
 
 def _follow(client: BatchClient, job: pb.Job, as_json: bool) -> int:
@@ -193,7 +194,7 @@ def status(args: argparse.Namespace) -> int:
         with BatchClient(args.address) as client:
             job = client.get(args.job_id)
     except grpc.RpcError as exc:
-        return _rpc_error(exc)
+        return _rpc_error(exc, args.address)
     if args.json:
         print(dumps(job))
     else:
@@ -207,7 +208,7 @@ def list_jobs(args: argparse.Namespace) -> int:
         with BatchClient(args.address) as client:
             jobs = client.list(args.limit, state)
     except grpc.RpcError as exc:
-        return _rpc_error(exc)
+        return _rpc_error(exc, args.address)
     if args.json:
         print(dumps([to_json(j) for j in jobs]))
         return EXIT_OK
@@ -233,7 +234,7 @@ def cancel(args: argparse.Namespace) -> int:
         with BatchClient(args.address) as client:
             job = client.cancel(args.job_id)
     except grpc.RpcError as exc:
-        return _rpc_error(exc)
+        return _rpc_error(exc, args.address)
     if args.json:
         print(dumps(job))
     else:

@@ -11,6 +11,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
 from fashion.client import InferenceClient
 from fashion.client.protojson import dumps
@@ -50,7 +51,7 @@ def classify(args: argparse.Namespace) -> int:
             try:
                 resp = client.classify_batch([data for _, data in readable], top_k=args.top_k)
             except grpc.RpcError as exc:
-                print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                print(rpc_failure(exc, "Inference", args.address), file=sys.stderr)
                 return 2
             for (path, _), r in zip(readable, resp.results, strict=True):
                 if r.HasField("error"):
@@ -89,7 +90,7 @@ def _print_rpc(fn, address: str) -> int:  # type: ignore[no-untyped-def]
         with InferenceClient(address) as client:
             msg = fn(client)
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(rpc_failure(exc, "Inference", address), file=sys.stderr)
         return 2
     print(dumps(msg))
     return 0

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fashion.cli.batch import batch_health_text
+from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
 from fashion.client import ChannelOptions, MonitorClient
 from fashion.client.protojson import dumps, to_json
@@ -37,8 +38,8 @@ STATUS = {health_pb2.HEALTH_STATUS_HEALTHY: ("✓", "HEALTHY", "green"),
 SEVERITY_STYLE = {"INFO": "cyan", "WARNING": "yellow", "ERROR": "red", "CRITICAL": "bold red"}
 
 
-def _error(exc: grpc.RpcError) -> int:
-    print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+def _error(exc: grpc.RpcError, address: str) -> int:
+    print(rpc_failure(exc, "Monitor", address), file=sys.stderr)
     return FAILED
 
 
@@ -69,11 +70,11 @@ def health(args: argparse.Namespace) -> int:
                     batch = client.batch_health(args.days)
                 except grpc.RpcError as exc:
                     if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                        return _error(exc)
+                        return _error(exc, args.address)
                     batch, batch_error = None, exc.details() or ""
         except grpc.RpcError as exc:
             if exc.code() not in FALLBACK_CODES:
-                return _error(exc)
+                return _error(exc, args.address)
             monitor_down = f"Monitor service at {args.address} unreachable ({exc.code().name}: {exc.details()})"
             print(f"warning: {monitor_down}; checking from this process", file=sys.stderr)
             system, batch, batch_error = _embedded_health(args.days)
@@ -158,7 +159,7 @@ def dashboard(args: argparse.Namespace) -> int:
             where = f"by the Monitor service at {args.address}, on its machine"
         except grpc.RpcError as exc:
             if exc.code() not in FALLBACK_CODES:
-                return _error(exc)
+                return _error(exc, args.address)
             print(f"warning: Monitor service at {args.address} unreachable ({exc.code().name}); "
                   "writing the report from this process", file=sys.stderr)
             report = _embedded_report(args.days, args.text_only, None)
@@ -189,7 +190,7 @@ def alerts(args: argparse.Namespace) -> int:
         with MonitorClient(args.address) as client:
             resp = client.alerts(args.history, args.rule)
     except grpc.RpcError as exc:
-        return _error(exc)
+        return _error(exc, args.address)
     if args.json:
         print(dumps(resp))
         return 0
@@ -241,7 +242,7 @@ def test_alert(args: argparse.Namespace) -> int:
             with MonitorClient(ChannelOptions.from_env(args.address, retries=1, timeout_s=60.0)) as client:
                 response = client.send_test_alert(args.channel)
         except grpc.RpcError as exc:
-            return _error(exc)
+            return _error(exc, args.address)
     if args.json:
         print(dumps(response))
     else:
