@@ -102,3 +102,24 @@ def test_a_port_is_free_again_once_its_holder_is_gone(tmp_path: Path) -> None:
     assert listen_problem("127.0.0.1", port) is None
     assert listen_problem("127.0.0.1", port) is None  # twice: the probe released it
     assert listen_problem("192.0.2.1", port) == "this machine has no address 192.0.2.1"
+
+
+def test_fashion_config_prints_every_setting_as_name_equals_value_with_secrets_masked(tmp_path: Path) -> None:
+    from services.common.config import settings_rows
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_")}
+    env.update(FASHION_BATCH_CHUNK_SIZE="7", FASHION_AUTH_TOKEN="sekrit-token-value", COLUMNS="80")
+    done = subprocess.run([sys.executable, "-m", "fashion.cli", "config"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    lines = done.stdout.splitlines()
+    assert "FASHION_BATCH_CHUNK_SIZE=7" in lines and "FASHION_AUTH_TOKEN=**********" in lines
+    assert "sekrit" not in done.stdout
+    assert [line.split("=", 1)[0] for line in lines if not line.startswith(" ")] == [row[0] for row in settings_rows()]
+    assert all(len(line) <= 80 for line in lines if line.startswith("    "))  # meanings wrapped to the terminal
+
+    # Piped into a reader that has stopped reading (`| head` once it has its lines; here `true`, gone before the
+    # first line): no BrokenPipeError traceback, exit 0.
+    piped = subprocess.run(f"set -o pipefail; {sys.executable} -m fashion.cli config | true", shell=True,
+                           executable="/bin/bash", cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert piped.returncode == 0 and not piped.stderr, piped

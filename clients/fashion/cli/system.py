@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-
-from rich.console import Console
-from rich.table import Table
+import shutil
+import textwrap
 
 from fashion.cli.server import server_function
 
@@ -21,9 +20,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def config(args: argparse.Namespace) -> int:
-    """Every setting, its environment variable, current value and meaning."""
-    table = Table("variable", "value", "meaning")
+    """Every setting as its environment variable and current value (NAME=value, as an env file or
+    `env` writes it: whole whatever the terminal's width, for grep), its meaning indented below."""
+    width = max(40, shutil.get_terminal_size().columns)
     for variable, value, meaning in server_function("settings", "config")():
-        table.add_row(variable, value, meaning)
-    Console().print(table)
+        print(f"{variable}={value}")
+        print(textwrap.fill(" ".join(meaning.split()), width, initial_indent="    ", subsequent_indent="    "))
     return 0
