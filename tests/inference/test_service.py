@@ -266,3 +266,8 @@ def test_cli_classify_as_a_user_runs_it(inference_server, tmp_path: Path) -> Non
     bad.write_text("hello")
     out = subprocess.run([str(fashion), "classify", str(bad)], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 1 and "not an image" in out.stdout
+    out = subprocess.run([str(fashion), "classify", "--json", files[0], str(tmp_path), files[1]], capture_output=True,
+                         text=True, env=env, timeout=60)
+    first, folder, second = [json.loads(line) for line in out.stdout.splitlines()]  # in the order given
+    assert out.returncode == 1 and "a folder: name its images" in folder["error"]
+    assert (first["file"], second["file"]) == (files[0], files[1]) and first["category"] and second["category"]

@@ -39,28 +39,30 @@ def classify(args: argparse.Namespace) -> int:
         paths: list[Path] = args.images
         for start in range(0, len(paths), BATCH):
             chunk = paths[start: start + BATCH]
-            readable: list[tuple[Path, bytes]] = []
-            for path in chunk:
+            answers: list[dict[str, object]] = [{"file": str(path)} for path in chunk]  # in the order given
+            readable: list[tuple[dict[str, object], bytes]] = []
+            for path, answer in zip(chunk, answers, strict=True):
                 try:
-                    readable.append((path, path.read_bytes()))
+                    readable.append((answer, path.read_bytes()))
+                except IsADirectoryError:
+                    answer["error"] = "a folder: name its images (fashion classify DIR/*), or sort all of it with " \
+                                      "fashion batch submit"
                 except OSError as exc:
-                    rows.append({"file": str(path), "error": f"cannot read: {exc.strerror}"})
-                    failures += 1
-            if not readable:
-                continue
-            try:
-                resp = client.classify_batch([data for _, data in readable], top_k=args.top_k)
-            except grpc.RpcError as exc:
-                print(rpc_failure(exc, "Inference", args.address), file=sys.stderr)
-                return 2
-            for (path, _), r in zip(readable, resp.results, strict=True):
-                if r.HasField("error"):
-                    failures += 1
-                    rows.append({"file": str(path), "error": r.error.message})
-                else:
-                    rows.append({"file": str(path), "category": r.category, "confidence": round(r.confidence, 4),
-                                 "uncertain": r.uncertain,
-                                 "top_k": [{"label": c.label, "confidence": round(c.confidence, 4)} for c in r.top_k]})
+                    answer["error"] = f"cannot read: {exc.strerror}"
+            if readable:
+                try:
+                    resp = client.classify_batch([data for _, data in readable], top_k=args.top_k)
+                except grpc.RpcError as exc:
+                    print(rpc_failure(exc, "Inference", args.address), file=sys.stderr)
+                    return 2
+                for (answer, _), r in zip(readable, resp.results, strict=True):
+                    if r.HasField("error"):
+                        answer["error"] = r.error.message
+                    else:
+                        answer.update(category=r.category, confidence=round(r.confidence, 4), uncertain=r.uncertain,
+                                      top_k=[{"label": c.label, "confidence": round(c.confidence, 4)} for c in r.top_k])
+            failures += sum("error" in answer for answer in answers)
+            rows.extend(answers)
     if args.json:
         for row in rows:
             print(json.dumps(row))
