@@ -314,16 +314,33 @@ async def test_one_user_at_a_time_is_served_here_without_the_worker_round_trip(r
     await batcher.stop()
 
 
+class GatedModel(RecordingModel):
+    """Each run starts (`started` set), then waits for `gate`: a test decides what arrives meanwhile,
+    whatever the machine's load."""
+
+    def __init__(self) -> None:
+        super().__init__(delay_s=0)
+        self.started = threading.Event()
+        self.gate = threading.Event()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.started.set()
+        self.gate.wait(30)
+        return super().__call__(x)
+
+
 async def test_batches_sharing_the_model_here_wait_to_form_a_fuller_batch() -> None:
-    model = RecordingModel(delay_s=0.05)
+    model = GatedModel()
     batcher = DynamicBatcher(model, prepare=_prepare, max_batch_size=8)
     batcher.start()
     first = asyncio.ensure_future(batcher.submit_encoded_many([b"1", b"0"]))  # two images: the engine thread
-    await asyncio.sleep(0.01)
+    assert await asyncio.to_thread(model.started.wait, 30)
     rest = []
     for i in range(2, 5):  # one by one while the first runs
         rest.append(asyncio.ensure_future(batcher.submit_encoded(str(i).encode())))
         await asyncio.sleep(0.01)
+    assert batcher.queue_depth == 3
+    model.gate.set()
     assert [r[0, 0] for r in (await first)[0]] == [4, 0]
     assert [(await f)[0][0, 0] for f in rest] == [8, 12, 16]
     assert model.batches == [2, 3], "the three that came while the first ran formed one batch"
