@@ -15,7 +15,7 @@ import sys
 import time
 from typing import NamedTuple
 
-from services.common.bootstrap import Port, refuse_unusable_ports
+from services.common.bootstrap import Port, grpc_service_ports, refuse_unusable_ports
 from services.common.config import BatchSettings, GatewaySettings, InferenceSettings, MonitorSettings, load_settings
 
 # service name -> module with a main() that runs it
@@ -49,9 +49,8 @@ def listeners() -> dict[str, Listening]:
                      port: int, metrics_port: int) -> Listening:
         metrics = (f"metrics http://{settings.listen_address(host, metrics_port)}/metrics" if metrics_port > 0
                    else "metrics off")
-        bare, prefix = settings.listen_host(host), f"FASHION_{name.upper()}"
         return Listening(f"gRPC {settings.listen_address(host, port)}, {metrics}",
-                         [Port(bare, port, f"{prefix}_PORT"), Port(bare, metrics_port, f"{prefix}_METRICS_PORT")])
+                         grpc_service_ports(name, settings.listen_host(host), port, metrics_port))
 
     inference, batch = load_settings(InferenceSettings), load_settings(BatchSettings)
     monitor, gateway = load_settings(MonitorSettings), load_settings(GatewaySettings)

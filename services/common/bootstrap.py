@@ -159,13 +159,19 @@ def refuse_unusable_ports(settings: CommonSettings, ports: list[Port]) -> None:
         raise SystemExit(2)
 
 
+def grpc_service_ports(name: str, host: str, port: int, metrics_port: int, shared: bool = False) -> list[Port]:
+    """The gRPC and metrics ports of service `name` on `host`, named by FASHION_<NAME>_PORT and
+    FASHION_<NAME>_METRICS_PORT; the gRPC one `shared` with sibling processes or not."""
+    prefix = f"FASHION_{name.upper()}"
+    return [Port(host, port, f"{prefix}_PORT", shared), Port(host, metrics_port, f"{prefix}_METRICS_PORT")]
+
+
 def service_ports(service: GrpcService[S], settings: S, shared: bool = False) -> list[Port]:
     """The ports of a gRPC service process (its gRPC port `shared` with sibling processes or not), each
     with the FASHION_* setting that names it."""
     listener = service.listener(settings)
-    host, prefix = settings.listen_host(listener.host), f"FASHION_{service.name.upper()}"
-    ports = [Port(host, listener.port, f"{prefix}_PORT", shared),
-             Port(host, listener.metrics_port, f"{prefix}_METRICS_PORT")]
+    host = settings.listen_host(listener.host)
+    ports = grpc_service_ports(service.name, host, listener.port, listener.metrics_port, shared)
     if tls_enabled(settings) and settings.health_port:
         ports.append(Port(host, settings.health_port, "FASHION_HEALTH_PORT", shared))
     return ports
