@@ -70,6 +70,7 @@ def test_embedded_run_sorts_a_folder_without_a_batch_server_then_health_reports_
     before = set((home.workdir / "logs").glob("batch_runner_*.log"))
     escape = fashion(home, inference_server.address, "run", "../elsewhere")
     assert escape.returncode == 2 and "outside the data root" in escape.stderr
+    assert escape.stdout == "" and escape.stderr.count("\n") == 1, escape  # the reason alone, no progress bar
     refused = _one_new(home.workdir / "logs", "batch_runner_*.log", before).read_text(encoding="utf-8")
     assert "✗ Cannot process the folder: " in refused and "outside the data root" in refused
 

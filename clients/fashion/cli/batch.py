@@ -128,13 +128,15 @@ class JobProgress:
         self._last_message = ""
 
     def __enter__(self) -> JobProgress:
-        self._progress.start()
-        return self
+        return self  # the bar shows from the job's first update: a job refused at once prints only why
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        if self._progress.live.is_started:
+            self._progress.stop()
 
     def update(self, job: pb.Job, event: pb.JobEvent | None = None) -> None:
+        if not self._progress.live.is_started:
+            self._progress.start()
         description = f"{job.job_id[:8]} {state_name(job.state).lower()}"
         self._progress.update(self._task, description=description, total=job.total or None,
                               completed=job.processed)
