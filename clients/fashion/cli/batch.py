@@ -35,7 +35,7 @@ from rich.text import Text
 
 from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
-from fashion.client.batch import BatchClient, state_name
+from fashion.client.batch import FINISHED, BatchClient, state_name
 from fashion.client.protojson import dumps, to_json
 from fashion.v1 import batch_pb2 as pb
 from fashion.v1 import health_pb2
@@ -138,7 +138,8 @@ class JobProgress:
         if not self._progress.live.is_started:
             self._progress.start()
         description = f"{job.job_id[:8]} {state_name(job.state).lower()}"
-        self._progress.update(self._task, description=description, total=job.total or None,
+        known = job.total or job.state in FINISHED  # an empty folder's finished job: 0/0, not 0/?
+        self._progress.update(self._task, description=description, total=job.total if known else None,
                               completed=job.processed)
         if event is not None:
             self.failures.extend(f for f in event.files if f.status == "failed")
