@@ -27,6 +27,7 @@ from fastapi import Depends, FastAPI, Request, Security
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.telemetry import TelemetryConfig
+from fastapi_offline import FastAPIOffline
 
 from services import __version__
 from services.common import metrics
@@ -41,6 +42,8 @@ from services.gateway.middleware import AccessLog, BodyLimit, Limit, TraceContex
 
 log = logging.getLogger(__name__)
 
+DOCS_ASSETS = "/docs/assets"
+"""Where Swagger UI's script, styles and icon are served (public, as /docs is)."""
 UNTRACED_PATHS = frozenset({"/health", "/healthz", "/metrics"})  # probes and scrapes: no spans
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an image of max_upload_bytes
 JSON_BODY_LIMIT = 1024 * 1024
@@ -88,10 +91,11 @@ def create_app(settings: GatewaySettings | None = None, trace_http: bool = False
     # Prometheus and our log files cover those).
     telemetry: TelemetryConfig = {"tracing": trace_http, "metrics": False, "logs": False, "operation_spans": False,
                                   "exclude": _untraced}
-    app = FastAPI(title="Fashion classifier", version=__version__, lifespan=lifespan, redoc_url=None,
-                  telemetry=telemetry,
-                  description="Classify fashion product photos; run and watch batch sorting jobs; system health. "
-                              "Errors are JSON: {\"error\": {\"status\", \"code\", \"message\"}}.")
+    # Swagger UI's script and styles come from the gateway (fastapi-offline), never from a CDN.
+    app = FastAPIOffline(title="Fashion classifier", version=__version__, lifespan=lifespan, redoc_url=None,
+                         static_url=DOCS_ASSETS, telemetry=telemetry,
+                         description="Classify fashion product photos; run and watch batch sorting jobs; system "
+                                     "health. Errors are JSON: {\"error\": {\"status\", \"code\", \"message\"}}.")
     errors.install(app)
     protected = [Depends(_token_check(tokens))] if tokens.enabled else []
     app.include_router(routes.public)

@@ -3,6 +3,7 @@ Inference service that requires mTLS and the same token: one set of variables co
 
 from __future__ import annotations
 
+import re
 import ssl
 from pathlib import Path
 
@@ -43,6 +44,16 @@ def test_https_mtls_and_token(tmp_path: Path, linear_model) -> None:
             assert metrics.status_code == 200 and "fashion_http_requests" in metrics.text
             doc = client.get("/openapi.json").json()
             assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+            # The docs page loads everything it needs from the gateway (no CDN: offline machines, and no
+            # third-party script in a page where users type the token), without a token.
+            page = client.get("/docs")
+            assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+            assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+            assert len(assets) == 3 and all(a.startswith("/docs/assets/") for a in assets), assets
+            assert "://" not in page.text.replace("window.location.origin", "")
+            for asset in assets:
+                got = client.get(asset)
+                assert got.status_code == 200 and len(got.content) > 1000, (asset, got.status_code)
             for headers, reason in (({}, "missing bearer token"), ({"authorization": "Bearer nope"}, "invalid"),
                                     ({"authorization": TOKEN}, "invalid")):
                 resp = client.post("/predict", files=files, headers=headers)
