@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -153,10 +154,11 @@ class HttpHealth:
     error: str = ""
 
 
-def http_health(url: str, timeout_s: float) -> HttpHealth:
-    """GET `url` (blocking) and read the guide's /health body: {"status": "healthy", "classes": 10, ...}."""
+def http_health(url: str, timeout_s: float, context: ssl.SSLContext | None = None) -> HttpHealth:
+    """GET `url` (blocking; over TLS with `context` for an https URL) and read the guide's /health body:
+    {"status": "healthy", "classes": 10, ...}."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as response:
             code, raw = response.status, response.read(65536)
     except urllib.error.HTTPError as exc:
         code, raw = exc.code, exc.read(65536)
@@ -362,7 +364,11 @@ class SystemChecker:
         if not address:
             return None
         start = time.perf_counter()
-        answer = await asyncio.to_thread(http_health, f"http://{address}/health", self.settings.monitor_check_timeout_s)
+        # With FASHION_TLS the gateway serves HTTPS (client certificates required with FASHION_TLS_CLIENT_CA):
+        # the check speaks it as the calls to the other services do.
+        context = self._options(address).ssl_context()
+        url = f"{'https' if context else 'http'}://{address}/health"
+        answer = await asyncio.to_thread(http_health, url, self.settings.monitor_check_timeout_s, context)
         latency = (time.perf_counter() - start) * 1000
         now = datetime.now().astimezone()
         if answer.code is None:

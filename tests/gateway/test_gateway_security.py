@@ -3,8 +3,12 @@ Inference service that requires mTLS and the same token: one set of variables co
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -68,6 +72,20 @@ def test_https_mtls_and_token(tmp_path: Path, linear_model) -> None:
             assert resp.status_code == 200, resp.text
             assert resp.json()["category"]
             assert client.get("/stats", headers=auth).json()["total_requests"] >= 1
+        # The Monitor's check of the gateway speaks its HTTPS with the same variables (it asked plain HTTP, and
+        # with TLS on it reported the API down): `fashion monitor health`, run as the Monitor runs it.
+        shared_client = {**shared, "FASHION_TLS_CERT": str(pki.client_cert), "FASHION_TLS_KEY": str(pki.client_key)}
+        health = subprocess.run(
+            [sys.executable, "-m", "fashion.cli", "monitor", "health", "--embedded", "--json"], cwd=tmp_path,
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, **shared_client, "FASHION_INFERENCE_ADDRESS": inference.address,
+                 "FASHION_BATCH_ADDRESS": f"127.0.0.1:{free_port()}", "OTEL_SDK_DISABLED": "true",
+                 "FASHION_GATEWAY_ADDRESS": gw.url.removeprefix("https://"),
+                 "FASHION_MONITOR_STATE_DB": str(tmp_path / "monitor.db")})
+        services = {s["name"]: s for s in json.loads(health.stdout)["system"]["services"]}
+        assert services["gateway"]["status"] == "healthy", services["gateway"]
+        assert services["gateway"]["serving_status"] == "HTTP 200 healthy"
+        assert services["inference"]["status"] == "healthy", services["inference"]
         # Without a client certificate the TLS handshake fails; plaintext HTTP is not served.
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{gw.url}/healthz", verify=ssl.create_default_context(cafile=str(pki.ca)), timeout=10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +118,16 @@ class ChannelOptions:
                         ("grpc.min_reconnect_backoff_ms", min(200, backoff_ms)),
                         ("grpc.max_reconnect_backoff_ms", backoff_ms)]
         return options
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The same TLS for an HTTPS call to the peer (the gateway's /health): its CA, the client
+        certificate for mutual TLS; None for plain HTTP. The host name checked is the address's."""
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(cafile=str(self.root_ca) if self.root_ca else None)
+        if self.client_cert and self.client_key:
+            context.load_cert_chain(self.client_cert, self.client_key)
+        return context
 
     def credentials(self) -> grpc.ChannelCredentials | None:
         if not self.tls:
