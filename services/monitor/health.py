@@ -6,14 +6,15 @@ service judges it (GetBatchHealth: never from its files, so the services may run
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import os
 import shutil
+import socket
 import ssl
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -154,18 +155,38 @@ class HttpHealth:
     error: str = ""
 
 
-def http_health(url: str, timeout_s: float, context: ssl.SSLContext | None = None) -> HttpHealth:
-    """GET `url` (blocking; over TLS with `context` for an https URL) and read the guide's /health body:
+class _NamedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS to an address whose certificate names `server_name` rather than the address's host."""
+
+    def __init__(self, host: str, port: int, timeout: float, tls: ssl.SSLContext, server_name: str) -> None:
+        super().__init__(host, port, timeout=timeout, context=tls)
+        self.tls, self.server_name = tls, server_name
+
+    def connect(self) -> None:
+        raw = socket.create_connection((self.host, self.port), self.timeout)
+        self.sock = self.tls.wrap_socket(raw, server_hostname=self.server_name)
+
+
+def http_health(address: str, timeout_s: float, tls: ssl.SSLContext | None = None,
+                server_name: str = "") -> HttpHealth:
+    """GET http://`address`/health (blocking; https with `tls`, the certificate checked against
+    `server_name` when set, else the address's host) and read the guide's /health body:
     {"status": "healthy", "classes": 10, ...}."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as response:
+        where = urllib.parse.urlsplit(f"//{address}")  # host:port, [v6]:port, or a host alone
+        host, port = where.hostname or "", where.port or (80 if tls is None else 443)
+        if tls is None:
+            connection: http.client.HTTPConnection = http.client.HTTPConnection(host, port, timeout=timeout_s)
+        else:
+            connection = _NamedHTTPSConnection(host, port, timeout_s, tls, server_name or host)
+        try:
+            connection.request("GET", "/health")
+            response = connection.getresponse()
             code, raw = response.status, response.read(65536)
-    except urllib.error.HTTPError as exc:
-        code, raw = exc.code, exc.read(65536)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return HttpHealth(None, error=str(reason.strerror if isinstance(reason, OSError) and reason.strerror
-                                          else reason))
+        finally:
+            connection.close()
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        return HttpHealth(None, error=str(exc.strerror if isinstance(exc, OSError) and exc.strerror else exc))
     try:
         body = json.loads(raw)
     except ValueError:
@@ -366,9 +387,9 @@ class SystemChecker:
         start = time.perf_counter()
         # With FASHION_TLS the gateway serves HTTPS (client certificates required with FASHION_TLS_CLIENT_CA):
         # the check speaks it as the calls to the other services do.
-        context = self._options(address).ssl_context()
-        url = f"{'https' if context else 'http'}://{address}/health"
-        answer = await asyncio.to_thread(http_health, url, self.settings.monitor_check_timeout_s, context)
+        options = self._options(address)
+        answer = await asyncio.to_thread(http_health, address, self.settings.monitor_check_timeout_s,
+                                         options.ssl_context(), options.server_name)
         latency = (time.perf_counter() - start) * 1000
         now = datetime.now().astimezone()
         if answer.code is None:

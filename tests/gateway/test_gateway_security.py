@@ -75,17 +75,25 @@ def test_https_mtls_and_token(tmp_path: Path, linear_model) -> None:
         # The Monitor's check of the gateway speaks its HTTPS with the same variables (it asked plain HTTP, and
         # with TLS on it reported the API down): `fashion monitor health`, run as the Monitor runs it.
         shared_client = {**shared, "FASHION_TLS_CERT": str(pki.client_cert), "FASHION_TLS_KEY": str(pki.client_key)}
-        health = subprocess.run(
-            [sys.executable, "-m", "fashion.cli", "monitor", "health", "--embedded", "--json"], cwd=tmp_path,
-            capture_output=True, text=True, timeout=120,
-            env={**os.environ, **shared_client, "FASHION_INFERENCE_ADDRESS": inference.address,
-                 "FASHION_BATCH_ADDRESS": f"127.0.0.1:{free_port()}", "OTEL_SDK_DISABLED": "true",
-                 "FASHION_GATEWAY_ADDRESS": gw.url.removeprefix("https://"),
-                 "FASHION_MONITOR_STATE_DB": str(tmp_path / "monitor.db")})
-        services = {s["name"]: s for s in json.loads(health.stdout)["system"]["services"]}
+
+        def monitor_health(**env: str) -> dict[str, dict[str, str]]:
+            health = subprocess.run(
+                [sys.executable, "-m", "fashion.cli", "monitor", "health", "--embedded", "--json"], cwd=tmp_path,
+                capture_output=True, text=True, timeout=120,
+                env={**os.environ, **shared_client, "FASHION_INFERENCE_ADDRESS": inference.address,
+                     "FASHION_BATCH_ADDRESS": f"127.0.0.1:{free_port()}", "OTEL_SDK_DISABLED": "true",
+                     "FASHION_GATEWAY_ADDRESS": gw.url.removeprefix("https://"),
+                     "FASHION_MONITOR_STATE_DB": str(tmp_path / "monitor.db"), **env})
+            return {s["name"]: s for s in json.loads(health.stdout)["system"]["services"]}
+
+        services = monitor_health()
         assert services["gateway"]["status"] == "healthy", services["gateway"]
         assert services["gateway"]["serving_status"] == "HTTP 200 healthy"
         assert services["inference"]["status"] == "healthy", services["inference"]
+        # FASHION_TLS_SERVER_NAME is the name the gateway's certificate must hold, as for the gRPC calls.
+        assert monitor_health(FASHION_TLS_SERVER_NAME="localhost")["gateway"]["status"] == "healthy"
+        elsewhere = monitor_health(FASHION_TLS_SERVER_NAME="elsewhere.example")["gateway"]
+        assert elsewhere["status"] == "unhealthy" and "elsewhere.example" in elsewhere["message"], elsewhere
         # Without a client certificate the TLS handshake fails; plaintext HTTP is not served.
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{gw.url}/healthz", verify=ssl.create_default_context(cafile=str(pki.ca)), timeout=10)
