@@ -74,6 +74,9 @@ def test_grpc_experiments_are_set_before_grpc_is_imported_and_the_environment_wi
 @pytest.mark.parametrize(("env", "message"), [
     ({"FASHION_TLS_CERT": "server.pem"}, "error: FASHION_TLS_CERT and FASHION_TLS_KEY must be set together"),
     ({"FASHION_AUTH_TOKEN_FILE": "no-such-token"}, "error: cannot read the token file no-such-token"),
+    # The CA bundle of the calls to other services: every check of the Monitor failed on it, silently.
+    ({"FASHION_TLS": "true", "FASHION_TLS_CA": "no-such-ca.pem"},
+     "error: cannot read the TLS file no-such-ca.pem (FASHION_TLS_CA): No such file or directory"),
 ])
 def test_security_settings_that_cannot_work_stop_the_start_in_one_line(
         tmp_path: Path, module: str, env: dict[str, str], message: str) -> None:

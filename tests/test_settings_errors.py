@@ -123,3 +123,21 @@ def test_fashion_config_prints_every_setting_as_name_equals_value_with_secrets_m
     piped = subprocess.run(f"set -o pipefail; {sys.executable} -m fashion.cli config | true", shell=True,
                            executable="/bin/bash", cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert piped.returncode == 0 and not piped.stderr, piped
+
+
+@pytest.mark.parametrize(("env", "line"), [
+    ({"FASHION_TLS": "true", "FASHION_TLS_CA": "no-such-ca.pem"},
+     "error: cannot read the TLS file no-such-ca.pem (FASHION_TLS_CA): No such file or directory"),
+    ({"FASHION_AUTH_TOKEN_FILE": "no-such-token"}, "error: cannot read the token file no-such-token: No such file or "
+                                                   "directory"),
+])
+def test_a_command_with_an_unreadable_tls_or_token_file_says_which_in_one_line(
+        tmp_path: Path, env: dict[str, str], line: str) -> None:
+    from tests.support import free_port
+
+    nowhere = f"127.0.0.1:{free_port()}"
+    for command in (["stats", "--address", nowhere], ["batch", "list", "--address", nowhere],
+                    ["monitor", "health", "--embedded"]):
+        done = subprocess.run([sys.executable, "-m", "fashion.cli", *command], cwd=tmp_path, capture_output=True,
+                              text=True, env={**os.environ, **env}, timeout=60)
+        assert done.returncode == 2 and done.stderr.splitlines() == [line], (command, done.stdout, done.stderr)

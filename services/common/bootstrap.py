@@ -33,6 +33,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from opentelemetry.sdk.trace import TracerProvider
 
+from fashion.client import TlsFileError
 from services.common import server as grpc_server
 from services.common.config import CommonSettings, load_settings
 from services.common.logs import setup_logging
@@ -41,6 +42,7 @@ from services.common.ports import listen_problem
 from services.common.security import (
     SecurityConfigError,
     TokenSource,
+    client_options,
     metrics_token_check,
     server_credentials,
     tls_enabled,
@@ -133,17 +135,18 @@ class GrpcService(Generic[S]):
 
 def load(settings_class: type[S], check: Callable[[S], None] | None = None) -> S:
     """The settings of a process's entry point. An unusable FASHION_* value, TLS or token settings
-    that cannot work (a key without its certificate, an unreadable token file) and what `check`
-    refuses end the process with one line per problem on stderr and exit code 2."""
+    that cannot work (a key without its certificate, an unreadable token file or CA bundle) and what
+    `check` refuses end the process with one line per problem on stderr and exit code 2."""
     settings = load_settings(settings_class)
     try:
         if (problem := tracing_problem()) is not None:
             raise StartupError(problem)
         server_credentials(settings)  # reads the certificate files when TLS is on
+        client_options(settings, "").credentials()  # and those of the calls to other services
         TokenSource(settings)  # reads the token file when one is set
         if check is not None:
             check(settings)
-    except (StartupError, SecurityConfigError) as exc:
+    except (StartupError, SecurityConfigError, TlsFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return settings

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import grpc
 
-from fashion.client import AsyncBatchClient, AsyncInferenceClient, ChannelOptions
+from fashion.client import AsyncBatchClient, AsyncInferenceClient, ChannelOptions, TlsFileError
 from fashion.v1 import batch_pb2, health_pb2
 from fashion.v1 import inference_pb2 as inference_pb
 from services.common import metrics, security
@@ -388,8 +388,13 @@ class SystemChecker:
         # With FASHION_TLS the gateway serves HTTPS (client certificates required with FASHION_TLS_CLIENT_CA):
         # the check speaks it as the calls to the other services do.
         options = self._options(address)
-        answer = await asyncio.to_thread(http_health, address, self.settings.monitor_check_timeout_s,
-                                         options.ssl_context(), options.server_name)
+        try:
+            tls = options.ssl_context()  # read at each check: renewed certificates are used as they come
+        except (TlsFileError, ssl.SSLError, OSError) as exc:  # a certificate file gone or damaged since the start
+            answer = HttpHealth(None, error=f"the TLS files cannot be used: {exc}")
+        else:
+            answer = await asyncio.to_thread(http_health, address, self.settings.monitor_check_timeout_s, tls,
+                                             options.server_name)
         latency = (time.perf_counter() - start) * 1000
         now = datetime.now().astimezone()
         if answer.code is None:

@@ -30,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     except ServerNotInstalled as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:
+        from fashion.client import TlsFileError, TokenFileError  # here only: parsing stays free of grpc
+
+        if not isinstance(exc, TlsFileError | TokenFileError):
+            raise
+        print(f"error: {exc}", file=sys.stderr)  # it names the file and its variable
+        return 2
 
 
 if __name__ == "__main__":

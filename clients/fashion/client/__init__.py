@@ -11,7 +11,7 @@ do, and a program may use tritonclient beside these clients.
 
 from typing import TYPE_CHECKING, Any
 
-from fashion.client._channel import ChannelOptions
+from fashion.client._channel import ChannelOptions, TlsFileError
 from fashion.client._token import TokenFile, TokenFileError, token_file
 from fashion.client.batch import AsyncBatchClient, BatchClient
 from fashion.client.inference import AsyncInferenceClient, InferenceClient
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncBatchClient", "AsyncInferenceClient", "AsyncKServeClient", "AsyncMonitorClient", "BatchClient",
-    "ChannelOptions", "InferenceClient", "KServeClient", "MonitorClient", "TokenFile", "TokenFileError", "token_file",
+    "ChannelOptions", "InferenceClient", "KServeClient", "MonitorClient", "TlsFileError", "TokenFile", "TokenFileError",
+    "token_file",
 ]
 
 

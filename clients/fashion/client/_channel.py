@@ -121,22 +121,42 @@ class ChannelOptions:
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The same TLS for an HTTPS call to the peer (the gateway's /health): its CA, the client
-        certificate for mutual TLS; None for plain HTTP. The host name checked is the address's."""
+        certificate for mutual TLS; None for plain HTTP. The name the peer's certificate must hold
+        (server_name, else the address's host) is the caller's to give when it connects. Raises
+        TlsFileError for a file that cannot be read."""
         if not self.tls:
             return None
-        context = ssl.create_default_context(cafile=str(self.root_ca) if self.root_ca else None)
+        root_ca = self._tls_files()[0]  # every file readable, or TlsFileError naming the one that is not
+        context = ssl.create_default_context(cadata=root_ca.decode() if root_ca else None)
         if self.client_cert and self.client_key:
             context.load_cert_chain(self.client_cert, self.client_key)
         return context
 
     def credentials(self) -> grpc.ChannelCredentials | None:
+        """gRPC's TLS credentials (None: plaintext). Raises TlsFileError for a file that cannot be read."""
         if not self.tls:
             return None
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.root_ca.read_bytes() if self.root_ca else None,
-            private_key=self.client_key.read_bytes() if self.client_key else None,
-            certificate_chain=self.client_cert.read_bytes() if self.client_cert else None,
-        )
+        root_ca, client_cert, client_key = self._tls_files()
+        return grpc.ssl_channel_credentials(root_certificates=root_ca, private_key=client_key,
+                                            certificate_chain=client_cert)
+
+    def _tls_files(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """The CA bundle, client certificate and key, as they are now (None: not set)."""
+        def read(path: Path | None, variable: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                return path.read_bytes()
+            except OSError as exc:
+                raise TlsFileError(f"cannot read the TLS file {path} ({variable}): {exc.strerror}") from exc
+
+        return (read(self.root_ca, "FASHION_TLS_CA"), read(self.client_cert, "FASHION_TLS_CERT"),
+                read(self.client_key, "FASHION_TLS_KEY"))
+
+
+class TlsFileError(ValueError):
+    """A TLS file of the settings (CA bundle, client certificate or key) cannot be read; the message
+    names the file and its variable."""
 
 
 class _Environment:
