@@ -15,7 +15,7 @@ import sys
 import time
 from typing import NamedTuple
 
-from services.common.bootstrap import Port, grpc_service_ports, refuse_unusable_ports
+from services.common.bootstrap import Port, gateway_port, grpc_service_ports, refuse_unusable_ports
 from services.common.config import BatchSettings, GatewaySettings, InferenceSettings, MonitorSettings, load_settings
 
 # service name -> module with a main() that runs it
@@ -61,8 +61,7 @@ def listeners() -> dict[str, Listening]:
         "batch": grpc_service("batch", batch, batch.batch_host, batch.batch_port, batch.batch_metrics_port),
         "monitor": grpc_service("monitor", monitor, monitor.monitor_host, monitor.monitor_port,
                                 monitor.monitor_metrics_port),
-        "gateway": Listening(f"HTTP http://{web} (/docs, /metrics)", [
-            Port(gateway.listen_host(gateway.gateway_host), gateway.gateway_port, "FASHION_GATEWAY_PORT")]),
+        "gateway": Listening(f"HTTP http://{web} (/docs, /metrics)", [gateway_port(gateway)]),
     }
 
 

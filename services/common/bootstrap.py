@@ -35,7 +35,7 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from fashion.client import TlsFileError
 from services.common import server as grpc_server
-from services.common.config import CommonSettings, load_settings
+from services.common.config import CommonSettings, GatewaySettings, load_settings
 from services.common.logs import setup_logging
 from services.common.metrics import start_metrics_server
 from services.common.ports import listen_problem
@@ -167,6 +167,11 @@ def grpc_service_ports(name: str, host: str, port: int, metrics_port: int, share
     FASHION_<NAME>_METRICS_PORT; the gRPC one `shared` with sibling processes or not."""
     prefix = f"FASHION_{name.upper()}"
     return [Port(host, port, f"{prefix}_PORT", shared), Port(host, metrics_port, f"{prefix}_METRICS_PORT")]
+
+
+def gateway_port(settings: GatewaySettings) -> Port:
+    """The REST gateway's one port (its metrics are served on it too), named by FASHION_GATEWAY_PORT."""
+    return Port(settings.listen_host(settings.gateway_host), settings.gateway_port, "FASHION_GATEWAY_PORT")
 
 
 def service_ports(service: GrpcService[S], settings: S, shared: bool = False) -> list[Port]:

@@ -31,7 +31,7 @@ from fastapi_offline import FastAPIOffline
 
 from services import __version__
 from services.common import metrics
-from services.common.bootstrap import Port, load, observe, refuse_unusable_ports
+from services.common.bootstrap import gateway_port, load, observe, refuse_unusable_ports
 from services.common.config import GatewaySettings
 from services.common.security import TokenSource, tls_enabled
 from services.common.tracing import exporting, shutdown_tracing
@@ -160,8 +160,7 @@ def uvicorn_ssl(settings: GatewaySettings) -> dict[str, object]:
 
 def main() -> None:
     settings = load(GatewaySettings)  # unusable settings, a bad token file: one line, exit 2, before workers start
-    refuse_unusable_ports(settings, [Port(settings.listen_host(settings.gateway_host), settings.gateway_port,
-                                          "FASHION_GATEWAY_PORT")])
+    refuse_unusable_ports(settings, [gateway_port(settings)])
     # uvicorn re-raises SIGTERM after its graceful shutdown; exit 0 then, with the logs flushed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     if settings.gateway_workers > 1:
