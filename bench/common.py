@@ -34,13 +34,20 @@ def start_inference(work: Path, model: Path, **env: str) -> ServiceProcess:
     return svc
 
 
-def loadgen(mode: str, address: str, concurrency: int, seconds: float = 8.0, warmup: float = 2.0,
-            **extra: object) -> dict[str, float]:
-    """Run bench.loadgen in its own process; its JSON result."""
+def loadgen_command(mode: str, address: str, concurrency: int, seconds: float = 8.0, warmup: float = 2.0,
+                    **extra: object) -> list[str]:
+    """The command line of one bench.loadgen run (`extra`: its other options, as keyword arguments)."""
     args = [sys.executable, "-m", "bench.loadgen", "--mode", mode, "--address", address,
             "--concurrency", str(concurrency), "--seconds", str(seconds), "--warmup", str(warmup)]
     for key, value in extra.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def loadgen(mode: str, address: str, concurrency: int, seconds: float = 8.0, warmup: float = 2.0,
+            **extra: object) -> dict[str, float]:
+    """Run bench.loadgen in its own process; its JSON result."""
+    args = loadgen_command(mode, address, concurrency, seconds, warmup, **extra)
     out = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=seconds + warmup + 120)
     if out.returncode != 0:
         raise RuntimeError(f"loadgen {mode} failed: {out.stderr[-2000:]}")

@@ -20,14 +20,13 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
 from bench import native
-from bench.common import REPO, cpu_seconds, model_dir, start_inference, table
+from bench.common import REPO, cpu_seconds, loadgen_command, model_dir, start_inference, table
 from bench.loadgen import load_images
 from bench.run import RESULTS, WORK, machine
 from tests.support import process_tree
@@ -82,9 +81,9 @@ class Load:
             return native.unary(self.binary, self.images, address, concurrency, seconds, warmup,
                                 channels=max(1, concurrency // self.channels_per), cpus=cpu_text(self.cpus))
         share = [concurrency // len(self.cpus) + (i < concurrency % len(self.cpus)) for i in range(len(self.cpus))]
-        procs = [subprocess.Popen(["taskset", "--cpu-list", str(cpu), sys.executable, "-m", "bench.loadgen", "--mode",
-                                   "classify", "--address", address, "--concurrency", str(n), "--seconds",
-                                   str(seconds), "--warmup", str(warmup)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        procs = [subprocess.Popen(["taskset", "--cpu-list", str(cpu),
+                                   *loadgen_command("classify", address, n, seconds, warmup)],
+                                  cwd=REPO, stdout=subprocess.PIPE, text=True)
                  for cpu, n in zip(self.cpus, share, strict=True) if n]
         results = [json.loads(p.communicate(timeout=seconds + warmup + 120)[0].strip().splitlines()[-1]) for p in procs]
         return {"images_per_s": sum(r["images_per_s"] for r in results),
