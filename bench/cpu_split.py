@@ -15,14 +15,13 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from bench.ab_one_user import start_side, stop_all
 from bench.common import REPO, cpu_seconds, model_dir
-from bench.gateway import start_flask
+from bench.gateway import httpload_command, start_flask
 from tests.support import process_tree
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -37,9 +36,8 @@ def machine_times() -> list[int]:
 def measure(url: str, concurrency: int, parts: dict[str, Callable[[], set[int]]]) -> dict[str, object]:
     """httpload against `url`; the CPU of each part (a function naming its processes) over the measured
     seconds, in cores and in ms per request."""
-    load = subprocess.Popen([sys.executable, "-m", "bench.httpload", "--url", url, "--concurrency",
-                             str(concurrency), "--seconds", str(SECONDS), "--warmup", str(WARMUP)],
-                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+    load = subprocess.Popen(httpload_command(url, concurrency, SECONDS, WARMUP), cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
     parts = {**parts, "load generator": lambda: {load.pid}}
     time.sleep(WARMUP + 0.5)
     pids = {name: pids_of() for name, pids_of in parts.items()}

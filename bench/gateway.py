@@ -22,10 +22,15 @@ SECONDS, WARMUP = 8.0, 2.0
 GOAL = 3.0  # the gateway at least 3x the Flask baseline at concurrency 64
 
 
-def httpload(url: str, concurrency: int, seconds: float = SECONDS, warmup: float = WARMUP) -> dict[str, float]:
-    args = [sys.executable, "-m", "bench.httpload", "--url", url, "--concurrency", str(concurrency),
+def httpload_command(url: str, concurrency: int, seconds: float = SECONDS, warmup: float = WARMUP) -> list[str]:
+    """The command line of one bench.httpload run (POST /predict at `url`)."""
+    return [sys.executable, "-m", "bench.httpload", "--url", url, "--concurrency", str(concurrency),
             "--seconds", str(seconds), "--warmup", str(warmup)]
-    out = subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=seconds + warmup + 120)
+
+
+def httpload(url: str, concurrency: int, seconds: float = SECONDS, warmup: float = WARMUP) -> dict[str, float]:
+    out = subprocess.run(httpload_command(url, concurrency, seconds, warmup), capture_output=True, text=True,
+                         cwd=REPO, timeout=seconds + warmup + 120)
     if out.returncode != 0:
         raise RuntimeError(f"httpload failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
