@@ -141,3 +141,20 @@ def test_a_command_with_an_unreadable_tls_or_token_file_says_which_in_one_line(
         done = subprocess.run([sys.executable, "-m", "fashion.cli", *command], cwd=tmp_path, capture_output=True,
                               text=True, env={**os.environ, **env}, timeout=60)
         assert done.returncode == 2 and done.stderr.splitlines() == [line], (command, done.stdout, done.stderr)
+
+
+def test_a_tls_file_the_process_may_not_read_is_named_with_the_reason(tmp_path: Path) -> None:
+    """A CA bundle mounted without read permission for the service's user (CI runs as root: the child
+    drops the right to ignore file permissions): the service refuses to start, the command says so."""
+    from tests.support import drop_file_privileges, free_port
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    ca.chmod(0o000)
+    line = f"error: cannot read the TLS file {ca} (FASHION_TLS_CA): Permission denied"
+    env = {**os.environ, "FASHION_TLS": "true", "FASHION_TLS_CA": str(ca), "FASHION_LOG_DIR": str(tmp_path / "logs")}
+    nowhere = f"127.0.0.1:{free_port()}"
+    for command in (["-m", "services.monitor"], ["-m", "fashion.cli", "stats", "--address", nowhere]):
+        done = subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True, text=True, env=env,
+                              timeout=60, preexec_fn=drop_file_privileges)
+        assert done.returncode == 2 and done.stderr.splitlines() == [line], (command, done.stdout, done.stderr)
