@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from services.common.bootstrap import Port, gateway_port, grpc_service_ports, refuse_unusable_ports
 from services.common.config import BatchSettings, GatewaySettings, InferenceSettings, MonitorSettings, load_settings
+from services.common.security import tls_enabled
 
 # service name -> module with a main() that runs it
 SERVICES = {
@@ -49,8 +50,10 @@ def listeners() -> dict[str, Listening]:
                      port: int, metrics_port: int) -> Listening:
         metrics = (f"metrics http://{settings.listen_address(host, metrics_port)}/metrics" if metrics_port > 0
                    else "metrics off")
-        return Listening(f"gRPC {settings.listen_address(host, port)}, {metrics}",
-                         grpc_service_ports(name, settings.listen_host(host), port, metrics_port))
+        ports = grpc_service_ports(name, settings.listen_host(host), port, metrics_port)
+        if tls_enabled(settings) and settings.health_port:  # the plaintext grpc.health.v1 port for probes
+            ports.append(Port(settings.listen_host(host), settings.health_port, "FASHION_HEALTH_PORT"))
+        return Listening(f"gRPC {settings.listen_address(host, port)}, {metrics}", ports)
 
     inference, batch = load_settings(InferenceSettings), load_settings(BatchSettings)
     monitor, gateway = load_settings(MonitorSettings), load_settings(GatewaySettings)
@@ -63,6 +66,26 @@ def listeners() -> dict[str, Listening]:
                                 monitor.monitor_metrics_port),
         "gateway": Listening(f"HTTP http://{web} (/docs, /metrics)", [gateway_port(gateway)]),
     }
+
+
+WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
+
+
+def port_clashes(where: dict[str, Listening], names: list[str]) -> list[str]:
+    """One line per port that two listeners of these services would both take: two settings with the same
+    value, or FASHION_HEALTH_PORT, one setting that each gRPC service reads, with TLS on."""
+    claims: dict[int, list[tuple[str, str]]] = {}
+    for name in names:
+        for port in where[name].ports:
+            if port.port > 0:
+                claims.setdefault(port.port, []).append((port.host, f"{name}'s {port.setting}"))
+    lines = []
+    for number, claimants in claims.items():
+        hosts = {host for host, _ in claimants}
+        if len(claimants) > 1 and (len(hosts) == 1 or hosts & WILDCARD_HOSTS):
+            lines.append(f"error: port {number} is set for {len(claimants)} listeners "
+                         f"({', '.join(who for _, who in claimants)}): each needs a port of its own")
+    return lines
 
 
 def run_stack(only: list[str] | None = None) -> int:
@@ -79,6 +102,9 @@ def run_stack(only: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     where = listeners()
+    if clashes := port_clashes(where, names):
+        print("\n".join(clashes), file=sys.stderr)
+        return 2
     # Every port first: a port another program holds stops the stack before any service starts.
     refuse_unusable_ports(load_settings(GatewaySettings), [port for name in names for port in where[name].ports])
     for name in names:

@@ -156,3 +156,33 @@ def test_fashion_run_starts_nothing_when_a_port_is_taken(tmp_path: Path) -> None
     assert done.stderr.splitlines() == [f"error: cannot listen on 127.0.0.1:{port} (FASHION_MONITOR_METRICS_PORT): the "
                                         "port is in use: another program listens there (an earlier run still going?)"]
     assert "started" not in done.stdout and not (tmp_path / "logs").exists()
+
+
+def test_fashion_run_starts_nothing_when_two_listeners_want_one_port(tmp_path: Path) -> None:
+    """A port set twice (two settings with one value, or FASHION_HEALTH_PORT, which each gRPC service reads,
+    with TLS on) is refused before anything starts, naming every setting that wants it: exit 2."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("FASHION_")}
+    ports = {name: str(free_port()) for name in ("FASHION_INFERENCE_PORT", "FASHION_BATCH_PORT", "FASHION_MONITOR_PORT",
+                                                 "FASHION_GATEWAY_PORT", "FASHION_INFERENCE_METRICS_PORT")}
+    metrics = ports["FASHION_INFERENCE_METRICS_PORT"]
+    health = str(free_port())
+    cases = [
+        ({**ports, "FASHION_BATCH_METRICS_PORT": metrics, "FASHION_MONITOR_METRICS_PORT": "0"},
+         [f"error: port {metrics} is set for 2 listeners (inference's FASHION_INFERENCE_METRICS_PORT, batch's "
+          "FASHION_BATCH_METRICS_PORT): each needs a port of its own"]),
+        ({**ports, "FASHION_BATCH_METRICS_PORT": "0", "FASHION_MONITOR_METRICS_PORT": "0", "FASHION_TLS_CERT": "s.pem",
+          "FASHION_TLS_KEY": "s.key", "FASHION_HEALTH_PORT": health},
+         [f"error: port {health} is set for 3 listeners (inference's FASHION_HEALTH_PORT, batch's FASHION_HEALTH_PORT, "
+          "monitor's FASHION_HEALTH_PORT): each needs a port of its own"]),
+    ]
+    for settings, expected in cases:
+        done = subprocess.run([sys.executable, "-m", "fashion.cli", "run"], cwd=tmp_path, env={**inherited, **settings},
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert done.stderr.splitlines() == expected
+        assert "started" not in done.stdout and not (tmp_path / "logs").exists()
+    # One service alone may take the health port.
+    alone = subprocess.run([sys.executable, "-c", "from services.launcher import listeners, port_clashes; "
+                            "print(port_clashes(listeners(), ['inference', 'gateway']))"],
+                           env={**inherited, **cases[1][0]}, capture_output=True, text=True, timeout=60)
+    assert alone.stdout.strip() == "[]", alone.stderr
