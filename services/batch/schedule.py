@@ -5,7 +5,8 @@ Each run writes logs/batch_runner_<ts>.log.
 FASHION_BATCH_SCHEDULE is a 5-field cron expression in the service's local time ("0 2 * * *":
 nightly at 02:00), or an interval: "every 30m", "@every 2h", "90s", "45" (seconds). Empty turns
 scheduled runs off. A run that comes due while the previous scheduled job is still active is
-skipped (and says so in its log); runs missed while the service was down are not caught up.
+skipped (and says so in its log). Of the runs that came due while the service was down, the last one
+runs at start (FASHION_BATCH_CATCH_UP), once some scheduled job has run before.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from services.batch.jobs import JobQueue
 from services.batch.paths import FolderMissing, PathRefused
 from services.batch.records import JobRecord
 from services.batch.reports import RunnerLog
+from services.batch.store import StoreUnavailable
 
 log = logging.getLogger(__name__)
 _INTERVAL = re.compile(r"^(?:@?every\s+)?(\d+(?:\.\d+)?)\s*(s|sec|secs|m|min|mins|h|hr|hrs|d|day|days)?$", re.I)
@@ -59,6 +61,13 @@ class Schedule:
         assert self.cron is not None
         return croniter(self.cron, when).get_next(datetime)
 
+    def previous_due(self, when: datetime) -> datetime:
+        """The last due time before `when` (for an interval: one interval ago)."""
+        if self.interval_s is not None:
+            return when - timedelta(seconds=self.interval_s)
+        assert self.cron is not None
+        return croniter(self.cron, when).get_prev(datetime)
+
     def describe(self) -> str:
         if self.interval_s is not None:
             return f"every {self.interval_s:g} seconds"
@@ -76,22 +85,42 @@ class ScheduledRuns:
         self._runs: set[asyncio.Task[None]] = set()
 
     async def run_forever(self) -> None:
-        log.info("Scheduled runs of %s: %s", self.settings.batch_inbox, self.schedule.describe())
         last_due = datetime.now()
+        if (missed := await asyncio.to_thread(self.missed_run, last_due)) is not None:
+            log.warning("The scheduled run due at %s did not happen (the service was down): running it now",
+                        missed.strftime("%Y-%m-%d %H:%M:%S"))
+            self._start(missed, caught_up=True)
+        log.info("Scheduled runs of %s: %s", self.settings.batch_inbox, self.schedule.describe())
         try:
             while True:
                 # From the previous due time too: a sleep ending a hair early must not fire twice.
                 due = self.schedule.next_after(max(datetime.now(), last_due))
                 await asyncio.sleep(max(0.0, (due - datetime.now()).total_seconds()))
                 last_due = due
-                task = asyncio.ensure_future(self.fire(due))
-                self._runs.add(task)
-                task.add_done_callback(self._runs.discard)
+                self._start(due)
         finally:
             for task in list(self._runs):
                 task.cancel()
 
-    async def fire(self, due: datetime | None = None) -> JobRecord | None:
+    def missed_run(self, now: datetime) -> datetime | None:
+        """The due time of the last run missed before `now` (None: none, catching up is off, or no scheduled
+        job ever ran here: a first start does not process the inbox at once)."""
+        if not self.settings.batch_catch_up:
+            return None
+        try:
+            latest = self.queue.store.latest_created("schedule")
+        except StoreUnavailable as exc:  # the schedule itself keeps going
+            log.warning("Cannot tell whether a scheduled run was missed: %s", exc)
+            return None
+        previous = self.schedule.previous_due(now)
+        return previous if latest is not None and latest < previous.timestamp() else None
+
+    def _start(self, due: datetime, caught_up: bool = False) -> None:
+        task = asyncio.ensure_future(self.fire(due, caught_up))
+        self._runs.add(task)
+        task.add_done_callback(self._runs.discard)
+
+    async def fire(self, due: datetime | None = None, caught_up: bool = False) -> JobRecord | None:
         """One scheduled run, with its own batch_runner log. Returns the job (None when skipped). Replicas
         sharing a PostgreSQL jobs database submit the run of one due time as one job (its idempotency key)."""
         runner_log = RunnerLog(self.settings)
@@ -99,6 +128,9 @@ class ScheduledRuns:
         try:
             runner_log.started(schedule=self.schedule.describe(),
                                inbox=self.queue.root.display(self.settings.batch_inbox))
+            if caught_up and due is not None:
+                runner_log.line("Catching up the run due at %s, missed while the service was down",
+                                due.strftime("%Y-%m-%d %H:%M:%S"))
             if self._last_job is not None:
                 previous = await asyncio.to_thread(self.queue.get, self._last_job)
                 if not previous.state.finished:

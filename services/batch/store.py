@@ -230,6 +230,12 @@ class JobStore(ABC):
                               (state.value, limit))
             return [self._record(tx, r) for r in rows]
 
+    def latest_created(self, trigger: str) -> float | None:
+        """When the newest job of this trigger ("schedule", "api", ...) was created; None: never."""
+        with self._reading() as tx:
+            row = tx.one("SELECT MAX(created_at) AS latest FROM jobs WHERE trigger = ?", (trigger,))
+            return None if row is None or row["latest"] is None else float(row["latest"])
+
     def unfinished(self) -> list[JobRecord]:
         """Jobs queued, running or waiting, oldest first (to resume after a restart)."""
         marks = ",".join("?" * len(ACTIVE_STATES))

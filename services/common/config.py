@@ -260,6 +260,9 @@ class BatchSettings(CommonSettings):
     batch_schedule: str = "0 2 * * *"
     """When the inbox is processed: a cron expression in local time ("0 2 * * *": nightly at 02:00, like
     the monitoring guide's batch script), or an interval ("every 30m", "90s", "2h"); empty disables scheduled runs."""
+    batch_catch_up: bool = True
+    """At start, run the inbox once if a scheduled run came due while the service was down (the last one
+    only, and never on the first start of a schedule: some scheduled job must have run before)."""
     batch_chunk_size: int = Field(default=64, ge=1, le=1024)
     """Images sent to the Inference service in one ClassifyBatch call."""
     batch_chunk_bytes: int = Field(default=8 * MIB, ge=64 * 1024)

@@ -9,9 +9,11 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+from croniter import croniter
 
 from fashion.client import BatchClient
 from fashion.v1 import batch_pb2 as pb
@@ -141,6 +143,67 @@ def test_scheduled_runs_process_the_inbox_with_a_runner_log(
                  f"Started batch job {job.job_id}", f"Batch job {job.job_id} SUCCEEDED: 3 images processed",
                  "✓ Batch completed successfully", "Next run: "):
         assert line in text, (line, text)
+
+
+def _scheduled_runs_started(batch: ServiceProcess, offset: int) -> None:
+    """Until the service has decided about a missed run (it logs the schedule just after), in its output
+    after `offset` characters (earlier processes' output comes first)."""
+    deadline = time.monotonic() + 30
+    while "Scheduled runs of inbox" not in batch.output()[offset:]:
+        assert time.monotonic() < deadline, batch.output()
+        time.sleep(0.05)
+
+
+def test_the_last_scheduled_run_missed_while_the_service_was_down_runs_at_start(
+        tmp_path: Path, jobs_database: str | None, inference_server: ServiceProcess) -> None:
+    """A nightly run that came due while the service was down runs once at start (FASHION_BATCH_CATCH_UP);
+    not on the very first start of a schedule, not twice, and not when turned off."""
+    home = BatchHome(tmp_path, jobs_database)
+    monthly = "0 0 1 * *"  # due last on the 1st of this month, so that no run comes due during the test
+    due = croniter(monthly, datetime.now()).get_prev(datetime)
+
+    def scheduled() -> list[tuple[str, float]]:
+        return [(r[0], float(r[1])) for r in home.query(
+            "SELECT job_id, created_at FROM jobs WHERE trigger = 'schedule' ORDER BY created_at")]
+
+    earlier = 0
+
+    def start_and_stop(**extra: str) -> str:
+        """This start's output."""
+        nonlocal earlier
+        batch = home.start(inference_server.address, FASHION_BATCH_SCHEDULE=monthly, **extra)
+        try:
+            _scheduled_runs_started(batch, earlier)
+            with BatchClient(batch.address) as client:
+                for job_id, _ in scheduled():
+                    wait_for(client, job_id, lambda j: j.state == pb.JOB_STATE_SUCCEEDED)
+        finally:
+            batch.terminate()
+        output, earlier = batch.output()[earlier:], len(batch.output())
+        return output
+
+    images = write_images(home.data / "inbox", 2)
+    first = start_and_stop()
+    assert scheduled() == [] and "did not happen" not in first, first
+    # A scheduled run the day before the 1st (the inbox's images still waiting): the 1st's run was missed.
+    before = due.timestamp() - 86400
+    home.query("INSERT INTO jobs (job_id, state, trigger, input_dir, output_dir, mode, recursive, created_at, "
+               "started_at, finished_at) VALUES ('0ld5c4ed0000aaaa', 'succeeded', 'schedule', 'inbox', "
+               "'processed_batches', 'move', 0, ?, ?, ?) RETURNING job_id", (before, before, before + 1))
+    off = start_and_stop(FASHION_BATCH_CATCH_UP="false")
+    assert len(scheduled()) == 1 and "did not happen" not in off, off
+    caught_up = start_and_stop()
+    assert (f"The scheduled run due at {due:%Y-%m-%d %H:%M:%S} did not happen (the service was down): "
+            "running it now") in caught_up
+    jobs = scheduled()
+    assert len(jobs) == 2 and jobs[1][1] > time.time() - 120, jobs
+    assert sorted(files_under(home.output)) == sorted(images)
+    runner_log = next(p.read_text(encoding="utf-8") for p in (home.workdir / "logs").glob("batch_runner_*.log")
+                      if jobs[1][0] in p.read_text(encoding="utf-8"))
+    assert f"Catching up the run due at {due:%Y-%m-%d %H:%M:%S}, missed while the service was down" in runner_log
+    assert "✓ Batch completed successfully" in runner_log
+    again = start_and_stop()
+    assert len(scheduled()) == 2 and "did not happen" not in again, again
 
 
 def test_a_bad_schedule_stops_the_service_at_start_with_the_reason(tmp_path: Path) -> None:
