@@ -32,6 +32,7 @@ from pathlib import Path
 
 from opentelemetry import trace
 
+from fashion.client.text import printable
 from services.common.config import CommonSettings
 
 LINE_FORMAT = "[%(asctime)s] %(levelname)s %(name)s [trace_id=%(trace_id)s] %(message)s"
@@ -66,6 +67,25 @@ class TraceIdFilter(logging.Filter):
         if not hasattr(record, "span_id"):
             record.span_id = current_span_id()
         return True
+
+
+def _shown(arg: object) -> object:
+    """A log record's argument as it is, or as printable text when its text holds control characters."""
+    if arg is None or isinstance(arg, int | float):
+        return arg
+    text = str(arg)
+    return arg if text.isprintable() else printable(text)
+
+
+class LineFormatter(logging.Formatter):
+    """The text lines (LINE_FORMAT). A record's arguments (names, paths, errors quoting them, what callers
+    sent) have their control characters escaped, so that none can end the line and forge the next; the
+    message templates and tracebacks are ours and keep theirs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(_shown(arg) for arg in record.args)
+        return super().format(record)
 
 
 class JsonLineFormatter(logging.Formatter):
@@ -317,6 +337,8 @@ def log_line(logger: logging.Logger, level: int, message: str) -> None:
         return
     if not logger.isEnabledFor(level):
         return
+    if not message.isprintable():  # what callers sent (paths, peers) never ends the line
+        message = printable(message)
     if writer.service is not None:
         writer.queue.put((level, json_line(time.time(), logging.getLevelName(level), logger.name, message,
                                            current_trace_id(), current_span_id(), writer.service) + "\n"))
@@ -358,7 +380,7 @@ def setup_logging(settings: CommonSettings, name: str, service: str = "") -> Pat
     if settings.log_format == "json":
         _writer = LogWriter(sinks, JsonLineFormatter(service or name), service or name)
     else:
-        _writer = LogWriter(sinks, logging.Formatter(LINE_FORMAT, DATE_FORMAT))
+        _writer = LogWriter(sinks, LineFormatter(LINE_FORMAT, DATE_FORMAT))
     front = _DeferredQueueHandler(_writer.queue)  # type: ignore[arg-type]
     front.addFilter(TraceIdFilter())
     root = logging.getLogger()

@@ -12,6 +12,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import grpc
 import pytest
 from croniter import croniter
 
@@ -143,6 +144,53 @@ def test_scheduled_runs_process_the_inbox_with_a_runner_log(
                  f"Started batch job {job.job_id}", f"Batch job {job.job_id} SUCCEEDED: 3 images processed",
                  "✓ Batch completed successfully", "Next run: "):
         assert line in text, (line, text)
+
+
+def test_hostile_names_are_shown_as_they_are_never_as_markup_or_terminal_codes(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """File and folder names that look like rich markup or carry escape sequences: the summary lists them
+    literally (brackets kept, controls escaped) and the command's exit code is the job's, not a crash."""
+    home = BatchHome(tmp_path)
+    inbox = home.data / "inbox"
+    names = ["a[/]x.png", "[bold red]styled.png", "t\x1b]2;owned\x07\x1b[2J.png"]  # the first in folder "a["
+    for name in names:
+        (inbox / name).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / name).write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    run = fashion(home, inference_server.address, "run", "-r", "inbox")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "MarkupError" not in run.stderr and "\x1b" not in run.stdout, run.stdout + run.stderr
+    for shown in ("a[/]x.png", "[bold red]styled.png", "t\\x1b]2;owned\\x07\\x1b[2J.png"):
+        assert shown in run.stdout, (shown, run.stdout)
+    listed = fashion(home, inference_server.address, "health", "--local")
+    assert listed.returncode == 0 and "\x1b" not in listed.stdout, listed.stdout + listed.stderr
+    failed = home.output / "_failed"
+    env = {**os.environ, "COLUMNS": "200", **home.env(inference_server.address)}
+    classify = subprocess.run([FASHION, "classify", *(str(p.relative_to(failed)) for p in failed.rglob("*.png"))],
+                              cwd=failed, env=env, capture_output=True, text=True, timeout=90)
+    assert classify.returncode == 1 and "MarkupError" not in classify.stderr, classify.stdout + classify.stderr
+    assert "[bold red]styled.png" in classify.stdout and "\x1b" not in classify.stdout, classify.stdout
+
+
+def test_a_folder_name_cannot_forge_a_line_of_the_service_log(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """The service log quotes folder names and errors: one with a newline and a fake log line in it stays
+    on its own line, escaped (the log's readers split on lines: a forged "SUCCEEDED" would mislead them)."""
+    home = BatchHome(tmp_path)
+    folder = "in\n[2026-01-01 00:00:00] INFO services.batch.runner [trace_id=-] Job 0000 SUCCEEDED"
+    write_images(home.data / folder, 1)
+    batch = home.start(inference_server.address)
+    try:
+        with BatchClient(batch.address) as client:
+            job = client.submit(folder)
+            wait_for(client, job.job_id, lambda j: j.state == pb.JOB_STATE_SUCCEEDED)
+            with pytest.raises(grpc.RpcError) as refused:
+                client.submit(folder + "\n-gone")
+    finally:
+        batch.terminate()
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND, refused.value
+    log = (home.workdir / "logs" / "batch_service.log").read_text(encoding="utf-8")
+    assert not [line for line in log.splitlines() if line.startswith("[2026-01-01")], log
+    assert "submitted (api): in\\n[2026-01-01 00:00:00] INFO" in log, log
 
 
 def _scheduled_runs_started(batch: ServiceProcess, offset: int) -> None:

@@ -35,8 +35,10 @@ from rich.text import Text
 
 from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
+from fashion.cli.terminal import literal
 from fashion.client.batch import FINISHED, BatchClient, state_name
 from fashion.client.protojson import dumps, to_json
+from fashion.client.text import printable
 from fashion.v1 import batch_pb2 as pb
 from fashion.v1 import health_pb2
 
@@ -71,7 +73,8 @@ def submit(args: argparse.Namespace) -> int:
                 if args.json:
                     print(dumps(job))
                 else:
-                    print(f"Job {job.job_id} {state_name(job.state)}: {job.input_dir} -> {job.output_dir}")
+                    print(f"Job {job.job_id} {state_name(job.state)}: {printable(job.input_dir)} -> "
+                          f"{printable(job.output_dir)}")
                     print(f"Follow it with: fashion batch watch {job.job_id}")
                 return EXIT_OK
             return _follow(client, job, args.json)
@@ -145,7 +148,7 @@ class JobProgress:
             self.failures.extend(f for f in event.files if f.status == "failed")
         message = event.message if event is not None else ""
         if job.state == pb.JOB_STATE_WAITING and message and message != self._last_message:
-            self._progress.console.print(f"[yellow]{message}[/yellow]")
+            self._progress.console.print(literal(message, "yellow"))
         self._last_message = message
 
 
@@ -157,7 +160,7 @@ def print_summary(console: Console, job: pb.Job, failures: Iterable[pb.FileResul
     table.add_column("")
     rate = job.processed / job.duration_seconds if job.duration_seconds else 0.0
     rows = [
-        ("Input", f"{job.input_dir} ({'copy' if job.mode == pb.TRANSFER_MODE_COPY else 'move'}"
+        ("Input", f"{printable(job.input_dir)} ({'copy' if job.mode == pb.TRANSFER_MODE_COPY else 'move'}"
                   f"{', recursive' if job.recursive else ''})"),
         ("Output", job.output_dir),
         ("Images found", f"{job.total:,}"),
@@ -172,7 +175,7 @@ def print_summary(console: Console, job: pb.Job, failures: Iterable[pb.FileResul
         rows.append(("Error", job.error))
     rows += [("Results CSV", job.results_csv), ("Summary JSON", job.summary_json), ("Log", job.log_file)]
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(name, literal(value))
     console.print(table)
     if job.categories:
         categories = Table("category", "images", title="Categories")
@@ -183,7 +186,7 @@ def print_summary(console: Console, job: pb.Job, failures: Iterable[pb.FileResul
     if failures:
         errors = Table("file", "error", title="Failed files")
         for f in failures[:20]:
-            errors.add_row(f.filename, f.error)
+            errors.add_row(literal(f.filename), literal(f.error))
         if len(failures) > 20:
             errors.add_row(f"... and {len(failures) - 20} more", "see the summary JSON")
         console.print(errors)
@@ -227,7 +230,8 @@ def list_jobs(args: argparse.Namespace) -> int:
     for j in jobs:
         created = datetime.fromtimestamp(j.created_at.seconds).strftime("%m-%d %H:%M")
         table.add_row(j.job_id[:8], state_name(j.state).lower(), created, f"{j.processed}/{j.total}",
-                      str(j.successful), str(j.uncertain), str(j.failed), f"{j.duration_seconds:.1f}s", j.input_dir)
+                      str(j.successful), str(j.uncertain), str(j.failed), f"{j.duration_seconds:.1f}s",
+                      literal(j.input_dir))
     Console().print(table)
     return EXIT_OK
 
@@ -305,12 +309,12 @@ def batch_health_text(report: pb.BatchHealth) -> str:
     lines = [RULE, "BATCH PROCESSING HEALTH CHECK", RULE, ""]
     lines += [f"Recent Execution: {'✓ HEALTHY' if report.recent_run else '✗ UNHEALTHY'}", f"  {report.message}", ""]
     if report.HasField("failed_job"):
-        lines.append(f"Recent Errors: ✗ Job {report.failed_job.job_id} FAILED: {report.failed_job.error}")
+        lines.append(f"Recent Errors: ✗ Job {report.failed_job.job_id} FAILED: {printable(report.failed_job.error)}")
     elif report.recent_errors:
         lines.append(f"Recent Errors: ⚠ {len(report.recent_errors)} errors in the last {ERROR_WINDOW_H:g} hours")
     else:
         lines.append("Recent Errors: ✓ No errors detected")
-    lines += [f"  {line}" for line in report.recent_errors[:10]]
+    lines += [f"  {printable(line)}" for line in report.recent_errors[:10]]
     if len(report.recent_errors) > 10:
         lines.append(f"  ... and {len(report.recent_errors) - 10} more")
     lines += ["", f"Last {stats.days} Days Statistics:", f"  Total runs: {stats.runs:,}",

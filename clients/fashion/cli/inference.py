@@ -13,6 +13,7 @@ from rich.table import Table
 
 from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
+from fashion.cli.terminal import literal
 from fashion.client import InferenceClient
 from fashion.client.protojson import dumps
 
@@ -70,11 +71,11 @@ def classify(args: argparse.Namespace) -> int:
         table = Table("file", "category", "confidence", "top-k")
         for row in rows:
             if "error" in row:
-                table.add_row(str(row["file"]), "[red]error[/red]", "", str(row["error"]))
+                table.add_row(literal(str(row["file"])), literal("error", "red"), "", literal(str(row["error"])))
             else:
                 conf = f"{100 * float(row['confidence']):.1f}%" + (" (uncertain)" if row["uncertain"] else "")
                 top = ", ".join(f"{c['label']} {100 * c['confidence']:.1f}%" for c in row["top_k"])  # type: ignore[attr-defined]
-                table.add_row(str(row["file"]), str(row["category"]), conf, top)
+                table.add_row(literal(str(row["file"])), literal(str(row["category"])), conf, literal(top))
         Console().print(table)
     return 1 if failures else 0
 

@@ -19,12 +19,15 @@ from pathlib import Path
 import grpc
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from fashion.cli.batch import batch_health_text
 from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
+from fashion.cli.terminal import literal
 from fashion.client import ChannelOptions, MonitorClient
 from fashion.client.protojson import dumps, to_json
+from fashion.client.text import printable
 from fashion.v1 import batch_pb2, health_pb2
 from fashion.v1 import monitor_pb2 as pb
 
@@ -97,18 +100,18 @@ def health(args: argparse.Namespace) -> int:
     for s in system.services:
         mark, name, style = STATUS[s.status]
         latency = f"{s.latency_ms:.1f} ms" if s.latency_ms else "-"
-        table.add_row(s.name, s.address, f"[{style}]{mark} {name}[/]", latency, s.message)
+        table.add_row(s.name, literal(s.address), f"[{style}]{mark} {name}[/]", latency, literal(s.message))
     if monitor_down:
-        table.add_row("monitor", args.address, "[red]✗ UNHEALTHY[/]", "-", monitor_down)
+        table.add_row("monitor", literal(args.address), "[red]✗ UNHEALTHY[/]", "-", literal(monitor_down))
     console.print(table)
     for d in system.disks:
-        console.print(f"Disk of {d.path}: {d.free_percent:.1f}% free", markup=False)
+        console.print(f"Disk of {printable(d.path)}: {d.free_percent:.1f}% free", markup=False)
     console.print("\n" + (batch_health_text(batch) if batch is not None else _batch_unknown(batch_error)),
                   markup=False)
     if system.active_alerts:
         console.print(f"[red]{system.active_alerts} active alert(s): see `fashion monitor alerts`[/]")
     for warning in warnings:
-        console.print(f"⚠ {warning}", style="yellow", markup=False, highlight=False)
+        console.print(f"⚠ {printable(warning)}", style="yellow", markup=False, highlight=False)
     if down:
         console.print(f"✗ Down or unhealthy: {', '.join(down)}", style="red", markup=False)
     elif warnings:
@@ -201,8 +204,9 @@ def alerts(args: argparse.Namespace) -> int:
         table.columns[1].no_wrap = True
         for a in resp.active:
             sev = _severity(a.severity)
-            table.add_row(f"[{SEVERITY_STYLE[sev]}]{sev}[/]", f"{a.title}\n({a.rule})", _when(a.started_at),
-                          "yes" if a.notified else "held (cooldown)", a.message)
+            alert = Text("\n").join([literal(a.title), literal(f"({a.rule})")])
+            table.add_row(f"[{SEVERITY_STYLE[sev]}]{sev}[/]", alert, _when(a.started_at),
+                          "yes" if a.notified else "held (cooldown)", literal(a.message))
         console.print(table)
     else:
         console.print("[green]✓ No active alerts[/]")
@@ -210,8 +214,8 @@ def alerts(args: argparse.Namespace) -> int:
         table = Table("time", "event", "severity", "alert", "notified", "message", title="History (newest first)")
         for e in resp.history:
             sev = _severity(e.severity)
-            table.add_row(_when(e.at), e.kind, f"[{SEVERITY_STYLE[sev]}]{sev}[/]", e.title,
-                          "yes" if e.notified else "no", e.message)
+            table.add_row(_when(e.at), e.kind, f"[{SEVERITY_STYLE[sev]}]{sev}[/]", literal(e.title),
+                          "yes" if e.notified else "no", literal(e.message))
         console.print(table)
     else:
         console.print("No alert history yet")
@@ -221,7 +225,8 @@ def alerts(args: argparse.Namespace) -> int:
         table = Table("rule", "title", "severity", "fires when", "enabled", title="Rules")
         table.columns[0].no_wrap = True
         for r in resp.rules:
-            table.add_row(r.rule, r.title, _severity(r.severity), r.condition, "yes" if r.enabled else "no")
+            table.add_row(r.rule, literal(r.title), _severity(r.severity), literal(r.condition),
+                          "yes" if r.enabled else "no")
         console.print(table)
     return 0
 
