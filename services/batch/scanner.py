@@ -27,6 +27,9 @@ IMAGE_SUFFIXES = frozenset({
 TEMPORARY_SUFFIXES = frozenset({
     ".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".swp", ".swx", ".lock",
 })
+FUTURE_TOLERANCE_S = 300.0
+"""How far in the future a file's modification time may be and still be taken for a write in progress
+(clocks of a network file system's server and this machine differ by a little)."""
 
 
 def is_hidden_or_temporary(name: str) -> bool:
@@ -99,8 +102,12 @@ def _classify_entry(entry: os.DirEntry[str], rel: str, result: FolderScan, pendi
         result.skipped.append((rel, "symbolic link (links are not followed)"))
         return
     if stat.S_ISDIR(st.st_mode):
-        if recursive and rel not in exclude:
+        if rel in exclude:
+            return
+        if recursive:
             pending.append(rel)
+        else:  # said, not silently passed over: its images wait for a recursive run
+            result.skipped.append((rel, "a folder (its images are sorted by a recursive run, --recursive)"))
         return
     if not stat.S_ISREG(st.st_mode):
         result.skipped.append((rel, "not a regular file"))
@@ -110,7 +117,9 @@ def _classify_entry(entry: os.DirEntry[str], rel: str, result: FolderScan, pendi
         result.skipped.append((rel, f"not an image ({suffix or 'no extension'})"))
         return
     age = now - st.st_mtime
-    if age < min_age_s:
+    # A write sets the time to now: one far in the future was set on purpose (an archive, a camera's clock),
+    # not by a writer still at work, and waiting for it could mean waiting for years.
+    if -FUTURE_TOLERANCE_S <= age < min_age_s:
         result.skipped.append((rel, f"modified {age:.1f}s ago, maybe still being written: left for the next run"))
         return
     result.images.append(rel)

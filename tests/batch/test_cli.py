@@ -193,6 +193,21 @@ def test_a_folder_name_cannot_forge_a_line_of_the_service_log(
     assert "submitted (api): in\\n[2026-01-01 00:00:00] INFO" in log, log
 
 
+def test_an_output_folder_yet_to_be_made_is_where_the_path_says(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """`--output data/sorted` (a path on this machine, its parent there, the folder not yet): the images land
+    in data/sorted, not in data/data/sorted; a subfolder named without a path stays under the data root."""
+    home = BatchHome(tmp_path)
+    images = write_images(home.data / "inbox", 2)
+    run = fashion(home, inference_server.address, "run", "inbox", "--output", "data/sorted")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(files_under(home.data / "sorted")) == sorted(images) and not (home.data / "data").exists()
+    more = write_images(home.data / "inbox", 1, start=5)
+    run = fashion(home, inference_server.address, "run", "inbox", "--output", "elsewhere")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(files_under(home.data / "elsewhere")) == sorted(more)
+
+
 def _scheduled_runs_started(batch: ServiceProcess, offset: int) -> None:
     """Until the service has decided about a missed run (it logs the schedule just after), in its output
     after `offset` characters (earlier processes' output comes first)."""

@@ -87,7 +87,8 @@ def test_scan_finds_images_reports_other_files_and_ignores_hidden_and_temporary(
         assert dict(flat.skipped) == {
             "in/notes.txt": "not an image (.txt)", "in/README": "not an image (no extension)",
             "in/link.png": "symbolic link (links are not followed)", "in/pipe.png": "not a regular file",
-            "in/dirlink": "symbolic link (links are not followed)"}
+            "in/dirlink": "symbolic link (links are not followed)",
+            "in/sub": "a folder (its images are sorted by a recursive run, --recursive)"}
         assert flat.ignored == 5
         deep = scan_folder(folders, "in", recursive=True, exclude={"in/sub"})
         assert deep.images == ["in/a.jpg", "in/b.PNG", "in/c.webp"]
@@ -99,6 +100,10 @@ def test_scan_finds_images_reports_other_files_and_ignores_hidden_and_temporary(
         (folder / os.fsdecode(b"caf\xe9.png")).unlink()
         young = scan_folder(folders, "in", recursive=False, min_age_s=3600)
         assert not young.images and "still being written" in dict(young.skipped)["in/a.jpg"]
+        # A time set far ahead (an archive's, a wrong camera clock) is no write in progress: sorted now.
+        os.utime(folder / "b.PNG", (time.time() + 86400, time.time() + 86400))
+        assert scan_folder(folders, "in", recursive=False, min_age_s=3600).images == ["in/b.PNG"]
+        assert "in/sub" not in dict(scan_folder(folders, "in", recursive=False, exclude={"in/sub"}).skipped)
 
 
 def entry(path: Path) -> Entry:

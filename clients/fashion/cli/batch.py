@@ -48,12 +48,17 @@ EXIT_OK, EXIT_UNHEALTHY, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _folder_arg(raw: str) -> str:
-    """A folder as the server understands it: a path that exists on this machine as its absolute real path
-    (the server accepts it when it lies under the data root, and says why not otherwise), anything else as
-    typed (relative to the server's data root)."""
-    if not raw or not os.path.exists(raw):
+    """A folder as the server understands it: a path that exists on this machine, or one to be made in a
+    folder that does ("data/new_out"), as its absolute real path (the server accepts it when it lies under
+    the data root, and says why not otherwise); anything else as typed (relative to the server's data root)."""
+    if not raw:
         return raw
-    return os.path.realpath(raw)
+    if os.path.exists(raw):
+        return os.path.realpath(raw)
+    parent, name = os.path.split(raw.rstrip("/"))
+    if parent and os.path.isdir(parent):
+        return os.path.join(os.path.realpath(parent), name)
+    return raw
 
 
 def _rpc_error(exc: grpc.RpcError, address: str) -> int:
