@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 
+from fashion.client.text import printable
 from services.batch import reports
 from services.batch.records import JobRecord, JobState
 from services.batch.store import JobStore
@@ -123,13 +124,15 @@ def recent_errors(store: JobStore, now: float) -> list[str]:
     lines: list[tuple[float, str]] = []
     for job in store.finished_since(since):
         if job.state == JobState.FAILED and job.finished_at is not None:
-            lines.append((job.finished_at, f"{_when(job.finished_at)} job {job.job_id} FAILED: {job.error}"))
+            lines.append((job.finished_at, f"{_when(job.finished_at)} job {job.job_id} FAILED: {printable(job.error)}"))
     inputs: dict[str, str] = {}
     for f in store.failed_files_since(since, MAX_ERRORS):
         if f.job_id not in inputs:
             inputs[f.job_id] = store.get(f.job_id).input_dir
-        name = reports.display_name(f.source, inputs[f.job_id])
-        lines.append((f.finished_at or 0.0, f"{_when(f.finished_at or 0.0)} job {f.job_id}: {name}: {f.error}"))
+        # One line each, whatever the names hold: reports, emails and Slack messages quote these lines.
+        name = printable(reports.display_name(f.source, inputs[f.job_id]))
+        lines.append((f.finished_at or 0.0, f"{_when(f.finished_at or 0.0)} job {f.job_id}: {name}: "
+                      f"{printable(f.error)}"))
     lines.sort(key=lambda item: item[0], reverse=True)
     return [line for _, line in lines[:MAX_ERRORS]]
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import logging
 import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -152,15 +154,14 @@ class Dashboard:
 
     def prune(self, now: float | None = None) -> int:
         """Delete this dashboard's files (by their names) older than keep_days; how many."""
-        names = ("report_*.txt", "dashboard_*.html", *(f"{chart}_*.png" for chart in self.CHARTS))
+        names = ("report_*.txt", "dashboard_*.html", *(f"{chart}_*.png" for chart in self.CHARTS),
+                 ".report-*.tmp", "*.png.tmp")  # and what a writer killed mid-write left
         return prune_files(self.report_dir, names, self.keep_days, now)
 
     def _write(self, data: ReportData, text_only: bool) -> ReportFiles:
         self.report_dir.mkdir(parents=True, exist_ok=True)
-        stamp = self._stamp(data.generated_at)
         text = render_text(data)
-        text_path = self.report_dir / f"report_{stamp}.txt"
-        _write_atomic(text_path, text.encode())
+        stamp, text_path = self._claim(data.generated_at, text.encode())
         if text_only:
             return ReportFiles(text_path, text, data.generated_at)
         figures = [daily_volume_chart(data.history),
@@ -176,14 +177,25 @@ class Dashboard:
         _write_atomic(html_path, render_html(data, text, pngs).encode())
         return ReportFiles(text_path, text, data.generated_at, html_path, pngs)
 
-    def _stamp(self, at: datetime) -> str:
-        """report_YYYYMMDD_HHMMSS as the monitoring guide names it; a suffix when one already exists that second."""
+    def _claim(self, at: datetime, text: bytes) -> tuple[str, Path]:
+        """Write the text report as report_YYYYMMDD_HHMMSS.txt, as the monitoring guide names it (a suffix when
+        one already exists that second), complete or not at all; the stamp names the charts and page too.
+        The name is taken by link(), which never replaces a file: another writer in the same second (the
+        service and `fashion monitor dashboard --embedded`) gets the next suffix instead of overwriting."""
         base = at.strftime("%Y%m%d_%H%M%S")
-        stamp, n = base, 1
-        while (self.report_dir / f"report_{stamp}.txt").exists():
-            n += 1
-            stamp = f"{base}_{n}"
-        return stamp
+        staged = _staged(self.report_dir, text)
+        try:
+            for n in itertools.count(1):
+                stamp = base if n == 1 else f"{base}_{n}"
+                path = self.report_dir / f"report_{stamp}.txt"
+                try:
+                    os.link(staged, path)
+                except FileExistsError:
+                    continue
+                return stamp, path
+        finally:
+            staged.unlink()
+        raise AssertionError("unreachable")
 
 
 def render_html(data: ReportData, text: str, pngs: list[Path]) -> str:
@@ -221,7 +233,15 @@ pre {{ background: #f5f7fa; padding: 1rem; border-radius: 6px; overflow-x: auto;
 """
 
 
+def _staged(folder: Path, content: bytes) -> Path:
+    """`content` in a new file of `folder` with a name of its own (hidden, .tmp), for a rename or link."""
+    fd, name = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=folder)
+    with os.fdopen(fd, "wb") as staged:
+        staged.write(content)
+    os.chmod(name, 0o644)  # mkstemp's 0600 would hide the report from the people who read it
+    return Path(name)
+
+
 def _write_atomic(path: Path, content: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)
+    """`path` replaced by a complete file; two writers never share a temporary file."""
+    os.replace(_staged(path.parent, content), path)

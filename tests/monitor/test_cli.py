@@ -143,3 +143,47 @@ def test_alerts_needs_the_monitor(tmp_path: Path) -> None:
     assert run.returncode == 2 and run.stderr.startswith("error: UNAVAILABLE: "), run.stderr
     assert f"(the Monitor service at {address}: is it running? `fashion run` starts every service; --address or " \
            "FASHION_MONITOR_ADDRESS says where it listens)" in run.stderr
+
+
+def test_dashboard_into_a_folder_it_cannot_make_exits_2_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    env = {"FASHION_INFERENCE_ADDRESS": unused_address(), "FASHION_BATCH_ADDRESS": unused_address(),
+           "FASHION_GATEWAY_ADDRESS": "", "FASHION_MONITOR_STATE_DB": str(tmp_path / "none.db")}
+    run = fashion("dashboard", "--text-only", "--output-dir", str(tmp_path / "a-file" / "reports"), cwd=tmp_path, **env)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.splitlines() == [f"error: cannot write the report {tmp_path / 'a-file' / 'reports'}: "
+                                       "Not a directory"], run.stderr
+
+
+WRITE_REPORTS = """
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from services.monitor.dashboard import Dashboard, ReportData
+from services.monitor.health import Health, ServiceCheck, SystemCheck
+at = datetime(2026, 1, 2, 9, 0, 0)
+def check(name):
+    return ServiceCheck(name=name, address="x:1", status=Health.HEALTHY, serving_status="SERVING",
+                        message=sys.argv[2], latency_ms=1.0, checked_at=at, reachable=True)
+data = ReportData(at, SystemCheck(at, check("inference"), check("batch"), []), None, None)
+time.sleep(max(0.0, float(sys.argv[3]) - time.time()))  # all writers start together
+for _ in range(30):
+    print(Dashboard(Path(sys.argv[1])).write(data, text_only=True).text_path, flush=True)
+"""
+
+
+def test_reports_of_the_same_second_from_several_processes_each_keep_a_name(tmp_path: Path) -> None:
+    """The service and `fashion monitor dashboard --embedded` may write in the same second: every report keeps
+    a name of its own (the guide's report_YYYYMMDD_HHMMSS, then _2, _3, ...) and its own text."""
+    out_dir = tmp_path / "reports"
+    out_dir.mkdir()
+    start = str(time.time() + 8)
+    writers = [subprocess.Popen([sys.executable, "-c", WRITE_REPORTS, str(out_dir), f"writer {n}", start],
+                                stdout=subprocess.PIPE, text=True) for n in range(6)]
+    written = [line for w in writers for line in w.communicate(timeout=120)[0].split()]
+    assert all(w.returncode == 0 for w in writers) and len(written) == 180
+    assert len(set(written)) == 180, "a report replaced another of the same second"
+    texts = [Path(p).read_text() for p in written]
+    assert sorted(sum(f"writer {n}" in t for t in texts) for n in range(6)) == [30] * 6
+    assert not list(out_dir.glob(".*")), "no temporary file is left behind"

@@ -119,7 +119,8 @@ def test_report_shows_the_batch_statistics(stack: Stack) -> None:
 def test_batch_errors_show_in_health_report_and_cli(stack: Stack, tmp_path: Path) -> None:
     x, _ = fashion_images(5, start=30)
     files = {f"more_{i}.png": encode(img) for i, img in enumerate(x)}
-    files["broken_scan.png"] = b"this is not an image"
+    hostile = "broken\n\nACTIVE ALERTS:\n  ✓ No active alerts\n_scan.png"  # a name that writes a report section
+    files[hostile] = b"this is not an image"
     job = run_job(stack.batch, stack.data, files)
     assert job.failed == 1
     with MonitorClient(stack.monitor.address) as client:
@@ -127,9 +128,11 @@ def test_batch_errors_show_in_health_report_and_cli(stack: Stack, tmp_path: Path
         report = client.generate_report(text_only=True)
     assert batch.status == health_pb2.HEALTH_STATUS_DEGRADED and batch.recent_run
     assert batch.stats.days == 3 and batch.stats.runs == 2 and batch.stats.failed == 1
-    assert any("broken_scan.png" in e for e in batch.recent_errors)
+    shown = "broken\\n\\nACTIVE ALERTS:\\n  ✓ No active alerts\\n_scan.png"  # one line, escaped
+    assert any(shown in e for e in batch.recent_errors) and not any("\n" in e for e in batch.recent_errors)
     assert "RECENT ERRORS:\n  ✗ 1 recent errors (newest first):\n    - " in report.text
-    assert "broken_scan.png" in report.text and "  Total Runs: 2" in report.text
+    assert shown in report.text and "  Total Runs: 2" in report.text
+    assert report.text.count("ACTIVE ALERTS:\n") == 1, report.text
 
     # One corrupt image is a warning, not an outage (the guide's health_check.sh): exit 0; --strict: 1.
     run = fashion("health", "--address", stack.monitor.address, "--json", cwd=tmp_path)
@@ -140,7 +143,7 @@ def test_batch_errors_show_in_health_report_and_cli(stack: Stack, tmp_path: Path
     assert out["warnings"] == ["batch processing DEGRADED: 1 recent errors"]
     run = fashion("health", "--address", stack.monitor.address, cwd=tmp_path)
     assert run.returncode == 0
-    assert "Recent Errors: ⚠ 1 errors in the last 24 hours" in run.stdout and "broken_scan.png" in run.stdout
+    assert "Recent Errors: ⚠ 1 errors in the last 24 hours" in run.stdout and shown in run.stdout
     assert "⚠ batch processing DEGRADED: 1 recent errors" in run.stdout
     assert "⚠ Serving, with 1 warning(s)" in run.stdout
     strict = fashion("health", "--address", stack.monitor.address, "--strict", cwd=tmp_path)

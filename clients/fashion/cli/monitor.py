@@ -152,6 +152,15 @@ def _embedded_report(days: int | None, text_only: bool, output_dir: Path | None)
 
 
 def dashboard(args: argparse.Namespace) -> int:
+    try:
+        return _dashboard(args)
+    except OSError as exc:  # the report folder cannot be made or written: could not run, not "unhealthy"
+        where = f" {printable(exc.filename)}" if exc.filename else ""
+        print(f"error: cannot write the report{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+
+def _dashboard(args: argparse.Namespace) -> int:
     where = "in this process"
     if args.embedded or args.output_dir is not None:
         report = _embedded_report(args.days, args.text_only, args.output_dir)
