@@ -23,9 +23,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from fashion.client.text import printable
 from services.batch.paths import DataRoot, PathRefused
 from services.batch.records import JobRecord, JobSpec, JobState
-from services.batch.reports import printable, prune_run_files
+from services.batch.reports import prune_run_files
 from services.batch.runner import JobBusy, JobRunner
 from services.batch.stats import BatchHistory, batch_history
 from services.batch.store import JobStore, StoreUnavailable

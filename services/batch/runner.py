@@ -167,7 +167,7 @@ class _JobRun:
 
     def _open_run_files(self) -> None:
         assert self.job.stamp is not None
-        self.files = RunFiles.of(self.job.stamp, self.settings.results_dir, self.settings.log_dir)
+        self.files = RunFiles.of(self.job.stamp, self.settings.results_dir, self.settings.log_dir, self.root)
         self.log = RunLog(self.files.log, self.job.job_id, self.settings)
         runner = self.runner
         self.filing = JobFiling(self.settings, self.store, self.root, runner.mover, runner.events,

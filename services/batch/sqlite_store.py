@@ -7,20 +7,27 @@ check-then-insert ones are serialized among all processes. Durable commits are m
 synchronous=FULL (an fsync), the others with NORMAL. A job is locked with an flock on
 <db folder>/locks/<job_id>.lock, which the kernel releases when the process dies; the process
 that holds a job's lock is the only one working on its files, so whatever else holds them died.
+
+The database's folder (<data_root>/.batch by default), its locks folder and the database's files are never
+symbolic links: anyone who may write to the data root could have made one, and the database would be
+created where it points. They are refused (DatabaseFolderRefused) rather than followed; the folders above
+the database's folder are the operator's, links included.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import sqlite3
+import stat
 import threading
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from services.batch.store import JobLock, JobStore, Row
+from services.batch.store import JobLock, JobStore, Row, StoreUnavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -68,30 +75,90 @@ CREATE INDEX IF NOT EXISTS files_errors ON files(finished_at) WHERE outcome = 'f
 # Needs the columns a database of an earlier release lacks (added in __init__).
 INDEXES = "CREATE INDEX IF NOT EXISTS files_open ON files(job_id, seq) WHERE state != 'done';"
 ADDED_COLUMNS = {"jobs": {"ending": "TEXT"}, "files": {"worker": "TEXT NOT NULL DEFAULT ''"}}
+DATABASE_SUFFIXES = ("", "-wal", "-shm", "-journal")  # the database's file and those SQLite adds next to it
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class DatabaseFolderRefused(StoreUnavailable):
+    """The jobs database's folder, its locks folder or one of its files is a symbolic link (or not a folder):
+    the database is not created or opened through it."""
+
+
+def _open_subfolder(parent_fd: int, name: str, shown: Path) -> int:
+    """The descriptor of the folder `name` in `parent_fd` (created if missing), never through a link."""
+    try:
+        os.mkdir(name, dir_fd=parent_fd)
+    except FileExistsError:
+        pass
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        try:
+            mode = os.stat(name, dir_fd=parent_fd, follow_symlinks=False).st_mode
+        except OSError:
+            raise exc from None
+        if stat.S_ISLNK(mode):
+            raise DatabaseFolderRefused(f"the jobs database folder {shown} is a symbolic link: refusing to create or "
+                                        "open the jobs database through it (links are not followed there)") from None
+        if not stat.S_ISDIR(mode):
+            raise DatabaseFolderRefused(f"the jobs database folder {shown} is not a folder") from None
+        raise
+
+
+def open_database_folder(folder: Path) -> int:
+    """The descriptor of the database's folder (created if missing): its parent as configured (the
+    operator's), the folder itself never through a link. Raises DatabaseFolderRefused."""
+    parent = folder.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _open_subfolder(parent_fd, folder.name, folder)
+    finally:
+        os.close(parent_fd)
 
 
 class FileJobLock(JobLock):
     """An exclusive, non-blocking flock per job; the kernel drops it when its process dies."""
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, folder: int) -> None:
         self.path, self._fd = path, fd
+        self._folder = folder
+        """The locks folder's descriptor: the lock file is unlinked there, never through a path."""
 
     @classmethod
-    def try_acquire(cls, folder: Path, job_id: str) -> FileJobLock | None:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{job_id}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def try_acquire(cls, database_folder: Path, job_id: str) -> FileJobLock | None:
+        """The job's lock in <database_folder>/locks; None when another process holds it. Raises
+        DatabaseFolderRefused when a folder on the way (or the lock file) is a link."""
+        folder_fd = open_database_folder(database_folder)
+        try:
+            locks = _open_subfolder(folder_fd, "locks", database_folder / "locks")
+        finally:
+            os.close(folder_fd)
+        path = database_folder / "locks" / f"{job_id}.lock"
+        try:
+            fd = os.open(path.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644,
+                         dir_fd=locks)
+        except OSError as exc:
+            os.close(locks)
+            if exc.errno == errno.ELOOP:
+                raise DatabaseFolderRefused(f"the job lock {path} is a symbolic link: not followed") from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            os.close(locks)
             return None
-        return cls(path, fd)
+        return cls(path, fd, locks)
 
     def release(self, finished: bool = False) -> None:
         if finished:
-            self.path.unlink(missing_ok=True)
+            try:
+                os.unlink(self.path.name, dir_fd=self._folder)
+            except FileNotFoundError:
+                pass
         os.close(self._fd)
+        os.close(self._folder)
 
 
 class _SqliteTx:
@@ -120,12 +187,10 @@ class SqliteJobStore(JobStore):
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.folder = self.path.parent
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.worker = uuid.uuid4().hex[:16]
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db = self._connect()
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         for table, added in ADDED_COLUMNS.items():  # a database of an earlier release
@@ -134,6 +199,39 @@ class SqliteJobStore(JobStore):
                 if name not in columns:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
         self._db.executescript(INDEXES)
+
+    def _connect(self) -> sqlite3.Connection:
+        """The connection, once the database's folder and files are known not to be links (SQLite opens them by
+        path: the folder reached by that path is checked again once they are open)."""
+        folder_fd = open_database_folder(self.folder)
+        try:
+            for suffix in DATABASE_SUFFIXES:
+                name = self.path.name + suffix
+                try:
+                    st = os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    raise DatabaseFolderRefused(f"the jobs database file {self.folder / name} is a symbolic link: "
+                                                "refusing to open the jobs database through it")
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:  # the same bytes as a file elsewhere
+                    raise DatabaseFolderRefused(f"the jobs database file {self.folder / name} has other (hard) "
+                                                "links: refusing to write through it")
+            # Only the folder's own name could be swapped now: its parent is the operator's, resolved.
+            real = Path(os.path.realpath(self.folder.parent)) / self.folder.name / self.path.name
+            db = sqlite3.connect(real, isolation_level=None, check_same_thread=False, timeout=30)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")  # opens (creates) the database and its -wal, -shm files
+                expected, reached = os.fstat(folder_fd), os.stat(real.parent, follow_symlinks=False)
+                if (reached.st_dev, reached.st_ino) != (expected.st_dev, expected.st_ino):
+                    raise DatabaseFolderRefused(f"the jobs database folder {self.folder} was replaced while the "
+                                                "database was being opened: refusing to use it")
+            except BaseException:
+                db.close()
+                raise
+            return db
+        finally:
+            os.close(folder_fd)
 
     def describe(self) -> str:
         return f"SQLite {self.path}"
@@ -168,7 +266,7 @@ class SqliteJobStore(JobStore):
             yield _SqliteTx(self._db)
 
     def lock_job(self, job_id: str) -> FileJobLock | None:
-        return FileJobLock.try_acquire(self.folder / "locks", job_id)
+        return FileJobLock.try_acquire(self.folder, job_id)
 
     def runnable(self, job_ids: Collection[str]) -> set[str]:
         """All of them: nobody helps with a job on SQLite (not shared), so nobody asks."""
