@@ -9,7 +9,10 @@ silently replace it). Other filesystem, or copy mode: copy to a hidden staging f
 destination folder, fsync, link it to the destination name, remove the staging file, then (move)
 remove the source. Filesystems without hard links fall back to an existence check and rename().
 If the source cannot be removed (a read-only or sticky folder, a read-only mount), the new copy
-is removed again: a file is never left in two places.
+is removed again: a file is never left in two places. A source name is unlinked only while it
+still holds the file transferred: one re-uploaded over it meanwhile stays for the next run, and
+one that changed while it was copied (still being written) stays where it is, its stale copy
+removed. Copies keep the permission bits only, never setuid, setgid or sticky.
 
 Every step leaves a state `complete()` can finish after a crash: given the recorded source,
 destination and staging name it tells whether the transfer happened (and removes the leftovers),
@@ -23,7 +26,9 @@ import enum
 import errno
 import os
 import re
+import signal
 import stat
+import threading
 from collections.abc import Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -38,6 +43,9 @@ FSYNC_THREADS = 16
 COPY_BLOCK = 1024 * 1024
 # errno values meaning "this filesystem has no hard links".
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
+# Tests only: a step ("staged", "copied", "linked") at which this process stops itself (SIGSTOP) each time,
+# for a test to change the source at that exact moment, then resume it (SIGCONT). Unset in production.
+_STOP_AT = os.environ.get("FASHION_BATCH_STOP_AT", "")
 
 
 def category_folder(label: str) -> str:
@@ -75,6 +83,9 @@ class Resume(enum.Enum):
     """Neither source nor destination exists: someone else removed the file."""
 
 
+CHANGED_WHILE_COPIED = "it changed while it was being copied, maybe still being written"
+
+
 class SourceNotRemovable(OSError):
     """The file reached its destination but its source could not be removed: the new copy was
     removed again and the file is where it was."""
@@ -94,7 +105,7 @@ class FileMover:
     def transfer(self, source: Entry, destination: Entry, copy: bool, tag: str) -> None:
         """Move or copy `source` to `destination`. Raises FileExistsError when the destination
         name is taken (pick another), SourceNotRemovable, OSError for the rest (source vanished,
-        no space, ...)."""
+        no space, changed while copied, ...)."""
         if copy:
             self._copy(source, destination, tag)
             return
@@ -105,28 +116,45 @@ class FileMover:
             raise
         except OSError as exc:
             if exc.errno == errno.EXDEV:
-                self._copy(source, destination, tag)
+                copied, placed = self._copy(source, destination, tag)
                 self.sync_folders([destination.folder])  # the copy is durable before the source goes
-                self._remove_source(source, destination)
+                self._remove_source(source, destination, placed, copied)
                 return
             if exc.errno not in _NO_LINKS:
                 raise
             _rename_if_free(source, destination)
             return
-        failpoints.reached("linked")
-        self._remove_source(source, destination)
+        _reached("linked")
+        self._remove_source(source, destination, os.stat(destination.name, dir_fd=destination.folder,
+                                                         follow_symlinks=False))
 
     @staticmethod
-    def _remove_source(source: Entry, destination: Entry) -> None:
+    def _remove_source(source: Entry, destination: Entry, placed: os.stat_result,
+                       copied: os.stat_result | None = None) -> None:
+        """Unlink the source name now that its file is at the destination (`placed`: the destination's
+        status), only while the name still holds that file: the same inode as `placed` (linked) or, copied,
+        the inode `copied` describes, unchanged since the copy began. A name that came to hold another file
+        (a re-upload renamed over it) is left for the next run; a file that changed while it was copied
+        stays where it is and the stale copy goes (SourceNotRemovable). A window of one lstat() remains."""
+        now = lstat_or_none(source)
+        if now is None:
+            return  # removed by someone else meanwhile: the file is at its destination
+        if not _same_inode(now, copied or placed):
+            return  # another file has the name now: the one transferred is at the destination
+        if copied is not None and _changed(copied, now):
+            _remove_if_same(destination, placed)
+            raise SourceNotRemovable(errno.EAGAIN, CHANGED_WHILE_COPIED)
         try:
             os.unlink(source.name, dir_fd=source.folder)
         except FileNotFoundError:
-            pass  # removed by someone else meanwhile: the file is at its destination
+            pass
         except OSError as exc:
-            remove(destination)  # never two copies: the file stays where it was
+            _remove_if_same(destination, placed)  # never two copies: the file stays where it was
             raise SourceNotRemovable(exc.errno, exc.strerror) from exc
 
-    def _copy(self, source: Entry, destination: Entry, tag: str) -> None:
+    def _copy(self, source: Entry, destination: Entry, tag: str) -> tuple[os.stat_result, os.stat_result]:
+        """Copy through a staging file; returns the source's status when the copy began and the copy's.
+        Raises OSError (EAGAIN) when the source changed while it was copied: no copy is left then."""
         staging = self.staging(destination, tag)
         remove(staging)  # a partial copy from an interrupted attempt
         src = os.open(source.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=source.folder)
@@ -135,7 +163,10 @@ class FileMover:
             if not stat.S_ISREG(st.st_mode):  # copying would block on a FIFO or read a device
                 raise OSError(errno.EINVAL, "no longer a regular file")
             try:
-                self._write_staging(src, st, staging)
+                placed = self._write_staging(src, st, staging)
+                _reached("staged")
+                if _changed(st, os.fstat(src)):  # still being written: the copy would be cut or mixed
+                    raise OSError(errno.EAGAIN, CHANGED_WHILE_COPIED)
                 try:
                     os.link(staging.name, destination.name, src_dir_fd=staging.folder,
                             dst_dir_fd=destination.folder, follow_symlinks=False)
@@ -143,21 +174,25 @@ class FileMover:
                     if exc.errno not in _NO_LINKS:
                         raise
                     _rename_if_free(staging, destination)
-                failpoints.reached("copied")
+                _reached("copied")
             finally:
                 remove(staging)  # linked already, or a partial copy (no space left, ...)
         finally:
             os.close(src)
+        return st, placed
 
-    def _write_staging(self, src: int, st: os.stat_result, staging: Entry) -> None:
+    def _write_staging(self, src: int, st: os.stat_result, staging: Entry) -> os.stat_result:
         dst = os.open(staging.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                       dir_fd=staging.folder)
         try:
             _copy_bytes(src, dst)
-            os.fchmod(dst, stat.S_IMODE(st.st_mode))
+            # Permission bits only: the copy is the service's user's (root under cron), so an uploader's
+            # setuid, setgid or sticky bit kept here would make a setuid-root file.
+            os.fchmod(dst, stat.S_IMODE(st.st_mode) & 0o777)
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
             if self.fsync:
                 os.fsync(dst)
+            return os.fstat(dst)
         finally:
             os.close(dst)
 
@@ -175,8 +210,8 @@ class FileMover:
         if at_source is None:
             return Resume.DONE
         if (at_source.st_dev, at_source.st_ino) == (at_destination.st_dev, at_destination.st_ino):
-            if not copy:
-                self._remove_source(source, destination)  # linked, but the source was not removed yet
+            if not copy:  # linked, but the source was not removed yet
+                self._remove_source(source, destination, at_destination)
             return Resume.DONE
         if stat.S_ISREG(at_source.st_mode) and _same_bytes(source, destination):
             if copy:
@@ -203,6 +238,31 @@ class FileMover:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
+
+
+def _reached(step: str) -> None:
+    failpoints.reached(step)
+    if step == _STOP_AT:
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)  # this thread stops before going on
+
+
+def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether a file's bytes may differ from when `before` was taken: its size or modification time, or its
+    change time (a rewrite that set size and mtime back, as `cp -p` does) unless its link count changed,
+    which alone moves the change time (unlinked or renamed over: its bytes are the same)."""
+    return (before.st_size != after.st_size or before.st_mtime_ns != after.st_mtime_ns
+            or (before.st_nlink == after.st_nlink and before.st_ctime_ns != after.st_ctime_ns))
+
+
+def _remove_if_same(entry: Entry, placed: os.stat_result) -> None:
+    """Unlink the entry only while it is the file `placed` describes (a name taken by another file stays)."""
+    now = lstat_or_none(entry)
+    if now is not None and _same_inode(now, placed):
+        remove(entry)
 
 
 def _rename_if_free(source: Entry, destination: Entry) -> None:
