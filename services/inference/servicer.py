@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
+import socket
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,6 +17,8 @@ from services.common.server import ErrorStatuses
 from services.inference.batcher import BatcherClosed, QueueFull
 from services.inference.classifier import Classification, Classifier, ModelNotReady, TensorRejected
 from services.inference.imaging import ImageRejected
+from services.inference.processes import PARENT_PID_ENV, is_child
+from services.inference.siblings import STARTED_ENV
 
 STREAM_GROUP = 64  # most stream messages decoded and inferred together
 STREAM_GROUPS_IN_FLIGHT = 3  # a group forming while earlier ones are classified and written
@@ -27,9 +32,20 @@ ERROR_CODES: dict[type[Exception] | tuple[type[Exception], ...], grpc.StatusCode
 ERRORS = ErrorStatuses(ERROR_CODES)
 
 
+def server_instance_id() -> str:
+    """GetStats' instance_id: host name, process id and start time of this server. Processes sharing a
+    port (FASHION_INFERENCE_PROCESSES > 1) answer their summed counters, so they give their supervisor's."""
+    if is_child() and os.environ.get(PARENT_PID_ENV) and os.environ.get(STARTED_ENV):
+        pid, started = os.environ[PARENT_PID_ENV], float(os.environ[STARTED_ENV])
+    else:
+        pid, started = str(os.getpid()), time.time()
+    return f"{socket.gethostname()}:{pid}:{started:.3f}"
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, classifier: Classifier) -> None:
         self._classifier = classifier
+        self._instance_id = server_instance_id()
 
     def _response(self, result: Classification | Exception, request_id: str = "") -> pb.ClassifyResponse:
         manifest = self._classifier.manifest
@@ -135,4 +151,5 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.Stats(**await self._classifier.stats_snapshot(), model_loaded=self._classifier.ready,
                         model_name=manifest.name if manifest else "",
                         model_version=manifest.version if manifest else "",
-                        classes=len(manifest.labels) if manifest else 0, model_error=self._classifier.load_error or "")
+                        classes=len(manifest.labels) if manifest else 0, model_error=self._classifier.load_error or "",
+                        instance_id=self._instance_id)

@@ -45,22 +45,43 @@ class ApiWindow:
 
 class ApiStatsWindow:
     """Snapshots of GetStats over the last `window_s`, to judge recent traffic rather than the
-    since-start averages (one bad hour last week should not keep an alert firing today)."""
+    since-start averages (one bad hour last week should not keep an alert firing today).
+
+    Behind a load balancer (a headless Service with round_robin) each check may reach another
+    Inference server, each with its own lifetime counters: snapshots are kept per server
+    (Stats.instance_id), differences are taken between snapshots of one server only, and the
+    window is the sum over the servers seen in it. A server not seen for longer than the window is
+    forgotten; servers without an instance_id (older ones) count as one, as before."""
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
-        self._snapshots: deque[tuple[float, inference_pb.Stats]] = deque()
+        self._instances: dict[str, deque[tuple[float, inference_pb.Stats]]] = {}
 
     def add(self, at: float, stats: inference_pb.Stats) -> ApiWindow | None:
-        if self._snapshots and _counters_went_back(self._snapshots[-1][1], stats):
-            self._snapshots.clear()  # the service restarted
-        self._snapshots.append((at, stats))
-        while self._snapshots and self._snapshots[0][0] < at - self.window_s:
-            self._snapshots.popleft()
+        snapshots = self._instances.setdefault(stats.instance_id, deque())
+        if snapshots and _counters_went_back(snapshots[-1][1], stats):
+            snapshots.clear()  # the service restarted
+        snapshots.append((at, stats))
+        for instance, kept in list(self._instances.items()):
+            while kept and kept[0][0] < at - self.window_s:
+                kept.popleft()
+            if not kept:
+                del self._instances[instance]
+        parts = [part for kept in self._instances.values() if (part := self._traffic(kept)) is not None]
+        if not parts:
+            return None
+        requests = sum(p.requests for p in parts)
+        latency_total = sum(p.latency_s * p.requests for p in parts)
+        return ApiWindow(max(p.seconds for p in parts), requests, sum(p.images for p in parts),
+                         sum(p.successful for p in parts), latency_total / requests if requests > 0 else 0.0)
+
+    def _traffic(self, snapshots: deque[tuple[float, inference_pb.Stats]]) -> ApiWindow | None:
+        """One server's traffic in the window, from its own snapshots; None when it cannot tell yet."""
+        at, stats = snapshots[-1]
         if stats.uptime_seconds <= self.window_s:
             base, span = inference_pb.Stats(), float(stats.uptime_seconds)  # all its traffic is recent
-        elif len(self._snapshots) > 1:
-            base_at, base = self._snapshots[0]
+        elif len(snapshots) > 1:
+            base_at, base = snapshots[0]
             span = at - base_at
         else:
             return None

@@ -125,7 +125,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("uptime_seconds", "uptime_human", "total_requests", "total_images_processed", "successful_predictions", "failed_predictions", "success_rate", "model_loaded", "timestamp", "average_latency_ms", "model_name", "model_version", "classes", "model_error")
+    __slots__ = ("uptime_seconds", "uptime_human", "total_requests", "total_images_processed", "successful_predictions", "failed_predictions", "success_rate", "model_loaded", "timestamp", "average_latency_ms", "model_name", "model_version", "classes", "model_error", "instance_id")
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_HUMAN_FIELD_NUMBER: _ClassVar[int]
     TOTAL_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +140,7 @@ class Stats(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     MODEL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     uptime_seconds: int
     uptime_human: str
     total_requests: int
@@ -154,4 +155,5 @@ class Stats(_message.Message):
     model_version: str
     classes: int
     model_error: str
-    def __init__(self, uptime_seconds: _Optional[int] = ..., uptime_human: _Optional[str] = ..., total_requests: _Optional[int] = ..., total_images_processed: _Optional[int] = ..., successful_predictions: _Optional[int] = ..., failed_predictions: _Optional[int] = ..., success_rate: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., timestamp: _Optional[str] = ..., average_latency_ms: _Optional[float] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., classes: _Optional[int] = ..., model_error: _Optional[str] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, uptime_seconds: _Optional[int] = ..., uptime_human: _Optional[str] = ..., total_requests: _Optional[int] = ..., total_images_processed: _Optional[int] = ..., successful_predictions: _Optional[int] = ..., failed_predictions: _Optional[int] = ..., success_rate: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., timestamp: _Optional[str] = ..., average_latency_ms: _Optional[float] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., classes: _Optional[int] = ..., model_error: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
