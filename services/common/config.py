@@ -377,8 +377,8 @@ class MonitorSettings(CommonSettings):
     """Severity overrides as rule=SEVERITY pairs, comma-separated, e.g. "disk_space_low=CRITICAL"."""
     smtp_host: str = ""
     """SMTP server of alert emails; empty disables email."""
-    smtp_port: int = 587
-    """SMTP port (587 for STARTTLS, 465 for implicit TLS, 25 for plain)."""
+    smtp_port: int | None = Field(default=None, ge=1, le=65535)
+    """SMTP port; unset: 465 when FASHION_SMTP_SSL=true (implicit TLS), else 587 (STARTTLS); 25 for plain SMTP."""
     smtp_starttls: bool = True
     """Upgrade the SMTP connection with STARTTLS before logging in."""
     smtp_ssl: bool = False

@@ -6,7 +6,6 @@ around it is services.common.bootstrap's."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from fashion.v1 import monitor_pb2_grpc as pb_grpc
@@ -37,6 +36,7 @@ class MonitorParts(ServiceParts):
         self.monitor = Monitor.service(settings)
         self.servicers = [(pb_grpc.add_MonitorServiceServicer_to_server, MonitorServicer(self.monitor))]
         self.tasks: list[asyncio.Future[None]] = []
+        self.delivery: asyncio.Future[None] | None = None
 
     def describe(self) -> str:
         s = self.settings
@@ -46,17 +46,31 @@ class MonitorParts(ServiceParts):
     async def start(self) -> None:
         outbox = self.monitor.outbox
         assert outbox is not None
-        self.tasks = [asyncio.ensure_future(self.monitor.run_evaluations()), asyncio.ensure_future(outbox.run())]
+        self.delivery = asyncio.ensure_future(outbox.run())
+        self.tasks = [asyncio.ensure_future(self.monitor.run_evaluations()), self.delivery]
         if self.settings.report_cron:
             self.tasks.append(asyncio.ensure_future(self.monitor.run_scheduled_reports()))
             log.info("Scheduled report: %s (to %s)", self.settings.report_cron, ", ".join(outbox.notifiers) or "nobody")
 
     async def stop(self) -> None:
+        """Cancel the checks and reports; stop the delivery cooperatively, waiting (up to one notifier
+        timeout) for a notification being sent to be recorded as sent, so the restart does not send it
+        again (cancelling would leave its worker thread sending while the store closes)."""
+        if self.monitor.outbox is not None:
+            self.monitor.outbox.stop()
         for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            if task is not self.delivery:
+                task.cancel()
+        if self.delivery is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.delivery), timeout=self.settings.notify_timeout_s)
+            except TimeoutError:
+                log.warning("A notification was still being delivered after %.1f s: stopping anyway; it may be "
+                            "sent again after the restart", self.settings.notify_timeout_s)
+                self.delivery.cancel()
+            except Exception:  # run() never raises; if it did, the store still has to close
+                log.exception("Notification delivery ended with an error")
+        await asyncio.gather(*self.tasks, return_exceptions=True)  # all ended: cancelled, or run() returned
         await self.monitor.close()
 
 

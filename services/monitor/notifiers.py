@@ -8,17 +8,25 @@ send (a rotated secret needs no restart), and never leave a notifier: every fail
 NotificationError whose text has them scrubbed, which is all the outbox logs and stores. The SMTP
 password is only sent over TLS (unless smtp_allow_plaintext_auth), and webhooks only over https
 (http only to a loopback address, for local relays and tests).
+
+A failure is temporary (retried in order) unless the receiving server refused that one notification
+for good (an SMTP 5xx to the message, an HTTP 4xx other than 408 and 429): that one is dropped,
+logged as an error, and the notifications queued behind it go out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import ipaddress
 import json
 import logging
+import math
+import re
 import smtplib
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -40,10 +48,24 @@ log = logging.getLogger(__name__)
 
 SLACK_EMOJI = {"INFO": ":information_source:", "WARNING": ":warning:", "ERROR": ":x:", "CRITICAL": ":rotating_light:"}
 MAX_ERROR_CHARS = 300
+MAX_REPLY_EXCERPT = 120
+"""Characters of an HTTP error reply quoted in the error (tags and secrets removed)."""
+MAX_REPLY_READ = 64 * 1024
+SMTP_PORT, SMTPS_PORT = 587, 465
+"""FASHION_SMTP_PORT when unset: STARTTLS or plain, implicit TLS (FASHION_SMTP_SSL)."""
+TEMPORARY_HTTP_4XX = (408, 429)
+"""Client errors that say "try again later"; every other 4xx refuses the message for good."""
 
 
 class NotificationError(Exception):
-    """A delivery failed; the message is safe to log (secrets removed)."""
+    """A delivery failed; the message is safe to log (secrets removed). `permanent`: the receiving
+    server refused this notification for good, retrying cannot help; `retry_after`: seconds the server
+    asked to wait before the next attempt (HTTP Retry-After)."""
+
+    def __init__(self, message: str, permanent: bool = False, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -116,11 +138,26 @@ def _secret(value: SecretStr | None, file: Path | None) -> str:
 
 
 def _scrubbed(exc: BaseException, secrets: list[str]) -> str:
-    text = f"{type(exc).__name__}: {exc}"
-    for secret in secrets:
+    return _scrub_text(f"{type(exc).__name__}: {exc}", secrets)[:MAX_ERROR_CHARS]
+
+
+def _scrub_text(text: str, secrets: list[str]) -> str:
+    """`text` with every secret replaced by ***, longest first and ignoring case (a relay may change it)."""
+    for secret in sorted(secrets, key=len, reverse=True):
         if secret:
-            text = text.replace(secret, "***")
-    return text[:MAX_ERROR_CHARS]
+            text = re.sub(re.escape(secret), "***", text, flags=re.IGNORECASE)
+    return text
+
+
+def _url_secrets(url: str) -> list[str]:
+    """Every part of a webhook URL that could be quoted back: the URL, its host, path, query, each path
+    segment (the token alone), plain and percent-encoded. Segments under 4 characters are no secret,
+    and scrubbing them would blank ordinary words."""
+    parts = urllib.parse.urlsplit(url)
+    pieces = [url, parts.netloc, parts.path, parts.query, parts.fragment]
+    pieces += [segment for segment in parts.path.split("/") if len(segment) >= 4]
+    pieces += [urllib.parse.unquote(p) for p in pieces] + [urllib.parse.quote(p) for p in pieces]
+    return [p for p in set(pieces) if len(p) >= 4]
 
 
 class EmailNotifier:
@@ -143,6 +180,14 @@ class EmailNotifier:
     def destination(self) -> str:
         return ", ".join(self.settings.smtp_to)
 
+    @property
+    def port(self) -> int:
+        """FASHION_SMTP_PORT, else 465 with implicit TLS and 587 without."""
+        s = self.settings
+        if s.smtp_port is not None:
+            return s.smtp_port
+        return SMTPS_PORT if s.smtp_ssl else SMTP_PORT
+
     def send(self, notification: Notification) -> None:
         password = ""
         try:
@@ -162,6 +207,7 @@ class EmailNotifier:
         msg["Subject"] = notification.subject
         msg["Date"] = formatdate(localtime=True)
         msg["Message-ID"] = make_msgid(domain=s.smtp_from.rpartition("@")[2] or None)
+        msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no out-of-office replies to alerts
         msg.set_content(notification.body())
         if notification.attachment:
             try:
@@ -173,9 +219,9 @@ class EmailNotifier:
             context = ssl.create_default_context(cafile=str(s.smtp_ca_file) if s.smtp_ca_file else None)
             smtp: smtplib.SMTP
             if s.smtp_ssl:
-                smtp = smtplib.SMTP_SSL(s.smtp_host, s.smtp_port, timeout=s.notify_timeout_s, context=context)
+                smtp = smtplib.SMTP_SSL(s.smtp_host, self.port, timeout=s.notify_timeout_s, context=context)
             else:
-                smtp = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.notify_timeout_s)
+                smtp = smtplib.SMTP(s.smtp_host, self.port, timeout=s.notify_timeout_s)
             with smtp:
                 if s.smtp_starttls and not s.smtp_ssl:
                     smtp.starttls(context=context)
@@ -186,9 +232,27 @@ class EmailNotifier:
                         raise NotificationError("the SMTP server offers no login without TLS; set "
                                                 "FASHION_SMTP_STARTTLS=true (or FASHION_SMTP_SSL=true)")
                     smtp.login(s.smtp_user, password)
-                smtp.send_message(msg)
+                try:
+                    refused = smtp.send_message(msg)
+                except smtplib.SMTPException as exc:  # the server's answer to this message
+                    raise NotificationError(_scrubbed(exc, [password]), permanent=_refused_for_good(exc)) from None
         except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
             raise NotificationError(_scrubbed(exc, [password])) from None
+        if refused:  # the others got it: delivered, but a recipient is wrong and someone must know
+            log.warning("Email %r was not delivered to %s (sent to the other recipients)", notification.subject,
+                        "; ".join(f"{rcpt} ({code} {reply.decode(errors='replace')})"
+                                  for rcpt, (code, reply) in refused.items()))
+
+
+def _refused_for_good(exc: smtplib.SMTPException) -> bool:
+    """Whether an error of send_message is the server's permanent (5xx) refusal of the message: at
+    MAIL FROM (e.g. 552 too large), of every recipient, or at DATA. Connecting and logging in are not
+    judged here: their failures hold for every message and are retried (a password file may be fixed)."""
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return bool(exc.recipients) and all(code >= 500 for code, _ in exc.recipients.values())
+    if isinstance(exc, smtplib.SMTPResponseException):  # SMTPSenderRefused, SMTPDataError
+        return exc.smtp_code >= 500
+    return False
 
 
 def webhook_url_problem(url: str) -> str | None:
@@ -208,13 +272,36 @@ def webhook_url_problem(url: str) -> str | None:
     return "the Slack webhook URL must start with https:// and name its host"
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows a redirect of a POST with a body-less GET, whose 200 would pass for a delivery:
+    refused, the 3xx reaches SlackNotifier.send as an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
+
+
+def slack_escaped(text: str) -> str:
+    """`text` as Slack's message formatting wants it: &, < and > escaped, so no text of ours can
+    become a mention (<!channel>) or a link."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def slack_code(text: str) -> str:
+    """`text` escaped for the inside of a ``` block: no two backticks stay adjacent (a zero-width
+    space between them), so the text cannot close the block early."""
+    text = re.sub("`(?=`)", "`\u200b", slack_escaped(text))
+    return text + "\u200b" if text.endswith("`") else text
+
+
 class SlackNotifier:
-    """Posts the monitoring guide's payload to a Slack incoming webhook (urllib; any 2xx is success)."""
+    """Posts the monitoring guide's payload to a Slack incoming webhook (urllib; any 2xx is success,
+    a redirect is not followed and fails the send)."""
 
     name = "slack"
 
     def __init__(self, settings: MonitorSettings) -> None:
         self.settings = settings
+        self._opener = urllib.request.build_opener(_RefuseRedirects)
         try:
             self._url()  # a wrong URL stops the start, with the reason (never the URL)
         except NotificationError as exc:
@@ -237,16 +324,17 @@ class SlackNotifier:
         return url
 
     def payload(self, notification: Notification) -> dict[str, str]:
+        subject = slack_escaped(notification.subject)
         if notification.kind == "report":
-            text = f":bar_chart: *{notification.subject}*\n```\n{notification.message}```"
+            text = f":bar_chart: *{subject}*\n```\n{slack_code(notification.message)}```"
             return {"text": text, "username": self.settings.slack_username,
                     "icon_emoji": self.settings.slack_icon_emoji}
         if notification.kind == "resolved":
-            head = f":white_check_mark: *{notification.subject}*"
+            head = f":white_check_mark: *{subject}*"
         else:
-            head = f"{SLACK_EMOJI.get(notification.severity, ':warning:')} *{notification.subject}*"
+            head = f"{SLACK_EMOJI.get(notification.severity, ':warning:')} *{subject}*"
         return {
-            "text": f"{head}\n{notification.message}",
+            "text": f"{head}\n{slack_escaped(notification.message)}",
             "username": self.settings.slack_username,
             "icon_emoji": self.settings.slack_icon_emoji,
         }
@@ -257,13 +345,50 @@ class SlackNotifier:
             request = urllib.request.Request(
                 url, data=json.dumps(self.payload(notification)).encode(), method="POST",
                 headers={"Content-Type": "application/json; charset=utf-8"})
-            with urllib.request.urlopen(request, timeout=self.settings.notify_timeout_s) as resp:
+            with self._opener.open(request, timeout=self.settings.notify_timeout_s) as resp:
                 resp.read()
         except urllib.error.HTTPError as exc:
-            detail = exc.read(200).decode(errors="replace").strip()
-            raise NotificationError(f"Slack webhook answered HTTP {exc.code}: {detail}"[:MAX_ERROR_CHARS]) from None
+            with exc:  # closes the reply
+                raise _http_failure(exc, url) from None
         except Exception as exc:  # URLError, timeouts, malformed URLs: all become a retryable failure
-            raise NotificationError(_scrubbed(exc, [url, *urllib.parse.urlsplit(url)[1:]])) from None
+            raise NotificationError(_scrubbed(exc, [url, *urllib.parse.urlsplit(url)[1:], *_url_secrets(url)])) \
+                from None
+
+
+def _http_failure(exc: urllib.error.HTTPError, url: str) -> NotificationError:
+    """The error for a webhook's non-2xx answer: its status, a short excerpt of its reply with every
+    part of the URL removed (a relay's 404 page may quote the path, which holds the token), whether it
+    is permanent (4xx but 408 and 429), and the Retry-After it asked for."""
+    code = exc.code
+    if 300 <= code < 400:
+        return NotificationError(f"Slack webhook answered HTTP {code}, a redirect: not followed, the message was "
+                                 "not posted (check the webhook URL and any proxy in between)")
+    try:
+        reply = exc.read(MAX_REPLY_READ).decode(errors="replace")
+    except Exception:  # the reply broke off: the status says enough
+        reply = ""
+    secrets = _url_secrets(url)
+    if len(reply) >= MAX_REPLY_READ:  # cut: its end may hold the start of a secret, which no scrub would find
+        reply = reply[:len(reply) - max((len(s) for s in secrets), default=0)]
+    excerpt = " ".join(re.sub(r"<[^>]*>", " ", _scrub_text(reply, secrets)).split())[:MAX_REPLY_EXCERPT]
+    permanent = 400 <= code < 500 and code not in TEMPORARY_HTTP_4XX
+    text = f"Slack webhook answered HTTP {code}" + (f": {excerpt}" if excerpt else "")
+    retry_after = None if permanent else _retry_after(exc.headers.get("Retry-After") if exc.headers else None)
+    return NotificationError(text[:MAX_ERROR_CHARS], permanent=permanent, retry_after=retry_after)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds of an HTTP Retry-After header (delay-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def build_notifiers(settings: MonitorSettings) -> dict[str, Notifier]:
@@ -277,27 +402,37 @@ def build_notifiers(settings: MonitorSettings) -> dict[str, Notifier]:
 
 
 class NotificationOutbox:
-    """Delivers queued notifications, each notifier's strictly in order. A failure is logged and
-    retried later with exponential backoff; it never raises, so the monitor keeps running."""
+    """Delivers queued notifications, each notifier's strictly in order. A temporary failure is logged
+    and retried later with exponential backoff (or the server's Retry-After); a permanent one drops
+    that notification with an error, letting the next go. It never raises, so the monitor keeps running."""
 
     def __init__(self, store: MonitorStore, notifiers: dict[str, Notifier], settings: MonitorSettings) -> None:
         self.store = store
         self.notifiers = notifiers
         self.settings = settings
         self._wake = asyncio.Event()
+        self._stopping = threading.Event()  # read by deliver_due in its worker thread
 
     def wake(self) -> None:
         """Deliver now (new notifications were queued)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Start no new delivery: run() returns once the one in flight, if any, is sent and recorded
+        (so the store can then be closed without the notification going out again after a restart)."""
+        self._stopping.set()
         self._wake.set()
 
     def deliver_due(self) -> int:
         """Attempt every notification that is due; returns how many were sent. Blocking."""
         sent = 0
         progress = True
-        while progress:
+        while progress and not self._stopping.is_set():
             progress = False
             now = time.time()
             for item in self.store.outbox_heads():
+                if self._stopping.is_set():
+                    break
                 if item.next_attempt_at > now:
                     continue
                 notification = Notification.from_json(item.notification)
@@ -310,7 +445,9 @@ class NotificationOutbox:
                 try:
                     notifier.send(notification)
                 except Exception as exc:
-                    self._failed(item.id, item.attempts + 1, item.created_at, notifier.name, notification, exc)
+                    # A dropped head lets the notifier's next notification go in this same pass.
+                    progress |= self._failed(item.id, item.attempts + 1, item.created_at, notifier.name,
+                                             notification, exc)
                     continue
                 self.store.outbox_done(item.id)
                 metrics.MONITOR_NOTIFICATIONS.labels(notifier.name, "sent").inc()
@@ -321,25 +458,39 @@ class NotificationOutbox:
         return sent
 
     def _failed(self, item_id: int, attempts: int, created_at: float, notifier: str,
-                notification: Notification, exc: Exception) -> None:
+                notification: Notification, exc: Exception) -> bool:
+        """Record a failed attempt: dropped (returns True) when refused for good or too old, else
+        scheduled for a retry."""
         # Notifiers scrub their own errors; anything else is a bug whose text might quote a secret.
         error = str(exc) if isinstance(exc, NotificationError) else f"{type(exc).__name__} (details not shown)"
         now = time.time()
+        if isinstance(exc, NotificationError) and exc.permanent:
+            self._drop(item_id, notifier, notification, f"after attempt {attempts}: refused for good, retrying "
+                       f"cannot help ({error}); the notifications queued after it go out")
+            return True
         if now - created_at > self.settings.notify_give_up_h * 3600:
-            log.error("Dropping %s notification %r after %d failed attempts over %.1f h: %s",
-                      notifier, notification.subject, attempts, (now - created_at) / 3600, error)
-            self.store.outbox_done(item_id)
-            metrics.MONITOR_NOTIFICATIONS.labels(notifier, "dropped").inc()
-            return
+            self._drop(item_id, notifier, notification,
+                       f"after {attempts} failed attempts over {(now - created_at) / 3600:.1f} h: {error}")
+            return True
         delay = min(self.settings.notify_retry_initial_s * 2 ** (attempts - 1), self.settings.notify_retry_max_s)
-        log.warning("%s notification %r failed (attempt %d): %s; retrying in %.1f s",
-                    notifier, notification.subject, attempts, error, delay)
+        asked = ""
+        if isinstance(exc, NotificationError) and exc.retry_after is not None:
+            delay, asked = min(exc.retry_after, self.settings.notify_retry_max_s), " (the server's Retry-After)"
+        log.warning("%s notification %r failed (attempt %d): %s; retrying in %.1f s%s",
+                    notifier, notification.subject, attempts, error, delay, asked)
         self.store.outbox_retry(item_id, now + delay, error)
         metrics.MONITOR_NOTIFICATIONS.labels(notifier, "failed").inc()
+        return False
+
+    def _drop(self, item_id: int, notifier: str, notification: Notification, why: str) -> None:
+        """Give a notification up: an error in the log (and monitor_errors.log), the dropped counter."""
+        log.error("Dropping %s notification %r %s", notifier, notification.subject, why)
+        self.store.outbox_done(item_id)
+        metrics.MONITOR_NOTIFICATIONS.labels(notifier, "dropped").inc()
 
     async def run(self) -> None:
-        """Deliver until cancelled: whenever woken, and when the next retry is due."""
-        while True:
+        """Deliver until stop() (or cancelled): whenever woken, and when the next retry is due."""
+        while not self._stopping.is_set():
             self._wake.clear()
             try:
                 await asyncio.to_thread(self.deliver_due)
