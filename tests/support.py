@@ -173,10 +173,10 @@ def start_service(module: str, workdir: Path, env: Mapping[str, str], address: s
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "FASHION_LOG_STDOUT": "true", **env}
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{module.replace('.', '_')}.out"
-    out = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, "-m", module], cwd=workdir, env=full_env,
-                            stdout=out, stderr=subprocess.STDOUT,
-                            preexec_fn=drop_file_privileges if unprivileged else None)
+    with open(log_path, "ab") as out:  # the child has its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", module], cwd=workdir, env=full_env,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=drop_file_privileges if unprivileged else None)
     return ServiceProcess(proc, address, log_path, full_env)
 
 

@@ -231,12 +231,18 @@ def test_the_last_scheduled_run_missed_while_the_service_was_down_runs_at_start(
 
     earlier = 0
 
-    def start_and_stop(**extra: str) -> str:
-        """This start's output."""
+    def start_and_stop(catching_up: bool = False, **extra: str) -> str:
+        """This start's output, once its catch-up run (when `catching_up`) has ended and said so."""
         nonlocal earlier
+        before = len(scheduled()) if catching_up else 0
         batch = home.start(inference_server.address, FASHION_BATCH_SCHEDULE=monthly, **extra)
         try:
             _scheduled_runs_started(batch, earlier)
+            deadline = time.monotonic() + 60
+            while catching_up and not (len(scheduled()) > before and "✓ Batch completed" in "".join(
+                    p.read_text(encoding="utf-8") for p in (home.workdir / "logs").glob("batch_runner_*.log"))):
+                assert time.monotonic() < deadline, batch.output()
+                time.sleep(0.05)
             with BatchClient(batch.address) as client:
                 for job_id, _ in scheduled():
                     wait_for(client, job_id, lambda j: j.state == pb.JOB_STATE_SUCCEEDED)
@@ -255,7 +261,7 @@ def test_the_last_scheduled_run_missed_while_the_service_was_down_runs_at_start(
                "'processed_batches', 'move', 0, ?, ?, ?) RETURNING job_id", (before, before, before + 1))
     off = start_and_stop(FASHION_BATCH_CATCH_UP="false")
     assert len(scheduled()) == 1 and "did not happen" not in off, off
-    caught_up = start_and_stop()
+    caught_up = start_and_stop(catching_up=True)
     assert (f"The scheduled run due at {due:%Y-%m-%d %H:%M:%S} did not happen (the service was down): "
             "running it now") in caught_up
     jobs = scheduled()
