@@ -2,7 +2,12 @@
 SIGKILL the n-th time execution reaches `reached(<name>)`, exactly where a crash is hardest to
 recover from. Unset (production), a check is one dictionary lookup.
 
-Points: "planned" (destinations recorded, nothing moved yet), "linked" (a file linked to its
+FASHION_BATCH_STOP_AT=<name> instead stops the calling thread (SIGSTOP, the whole process in effect) each
+time it reaches that point, for a test to change the files at that exact moment and then resume it
+(SIGCONT): the races between a transfer and an uploader.
+
+Points: "planned" (destinations recorded, nothing moved yet), "staged" (a copy written to its staging
+file, not yet placed), "linked" (a file linked to its
 destination, not yet removed from its source: in two places), "copied" (a copy, in copy mode or
 across filesystems, linked to its destination; staging file and source not yet removed),
 "replanned" (a taken destination replaced by a new one in the record, not yet tried), "moved" (a
@@ -15,8 +20,10 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 _armed: dict[str, int] = {}
+_stop_at = os.environ.get("FASHION_BATCH_STOP_AT", "")
 _spec = os.environ.get("FASHION_BATCH_FAILPOINT", "")
 if _spec:
     _name, _, _count = _spec.partition(":")
@@ -24,6 +31,8 @@ if _spec:
 
 
 def reached(name: str) -> None:
+    if name == _stop_at:
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
     remaining = _armed.get(name)
     if remaining is None:
         return

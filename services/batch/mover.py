@@ -26,9 +26,7 @@ import enum
 import errno
 import os
 import re
-import signal
 import stat
-import threading
 from collections.abc import Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,9 +41,6 @@ FSYNC_THREADS = 16
 COPY_BLOCK = 1024 * 1024
 # errno values meaning "this filesystem has no hard links".
 _NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
-# Tests only: a step ("staged", "copied", "linked") at which this process stops itself (SIGSTOP) each time,
-# for a test to change the source at that exact moment, then resume it (SIGCONT). Unset in production.
-_STOP_AT = os.environ.get("FASHION_BATCH_STOP_AT", "")
 
 
 def category_folder(label: str) -> str:
@@ -124,7 +119,7 @@ class FileMover:
                 raise
             _rename_if_free(source, destination)
             return
-        _reached("linked")
+        failpoints.reached("linked")
         self._remove_source(source, destination, os.stat(destination.name, dir_fd=destination.folder,
                                                          follow_symlinks=False))
 
@@ -164,7 +159,7 @@ class FileMover:
                 raise OSError(errno.EINVAL, "no longer a regular file")
             try:
                 placed = self._write_staging(src, st, staging)
-                _reached("staged")
+                failpoints.reached("staged")
                 if _changed(st, os.fstat(src)):  # still being written: the copy would be cut or mixed
                     raise OSError(errno.EAGAIN, CHANGED_WHILE_COPIED)
                 try:
@@ -174,7 +169,7 @@ class FileMover:
                     if exc.errno not in _NO_LINKS:
                         raise
                     _rename_if_free(staging, destination)
-                _reached("copied")
+                failpoints.reached("copied")
             finally:
                 remove(staging)  # linked already, or a partial copy (no space left, ...)
         finally:
@@ -238,12 +233,6 @@ class FileMover:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
-
-
-def _reached(step: str) -> None:
-    failpoints.reached(step)
-    if step == _STOP_AT:
-        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)  # this thread stops before going on
 
 
 def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
