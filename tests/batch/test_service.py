@@ -74,7 +74,7 @@ def test_every_input_ends_in_exactly_one_place_with_the_seeds_reports(
 
     successful = [n for n, (_, _, folder) in expected.items() if folder != "_uncertain"]
     categories = collections.Counter(expected[n][0] for n in successful)
-    assert (job.total, job.processed, job.failed, job.skipped) == (42, 42, 2, 2)
+    assert (job.total, job.processed, job.failed, job.skipped) == (42, 42, 2, 3)  # sub/ is said, not sorted
     assert (job.successful, job.uncertain) == (len(successful), 40 - len(successful))
     assert dict(job.categories) == categories
     assert job.min_confidence == pytest.approx(0.3)
@@ -99,7 +99,8 @@ def test_every_input_ends_in_exactly_one_place_with_the_seeds_reports(
     assert {e["filename"] for e in summary["errors"]} == set(broken)  # type: ignore[union-attr]
     assert "not an image" in next(e["error"] for e in summary["errors"] if e["filename"] == "fake.jpg")  # type: ignore
     assert {s["filename"]: s["reason"] for s in summary["skipped_files"]} == {  # type: ignore[union-attr]
-        "notes.txt": "not an image (.txt)", "escape.png": "symbolic link (links are not followed)"}
+        "notes.txt": "not an image (.txt)", "escape.png": "symbolic link (links are not followed)",
+        "sub": "a folder (its images are sorted by a recursive run, --recursive)"}
 
     log = (batch_home.workdir / job.log_file).read_text(encoding="utf-8")
     for line in ("] BATCH PROCESSING STARTED\n", "] ✓ API is healthy and ready\n", "] Found 42 images to process\n",
@@ -127,7 +128,8 @@ def test_every_input_ends_in_exactly_one_place_with_the_seeds_reports(
     assert len(file_events) == len({f.filename for f in file_events}), "each file reported once"
     assert sorted(f.filename for f in file_events if f.status != "skipped") == sorted([*images, *broken])
     assert {f.filename: f.error for f in file_events if f.status == "skipped"} == {
-        "notes.txt": "not an image (.txt)", "escape.png": "symbolic link (links are not followed)"}
+        "notes.txt": "not an image (.txt)", "escape.png": "symbolic link (links are not followed)",
+        "sub": "a folder (its images are sorted by a recursive run, --recursive)"}
     by_name = {f.filename: f for f in file_events}
     assert by_name["fake.jpg"].status == "failed" and by_name["fake.jpg"].destination.endswith("_failed/fake.jpg")
     assert by_name["item_0000.png"].destination == f"processed_batches/{taken.parent.name}/item_0000_1.png"
