@@ -17,7 +17,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from services.batch import failpoints, reports
 from services.batch.classifying import ImageAnswer
@@ -41,6 +41,7 @@ from services.common.config import BatchSettings
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
+SYNC_BATCH = 64  # folders fsynced together at most: their duplicated descriptors are held until then
 
 
 class Untouchable(str):
@@ -72,28 +73,32 @@ class JobFiling:
 
     # --- reading -------------------------------------------------------------------------------------
 
-    def read(self, rows: list[FileRecord]) -> list[tuple[list[FileRecord], list[bytes | str]]]:
-        """The files' bytes (or why one cannot be read), in chunks of at most batch_chunk_size images and
-        batch_chunk_bytes bytes. Folders are opened afresh from the data root, links are not followed and
-        FIFOs not waited on: the tree may have changed since the scan."""
+    def read(self, rows: list[FileRecord]) -> Iterator[tuple[list[FileRecord], list[bytes | str]]]:
+        """The files' bytes (or why one cannot be read), in order, in chunks of at most batch_chunk_size images
+        and batch_chunk_bytes bytes. Lazily: a chunk is read only when asked for (the runner asks once the
+        last one is queued), so what a claim holds at once is bounded by the chunks in flight, not by the
+        claim. Folders are opened afresh from the data root for each chunk, links are not followed and FIFOs
+        not waited on: the tree may have changed since the scan."""
         limit = self.max_image_bytes
         chunk_bytes = min(self.settings.batch_chunk_bytes, limit)
-        chunks: list[tuple[list[FileRecord], list[bytes | str]]] = [([], [])]
-        size = 0
-        with OpenFolders(self.root) as folders:
-            for row in rows:
-                data = self._read_one(folders, row.source, limit)
-                n = len(data) if isinstance(data, bytes) else 0
-                if chunks[-1][0] and (len(chunks[-1][0]) >= self.settings.batch_chunk_size or size + n > chunk_bytes):
-                    chunks.append(([], []))
-                    size = 0
-                chunks[-1][0].append(row)
-                chunks[-1][1].append(data)
-                size += n
-        return chunks
+        pending = collections.deque(rows)
+        while pending:
+            chunk_rows: list[FileRecord] = []
+            chunk_data: list[bytes | str] = []
+            size = 0
+            with OpenFolders(self.root) as folders:  # closed before the chunk is handed over
+                while pending and len(chunk_rows) < self.settings.batch_chunk_size:
+                    data = self._read_one(folders, pending[0].source, limit, chunk_bytes - size if chunk_rows else None)
+                    if data is None:
+                        break  # it starts the next chunk
+                    chunk_rows.append(pending.popleft())
+                    chunk_data.append(data)
+                    size += len(data) if isinstance(data, bytes) else 0
+            yield chunk_rows, chunk_data
 
     @staticmethod
-    def _read_one(folders: OpenFolders, source: str, limit: int) -> bytes | str:
+    def _read_one(folders: OpenFolders, source: str, limit: int, room: int | None = None) -> bytes | str | None:
+        """The file's bytes, or why it cannot be read; None, unread, when it is larger than `room`."""
         try:
             entry = folders.entry(source)
         except FolderRefused as exc:
@@ -106,7 +111,14 @@ class JobFiling:
                     return "cannot read: not a regular file"
                 if st.st_size > limit:
                     return f"too large to classify: {st.st_size / MIB:.1f} MiB (limit {limit / MIB:.1f} MiB)"
-                return f.read()
+                if room is not None and st.st_size > room:
+                    return None
+                data = f.read(st.st_size + 1)
+                if len(data) > st.st_size:  # still growing: read on, never past the limit
+                    data += f.read(limit + 1 - len(data))
+                if len(data) > limit:
+                    return f"too large to classify: {len(data) / MIB:.1f} MiB or more (limit {limit / MIB:.1f} MiB)"
+                return data
         except OSError as exc:
             return f"cannot read: {'it is a symbolic link' if exc.errno == errno.ELOOP else exc.strerror or exc}"
 
@@ -129,7 +141,7 @@ class JobFiling:
             failpoints.reached("planned")
             rows = {row.seq: row for row, _ in decided}
             moved = [self._transfer(p, rows[p.seq], folders) for p in plans.values() if p.seq not in in_place]
-            self.mover.sync_folders(self._folders_touched(decided, moved, folders))
+            self._sync_reachable(folders, self._folders_touched(decided, moved))
         failpoints.reached("moved")
         now = time.time()
         done = {d.seq: d for d in [*moved, *in_place.values()]}
@@ -265,7 +277,7 @@ class JobFiling:
                 results.append(FileDone(row.seq, Outcome.FAILED, row.source,
                                         f"could not finish the transfer interrupted by a crash: {exc.strerror or exc}"))
         touched = {parent(d.destination) for d in results if d.destination} | {parent(r.source) for r in rows}
-        self.mover.sync_folders(_open_only(folders, touched))
+        self._sync_reachable(folders, touched)
         self.store.done(self.job.job_id, results)
         self.log.line("Recovered %d transfers interrupted by a crash", len(results))
 
@@ -298,12 +310,31 @@ class JobFiling:
         self.recovery_failures.append(reason)
         log.error("Job %s: could not finish the transfer of %s", self.job.job_id, reports.printable(reason))
 
-    def _folders_touched(self, decided: list[tuple[FileRecord, ImageAnswer]], moved: list[FileDone],
-                         folders: OpenFolders) -> list[int]:
+    def _folders_touched(self, decided: list[tuple[FileRecord, ImageAnswer]], moved: list[FileDone]) -> set[str]:
         touched = {parent(d.destination) for d in moved if d.destination}
         if not self.copy:
             touched |= {parent(row.source) for row, _ in decided}
-        return _open_only(folders, touched)
+        return touched
+
+    def _sync_reachable(self, folders: OpenFolders, rels: Iterable[str]) -> None:
+        """fsync the folders that can still be reached (the others were not touched), SYNC_BATCH at a time.
+        Each descriptor is duplicated as it is collected: OpenFolders closes one it returned once MAX_OPEN
+        other folders were opened (and the number is reused), and a group can touch more folders than that."""
+        if not self.mover.fsync:
+            return
+        batch: list[int] = []
+        try:
+            for rel in rels:
+                with contextlib.suppress(FolderRefused):
+                    batch.append(os.dup(folders.folder(rel)))
+                if len(batch) >= SYNC_BATCH:
+                    self.mover.sync_folders(batch)
+                    while batch:
+                        os.close(batch.pop())
+            self.mover.sync_folders(batch)
+        finally:
+            for fd in batch:
+                os.close(fd)
 
     def _report(self, decided: list[tuple[FileRecord, ImageAnswer]], plans: dict[int, FilePlan],
                 done: dict[int, FileDone], now: float) -> list[FileUpdate]:
@@ -352,12 +383,3 @@ class JobFiling:
 
 def joined_reasons(first: str, second: str) -> str:
     return f"{first}; {second}" if first else second
-
-
-def _open_only(folders: OpenFolders, rels: Iterable[str]) -> list[int]:
-    """Descriptors of the folders that can still be reached (the others were not touched)."""
-    fds = []
-    for rel in rels:
-        with contextlib.suppress(FolderRefused):
-            fds.append(folders.folder(rel))
-    return fds

@@ -443,7 +443,9 @@ class _JobRun:
             # A chunk's worth at a time: what one worker holds and has not sorted yet stays small, so that
             # workers sharing a job (replicas) split it evenly.
             while rows := await _io(self.store.claim_files, self.job.job_id, self.settings.batch_chunk_size):
-                for group, data in await _io(self.filing.read, rows):
+                chunks = self.filing.read(rows)  # read lazily, off the event loop: a chunk once the last is queued
+                while chunk := await _io(next, chunks, None):
+                    group, data = chunk
                     images = [d for d in data if isinstance(d, bytes)]
                     verdicts = asyncio.ensure_future(remote.classify(images)) if images else None
                     await out.put(_Chunk(group, data, verdicts))

@@ -67,11 +67,22 @@ class OpenFolders:
     def folder(self, rel: str, create: bool = False) -> int:
         """The descriptor of the folder `rel` (root-relative, posix), created when `create`.
         Raises FolderRefused naming the component that is a link, not a folder, or missing."""
-        fd = self._fds.pop(rel, None)
-        if fd is not None:
-            self._fds[rel] = fd  # the most recently used last
-            return fd
-        parent_fd = self.folder(parent(rel), create)
+        # From the nearest folder already open, down one component at a time: iteratively, since a
+        # tree may be nested deeper than Python's recursion limit.
+        missing: list[str] = []
+        current = rel
+        while (fd := self._fds.pop(current, None)) is None:
+            if current == ".":
+                raise ValueError("these folders were closed")
+            missing.append(current)
+            current = parent(current)
+        self._fds[current] = fd  # the most recently used last
+        for current in reversed(missing):
+            fd = self._open_child(fd, current, create)
+        return fd
+
+    def _open_child(self, parent_fd: int, rel: str, create: bool) -> int:
+        """Open (create when `create`) the folder `rel` in its parent's descriptor, and keep it."""
         name = basename(rel)
         if not name or name in (".", ".."):
             raise FolderRefused(errno.EINVAL, f"{self.root.display(rel)} is not a plain path under the data root")
@@ -87,7 +98,7 @@ class OpenFolders:
         except OSError as exc:
             raise FolderRefused(exc.errno, self._why(parent_fd, name, rel, exc)) from exc
         self._fds[rel] = fd
-        if len(self._fds) > MAX_OPEN:
+        if len(self._fds) > MAX_OPEN:  # never the parent just used: it is the most recent but one
             self.release(next(k for k in self._fds if k != "."))
         return fd
 
