@@ -420,10 +420,8 @@ class MonitorSettings(CommonSettings):
     def _valid_cron(cls, value: str) -> str:
         from croniter import croniter
 
-        # Five fields, as cron has them: croniter would read a sixth as seconds ("*/30 * * * * *": every
-        # second of minutes 0 and 30, sixty reports each time).
-        if value.strip() and (len(value.split()) != 5 or not croniter.is_valid(value.strip())):
-            raise ValueError(f"not a 5-field cron expression: {value!r} (e.g. \"0 9 * * *\" for daily at 09:00)")
+        if value.strip() and not croniter.is_valid(value.strip()):
+            raise ValueError(f"not a cron expression: {value!r} (e.g. \"0 9 * * *\" for daily at 09:00)")
         return value.strip()
 
     @field_validator("report_folders", "alert_disabled_rules", "smtp_to", mode="before")
