@@ -506,7 +506,8 @@ class NotificationOutbox:
 
 
 def _local(ts: float) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    """The local time with its zone: the people reading an alert may sit in another one."""
+    return datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def _duration(seconds: float) -> str:

@@ -3,6 +3,7 @@ email to a real SMTP server and Slack JSON to a real HTTP server, all on loopbac
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def test_api_down_fires_once_survives_a_monitor_restart_and_resolves(
         mail = smtp_inbox.messages[0]
         assert mail["To"] == "ops@fashion.example"
         assert f"Inference service at {inference.address} unreachable" in mail.get_content()
+        since = time.strftime("%Z", time.localtime(time.time()))
+        assert re.search(rf"Since: \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d {since}\s", mail.get_content()), \
+            mail.get_content()  # with its time zone: the reader may be in another
         assert len(webhook.posts) == 1
         post = webhook.posts[0]
         assert post["username"] == "Fashion Classifier Bot" and post["icon_emoji"] == ":robot_face:"
