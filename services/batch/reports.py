@@ -208,7 +208,8 @@ def prune_run_files(settings: BatchSettings, results_dir: Path) -> int:
     try:
         with ResultsFolder(results_dir, DataRoot(Path(settings.data_root))).opened(create=False) as folder:
             # Through the folder's descriptor: a results folder swapped for a link meanwhile is not followed.
-            return removed + prune_files(Path(f"/proc/self/fd/{folder}"), RUN_RESULT_PATTERNS, settings.retention_days)
+            return removed + prune_files(Path(f"/proc/self/fd/{folder}"), RUN_RESULT_PATTERNS, settings.retention_days,
+                                         shown=str(Path(results_dir) / RESULTS_SUBDIR))
     except OSError as exc:
         if exc.errno != errno.ENOENT:  # none yet: nothing to delete
             log.warning("Old results not deleted: %s", exc)

@@ -13,10 +13,12 @@ log = logging.getLogger(__name__)
 DAY_S = 86400.0
 
 
-def prune_files(folder: Path, patterns: Iterable[str], older_than_days: float, now: float | None = None) -> int:
+def prune_files(folder: Path, patterns: Iterable[str], older_than_days: float, now: float | None = None,
+                shown: str = "") -> int:
     """Delete the files of `folder` matching `patterns` whose last modification is more than `older_than_days`
     ago (0 keeps everything); returns how many were deleted. A file that cannot be deleted is logged and
-    left for the next sweep."""
+    left for the next sweep. The log names the folder `shown` when given (a descriptor's /proc path is not
+    what its readers know it by)."""
     if older_than_days <= 0 or not folder.is_dir():
         return 0
     before = (time.time() if now is None else now) - older_than_days * DAY_S
@@ -30,5 +32,5 @@ def prune_files(folder: Path, patterns: Iterable[str], older_than_days: float, n
             except OSError as exc:  # gone meanwhile, or not ours to delete
                 log.warning("Could not delete the old file %s: %s", path, exc)
     if removed:
-        log.info("Deleted %d files older than %g days from %s", removed, older_than_days, folder)
+        log.info("Deleted %d files older than %g days from %s", removed, older_than_days, shown or folder)
     return removed

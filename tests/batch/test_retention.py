@@ -47,6 +47,8 @@ def test_old_run_files_are_pruned_and_nothing_else(tmp_path: Path, inference_ser
     finally:
         svc.terminate()
     assert all(p.exists() for p in kept), [p for p in kept if not p.exists()]
+    # The log names the folders as configured, not as the descriptor the sweep went through.
+    assert "Deleted 2 files older than 30 days from results/batch_results" in svc.output(), svc.output()
 
 
 def test_retention_zero_keeps_everything(tmp_path: Path) -> None:
