@@ -216,3 +216,29 @@ def test_a_renewed_certificate_reaches_new_connections_without_a_restart_or_a_fa
     finally:
         stop.set()
         inference.terminate()
+
+
+def test_a_token_file_that_turns_into_non_text_keeps_the_last_tokens(tmp_path: Path, linear_model) -> None:
+    """A token file rewritten with bytes that are not UTF-8 (a wrong file, a half-written one) is treated as a
+    missing file is: the service keeps the tokens it last read and logs it once; it does not fail every call."""
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{OLD}\n")
+    inference = start_inference(tmp_path / "inference", linear_model[0], FASHION_AUTH_TOKEN_FILE=str(token_file))
+    try:
+        inference.wait_serving()
+        image = encode(fashion_images(1)[0][0])
+        with InferenceClient(ChannelOptions(inference.address, token=OLD, retries=1)) as client:
+            client.classify(image)
+            token_file.write_bytes(f"{OLD}\n".encode() + b"\xff\xfe\n")
+            for _ in range(3):
+                client.classify(image)  # UNKNOWN for every call before
+                time.sleep(RECHECK_S / 2)
+        with InferenceClient(ChannelOptions(inference.address, token="wrong", retries=1)) as wrong:
+            with pytest.raises(grpc.RpcError) as refused:
+                wrong.classify(image)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        inference.terminate()
+    assert inference.output().count(f"The token file {token_file} is not UTF-8 text") == 1, inference.output()
+    with pytest.raises(TokenFileError, match="is not UTF-8 text"):
+        TokenFile(token_file).tokens()

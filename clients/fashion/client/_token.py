@@ -11,11 +11,13 @@ and timestamp). A file briefly empty or missing while it is being replaced keeps
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from pathlib import Path
 
 RECHECK_S = 1.0
+log = logging.getLogger(__name__)
 
 
 class TokenFileError(ValueError):
@@ -30,6 +32,7 @@ class TokenFile:
         self._tokens: tuple[str, ...] = ()
         self._signature: tuple[int, ...] | None = None
         self._read_at = 0.0
+        self._refused: tuple[int, ...] | None = None  # the file version last refused (logged once)
 
     def tokens(self) -> tuple[str, ...]:
         """Every token listed, in order. Raises TokenFileError when none was ever read."""
@@ -41,6 +44,14 @@ class TokenFile:
         except OSError as exc:
             if not self._tokens:
                 raise TokenFileError(f"cannot read the token file {self.path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:  # a half-written or wrong file: like a missing one, keep the last tokens
+            if not self._tokens:
+                raise TokenFileError(f"the token file {self.path} is not UTF-8 text (byte {exc.start})") from exc
+            self._signature = signature  # read again when it changes (or at the next recheck), not at every call
+            if self._refused != signature:
+                self._refused = signature
+                log.error("The token file %s is not UTF-8 text (byte %d): the last tokens read stay in use",
+                          self.path, exc.start)
         if not self._tokens:
             raise TokenFileError(f"the token file {self.path} is empty")
         return self._tokens
@@ -50,6 +61,7 @@ class TokenFile:
         return self.tokens()[0]
 
     def _read(self, signature: tuple[int, ...]) -> None:
+        self._read_at = time.monotonic()
         text = self.path.read_text(encoding="utf-8")
         tokens = tuple(line.strip() for line in text.splitlines() if line.strip())
         self._read_at = time.monotonic()
