@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute, APIRouter
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.telemetry import TelemetryConfig
 from fastapi_offline import FastAPIOffline
@@ -98,12 +99,12 @@ def create_app(settings: GatewaySettings | None = None, trace_http: bool = False
                                      "health. Errors are JSON: {\"error\": {\"status\", \"code\", \"message\"}}.")
     errors.install(app)
     protected = [Depends(_token_check(tokens))] if tokens.enabled else []
-    app.include_router(routes.public)
-    app.include_router(routes.metrics, dependencies=[] if settings.metrics_public else protected)
-    app.include_router(routes.inference_router(settings), dependencies=protected)
-    app.include_router(routes.batch_router(), dependencies=protected)
-    app.include_router(routes.monitor_router(), dependencies=protected)
-    app.include_router(routes.open_inference_router(settings), dependencies=protected)
+    app.include_router(_with_head(routes.public))
+    app.include_router(_with_head(routes.metrics), dependencies=[] if settings.metrics_public else protected)
+    app.include_router(_with_head(routes.inference_router(settings)), dependencies=protected)
+    app.include_router(_with_head(routes.batch_router()), dependencies=protected)
+    app.include_router(_with_head(routes.monitor_router()), dependencies=protected)
+    app.include_router(_with_head(routes.open_inference_router(settings)), dependencies=protected)
     limits = {
         "/predict": Limit(settings.max_upload_bytes + MULTIPART_OVERHEAD, "max_upload_bytes",
                           settings.max_upload_bytes),
@@ -128,12 +129,22 @@ def create_app(settings: GatewaySettings | None = None, trace_http: bool = False
     return app
 
 
+def _with_head(router: APIRouter) -> APIRouter:
+    """`router`, with HEAD wherever it has GET (RFC 9110; uptime checkers probe /health so): the GET
+    handler runs and uvicorn sends its headers without the body. Left out of the OpenAPI document."""
+    for route in router.routes:
+        if isinstance(route, APIRoute) and "GET" in route.methods:
+            route.methods.add("HEAD")
+    return router
+
+
 def _openapi_without_422(app: FastAPI) -> dict[str, Any]:
     """FastAPI's document, less its 422 answers: invalid requests get a 400 with our error body
     (see errors.install), which every route documents already."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)  # builds and caches app.openapi_schema
         for operations in schema.get("paths", {}).values():
+            operations.pop("head", None)  # HEAD of every GET route: the GET operation documents it
             for operation in operations.values():
                 operation.get("responses", {}).pop("422", None)
         for name in ("HTTPValidationError", "ValidationError"):

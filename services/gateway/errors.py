@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DATA_LOSS: 500,
 }
 OPEN_INFERENCE_PREFIX = "/v2"
+MESSAGE_TOO_LARGE = "message larger than max"
+"""In gRPC's RESOURCE_EXHAUSTED details when a message is over a channel's size limit."""
 # HTTP statuses the gateway answers itself, and the code name its body carries.
 HTTP_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
               413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE", 500: "INTERNAL", 503: "UNAVAILABLE"}
@@ -92,7 +95,11 @@ def from_grpc(exc: grpc.RpcError, service: str = "", path: str = "") -> JSONResp
     status = HTTP_STATUS.get(code, 500)
     details = (exc.details() if isinstance(exc, grpc.Call | grpc.aio.AioRpcError) else None) or str(exc)
     message = details
-    if code == grpc.StatusCode.UNAVAILABLE and service:
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and MESSAGE_TOO_LARGE in details:
+        # A message over a channel's size limit: retrying cannot help (no 429 and Retry-After).
+        status = 413
+        message = f"{details}: a gRPC message is over FASHION_MAX_MESSAGE_BYTES; split the request into smaller ones"
+    elif code == grpc.StatusCode.UNAVAILABLE and service:
         message = f"{service} service unavailable: {details}"
     elif status == 502:
         message = f"the {service or 'backend'} service refused the gateway's credentials: {details}"
@@ -134,11 +141,42 @@ def response_for(exc: Exception, method: str, path: str) -> JSONResponse:
     return error_response(500, "INTERNAL", f"internal error ({type(exc).__name__})", path=path)
 
 
+class UnhandledErrors:
+    """ASGI middleware answering any exception a route raises with the JSON 500 body, logged once.
+
+    Starlette's own handler for Exception (ServerErrorMiddleware) re-raises after answering, so that
+    uvicorn logs the traceback a second time; this one, inside it, does not re-raise."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise  # too late for an error body; the server closes the connection
+            await response_for(exc, scope["method"], scope["path"])(scope, receive, send)
+
+
 def install(app: FastAPI) -> None:
-    """Register the handlers that turn every failure into the JSON error body."""
+    """Register the handlers that turn every failure into the JSON error body. Call it before adding
+    other middleware: UnhandledErrors is then the innermost."""
 
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         return response_for(exc, request.method, request.url.path)
 
     for kind in (grpc.aio.AioRpcError, ApiError, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(kind, handle)
+    app.add_middleware(UnhandledErrors)

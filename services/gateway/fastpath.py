@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 from types import SimpleNamespace
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qsl
+
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError
 
 from services.common.security import TokenSource
 from services.gateway import errors, routes
@@ -62,7 +64,9 @@ class PredictFastPath:
 
 
 def _top_k(query: bytes) -> int:
-    """The route's `top_k` query parameter, by its rule (an integer, 0 to TOP_K_MAX, 0 by default)."""
+    """The route's `top_k` query parameter, by its rule (an integer, 0 to TOP_K_MAX, 0 by default),
+    checked by the route's rule (routes.ascii_digits) and parsed by pydantic as the route's is, so
+    both accept and refuse the same values."""
     value = None
     for name, v in parse_qsl(query.decode("latin-1")):
         if name == "top_k":
@@ -70,12 +74,13 @@ def _top_k(query: bytes) -> int:
     if value is None:
         return 0
     try:
-        top_k = int(value)
-    except ValueError:
-        raise errors.ApiError(400, "top_k: Input should be a valid integer") from None
-    if not 0 <= top_k <= routes.TOP_K_MAX:
-        raise errors.ApiError(400, f"top_k: Input should be between 0 and {routes.TOP_K_MAX}")
-    return top_k
+        return _TOP_K.validate_python(value)
+    except ValidationError as exc:
+        raise errors.ApiError(400, "; ".join(f"top_k: {e['msg']}" for e in exc.errors())) from None
+
+
+_TOP_K: TypeAdapter[int] = TypeAdapter(Annotated[int, BeforeValidator(routes.ascii_digits),
+                                                  Field(ge=0, le=routes.TOP_K_MAX)])
 
 
 async def _body(receive: Receive) -> bytes | None:

@@ -28,6 +28,7 @@ BINARY_DATA = "binary_data"
 BINARY_DATA_OUTPUT = "binary_data_output"
 REST_EXTENSIONS = ("binary_tensor_data",)
 """Extensions the REST side adds to those of the Inference service."""
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # the range of a shape dimension (int64 in the gRPC message)
 
 
 class BodyTooLarge(ValueError):
@@ -61,17 +62,44 @@ def decompressed(body: bytes, encoding: str | None, limit: int) -> bytes:
         raise BodyTooLarge(f"the request body inflates to over the limit of {limit} bytes")
     if not inflater.eof:
         raise TensorError(f"the {encoding} body is truncated")
+    if inflater.unused_data:
+        # Concatenated gzip members or trailing garbage: refused rather than silently dropped.
+        raise TensorError(f"the {encoding} body has {len(inflater.unused_data)} bytes after the end of its "
+                          f"compressed data; send one {encoding} stream")
     return out
 
 
 def compressed(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
-    """`body` compressed as the client accepts (gzip before deflate), and its Content-Encoding."""
-    accepted = {part.split(";")[0].strip().lower() for part in (accept_encoding or "").split(",")}
-    if "gzip" in accepted:
+    """`body` compressed as the client accepts (the higher q-value; gzip before deflate at equal ones;
+    q=0: not acceptable), and its Content-Encoding."""
+    weights = accepted_encodings(accept_encoding)
+    wildcard = weights.get("*", 0.0)
+    gzip_q, deflate_q = weights.get("gzip", wildcard), weights.get("deflate", wildcard)
+    if gzip_q > 0 and gzip_q >= deflate_q:
         return gzip.compress(body, compresslevel=1), "gzip"
-    if "deflate" in accepted:
+    if deflate_q > 0:
         return zlib.compress(body, 1), "deflate"
     return body, None
+
+
+def accepted_encodings(accept_encoding: str | None) -> dict[str, float]:
+    """Accept-Encoding as {coding: q-value} (RFC 9110 12.5.3); an unreadable q-value counts as 0."""
+    weights: dict[str, float] = {}
+    for part in (accept_encoding or "").split(","):
+        coding, *params = (p.strip() for p in part.split(";"))
+        if not coding:
+            continue
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+                q = q if 0.0 <= q <= 1.0 else 0.0  # also refuses nan
+        weights[coding.lower()] = q
+    return weights
 
 
 def infer_request(model: str, version: str, body: bytes,
@@ -89,6 +117,8 @@ def infer_request(model: str, version: str, body: bytes,
         header = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise TensorError(f"the inference request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise TensorError("the inference request's JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise TensorError("the inference request must be a JSON object")
     request = pb.ModelInferRequest(model_name=model, model_version=version, id=_string(header, "id"))
@@ -102,11 +132,13 @@ def infer_request(model: str, version: str, body: bytes,
     for i, tensor in enumerate(inputs):
         if not isinstance(tensor, dict):
             raise TensorError(f"inputs[{i}] must be a JSON object")
-        name = _string(tensor, "name") or f"inputs[{i}]"
-        datatype = _string(tensor, "datatype")
+        name = _string(tensor, "name", f"inputs[{i}]'s ") or f"inputs[{i}]"
+        datatype = _string(tensor, "datatype", f"input {name!r}'s ")
         shape = tensor.get("shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise TensorError(f"input {name!r} needs `shape`: an array of integers")
+        if not all(INT64_MIN <= d <= INT64_MAX for d in shape):
+            raise TensorError(f"input {name!r} has shape {shape}: dimensions must fit in a 64-bit integer")
         tensor_parameters = _object(tensor, "parameters", f"input {name!r}")
         size = tensor_parameters.pop(BINARY_DATA_SIZE, None)
         entry = request.inputs.add(name=name, datatype=datatype, shape=shape)
@@ -123,7 +155,11 @@ def infer_request(model: str, version: str, body: bytes,
             request.raw_input_contents.append(binary[offset: offset + size])
             offset += size
         elif "data" in tensor:
-            request.raw_input_contents.append(tensors.from_json(name, datatype, shape, tensor["data"]))
+            try:
+                request.raw_input_contents.append(tensors.from_json(name, datatype, shape, tensor["data"]))
+            except UnicodeEncodeError:
+                raise TensorError(f"input {name!r}: BYTES `data` holds a string that is not valid Unicode "
+                                  "(a lone surrogate)") from None
         else:
             raise TensorError(f"input {name!r} has neither `data` nor parameters.{BINARY_DATA_SIZE}")
     if offset != len(binary):
@@ -135,7 +171,7 @@ def infer_request(model: str, version: str, body: bytes,
     for i, output in enumerate(requested):
         if not isinstance(output, dict):
             raise TensorError(f"outputs[{i}] must be a JSON object")
-        name = _string(output, "name")
+        name = _string(output, "name", f"outputs[{i}]'s ")
         output_parameters = _object(output, "parameters", f"output {name!r}")
         if BINARY_DATA in output_parameters:
             outputs.by_name[name] = _flag(output_parameters.pop(BINARY_DATA), BINARY_DATA)
@@ -171,10 +207,20 @@ def infer_response(response: pb.ModelInferResponse, binary: BinaryOutputs) -> tu
     return b"".join([header, *data]), len(header)
 
 
-def _string(obj: dict[str, Any], key: str) -> str:
+def _string(obj: dict[str, Any], key: str, owner: str = "") -> str:
     value = obj.get(key, "")
     if not isinstance(value, str):
-        raise TensorError(f"`{key}` must be a string, not {value!r}")
+        raise TensorError(f"{owner}`{key}` must be a string, not {value!r}")
+    return _text(value, f"{owner}`{key}`")
+
+
+def _text(value: str, what: str) -> str:
+    """`value`, if protobuf can carry it: JSON's \\ud800 escapes decode to lone surrogates, which
+    are not valid UTF-8 and which protobuf's string fields refuse."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise TensorError(f"{what} is not valid Unicode text (it holds a lone surrogate): {value!r}") from None
     return value
 
 
@@ -193,4 +239,7 @@ def _flag(value: Any, name: str) -> bool:
 
 def _copy_parameters(parameters: dict[str, Any], into: Any) -> None:
     for name, value in parameters.items():
+        _text(name, f"parameter name {name!r}")
+        if isinstance(value, str):
+            _text(value, f"parameter {name!r}")
         into[name].CopyFrom(pb.InferParameter(**tensors.parameter_fields(name, value)))

@@ -12,6 +12,7 @@ import grpc
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import BeforeValidator
 
 from fashion.client import AsyncInferenceClient, AsyncKServeClient
 from fashion.client.batch import AsyncBatchClient
@@ -43,7 +44,18 @@ log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 5.0
 TOP_K_MAX = 1000
-TopK = Annotated[int, Query(ge=0, le=TOP_K_MAX, description="categories returned per image; 0: 3")]
+
+
+def ascii_digits(value: object) -> object:
+    """top_k's rule before it is an int: ASCII digits only (int() and pydantic would also take '１',
+    '+5', ' 5', '1_0', '5.0'); the /predict fast path applies the same rule."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError(f"must be a whole number in ASCII digits, 0 to {TOP_K_MAX}")
+    return value
+
+
+TopK = Annotated[int, BeforeValidator(ascii_digits),
+                 Query(ge=0, le=TOP_K_MAX, description="categories returned per image; 0: 3")]
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 413, 429, 502, 503, 504)}
 Job = schema(batch_pb2.Job.DESCRIPTOR)
 JobList = schema(batch_pb2.ListJobsResponse.DESCRIPTOR)
@@ -371,10 +383,28 @@ async def _infer(request: Request, name: str, version: str, header_length: int |
         raise ApiError(413, str(exc)) from None
     except TensorError as exc:
         raise ApiError(400, str(exc)) from None
-    payload, json_length = openinference.infer_response(await kserve(request).model_infer(infer), binary)
+    client = kserve(request)
+    _refuse_oversized(infer, client.options.max_message_bytes)
+    payload, json_length = openinference.infer_response(await client.model_infer(infer), binary)
     payload, encoding = openinference.compressed(payload, headers.get("accept-encoding"))
     answer_headers = {} if encoding is None else {"Content-Encoding": encoding}
     if json_length is None:
         return Response(payload, media_type="application/json", headers=answer_headers)
     answer_headers["Inference-Header-Content-Length"] = str(json_length)
     return Response(payload, media_type="application/octet-stream", headers=answer_headers)
+
+
+def _refuse_oversized(infer: kserve_pb.ModelInferRequest, max_message_bytes: int) -> None:
+    """413 for a request the gRPC channel would refuse to send (RESOURCE_EXHAUSTED, which is no
+    reason to retry): JSON `data` takes fewer bytes than the raw tensor data it becomes."""
+    size = infer.ByteSize()
+    if size <= max_message_bytes:
+        return
+    advice = "send fewer images per request"
+    batch = infer.inputs[0].shape[0] if infer.inputs and infer.inputs[0].shape else 0
+    if batch > 1:
+        # How many images fit under the limit at this request's bytes per image.
+        fitting = max(1, max_message_bytes * batch // size)
+        advice = f"split its {batch} images into requests of at most {fitting}"
+    raise ApiError(413, f"the inference request is {size} bytes as a gRPC message, over the Inference channel's "
+                        f"limit of {max_message_bytes} bytes (FASHION_MAX_MESSAGE_BYTES); {advice}")
