@@ -184,7 +184,8 @@ class InferenceSettings(CommonSettings):
     max_delay_ms: float = 0.0
     """How long the oldest queued image may wait for a fuller batch (0: run when the engine is free)."""
     max_queue_size: int = 4096
-    """Images waiting for the engine beyond which new calls get RESOURCE_EXHAUSTED."""
+    """Images waiting for the engine beyond which new calls get RESOURCE_EXHAUSTED (HTTP 429); one request
+    of more images than this gets INVALID_ARGUMENT (HTTP 400), since waiting would never make it fit."""
     intra_op_threads: int = 0
     """ONNX Runtime intra-op threads of each Inference server process (0: its share of the CPUs the
     service may use: its container's CPU limit rounded up, else the CPUs it may run on, else the

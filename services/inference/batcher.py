@@ -72,12 +72,21 @@ class Workers(Protocol):
     async def run(self, items: Sequence[Item]) -> Decoded: ...
 
 
-class QueueFull(RuntimeError):
+class Refused(Exception):
+    """A request turned away before any work was done on it (nothing decoded, nothing run)."""
+
+
+class QueueFull(Refused, RuntimeError):
     """More images are waiting than max_queue_size allows."""
 
 
-class BatcherClosed(RuntimeError):
+class BatcherClosed(Refused, RuntimeError):
     """The batcher is stopping and takes no new work."""
+
+
+class RequestTooLarge(Refused, ValueError):
+    """One request has more images (rows) than max_queue_size: it could never be queued, however idle
+    the server, so it is the request's fault (INVALID_ARGUMENT), not the server's load (QueueFull)."""
 
 
 @dataclass(frozen=True)
@@ -224,6 +233,10 @@ class DynamicBatcher:
     def _admit(self, n: int) -> None:
         if self._closing:
             raise BatcherClosed("the inference engine is shutting down")
+        if n > self.max_queue_size:
+            raise RequestTooLarge(f"request has {n} images; at most {self.max_queue_size} (the server's "
+                                  f"max_queue_size) fit in one request: split it into requests of at most "
+                                  f"{self.max_queue_size} images")
         if self._queued_rows + n > self.max_queue_size:
             raise QueueFull(f"server overloaded: {self._queued_rows} images already waiting "
                             f"(max_queue_size {self.max_queue_size})")

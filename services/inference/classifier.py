@@ -20,7 +20,7 @@ from opentelemetry import trace
 
 from services.common import metrics, tracing
 from services.common.config import InferenceSettings
-from services.inference.batcher import IN_FLIGHT, BatchTiming, DynamicBatcher
+from services.inference.batcher import IN_FLIGHT, BatchTiming, DynamicBatcher, Refused
 from services.inference.cpus import process_cpus, server_processes
 from services.inference.engine import CPU, OnnxModel, choose_providers
 from services.inference.imaging import ImageRejected, Preprocessor
@@ -231,7 +231,7 @@ class Classifier:
         """One encoded image. Raises ImageRejected, ModelNotReady or QueueFull."""
         batcher = self._require()
         start = time.perf_counter()
-        ok = False
+        ok = refused = False
         try:
             probs, timing = await batcher.submit_encoded(image)
             _record_batch_spans(timing)
@@ -240,8 +240,12 @@ class Classifier:
             ok = True
             self.statistics.record_success(start, timing, 1)
             return result
+        except Refused:
+            refused = True
+            raise
         finally:
-            self.stats.record(int(ok), int(not ok), time.perf_counter() - start)
+            images = 0 if refused else 1  # a refused image was never processed: not a failed prediction
+            self.stats.record(int(ok), images - int(ok), time.perf_counter() - start)
             if not ok:
                 self.statistics.record_failure(start)
 
@@ -256,7 +260,7 @@ class Classifier:
         batcher = self._require()
         start = time.perf_counter()
         results: list[Classification | ImageRejected] = []
-        answered = False
+        answered = refused = False
         try:
             outcomes, timing = await batcher.submit_encoded_many(images)
             latency_ms = (time.perf_counter() - start) * 1000
@@ -274,9 +278,13 @@ class Classifier:
             answered = True
             self.statistics.record_success(start, timing, len(good), requests)
             return results
+        except Refused:
+            refused = True
+            raise
         finally:
             succeeded = sum(isinstance(r, Classification) for r in results)
-            self.stats.record(succeeded, len(images) - succeeded, time.perf_counter() - start, requests)
+            processed = 0 if refused else len(images)  # refused images were never processed: not failures
+            self.stats.record(succeeded, processed - succeeded, time.perf_counter() - start, requests)
             if not answered:
                 self.statistics.record_failure(start, requests)
 
@@ -287,7 +295,7 @@ class Classifier:
         assert self.manifest is not None
         start = time.perf_counter()
         received_at = received_at or start
-        ok = False
+        ok = refused = False
         try:
             if x.ndim != 4 or tuple(x.shape[1:]) != self.manifest.input_shape or x.shape[0] < 1:
                 raise TensorRejected(
@@ -298,8 +306,11 @@ class Classifier:
             ok = True
             self.statistics.record_success(received_at, timing, len(x))
             return probs
+        except Refused:
+            refused = True
+            raise
         finally:
-            n = len(x) if x.ndim else 1
+            n = 0 if refused else len(x) if x.ndim else 1  # refused rows were never processed: not failures
             self.stats.record(n if ok else 0, 0 if ok else n, time.perf_counter() - start)
             if not ok:
                 self.statistics.record_failure(received_at)
@@ -311,7 +322,7 @@ class Classifier:
         batcher = self._require()
         start = time.perf_counter()
         received_at = received_at or start
-        ok = False
+        ok = refused = False
         try:
             if not images:
                 raise ImageRejected("no images: the tensor has 0 elements")
@@ -332,8 +343,12 @@ class Classifier:
             ok = True
             self.statistics.record_success(received_at, timing, len(images))
             return probs
+        except Refused:
+            refused = True
+            raise
         finally:
-            self.stats.record(len(images) if ok else 0, 0 if ok else len(images), time.perf_counter() - start)
+            n = 0 if refused else len(images)  # refused images were never processed: not failures
+            self.stats.record(n if ok else 0, 0 if ok else n, time.perf_counter() - start)
             if not ok:
                 self.statistics.record_failure(received_at)
 

@@ -145,6 +145,9 @@ class OpenInferenceModel:
                 return self._levels[0].take(data)
             channels = [self._levels[c].take(np.take(data, c, self._channel_axis)) for c in range(len(self._levels))]
             return np.stack(channels, self._channel_axis)
+        if data.dtype.kind == "f" and not np.isfinite(data).all():  # every float form, normalized too
+            raise TensorError(f"input {spec.name!r} has non-finite values (NaN or infinity); it takes finite "
+                              "numbers only")
         if normalized:
             return np.ascontiguousarray(data, np.float32)
         low, high = float(data.min()), float(data.max())

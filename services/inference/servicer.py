@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import os
 import socket
 import time
@@ -14,7 +13,7 @@ import grpc
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
 from services.common.server import ErrorStatuses
-from services.inference.batcher import BatcherClosed, QueueFull
+from services.inference.batcher import BatcherClosed, QueueFull, RequestTooLarge
 from services.inference.classifier import Classification, Classifier, ModelNotReady, TensorRejected
 from services.inference.imaging import ImageRejected
 from services.inference.processes import PARENT_PID_ENV, is_child
@@ -25,7 +24,7 @@ STREAM_GROUPS_IN_FLIGHT = 3  # a group forming while earlier ones are classified
 
 
 ERROR_CODES: dict[type[Exception] | tuple[type[Exception], ...], grpc.StatusCode] = {
-    (ImageRejected, TensorRejected): grpc.StatusCode.INVALID_ARGUMENT,
+    (ImageRejected, TensorRejected, RequestTooLarge): grpc.StatusCode.INVALID_ARGUMENT,
     (ModelNotReady, BatcherClosed): grpc.StatusCode.UNAVAILABLE,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
@@ -68,6 +67,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def ClassifyBatch(self, request: pb.ClassifyBatchRequest,
                             context: grpc.aio.ServicerContext) -> pb.ClassifyBatchResponse:
         images = request.images
+        if not images:  # "one result per image": nothing to answer, and most likely a client's mistake
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ClassifyBatch request has no images: "
+                                                                  "send at least one in `images`")
         top_ks = [img.top_k or request.top_k for img in images]
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -84,36 +86,38 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyResponse]:
         """Responses in request order. Messages that arrive while a group is being classified
-        form the next group, so a busy stream is batched without waiting for anything."""
-        buffered: collections.deque[pb.ClassifyRequest] = collections.deque()
-        arrived = asyncio.Event()
-        done = False
+        form the next group, so a busy stream is batched without waiting for anything. Reading stays at
+        most STREAM_GROUP * STREAM_GROUPS_IN_FLIGHT messages ahead of dispatch, so a client that sends
+        without reading the replies is held back by gRPC flow control instead of filling this process."""
+        received: asyncio.Queue[pb.ClassifyRequest | None] = asyncio.Queue(STREAM_GROUP * STREAM_GROUPS_IN_FLIGHT)
         groups: asyncio.Queue[tuple[list[pb.ClassifyRequest], asyncio.Task] | None] = asyncio.Queue(
             STREAM_GROUPS_IN_FLIGHT)
 
         async def read() -> None:
-            nonlocal done
             try:
                 async for req in request_iterator:
-                    buffered.append(req)
-                    arrived.set()
-            finally:
-                done = True
-                arrived.set()
+                    await received.put(req)
+            except Exception:
+                await received.put(None)  # a broken request stream: answer what came, then end with its error
+                raise
+            await received.put(None)  # the end of the stream
 
         async def dispatch() -> None:
-            while True:
-                if not buffered:
-                    if done:
-                        await groups.put(None)
-                        return
-                    arrived.clear()
-                    await arrived.wait()
-                    continue
-                group = [buffered.popleft() for _ in range(min(STREAM_GROUP, len(buffered)))]
+            ended = False
+            while not ended:
+                first = await received.get()
+                if first is None:
+                    break
+                group = [first]
+                while len(group) < STREAM_GROUP and not received.empty():  # whatever else has arrived
+                    if (req := received.get_nowait()) is None:
+                        ended = True
+                        break
+                    group.append(req)
                 task = asyncio.ensure_future(self._classifier.classify_many(
                     [r.image for r in group], [r.top_k for r in group], requests=len(group)))
                 await groups.put((group, task))
+            await groups.put(None)
 
         reader = asyncio.ensure_future(read())
         dispatcher = asyncio.ensure_future(dispatch())
