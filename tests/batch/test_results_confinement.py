@@ -37,16 +37,22 @@ def outside_folder(home: BatchHome) -> Path:
     return outside
 
 
+def link_outside(home: BatchHome, swapped: str) -> tuple[Path, dict[str, str]]:
+    """The folder `swapped` (under the data root) made a link to outside_folder(); that folder and what it
+    holds, to compare with afterwards."""
+    outside = outside_folder(home)
+    link = home.data / swapped
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(outside, target_is_directory=True)
+    return outside, contents(outside)
+
+
 @pytest.mark.parametrize("swapped", ["results", "results/batch_results"])
 def test_a_results_folder_swapped_for_a_link_is_refused_and_nothing_is_written_outside(
         tmp_path: Path, jobs_database: str | None, inference_server: ServiceProcess, swapped: str) -> None:
     home = BatchHome(tmp_path, jobs_database)
     images = write_images(home.data / "inbox", 4)
-    outside = outside_folder(home)
-    before = contents(outside)
-    link = home.data / swapped
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(outside, target_is_directory=True)
+    outside, before = link_outside(home, swapped)
 
     run = fashion_run(home, inference_server.address)
 
@@ -56,7 +62,7 @@ def test_a_results_folder_swapped_for_a_link_is_refused_and_nothing_is_written_o
              f"data/{swapped} is now a symbolic link (links are not followed)"
     assert reason in " ".join(run.stdout.split()), run.stdout  # the table wraps long lines
     assert contents(outside) == before  # nothing written, nothing created through the link
-    assert link.is_symlink()
+    assert (home.data / swapped).is_symlink()
     assert sorted(files_under(home.output)) == sorted(images)  # the images themselves were sorted
     state, error = home.query("SELECT state, error FROM jobs")[0]
     assert state == "failed" and reason.removeprefix("could not write the job's results: ") in error
@@ -117,11 +123,7 @@ def test_a_jobs_database_folder_swapped_for_a_link_is_refused_and_nothing_is_cre
         tmp_path: Path, inference_server: ServiceProcess, swapped: str) -> None:
     home = BatchHome(tmp_path)  # the SQLite file under the data root
     images = write_images(home.data / "inbox", 3)
-    outside = outside_folder(home)
-    before = contents(outside)
-    link = home.data / swapped
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to(outside, target_is_directory=True)
+    outside, before = link_outside(home, swapped)
 
     run = fashion_run(home, inference_server.address)
 
