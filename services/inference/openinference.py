@@ -128,6 +128,8 @@ class OpenInferenceModel:
         if shape[0] < 1:
             raise TensorError(f"input {spec.name!r} has shape {shape}: no images")
         if request.raw_input_contents:
+            if tensor.HasField("contents"):  # which one would be meant? Triton refuses it too
+                raise TensorError(f"input {spec.name!r} has both contents and raw_input_contents: send one")
             if len(request.raw_input_contents) != 1:
                 raise TensorError(f"{len(request.raw_input_contents)} raw_input_contents for 1 input")
             data = tensors.from_raw(spec.name, spec.datatype, shape, request.raw_input_contents[0])

@@ -161,3 +161,20 @@ def test_non_finite_fp32_is_invalid_argument(inference_server, bad: float, norma
         assert client.infer("linear-test", [good]).as_numpy("probabilities").shape == (1, 10)  # still serving
     finally:
         client.close()
+
+
+def test_contents_and_raw_input_contents_together_are_invalid_argument(inference_server) -> None:
+    """Both forms of one input's data in one request: which is meant cannot be told (Triton refuses it too)."""
+    service = pytest.importorskip("tritonclient.grpc")
+    request = service.service_pb2.ModelInferRequest(model_name="linear-test")
+    tensor = request.inputs.add(name="image", datatype="UINT8", shape=[1, 1, 28, 28])
+    tensor.contents.uint_contents.extend([7] * 784)
+    request.raw_input_contents.append(bytes(784))
+    with grpc.insecure_channel(inference_server.address) as channel:
+        stub = service.service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "input 'image' has both contents and raw_input_contents: send one"
+        request.inputs[0].ClearField("contents")
+        assert stub.ModelInfer(request, timeout=30).outputs[0].name == "probabilities"  # one form: answered
