@@ -8,7 +8,6 @@ import email.policy
 import json
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from tests.support import ServiceProcess, free_port, start_service
+from tests.support import ServiceProcess, free_port, serving, start_service
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str,
@@ -121,13 +120,8 @@ def webhook() -> Iterator[WebhookReceiver]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     receiver = WebhookReceiver(server, [], [], [])
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(server):
         yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="session")

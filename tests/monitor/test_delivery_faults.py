@@ -42,7 +42,7 @@ from tests.monitor.conftest import (
 from tests.monitor.test_alerting import QUIET
 from tests.monitor.test_cli import fashion
 from tests.monitor.test_notifiers import FIRED, email_settings
-from tests.support import free_port
+from tests.support import free_port, serving
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -107,13 +107,8 @@ def relay() -> Iterator[Relay]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     state = Relay(server, [], [])
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(server):
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def not_found_page(status: int = 404) -> Reply:
