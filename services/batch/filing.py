@@ -26,13 +26,14 @@ from services.batch.mover import (
     FAILED_FOLDER,
     UNCERTAIN_FOLDER,
     FileMover,
+    NotTheFileClassified,
     Resume,
     SourceNotRemovable,
     category_folder,
     unique_name,
 )
 from services.batch.paths import DataRoot
-from services.batch.records import FileDone, FilePlan, FileRecord, JobRecord, Outcome
+from services.batch.records import FileDone, FileIdentity, FilePlan, FileRecord, JobRecord, Outcome
 from services.batch.reports import RunFiles, RunLog
 from services.batch.store import DestinationTaken, JobStore
 from services.batch.tree import FolderRefused, OpenFolders, basename, join, lstat_or_none, parent
@@ -70,6 +71,8 @@ class JobFiling:
         """Why interrupted transfers could not be finished (their files are left in place)."""
         self.sorted_count = 0
         """Images this run sorted (recorded as done)."""
+        self._classified: dict[int, FileIdentity] = {}
+        """The file each row's bytes were read from (by seq), until the row is planned."""
 
     # --- reading -------------------------------------------------------------------------------------
 
@@ -88,39 +91,49 @@ class JobFiling:
             size = 0
             with OpenFolders(self.root) as folders:  # closed before the chunk is handed over
                 while pending and len(chunk_rows) < self.settings.batch_chunk_size:
-                    data = self._read_one(folders, pending[0].source, limit, chunk_bytes - size if chunk_rows else None)
+                    data, identity = self._read_one(folders, pending[0].source, limit,
+                                                    chunk_bytes - size if chunk_rows else None)
                     if data is None:
                         break  # it starts the next chunk
+                    if identity is not None:
+                        self._classified[pending[0].seq] = identity
                     chunk_rows.append(pending.popleft())
                     chunk_data.append(data)
                     size += len(data) if isinstance(data, bytes) else 0
             yield chunk_rows, chunk_data
 
     @staticmethod
-    def _read_one(folders: OpenFolders, source: str, limit: int, room: int | None = None) -> bytes | str | None:
-        """The file's bytes, or why it cannot be read; None, unread, when it is larger than `room`."""
+    def _read_one(folders: OpenFolders, source: str, limit: int, room: int | None = None
+                  ) -> tuple[bytes | str | None, FileIdentity | None]:
+        """The file's bytes, or why it cannot be read; None, unread, when it is larger than `room`. With them,
+        the file they were read from (None when it could not be opened): the verdict is about that file."""
         try:
             entry = folders.entry(source)
         except FolderRefused as exc:
-            return Untouchable(f"cannot read: {exc.strerror}")
+            return Untouchable(f"cannot read: {exc.strerror}"), None
         try:
             fd = os.open(entry.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=entry.folder)
+        except OSError as exc:
+            return f"cannot read: {'it is a symbolic link' if exc.errno == errno.ELOOP else exc.strerror or exc}", None
+        try:
             with open(fd, "rb") as f:
                 st = os.fstat(fd)
+                identity = FileIdentity.of(st)
                 if not stat.S_ISREG(st.st_mode):
-                    return "cannot read: not a regular file"
+                    return "cannot read: not a regular file", identity
                 if st.st_size > limit:
-                    return f"too large to classify: {st.st_size / MIB:.1f} MiB (limit {limit / MIB:.1f} MiB)"
+                    return f"too large to classify: {st.st_size / MIB:.1f} MiB (limit {limit / MIB:.1f} MiB)", identity
                 if room is not None and st.st_size > room:
-                    return None
+                    return None, None
                 data = f.read(st.st_size + 1)
                 if len(data) > st.st_size:  # still growing: read on, never past the limit
                     data += f.read(limit + 1 - len(data))
                 if len(data) > limit:
-                    return f"too large to classify: {len(data) / MIB:.1f} MiB or more (limit {limit / MIB:.1f} MiB)"
-                return data
+                    return (f"too large to classify: {len(data) / MIB:.1f} MiB or more (limit {limit / MIB:.1f} MiB)",
+                            identity)
+                return data, identity
         except OSError as exc:
-            return f"cannot read: {'it is a symbolic link' if exc.errno == errno.ELOOP else exc.strerror or exc}"
+            return f"cannot read: {exc.strerror or exc}", None
 
     # --- sorting ------------------------------------------------------------------------------------
 
@@ -182,13 +195,16 @@ class JobFiling:
                     taken = chosen[folder] = {basename(d) for d in reserved if parent(d) == folder}
                 name = unique_name(basename(row.source), existing, taken)
                 taken.add(name)
-                plans[row.seq] = FilePlan(row.seq, outcome, category, confidence, join(folder, name), v.error)
+                plans[row.seq] = FilePlan(row.seq, outcome, category, confidence, join(folder, name), v.error,
+                                          self._classified.get(row.seq))
             try:
                 self.store.plan(self.job.job_id, [p for p in plans.values() if p.seq not in in_place])
             except DestinationTaken:
                 continue  # another transfer reserved one of these names meanwhile: choose again
             for folder, names in chosen.items():
                 self._folder_names[folder] |= names
+            for seq in plans:
+                self._classified.pop(seq, None)
             return plans, in_place
         raise RuntimeError("could not reserve destinations: other jobs keep taking the same names")
 
@@ -216,7 +232,7 @@ class JobFiling:
         for _ in range(1000):
             try:
                 self.mover.transfer(folders.entry(row.source), folders.entry(destination, create=True),
-                                      self.copy, tag)
+                                      self.copy, tag, plan.classified)
                 return FileDone(plan.seq, plan.outcome, destination, plan.error)
             except FileExistsError:
                 pass
@@ -248,6 +264,8 @@ class JobFiling:
                 return FileDone(plan.seq, Outcome.FAILED, "", "the file disappeared before it could be moved")
         if isinstance(exc, FolderRefused):
             why = f"left untouched: {exc.strerror}"
+        elif isinstance(exc, NotTheFileClassified):
+            why = f"left for the next run: {exc.strerror}"
         elif isinstance(exc, SourceNotRemovable):
             why = f"cannot be moved: {exc.strerror} (its copy in {self.root.display(parent(destination))} was removed)"
         else:
@@ -283,7 +301,8 @@ class JobFiling:
 
     def _resume(self, row: FileRecord, folders: OpenFolders) -> FileDone:
         """One interrupted transfer finished from its record. Raises OSError when it cannot be."""
-        plan = FilePlan(row.seq, Outcome(row.outcome), row.category, row.confidence, row.destination, row.error)
+        plan = FilePlan(row.seq, Outcome(row.outcome), row.category, row.confidence, row.destination, row.error,
+                        FileIdentity.parse(row.classified))
         destination = folders.entry(row.destination, create=True)
         try:
             source = folders.entry(row.source)
@@ -296,7 +315,11 @@ class JobFiling:
             self._recovery_failed(row, exc)
             return FileDone(row.seq, plan.outcome, row.destination, joined_reasons(
                 row.error, f"{exc.strerror}: a copy may remain where that folder went"))
-        state = self.mover.complete(source, destination, self.copy, f"{self.job.job_id}-{row.seq}")
+        try:
+            state = self.mover.complete(source, destination, self.copy, f"{self.job.job_id}-{row.seq}",
+                                        plan.classified)
+        except NotTheFileClassified as exc:
+            return self._left_in_place(plan, row, row.destination, exc, folders)
         failpoints.reached("recovering")
         if state == Resume.DONE:
             return FileDone(row.seq, plan.outcome, row.destination, row.error)

@@ -12,12 +12,16 @@ If the source cannot be removed (a read-only or sticky folder, a read-only mount
 is removed again: a file is never left in two places. A source name is unlinked only while it
 still holds the file transferred: one re-uploaded over it meanwhile stays for the next run, and
 one that changed while it was copied (still being written) stays where it is, its stale copy
-removed. Copies keep the permission bits only, never setuid, setgid or sticky.
+removed. Copies keep the permission bits only, never setuid, setgid or sticky. Given the file that
+was classified (FileIdentity), only that file, unchanged, is transferred: a name that came to hold
+other bytes since the read (a re-upload, a rewrite) is left in place (NotTheFileClassified), so a
+verdict never files a picture it was not about.
 
 Every step leaves a state `complete()` can finish after a crash: given the recorded source,
 destination and staging name it tells whether the transfer happened (and removes the leftovers),
 must be redone, or whether the source vanished. It unlinks a source only when the destination is
-the same inode, reached without links.
+the same inode, reached without links, and never files under a verdict a file that is not the one
+classified.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Container, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 from services.batch import failpoints
+from services.batch.records import FileIdentity
 from services.batch.tree import Entry, lstat_or_none, remove
 
 UNCERTAIN_FOLDER = "_uncertain"
@@ -79,11 +84,19 @@ class Resume(enum.Enum):
 
 
 CHANGED_WHILE_COPIED = "it changed while it was being copied, maybe still being written"
+NOT_CLASSIFIED = "it was replaced or changed after it was classified (a new upload?)"
 
 
 class SourceNotRemovable(OSError):
     """The file reached its destination but its source could not be removed: the new copy was
     removed again and the file is where it was."""
+
+
+class NotTheFileClassified(OSError):
+    """The name holds other bytes than those classified: the file is left where it is, for the next run."""
+
+    def __init__(self) -> None:
+        super().__init__(errno.EAGAIN, NOT_CLASSIFIED)
 
 
 class FileMover:
@@ -97,12 +110,14 @@ class FileMover:
     def staging(destination: Entry, tag: str) -> Entry:
         return Entry(destination.folder, f".batch-{tag}.part")
 
-    def transfer(self, source: Entry, destination: Entry, copy: bool, tag: str) -> None:
-        """Move or copy `source` to `destination`. Raises FileExistsError when the destination
-        name is taken (pick another), SourceNotRemovable, OSError for the rest (source vanished,
-        no space, changed while copied, ...)."""
+    def transfer(self, source: Entry, destination: Entry, copy: bool, tag: str,
+                 classified: FileIdentity | None = None) -> None:
+        """Move or copy `source` to `destination`; with `classified`, only while the source is that file,
+        unchanged. Raises FileExistsError when the destination name is taken (pick another),
+        NotTheFileClassified, SourceNotRemovable, OSError for the rest (source vanished, no space, changed
+        while copied, ...)."""
         if copy:
-            self._copy(source, destination, tag)
+            self._copy(source, destination, tag, classified)
             return
         try:
             os.link(source.name, destination.name, src_dir_fd=source.folder, dst_dir_fd=destination.folder,
@@ -111,17 +126,24 @@ class FileMover:
             raise
         except OSError as exc:
             if exc.errno == errno.EXDEV:
-                copied, placed = self._copy(source, destination, tag)
+                copied, placed = self._copy(source, destination, tag, classified)
                 self.sync_folders([destination.folder])  # the copy is durable before the source goes
                 self._remove_source(source, destination, placed, copied)
                 return
             if exc.errno not in _NO_LINKS:
                 raise
+            if classified is not None and not _holds(source, classified):
+                raise NotTheFileClassified() from None
             _rename_if_free(source, destination)
             return
         failpoints.reached("linked")
-        self._remove_source(source, destination, os.stat(destination.name, dir_fd=destination.folder,
-                                                         follow_symlinks=False))
+        placed = os.stat(destination.name, dir_fd=destination.folder, follow_symlinks=False)
+        if classified is not None and not classified.unchanged_file(placed) and _same_inode_at(source, placed):
+            # Another file (or new bytes) was linked: undone while its source name still holds it, so it stays
+            # there. A name renamed over since is left (the linked file's only name may be the destination).
+            _remove_if_same(destination, placed)
+            raise NotTheFileClassified()
+        self._remove_source(source, destination, placed)
 
     @staticmethod
     def _remove_source(source: Entry, destination: Entry, placed: os.stat_result,
@@ -136,7 +158,7 @@ class FileMover:
             return  # removed by someone else meanwhile: the file is at its destination
         if not _same_inode(now, copied or placed):
             return  # another file has the name now: the one transferred is at the destination
-        if copied is not None and _changed(copied, now):
+        if copied is not None and FileIdentity.of(copied).changed(now):
             _remove_if_same(destination, placed)
             raise SourceNotRemovable(errno.EAGAIN, CHANGED_WHILE_COPIED)
         try:
@@ -147,9 +169,11 @@ class FileMover:
             _remove_if_same(destination, placed)  # never two copies: the file stays where it was
             raise SourceNotRemovable(exc.errno, exc.strerror) from exc
 
-    def _copy(self, source: Entry, destination: Entry, tag: str) -> tuple[os.stat_result, os.stat_result]:
+    def _copy(self, source: Entry, destination: Entry, tag: str,
+              classified: FileIdentity | None) -> tuple[os.stat_result, os.stat_result]:
         """Copy through a staging file; returns the source's status when the copy began and the copy's.
-        Raises OSError (EAGAIN) when the source changed while it was copied: no copy is left then."""
+        Raises OSError (EAGAIN) when the source changed while it was copied, NotTheFileClassified when it
+        is not the file classified: no copy is left then."""
         staging = self.staging(destination, tag)
         remove(staging)  # a partial copy from an interrupted attempt
         src = os.open(source.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=source.folder)
@@ -157,10 +181,12 @@ class FileMover:
             st = os.fstat(src)
             if not stat.S_ISREG(st.st_mode):  # copying would block on a FIFO or read a device
                 raise OSError(errno.EINVAL, "no longer a regular file")
+            if classified is not None and not classified.unchanged_file(st):
+                raise NotTheFileClassified()
             try:
                 placed = self._write_staging(src, st, staging)
                 failpoints.reached("staged")
-                if _changed(st, os.fstat(src)):  # still being written: the copy would be cut or mixed
+                if FileIdentity.of(st).changed(os.fstat(src)):  # still being written: the copy would be cut or mixed
                     raise OSError(errno.EAGAIN, CHANGED_WHILE_COPIED)
                 try:
                     os.link(staging.name, destination.name, src_dir_fd=staging.folder,
@@ -191,23 +217,38 @@ class FileMover:
         finally:
             os.close(dst)
 
-    def complete(self, source: Entry, destination: Entry, copy: bool, tag: str) -> Resume:
-        """Finish or diagnose a transfer recorded as started (after a crash). Raises
-        SourceNotRemovable (the destination's copy removed again) and OSError."""
+    def complete(self, source: Entry, destination: Entry, copy: bool, tag: str,
+                 classified: FileIdentity | None = None) -> Resume:
+        """Finish or diagnose a transfer recorded as started (after a crash); `classified`: the file the
+        verdict is about, None for rows of an earlier release. Raises NotTheFileClassified (nothing of it
+        left at the destination, the source left in place), SourceNotRemovable (the destination's copy
+        removed again) and OSError."""
         # A staging file is either already linked to the destination or an unfinished copy: drop it.
         remove(self.staging(destination, tag))
         at_source, at_destination = lstat_or_none(source), lstat_or_none(destination)
         if at_destination is None or not stat.S_ISREG(at_destination.st_mode):
             # Nothing there, or a link or folder someone put there: never followed, never ours.
             if at_source is not None:
-                return Resume.REDO
+                return Resume.REDO  # transfer() checks that it is the file classified
             return Resume.MISSING
         if at_source is None:
             return Resume.DONE
-        if (at_source.st_dev, at_source.st_ino) == (at_destination.st_dev, at_destination.st_ino):
-            if not copy:  # linked, but the source was not removed yet
+        if _same_inode(at_source, at_destination):  # linked, but the source was not removed yet
+            if classified is not None and not classified.unchanged_file(at_destination):
+                _remove_if_same(destination, at_destination)  # another file was linked: undone
+                raise NotTheFileClassified()
+            if not copy:
                 self._remove_source(source, destination, at_destination)
             return Resume.DONE
+        if classified is not None and not classified.unchanged_file(at_source):
+            # The name holds other bytes now. A copy of the file classified at the destination is kept when
+            # that file is gone from the source (the only copy: a re-upload renamed over it) and removed when
+            # the source is that file, written since (stale); either way the source waits for the next run.
+            if classified.copied_to(at_destination) and not classified.same_file(at_source):
+                return Resume.DONE
+            if classified.copied_to(at_destination):
+                _remove_if_same(destination, at_destination)
+            raise NotTheFileClassified()
         if stat.S_ISREG(at_source.st_mode) and _same_bytes(source, destination):
             if copy:
                 return Resume.DONE
@@ -239,19 +280,22 @@ def _same_inode(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def _changed(before: os.stat_result, after: os.stat_result) -> bool:
-    """Whether a file's bytes may differ from when `before` was taken: its size or modification time, or its
-    change time (a rewrite that set size and mtime back, as `cp -p` does) unless its link count changed,
-    which alone moves the change time (unlinked or renamed over: its bytes are the same)."""
-    return (before.st_size != after.st_size or before.st_mtime_ns != after.st_mtime_ns
-            or (before.st_nlink == after.st_nlink and before.st_ctime_ns != after.st_ctime_ns))
-
-
 def _remove_if_same(entry: Entry, placed: os.stat_result) -> None:
     """Unlink the entry only while it is the file `placed` describes (a name taken by another file stays)."""
     now = lstat_or_none(entry)
     if now is not None and _same_inode(now, placed):
         remove(entry)
+
+
+def _same_inode_at(entry: Entry, st: os.stat_result) -> bool:
+    now = lstat_or_none(entry)
+    return now is not None and _same_inode(now, st)
+
+
+def _holds(entry: Entry, classified: FileIdentity) -> bool:
+    """The name holds the file classified, unchanged."""
+    now = lstat_or_none(entry)
+    return now is not None and classified.unchanged_file(now)
 
 
 def _rename_if_free(source: Entry, destination: Entry) -> None:

@@ -40,7 +40,7 @@ from psycopg import errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import dict_row
 
-from services.batch.store import JobLock, JobStore, Row, StoreUnavailable
+from services.batch.store import CLASSIFIED_FILES_TABLE, JobLock, JobStore, Row, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -383,3 +383,4 @@ def _migrate(conn: psycopg.Connection[Row]) -> None:
         if version < SCHEMA_VERSION:
             conn.execute("DELETE FROM batch_schema")
             conn.execute("INSERT INTO batch_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+        conn.execute(CLASSIFIED_FILES_TABLE)  # type: ignore[arg-type]

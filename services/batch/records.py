@@ -6,6 +6,7 @@ the data root; times are Unix seconds.
 from __future__ import annotations
 
 import enum
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -113,6 +114,52 @@ class FileRecord:
     finished_at: float | None
     worker: str = ""
     """The process (JobStore.worker) that claimed the row while it is not done; "" when unclaimed."""
+    classified: str = ""
+    """FileIdentity.text() of the file whose bytes were classified, recorded with the plan; "" before."""
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """A file as it was when read for classification: which inode, its size and times. The file moved must
+    still be that one, unchanged; otherwise the verdict is about other bytes (a re-upload renamed over the
+    name, or a file still being written)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    links: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink)
+
+    @classmethod
+    def parse(cls, text: str) -> FileIdentity | None:
+        """From `text()`; None for "" (rows recorded by an earlier release)."""
+        return cls(*map(int, text.split(":"))) if text else None
+
+    def text(self) -> str:
+        return f"{self.device}:{self.inode}:{self.size}:{self.mtime_ns}:{self.ctime_ns}:{self.links}"
+
+    def same_file(self, st: os.stat_result) -> bool:
+        return (self.device, self.inode) == (st.st_dev, st.st_ino)
+
+    def changed(self, st: os.stat_result) -> bool:
+        """Whether the file's bytes may differ from then: its size or modification time, or its change time
+        (a rewrite that set size and mtime back, as `cp -p` does) unless its link count changed, which alone
+        moves the change time (linked, unlinked or renamed over: its bytes are the same)."""
+        return (self.size != st.st_size or self.mtime_ns != st.st_mtime_ns
+                or (self.links == st.st_nlink and self.ctime_ns != st.st_ctime_ns))
+
+    def unchanged_file(self, st: os.stat_result) -> bool:
+        """`st` describes this very file, its bytes as they were."""
+        return self.same_file(st) and not self.changed(st)
+
+    def copied_to(self, st: os.stat_result) -> bool:
+        """`st` may describe a copy of it: copies keep the size and the modification time."""
+        return (self.size, self.mtime_ns) == (st.st_size, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)
@@ -125,6 +172,8 @@ class FilePlan:
     confidence: float | None
     destination: str
     error: str = ""
+    classified: FileIdentity | None = None
+    """The file whose bytes were classified (None: not read, or recorded by an earlier release)."""
 
 
 @dataclass(frozen=True)

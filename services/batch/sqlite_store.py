@@ -27,7 +27,7 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from services.batch.store import JobLock, JobStore, Row, StoreUnavailable
+from services.batch.store import CLASSIFIED_FILES_TABLE, JobLock, JobStore, Row, StoreUnavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -199,6 +199,7 @@ class SqliteJobStore(JobStore):
                 if name not in columns:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
         self._db.executescript(INDEXES)
+        self._db.execute(CLASSIFIED_FILES_TABLE)
 
     def _connect(self) -> sqlite3.Connection:
         """The connection, once the database's folder and files are known not to be links (SQLite opens them by

@@ -55,6 +55,17 @@ from services.common.config import BatchSettings
 
 Row = dict[str, Any]
 
+# The file each planned transfer's verdict is about (FileIdentity.text()), while the transfer is in flight.
+# A table of its own that both stores create at every open, in one dialect: releases that do not know it
+# ignore it, so a rollout's older replicas keep working beside newer ones (no schema version change).
+CLASSIFIED_FILES_TABLE = """
+CREATE TABLE IF NOT EXISTS classified_files (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    identity TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+)"""
+
 
 class JobNotFound(LookupError):
     pass
@@ -385,8 +396,11 @@ class JobStore(ABC):
     def in_flight(self, job_id: str) -> list[FileRecord]:
         """This worker's rows recorded as moving: transfers a crash may have interrupted."""
         with self._reading() as tx:
-            rows = tx.all("SELECT * FROM files WHERE job_id = ? AND state = 'moving' AND state != 'done'"
-                          " AND worker = ? ORDER BY seq", (job_id, self.worker))
+            rows = tx.all("SELECT files.*, COALESCE(classified_files.identity, '') AS classified FROM files"
+                          " LEFT JOIN classified_files ON classified_files.job_id = files.job_id"
+                          " AND classified_files.seq = files.seq"
+                          " WHERE files.job_id = ? AND state = 'moving' AND state != 'done' AND worker = ?"
+                          " ORDER BY files.seq", (job_id, self.worker))
         return [FileRecord(**r) for r in rows]
 
     def reserved_destinations(self) -> set[str]:
@@ -409,6 +423,9 @@ class JobStore(ABC):
                     " error = ? WHERE job_id = ? AND seq = ? AND state = 'pending' AND worker = ?",
                     [(p.outcome.value, p.category, p.confidence, p.destination, p.error, job_id, p.seq, self.worker)
                      for p in plans])
+                tx.many("INSERT INTO classified_files (job_id, seq, identity) VALUES (?, ?, ?)"
+                        " ON CONFLICT (job_id, seq) DO UPDATE SET identity = excluded.identity",
+                        [(job_id, p.seq, p.classified.text()) for p in plans if p.classified is not None])
         except self._conflicts as exc:
             raise DestinationTaken(str(exc)) from None
         if recorded != len(plans):  # rows that are not this worker's: a bug, never papered over
@@ -432,6 +449,7 @@ class JobStore(ABC):
                 "UPDATE files SET state = 'done', outcome = ?, destination = ?, error = ?, finished_at = ?"
                 " WHERE job_id = ? AND seq = ? AND state != 'done' AND worker = ?",
                 [(r.outcome.value, r.destination, r.error, now, job_id, r.seq, self.worker) for r in results])
+            tx.many("DELETE FROM classified_files WHERE job_id = ? AND seq = ?", [(job_id, r.seq) for r in results])
 
     def release_pending(self, job_id: str, now: float | None = None) -> int:
         """Images not reached (cancelled or failed job) are left in place and freed for later jobs; claimed
@@ -474,6 +492,8 @@ class JobStore(ABC):
     def prune(self, before: float) -> int:
         """Delete per-file rows of jobs that finished before `before` (their totals stay)."""
         with self._transaction() as tx:
+            tx.run("DELETE FROM classified_files WHERE job_id IN (SELECT job_id FROM jobs WHERE finished_at < ?)",
+                   (before,))
             return tx.run("DELETE FROM files WHERE job_id IN (SELECT job_id FROM jobs WHERE finished_at < ?)",
                           (before,))
 

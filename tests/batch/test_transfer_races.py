@@ -17,11 +17,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.batch.conftest import (
     BatchHome,
     digest,
+    expected_sorting,
     files_under,
     read_summary,
     regular_files_by_digest,
@@ -187,3 +189,102 @@ def test_a_file_written_while_it_is_copied_to_another_filesystem_is_left_whole_f
         assert not source.exists()
         [(moved, places)] = files_under(home.output).items()
         assert moved == name and places[0].read_bytes() == whole
+
+
+# --- replaced or rewritten after it was classified -------------------------------------------------------
+
+def pictures_filed_apart(folder: Path, wb: np.ndarray) -> tuple[bytes, bytes, str, str]:
+    """Two pictures the fixture model files in different folders: their bytes, then their folders."""
+    pool = write_images(folder, 20)
+    sorting = expected_sorting(wb, pool)
+    first = sorted(pool)[0]
+    second = next(n for n in sorted(pool) if sorting[n][2] != sorting[first][2])
+    return pool[first], pool[second], sorting[first][2], sorting[second][2]
+
+
+def crashed_run(home: BatchHome, inference: ServiceProcess, failpoint: str) -> None:
+    """`fashion batch run inbox`, killed (SIGKILL) at the failpoint."""
+    env = {**os.environ, **home.env(inference.address), "FASHION_BATCH_FAILPOINT": failpoint}
+    run = subprocess.run([FASHION, "batch", "run", "inbox"], cwd=home.workdir, env=env, capture_output=True,
+                         text=True, timeout=90)
+    assert run.returncode == -signal.SIGKILL, run.stdout + run.stderr
+
+
+def filed_in(home: BatchHome, data: bytes) -> list[str]:
+    """The folders (relative to the output) that hold a file with these bytes."""
+    return [str(Path(p).parent.relative_to("processed_batches"))
+            for p in regular_files_by_digest(home.data).get(digest(data), []) if p.startswith("processed_batches/")]
+
+
+@pytest.mark.parametrize("mode", ["move", "move across filesystems", "copy"])
+@pytest.mark.parametrize("change", ["re-uploaded", "rewritten in place"])
+def test_a_file_replaced_after_it_was_classified_is_never_filed_under_the_old_verdict(
+        tmp_path: Path, inference_server: ServiceProcess, linear_model: tuple[Path, np.ndarray], mode: str,
+        change: str) -> None:
+    """Between the read for classification and the move, the name came to hold another picture: it stays in
+    the inbox with the reason, and the next run files it by its own verdict."""
+    home = BatchHome(tmp_path)
+    inbox = home.data / "inbox"
+    first, second, first_folder, second_folder = pictures_filed_apart(tmp_path / "pool", linear_model[1])
+    (inbox / "photo.png").parent.mkdir(parents=True)
+    (inbox / "photo.png").write_bytes(first)
+
+    def replace() -> None:
+        if change == "re-uploaded":  # a temporary file renamed over the name (a new inode)
+            (inbox / ".upload.tmp").write_bytes(second)
+            (inbox / ".upload.tmp").rename(inbox / "photo.png")
+        else:  # the same inode, new bytes
+            with open(inbox / "photo.png", "r+b") as f:
+                f.write(second)
+                f.truncate()
+
+    args = ["--copy"] if mode == "copy" else []
+    with contextlib.ExitStack() as stack:
+        if mode == "move across filesystems":
+            stack.enter_context(tmpfs(home.output))
+        job = batch_run(home, inference_server, *args, stop_at="planned", meanwhile=replace)
+        assert (inbox / "photo.png").read_bytes() == second
+        assert filed_in(home, second) == [], f"the new picture was filed under the verdict on {first_folder}"
+        assert job["state"] == "succeeded" and job["failed"] == 1, job
+        [error] = errors_of(home, job)
+        assert "replaced or changed after it was classified" in error, error
+        assert "✗ Left in place: data/inbox/photo.png" in log_of(home, job)
+        assert no_staging_left(home)
+
+        again = batch_run(home, inference_server, *args)
+        assert again["state"] == "succeeded" and again["failed"] == 0, again
+        assert filed_in(home, second) == [second_folder]
+        assert (inbox / "photo.png").exists() == (mode == "copy")
+
+
+@pytest.mark.parametrize("mode", ["move", "move across filesystems"])
+def test_a_file_reuploaded_after_a_crash_mid_move_is_left_for_its_own_verdict(
+        tmp_path: Path, inference_server: ServiceProcess, linear_model: tuple[Path, np.ndarray], mode: str,
+        jobs_database: str | None) -> None:
+    """Killed with the classified picture at its destination and its name not yet removed; a re-upload takes
+    the name before the restart. Recovery keeps the classified picture where it went, once, and files the new
+    one by its own verdict, never under the old one. On both stores: the verdict's file is in the record."""
+    home = BatchHome(tmp_path, jobs_database)
+    inbox = home.data / "inbox"
+    first, second, first_folder, second_folder = pictures_filed_apart(tmp_path / "pool", linear_model[1])
+    inbox.mkdir(parents=True)
+    (inbox / "photo.png").write_bytes(first)
+    with contextlib.ExitStack() as stack:
+        if mode == "move across filesystems":
+            stack.enter_context(tmpfs(home.output))
+        crashed_run(home, inference_server, "copied" if mode != "move" else "linked")
+        st = os.stat(inbox / "photo.png")  # its change time moved if it was linked
+        [(identity,)] = home.query("SELECT identity FROM classified_files")
+        assert identity.startswith(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:"), identity
+        (inbox / ".upload.tmp").write_bytes(second)
+        (inbox / ".upload.tmp").rename(inbox / "photo.png")
+
+        recovered = batch_run(home, inference_server)
+        assert recovered["state"] == "succeeded", recovered
+        assert filed_in(home, first) == [first_folder]
+        assert first_folder not in filed_in(home, second), "the new picture was filed under the old verdict"
+        if (inbox / "photo.png").exists():  # left for the next run
+            batch_run(home, inference_server)
+        assert filed_in(home, first) == [first_folder] and filed_in(home, second) == [second_folder]
+        assert not (inbox / "photo.png").exists() and no_staging_left(home)
+        assert home.query("SELECT COUNT(*) FROM classified_files") == [(0,)]
