@@ -10,6 +10,7 @@ import logging
 from fashion.v1 import batch_pb2_grpc as pb_grpc
 from services.batch.events import JobEvents
 from services.batch.jobs import JobQueue
+from services.batch.paths import check_log_dir_outside
 from services.batch.runner import JobRunner
 from services.batch.schedule import Schedule, ScheduledRuns
 from services.batch.servicer import BatchServicer
@@ -22,13 +23,15 @@ log = logging.getLogger(__name__)
 
 
 def check(settings: BatchSettings) -> None:
-    """A bad schedule, or an unreadable FASHION_BATCH_DATABASE_URL_FILE, stops the start, with the reason."""
+    """A bad schedule, an unreadable FASHION_BATCH_DATABASE_URL_FILE or logs inside the data root stop the
+    start, with the reason."""
     try:
         Schedule.parse(settings.batch_schedule)
     except ValueError as exc:
         raise StartupError(f"FASHION_BATCH_SCHEDULE: {exc}") from exc
     try:
         settings.batch_database_url_value()
+        check_log_dir_outside(settings.data_root, settings.log_dir)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
 

@@ -16,7 +16,7 @@ from fashion.v1 import batch_pb2 as pb
 from services.batch import converters, health
 from services.batch.events import JobEvents
 from services.batch.jobs import job_spec
-from services.batch.paths import FolderMissing, PathRefused
+from services.batch.paths import FolderMissing, PathRefused, check_log_dir_outside
 from services.batch.records import JobRecord, JobState
 from services.batch.reports import RunnerLog
 from services.batch.runner import JobRunner
@@ -47,6 +47,7 @@ def run_folder(folder: str, output: str = "", copy: bool = False, min_confidence
         overrides["batch_shard_index"] = shard_index
     settings = load_settings(BatchSettings, **overrides)
     Shard.resolve(settings.batch_shard_index, settings.batch_shard_count)  # ValueError names the problem
+    check_log_dir_outside(settings.data_root, settings.log_dir)
     try:
         return asyncio.run(_run_folder(settings, folder, output, copy, min_confidence, recursive, on_start,
                                        on_update))

@@ -74,3 +74,13 @@ class DataRoot:
     def display(self, rel: str) -> str:
         """How logs show a stored path: under the root as the user configured it (data/processed_batches/...)."""
         return self._shown if rel == "." else f"{self._shown}/{rel}"
+
+
+def check_log_dir_outside(data_root: Path, log_dir: Path) -> None:
+    """Refuse logs kept inside the data root: the log files are opened by path, and whoever may upload into
+    the root could swap the log folder for a link and have the service write its logs elsewhere. Raises
+    ValueError naming both settings."""
+    root, logs = Path(os.path.realpath(data_root)), Path(os.path.realpath(log_dir))
+    if logs.is_relative_to(root):
+        raise ValueError(f"FASHION_LOG_DIR ({log_dir}) lies inside FASHION_DATA_ROOT ({data_root}), where "
+                         "uploaders could replace it with a link: keep the logs outside the data root")

@@ -61,7 +61,8 @@ class CommonSettings(BaseSettings):
     """Interface every listener of this process binds (gRPC, HTTP, metrics): loopback unless asked, so a
     default run is not open to the network; deployments (compose, Kubernetes) set 0.0.0.0."""
     log_dir: Path = Path("logs")
-    """Folder of the rotating log files (api.log, api_errors.log, batch_*.log, ...)."""
+    """Folder of the rotating log files (api.log, api_errors.log, batch_*.log, ...); outside the data root
+    (the Batch service refuses to start with its logs inside it)."""
     batch_max_age_hours: float = Field(default=26.0, gt=0, validation_alias=renamed_from(
         "batch_max_age_hours", "batch_stale_hours", "alert_batch_max_age_h"))
     """Batch processing is unhealthy, and No recent batch run fires, when the last run finished longer ago

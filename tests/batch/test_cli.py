@@ -281,3 +281,23 @@ def test_a_bad_schedule_stops_the_service_at_start_with_the_reason(tmp_path: Pat
                         "127.0.0.1:1")
     assert svc.proc.wait(timeout=30) == 2
     assert "FASHION_BATCH_SCHEDULE" in svc.output() and "'at noon' is neither a 5-field cron" in svc.output()
+
+
+def test_logs_inside_the_data_root_are_refused_by_the_run_and_the_service(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """Log files are opened by path: an uploader could swap a log folder inside the data root for a link and
+    have the service write where it points. Both the CLI run and the service refuse to start, naming both
+    settings, before touching anything."""
+    home = BatchHome(tmp_path)
+    images = write_images(home.data / "inbox", 2)
+    inside = {"FASHION_LOG_DIR": "data/logs"}
+    run = fashion(home, inference_server.address, "run", "inbox", **inside)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "FASHION_LOG_DIR (data/logs) lies inside FASHION_DATA_ROOT (data)" in run.stderr, run.stderr
+    assert sorted(p.name for p in (home.data / "inbox").iterdir()) == sorted(images)
+    assert not (home.data / "logs").exists()
+    service = subprocess.run([sys.executable, "-m", "services.batch"], cwd=home.workdir, capture_output=True,
+                             text=True, timeout=60, env={**os.environ, **home.env(inference_server.address),
+                                                        "FASHION_LOG_DIR": str(home.data / "sub" / ".." / "logs")})
+    assert service.returncode == 2 and "lies inside FASHION_DATA_ROOT" in service.stderr, service.stderr
+    assert not (home.data / "logs").exists()
