@@ -288,3 +288,25 @@ def test_a_file_reuploaded_after_a_crash_mid_move_is_left_for_its_own_verdict(
         assert filed_in(home, first) == [first_folder] and filed_in(home, second) == [second_folder]
         assert not (inbox / "photo.png").exists() and no_staging_left(home)
         assert home.query("SELECT COUNT(*) FROM classified_files") == [(0,)]
+
+
+def test_a_file_written_after_a_crash_mid_copy_is_moved_whole_without_its_stale_copy(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """Killed with the copy on the other filesystem placed and the source not yet removed; the uploader then
+    appends to the file. Recovery removes the stale copy (the source is the same file, with more bytes) and
+    leaves the file for the next job, which moves it whole: one copy, never the cut one beside it."""
+    home = BatchHome(tmp_path)
+    inbox = home.data / "inbox"
+    [(name, start)] = write_images(inbox, 1).items()
+    whole = start + b"\0" * 50_000
+    with tmpfs(home.output):
+        crashed_run(home, inference_server, "copied")
+        assert [p.read_bytes() for p in files_under(home.output)[name]] == [start]
+        with open(inbox / name, "ab") as f:
+            f.write(whole[len(start):])
+
+        recovered = batch_run(home, inference_server)  # recovers the crashed job, then runs the inbox again
+        assert recovered["state"] == "succeeded", recovered
+        assert [p.read_bytes() for places in files_under(home.output).values() for p in places] == [whole], \
+            "the stale copy was kept"
+        assert not (inbox / name).exists() and no_staging_left(home)
