@@ -439,6 +439,7 @@ ONLY_ON_INCIDENTS = {
     ("fashion_monitor_alert_firing", '{rule="disk_space_low"}'): "the Monitor's disk rule is not firing",
     ("fashion_monitor_alert_firing", '{rule="drift"}'): "the Monitor's drift rule is not firing",
     ("fashion_http_requests_total", '{status=~"5.."}'): "the gateway answered no 5xx",
+    ("fashion_monitor_notifications_total", '{outcome="dropped"}'): "the Monitor dropped no notification",
 }
 
 
