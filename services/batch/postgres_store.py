@@ -25,12 +25,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import socket
 import threading
+import urllib.parse
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -122,12 +124,18 @@ def safe_target(url: str) -> str:
 
 
 def _scrubbed(text: str, url: str) -> str:
-    """`text` without the URL's password."""
-    try:
-        password = conninfo_to_dict(url).get("password")
-    except psycopg.ProgrammingError:
-        password = None
-    return text.replace(str(password), "***") if password else text
+    """`text` without the URL's password: as parsed, and as written between "user:" and the last "@" (a URL
+    that does not parse, e.g. with a raw % or a space in the password, is quoted raw in psycopg's errors)."""
+    secrets: set[str] = set()
+    with contextlib.suppress(psycopg.ProgrammingError):
+        secrets.add(str(conninfo_to_dict(url).get("password") or ""))
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    if ":" in userinfo:
+        written = userinfo.partition(":")[2]
+        secrets |= {written, urllib.parse.unquote(written)}
+    for secret in sorted(secrets - {""}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 class AdvisoryJobLock(JobLock):
@@ -196,7 +204,8 @@ class PostgresJobStore(JobStore):
         try:
             given = conninfo_to_dict(self._url)
         except psycopg.ProgrammingError as exc:
-            raise StoreUnavailable(f"FASHION_BATCH_DATABASE_URL is not a usable PostgreSQL URL: "
+            raise StoreUnavailable(f"FASHION_BATCH_DATABASE_URL is not a usable PostgreSQL URL (characters such as "
+                                   f"%, @, /, : and spaces in the user name and password must be percent-encoded): "
                                    f"{_scrubbed(str(exc), self._url)}") from None
         conninfo = make_conninfo(self._url, **{k: v for k, v in params.items() if k not in given})
         try:

@@ -233,3 +233,18 @@ def test_an_unreachable_database_stops_the_start_with_the_reason_and_never_the_p
     output = batch.output()
     assert f"cannot connect to the jobs database fashion@127.0.0.1:{port}/jobs" in output, output
     assert PASSWORD not in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("password", ["Xy7%Qp!2zz", "with space 9"])
+def test_a_database_url_that_does_not_parse_is_refused_without_its_password(tmp_path: Path, password: str) -> None:
+    """A raw % or a space in the password (a generated one, not percent-encoded): psycopg quotes the URL's
+    pieces in its error; neither the output nor the log files may show the password."""
+    home = BatchHome(tmp_path, f"postgresql://fashion:{password}@127.0.0.1:{free_port()}/jobs")
+    batch = home.start("127.0.0.1:1", wait=False)
+    assert batch.proc.wait(timeout=60) == 1, batch.output()
+    output = batch.output()
+    assert "is not a usable PostgreSQL URL" in output and "percent-encoded" in output, output
+    logs = "".join(p.read_text(encoding="utf-8") for p in (home.workdir / "logs").glob("*.log"))
+    assert "is not a usable PostgreSQL URL" in logs
+    for shown in (output, logs):
+        assert password not in shown and password.split()[0] not in shown and "Traceback" not in shown, shown
