@@ -155,6 +155,16 @@ class CommonSettings(BaseSettings):
         bare = self.listen_host(host)
         return f"[{bare}]:{port}" if ":" in bare else f"{bare}:{port}"
 
+    @field_validator("bind_address")
+    @classmethod
+    def _an_interface(cls, value: str) -> str:
+        # An empty host binds every interface: a blank value (`FASHION_BIND_ADDRESS=` in a .env file, a
+        # variable expanding to nothing) must not quietly open the services to the network.
+        if not value.strip():
+            raise ValueError("must name an interface: 127.0.0.1 (this machine only), or 0.0.0.0 or :: (every "
+                             "interface); empty would bind every interface")
+        return value.strip()
+
     def model_post_init(self, context: object) -> None:
         _warn_former_names(self)
 
