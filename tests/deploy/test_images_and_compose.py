@@ -160,7 +160,9 @@ def test_compose_matches_the_manifests(name: str) -> None:
     assert service["image"] == f"{image['newName']}:{image['newTag']}"
     assert service["build"] == {"context": "..", "dockerfile": "deploy/docker/Dockerfile", "target": name}
     assert service["user"] == "10001:10001" and service["read_only"] is True and service["cap_drop"] == ["ALL"]
-    published = {int(p.split(":")[1]) for p in service["ports"]}
+    # Published on the host's loopback only (no token in this file; Docker's ports bypass host firewalls).
+    assert all(p.startswith("127.0.0.1:") for p in service["ports"]), service["ports"]
+    published = {int(p.rsplit(":", 1)[1]) for p in service["ports"]}
     assert published == {p["containerPort"] for p in container["ports"]}
     env = service["environment"]
     for key, value in {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}.items():
