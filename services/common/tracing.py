@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.parse
 
 from opentelemetry import propagate, trace
 from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer, filters
@@ -59,6 +60,15 @@ def otlp_endpoint() -> str | None:
     return os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
 
 
+def _shown_endpoint(endpoint: str) -> str:
+    """The endpoint as logs may show it: scheme, host, port and path, never a user name, password or query."""
+    parts = urllib.parse.urlsplit(endpoint)
+    if not parts.hostname:
+        return "(an endpoint that is not a URL)"
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
 def span_exporters() -> dict[str, SpanExporter]:
     """The exporters OTEL_TRACES_EXPORTER asks for, by a description for the log; OTLP only when an
     endpoint is set."""
@@ -67,7 +77,7 @@ def span_exporters() -> dict[str, SpanExporter]:
         return {}
     exporters: dict[str, SpanExporter] = {}
     if "otlp" in names and otlp_endpoint():
-        where = f"OTLP ({_otlp_protocol()}) to {otlp_endpoint()}"
+        where = f"OTLP ({_otlp_protocol()}) to {_shown_endpoint(otlp_endpoint() or '')}"
         if _otlp_protocol() == "http/protobuf":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 

@@ -15,7 +15,7 @@ import html
 import itertools
 import logging
 import os
-import tempfile
+import secrets
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -234,12 +234,18 @@ pre {{ background: #f5f7fa; padding: 1rem; border-radius: 6px; overflow-x: auto;
 
 
 def _staged(folder: Path, content: bytes) -> Path:
-    """`content` in a new file of `folder` with a name of its own (hidden, .tmp), for a rename or link."""
-    fd, name = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "wb") as staged:
-        staged.write(content)
-    os.chmod(name, 0o644)  # mkstemp's 0600 would hide the report from the people who read it
-    return Path(name)
+    """`content` in a new file of `folder` with a name of its own (hidden, .tmp), for a rename or link; its
+    mode is what the umask leaves of 0666, as for the charts beside it (mkstemp's 0600 would hide the
+    report from the people who read it, a fixed 0644 would show it to everyone despite a umask of 077)."""
+    while True:
+        name = folder / f".report-{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as staged:
+            staged.write(content)
+        return name
 
 
 def _write_atomic(path: Path, content: bytes) -> None:

@@ -35,3 +35,21 @@ def test_traceparent_flows_from_http_into_grpc(tmp_path: Path, linear_model) -> 
         gw.terminate()
         inference.terminate()
         collector.stop()
+
+
+def test_credentials_in_the_otlp_endpoint_never_reach_the_logs(tmp_path: Path, linear_model) -> None:
+    """A collector behind basic auth (http://user:password@host:port): the start line names where traces go
+    without the user name and password."""
+    collector = OtlpCollector()
+    endpoint = collector.env["OTEL_EXPORTER_OTLP_ENDPOINT"]
+    with_credentials = endpoint.replace("http://", "http://tracer:otlpSECRET@")
+    inference = start_inference(tmp_path / "inference", linear_model[0],
+                                **{**collector.env, "OTEL_EXPORTER_OTLP_ENDPOINT": with_credentials})
+    try:
+        inference.wait_serving()
+        output = inference.output() + "".join(p.read_text() for p in (tmp_path / "inference").rglob("*.log"))
+        assert f"to OTLP (grpc) to {endpoint}" in output, output
+        assert "otlpSECRET" not in output and "tracer:" not in output
+    finally:
+        inference.terminate()
+        collector.stop()

@@ -155,6 +155,23 @@ def test_dashboard_into_a_folder_it_cannot_make_exits_2_naming_it(tmp_path: Path
                                        "Not a directory"], run.stderr
 
 
+
+@pytest.mark.parametrize("umask", [0o077, 0o022])
+def test_report_files_get_the_mode_the_umask_leaves(tmp_path: Path, umask: int) -> None:
+    """Under umask 077 no one else may read the reports (they name failed files and hosts); under 022 everyone
+    may, as the charts beside them: every file of one report the same."""
+    env = {"FASHION_INFERENCE_ADDRESS": unused_address(), "FASHION_BATCH_ADDRESS": unused_address(),
+           "FASHION_GATEWAY_ADDRESS": "", "FASHION_MONITOR_STATE_DB": str(tmp_path / "none.db")}
+    out = tmp_path / "reports"
+    run = subprocess.run([FASHION, "monitor", "dashboard", "--output-dir", str(out), "--json"], cwd=tmp_path,
+                         env={**os.environ, "OTEL_SDK_DISABLED": "true", **env}, capture_output=True, text=True,
+                         timeout=120, umask=umask)
+    assert run.returncode in (0, 1), run.stderr  # 1: the services are down (unhealthy), the report is written
+    report = json.loads(run.stdout)
+    files = [Path(report["text_path"]), Path(report["html_path"]), *map(Path, report["chart_paths"])]
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o666 & ~umask)}, files
+    assert not list(out.glob(".report-*"))
+
 WRITE_REPORTS = """
 import sys
 import time
