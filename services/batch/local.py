@@ -32,10 +32,12 @@ JobUpdate = Callable[[pb.Job, pb.JobEvent | None], None]
 def run_folder(folder: str, output: str = "", copy: bool = False, min_confidence: float | None = None,
                recursive: bool = False, inference_address: str | None = None, shard_count: int | None = None,
                shard_index: int | None = None, on_start: Callable[[str, bool], None] = lambda job_id, resumed: None,
-               on_update: JobUpdate = lambda job, event: None) -> pb.Job:
+               on_update: JobUpdate = lambda job, event: None,
+               on_resumed: Callable[[pb.Job], None] = lambda job: None) -> pb.Job:
     """Resume this folder's interrupted runs, then run it as a new job; returns the new job as it ended.
 
-    `on_start(job_id, resumed)` announces each job before it runs, `on_update` follows it. Raises
+    `on_start(job_id, resumed)` announces each job before it runs, `on_update` follows it, `on_resumed` gets
+    each resumed job as it ended. Raises
     ValueError, with the reason, when the folders or options are refused or the jobs database cannot be
     used; unusable FASHION_* values end the process with exit code 2 (config.load_settings).
     """
@@ -50,13 +52,14 @@ def run_folder(folder: str, output: str = "", copy: bool = False, min_confidence
     check_log_dir_outside(settings.data_root, settings.log_dir)
     try:
         return asyncio.run(_run_folder(settings, folder, output, copy, min_confidence, recursive, on_start,
-                                       on_update))
+                                       on_update, on_resumed))
     except StoreUnavailable as exc:  # the job resumes when the same command runs again
         raise ValueError(str(exc)) from None
 
 
 async def _run_folder(settings: BatchSettings, folder: str, output: str, copy: bool, min_confidence: float | None,
-                      recursive: bool, on_start: Callable[[str, bool], None], on_update: JobUpdate) -> pb.Job:
+                      recursive: bool, on_start: Callable[[str, bool], None], on_update: JobUpdate,
+                      on_resumed: Callable[[pb.Job], None]) -> pb.Job:
     try:
         store = open_job_store(settings)
     except (ValueError, StoreUnavailable) as exc:
@@ -83,7 +86,9 @@ async def _run_folder(settings: BatchSettings, folder: str, output: str, copy: b
                     job_id = old.job_id
                     runner_log.line("Resuming interrupted batch job %s", job_id)
                     on_start(job_id, True)
-                    runner_log.outcome(await _run_job(runner, job_id, lock, on_update))
+                    record = await _run_job(runner, job_id, lock, on_update)
+                    runner_log.outcome(record)
+                    on_resumed(converters.job_to_pb(record, settings))
         job_id = new_job_id()
         lock = store.lock_job(job_id)  # before the job exists: no service adopts it
         assert lock is not None

@@ -301,3 +301,66 @@ def test_logs_inside_the_data_root_are_refused_by_the_run_and_the_service(
                                                         "FASHION_LOG_DIR": str(home.data / "sub" / ".." / "logs")})
     assert service.returncode == 2 and "lies inside FASHION_DATA_ROOT" in service.stderr, service.stderr
     assert not (home.data / "logs").exists()
+
+
+def test_list_fits_80_columns_with_every_column_whole_and_the_input_cut_last(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """Cron mails and pipes get 80 columns: the job id, state, time and figures stay whole, the input folder
+    is cut with an ellipsis (rich shrank every column before: `e32981…  succeed…  12-03 14:…`)."""
+    home = BatchHome(tmp_path)
+    folder = "catalog/2026/december/new-arrivals-from-the-spring-collection-photographed-in-studio-b"
+    write_images(home.data / folder, 2)
+    batch = home.start(inference_server.address)
+    try:
+        submitted = fashion(home, inference_server.address, "submit", folder, "--wait", "--json",
+                            "--address", batch.address)
+        job = json.loads(submitted.stdout)
+        table = fashion(home, inference_server.address, "list", "--address", batch.address, COLUMNS="80").stdout
+    finally:
+        batch.terminate()
+    lines = table.splitlines()
+    assert max(map(len, lines)) <= 80, table
+    assert lines[0].split()[:9] == ["job", "state", "created", "images", "ok", "uncertain", "failed", "took",
+                                    "input"], table
+    [row] = [line for line in lines if line.startswith(job["job_id"][:8])]
+    assert row.split()[1:2] == ["succeeded"] and " 2/2 " in row and row.rstrip().endswith("catalog…"), row
+
+
+def test_a_reader_that_goes_away_does_not_turn_a_command_into_a_failure(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """`fashion batch run inbox | true` (the reader gone before the first line): the job still sorts every
+    image and the exit code is the job's (0), not rich's 1 for a broken pipe, which cron reads as failed."""
+    home = BatchHome(tmp_path)
+    images = write_images(home.data / "inbox", 6)
+    env = {**os.environ, "COLUMNS": "200", **home.env(inference_server.address)}
+    for command in (f"{FASHION} batch run inbox", f"{FASHION} batch run inbox --json",
+                    f"{FASHION} batch health --local"):
+        piped = subprocess.run(["bash", "-c", f"sleep 0.2 | {command} | true; echo ${{PIPESTATUS[1]}}"],
+                               cwd=home.workdir, env=env, capture_output=True, text=True, timeout=120)
+        assert piped.stdout.strip() == "0", (command, piped.stdout, piped.stderr)
+        assert "Traceback" not in piped.stderr and "Broken pipe" not in piped.stderr, piped.stderr
+    assert sorted(files_under(home.output)) == sorted(images)
+
+
+def test_a_run_that_resumes_an_interrupted_job_reports_it_too(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """The same command again after a crash finishes the interrupted job first: its summary is shown (and in
+    --json under resumed_jobs) and its outcome counts in the exit code; before, only the new, empty job's was."""
+    home = BatchHome(tmp_path)
+    images = write_images(home.data / "inbox", 5)
+    crashed = fashion(home, inference_server.address, "run", "inbox", FASHION_BATCH_FAILPOINT="planned")
+    assert crashed.returncode == -9, crashed.stdout + crashed.stderr
+    again = fashion(home, inference_server.address, "run", "inbox", "--json")
+    assert again.returncode == 0, again.stdout + again.stderr
+    document = json.loads(again.stdout)
+    assert (document["total"], document["state"]) == (0, "succeeded"), document
+    [resumed] = document["resumed_jobs"]
+    assert (resumed["state"], resumed["processed"], resumed["total"]) == ("succeeded", 5, 5), resumed
+    assert sorted(files_under(home.output)) == sorted(images)
+    more = write_images(home.data / "inbox", 2, start=10)
+    crashed = fashion(home, inference_server.address, "run", "inbox", FASHION_BATCH_FAILPOINT="planned")
+    assert crashed.returncode == -9
+    text = fashion(home, inference_server.address, "run", "inbox")
+    assert text.returncode == 0, text.stdout + text.stderr
+    assert text.stdout.count("Batch job ") == 2 and "│ Processed    │ 2 " in text.stdout, text.stdout
+    assert sorted(files_under(home.output)) == sorted([*images, *more])

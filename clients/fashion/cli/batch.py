@@ -35,6 +35,7 @@ from rich.text import Text
 
 from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
+from fashion.cli.terminal import console as new_console
 from fashion.cli.terminal import literal
 from fashion.client.batch import FINISHED, BatchClient, state_name
 from fashion.client.protojson import dumps, to_json
@@ -96,7 +97,7 @@ def watch(args: argparse.Namespace) -> int:
 
 
 def _follow(client: BatchClient, job: pb.Job, as_json: bool) -> int:
-    console = Console(stderr=as_json)
+    console = new_console(stderr=as_json)
     display = JobProgress(console)
     try:
         with display:
@@ -209,7 +210,7 @@ def status(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps(job))
     else:
-        print_summary(Console(), job)
+        print_summary(new_console(), job)
     return EXIT_OK
 
 
@@ -223,21 +224,25 @@ def list_jobs(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps([to_json(j) for j in jobs]))
         return EXIT_OK
-    # Fits 80 columns (rich's width when the output is not a terminal: cron logs, pipes): the job id's
-    # first 8 characters (any unique prefix of 6 or more is enough for the other commands), the input
-    # folder last, shortened when it must be; the trigger is in `status` and --json.
+    # Fits the console (80 columns when the output is not a terminal: cron logs, pipes): every column whole
+    # (the job id's first 8 characters: any unique prefix of 6 or more is enough for the other commands),
+    # the input folder last, cut to what is left with an ellipsis; the trigger is in `status` and --json.
+    console = new_console()
+    headers = ("job", "state", "created", "images", "ok", "uncertain", "failed", "took")
+    rows = [[j.job_id[:8], state_name(j.state).lower(),
+             datetime.fromtimestamp(j.created_at.seconds).strftime("%m-%d %H:%M"), f"{j.processed}/{j.total}",
+             str(j.successful), str(j.uncertain), str(j.failed), f"{j.duration_seconds:.1f}s"] for j in jobs]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
+    room = max(8, console.width - sum(w + 2 for w in widths))  # each column: its padding and a separator
     table = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
-    for header in ("job", "state", "created"):
-        table.add_column(header, no_wrap=True)
-    for header in ("images", "ok", "uncertain", "failed", "took"):
-        table.add_column(header, justify="right", no_wrap=True)
-    table.add_column("input", overflow="ellipsis", no_wrap=True, min_width=5)
-    for j in jobs:
-        created = datetime.fromtimestamp(j.created_at.seconds).strftime("%m-%d %H:%M")
-        table.add_row(j.job_id[:8], state_name(j.state).lower(), created, f"{j.processed}/{j.total}",
-                      str(j.successful), str(j.uncertain), str(j.failed), f"{j.duration_seconds:.1f}s",
-                      literal(j.input_dir))
-    Console().print(table)
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i < 3 else "right", no_wrap=True, min_width=widths[i])
+    table.add_column("input", no_wrap=True)
+    for j, row in zip(jobs, rows, strict=True):
+        folder = literal(j.input_dir)
+        folder.truncate(room, overflow="ellipsis")
+        table.add_row(*row, folder)
+    console.print(table)
     return EXIT_OK
 
 
@@ -260,19 +265,24 @@ def cancel(args: argparse.Namespace) -> int:
 
 def run_embedded(args: argparse.Namespace) -> int:
     run_folder = server_function("batch_run", "batch run")
-    console = Console(stderr=args.json)
+    console = new_console(stderr=args.json, keep_going=True)  # the job finishes whoever reads
     display = JobProgress(console)
+    resumed: list[tuple[pb.Job, list[pb.FileResult]]] = []
+    """Interrupted jobs of this folder that the run finished first, with their failures."""
 
-    def started(job_id: str, resumed: bool) -> None:
-        if resumed:
+    def started(job_id: str, is_resumed: bool) -> None:
+        if is_resumed:
             console.print(f"Resuming interrupted job {job_id}")
         display.failures.clear()
+
+    def resumed_job_ended(job: pb.Job) -> None:
+        resumed.append((job, list(display.failures)))
 
     try:
         with display:
             job = run_folder(_folder_arg(args.dir), _folder_arg(args.output), args.copy, args.min_confidence,
                              args.recursive, args.inference_address, args.shard_count, args.shard_index,
-                             on_start=started, on_update=display.update)
+                             on_start=started, on_update=display.update, on_resumed=resumed_job_ended)
     except KeyboardInterrupt:
         console.print("Interrupted: run the same command again to resume the job where it stopped")
         return EXIT_INTERRUPTED
@@ -280,10 +290,19 @@ def run_embedded(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     if args.json:
-        print(dumps(job))
+        document = to_json(job)
+        if resumed:  # the job the command was asked for stays the document; the resumed ones come with it
+            document["resumed_jobs"] = [to_json(earlier) for earlier, _ in resumed]
+        try:
+            print(dumps(document), flush=True)
+        except BrokenPipeError:  # the reader has gone: the exit code still tells how the jobs went
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     else:
+        for earlier, failures in resumed:
+            print_summary(console, earlier, failures)
         print_summary(console, job, display.failures)
-    return EXIT_OK if job.state == pb.JOB_STATE_SUCCEEDED else EXIT_UNHEALTHY
+    succeeded = all(j.state == pb.JOB_STATE_SUCCEEDED for j in [*(earlier for earlier, _ in resumed), job])
+    return EXIT_OK if succeeded else EXIT_UNHEALTHY
 
 
 # --- health ------------------------------------------------------------------------------------

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import grpc
-from rich.console import Console
 from rich.table import Table
 
 from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
+from fashion.cli.terminal import console as new_console
 from fashion.cli.terminal import literal
 from fashion.client import InferenceClient
 from fashion.client.protojson import dumps
@@ -76,7 +76,7 @@ def classify(args: argparse.Namespace) -> int:
                 conf = f"{100 * float(row['confidence']):.1f}%" + (" (uncertain)" if row["uncertain"] else "")
                 top = ", ".join(f"{c['label']} {100 * c['confidence']:.1f}%" for c in row["top_k"])  # type: ignore[attr-defined]
                 table.add_row(literal(str(row["file"])), literal(str(row["category"])), conf, literal(top))
-        Console().print(table)
+        new_console().print(table)
     return 1 if failures else 0
 
 

@@ -24,6 +24,7 @@ from rich.text import Text
 from fashion.cli.batch import batch_health_text
 from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
+from fashion.cli.terminal import console as new_console
 from fashion.cli.terminal import literal
 from fashion.client import ChannelOptions, MonitorClient
 from fashion.client.protojson import dumps, to_json
@@ -47,7 +48,7 @@ def _error(exc: grpc.RpcError, address: str) -> int:
 
 
 def _console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    return new_console(highlight=False, soft_wrap=False)
 
 
 # --- health ----------------------------------------------------------------------------------------
