@@ -108,6 +108,7 @@ def test_submit_wait_status_list_watch_cancel_health_against_the_service(
     assert watched.returncode == 0 and f"Batch job {job_id}: SUCCEEDED" in watched.stdout
     cancel = fashion(batch_home, inference_server.address, "cancel", job_id, *address)
     assert cancel.returncode == 2 and "FAILED_PRECONDITION" in cancel.stderr and "already ended" in cancel.stderr
+    assert fashion(batch_home, inference_server.address, "status", job_id, *address).returncode == 0
     unknown = fashion(batch_home, inference_server.address, "status", "feedfacefeedface", *address)
     assert unknown.returncode == 2 and "NOT_FOUND" in unknown.stderr
 
@@ -364,3 +365,21 @@ def test_a_run_that_resumes_an_interrupted_job_reports_it_too(
     assert text.returncode == 0, text.stdout + text.stderr
     assert text.stdout.count("Batch job ") == 2 and "│ Processed    │ 2 " in text.stdout, text.stdout
     assert sorted(files_under(home.output)) == sorted([*images, *more])
+
+
+def test_status_of_a_cancelled_job_exits_1_as_documented(tmp_path: Path) -> None:
+    """A job waiting for an Inference service that is down, cancelled: `status` says so with exit 1 (it was 0,
+    while `watch` and the documentation said 1 for failed or cancelled)."""
+    home = BatchHome(tmp_path)
+    write_images(home.data / "inbox", 2)
+    down = f"127.0.0.1:{free_port()}"
+    batch = home.start(down)
+    try:
+        address = ("--address", batch.address)
+        job = json.loads(fashion(home, down, "submit", "inbox", "--json", *address).stdout)
+        cancelled = fashion(home, down, "cancel", job["job_id"], *address)
+        assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+        status = fashion(home, down, "status", job["job_id"], *address)
+    finally:
+        batch.terminate()
+    assert status.returncode == 1 and "CANCELLED" in status.stdout, status.stdout + status.stderr

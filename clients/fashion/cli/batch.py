@@ -211,7 +211,7 @@ def status(args: argparse.Namespace) -> int:
         print(dumps(job))
     else:
         print_summary(new_console(), job)
-    return EXIT_OK
+    return EXIT_UNHEALTHY if job.state in (pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED) else EXIT_OK
 
 
 def list_jobs(args: argparse.Namespace) -> int:
