@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from services.common.bootstrap import Port, gateway_port, grpc_service_ports, refuse_unusable_ports
 from services.common.config import BatchSettings, GatewaySettings, InferenceSettings, MonitorSettings, load_settings
-from services.common.security import tls_enabled
+from services.common.security import SecurityConfigError, tls_enabled
 
 # service name -> module with a main() that runs it
 SERVICES = {
@@ -101,7 +101,11 @@ def run_stack(only: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    where = listeners()
+    try:
+        where = listeners()
+    except SecurityConfigError as exc:  # e.g. a certificate without its key: each service would refuse it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if clashes := port_clashes(where, names):
         print("\n".join(clashes), file=sys.stderr)
         return 2

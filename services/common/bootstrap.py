@@ -33,7 +33,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 from opentelemetry.sdk.trace import TracerProvider
 
-from fashion.client import TlsFileError
+from fashion.client import TlsFileError, TokenFileError
 from services.common import server as grpc_server
 from services.common.config import CommonSettings, GatewaySettings, load_settings
 from services.common.logs import setup_logging
@@ -135,18 +135,20 @@ class GrpcService(Generic[S]):
 
 def load(settings_class: type[S], check: Callable[[S], None] | None = None) -> S:
     """The settings of a process's entry point. An unusable FASHION_* value, TLS or token settings
-    that cannot work (a key without its certificate, an unreadable token file or CA bundle) and what
-    `check` refuses end the process with one line per problem on stderr and exit code 2."""
+    that cannot work (a key without its certificate or not its own, a file that is not PEM, an empty
+    CA bundle, FASHION_HEALTH_PORT without TLS, an unreadable or group-writable token file, a token
+    that is not printable ASCII) and what `check` refuses end the process with one line per problem
+    on stderr and exit code 2."""
     settings = load_settings(settings_class)
     try:
         if (problem := tracing_problem()) is not None:
             raise StartupError(problem)
-        server_credentials(settings)  # reads the certificate files when TLS is on
+        server_credentials(settings)  # reads and checks the certificate files when TLS is on
         client_options(settings, "").credentials()  # and those of the calls to other services
-        TokenSource(settings)  # reads the token file when one is set
+        TokenSource(settings)  # checks the token, or reads the token file when one is set
         if check is not None:
             check(settings)
-    except (StartupError, SecurityConfigError, TlsFileError) as exc:
+    except (StartupError, SecurityConfigError, TlsFileError, TokenFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     return settings
@@ -186,9 +188,13 @@ def service_ports(service: GrpcService[S], settings: S, shared: bool = False) ->
 
 
 def observe(settings: CommonSettings, log_name: str, service: str) -> TracerProvider | None:
-    """Logs to logs/<log_name>.log (and _errors.log, and stdout) and tracing as fashion-<service>;
-    before any channel is made. Returns the tracer provider, None when spans are not exported."""
+    """Logs to logs/<log_name>.log (and _errors.log, and stdout), a warning there when TLS settings
+    reach only its clients, and tracing as fashion-<service>; before any channel is made. Returns the
+    tracer provider, None when spans are not exported."""
     setup_logging(settings, log_name, service)
+    if client_options(settings, "").tls and not tls_enabled(settings):  # shared settings, half of them in effect
+        log.warning("FASHION_TLS (or FASHION_TLS_CA) is set but FASHION_TLS_CERT and FASHION_TLS_KEY are not: "
+                    "this process calls the other services over TLS but serves plaintext itself")
     return setup_tracing(f"fashion-{service}")
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from fashion.client import ChannelOptions, TokenFileError, token_file
+from fashion.client import ChannelOptions, TokenFileError, setting_token, token_file
 from services.common import tracing
 from services.common.config import CommonSettings
 
@@ -33,11 +33,34 @@ class SecurityConfigError(ValueError):
     """TLS or token settings that cannot work (a key without its certificate, an unreadable file)."""
 
 
-def _read(path: Path, what: str) -> bytes:
+def _read(path: Path, variable: str) -> bytes:
     try:
         return Path(path).read_bytes()
-    except OSError as exc:
-        raise SecurityConfigError(f"cannot read {what} {path}: {exc.strerror}") from exc
+    except OSError as exc:  # worded as the clients' TlsFileError
+        raise SecurityConfigError(f"cannot read the TLS file {path} ({variable}): {exc.strerror}") from exc
+
+
+def check_certificate_files(key: Path, chain: Path, client_ca: Path | None) -> None:
+    """Raises SecurityConfigError, naming the variable and the file, unless `chain` holds PEM
+    certificates, `key` is the PEM private key of the first, and `client_ca` (when set) holds PEM
+    certificates: what grpcio and uvicorn would otherwise fail on only when they bind."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_verify_locations(cafile=chain)  # certificates alone, so that a bad key is told apart
+    except ssl.SSLError:
+        raise SecurityConfigError(f"the TLS certificate {chain} (FASHION_TLS_CERT) holds no PEM certificate") from None
+    try:
+        context.load_cert_chain(chain, key)
+    except ssl.SSLError as exc:
+        what = "is not the private key of" if exc.reason == "KEY_VALUES_MISMATCH" else "is not a PEM private key for"
+        raise SecurityConfigError(f"the TLS key {key} (FASHION_TLS_KEY) {what} the certificate {chain} "
+                                  "(FASHION_TLS_CERT)") from None
+    if client_ca is not None:
+        try:  # an empty or non-PEM file too: no client certificate would ever be accepted
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=client_ca)
+        except ssl.SSLError:
+            raise SecurityConfigError(f"the client CA {client_ca} (FASHION_TLS_CLIENT_CA) holds no PEM "
+                                      "certificate") from None
 
 
 def tls_enabled(settings: CommonSettings) -> bool:
@@ -72,8 +95,10 @@ class CertificateFiles:
         return tuple(signature)
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
-        key, chain, *ca = [_read(path, what) for path, what in zip(
-            self.paths, ("TLS key", "TLS certificate", "client CA"), strict=False)]
+        """The files as they are now, read and checked (SecurityConfigError when they cannot work)."""
+        key, chain, *ca = [_read(path, variable) for path, variable in zip(
+            self.paths, ("FASHION_TLS_KEY", "FASHION_TLS_CERT", "FASHION_TLS_CLIENT_CA"), strict=False)]
+        check_certificate_files(*self.paths[:2], self.paths[2] if ca else None)
         return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=ca[0] if ca else None)
 
     def changed(self) -> grpc.ServerCertificateConfiguration | None:
@@ -83,8 +108,7 @@ class CertificateFiles:
             return None
         try:
             configuration = self._configuration()
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.paths[1], self.paths[0])
-        except (SecurityConfigError, ssl.SSLError) as exc:  # e.g. a new key beside the old certificate
+        except SecurityConfigError as exc:  # e.g. a new key beside the old certificate
             log.error("Keeping the current TLS certificate until the files agree: %s", exc)
             return None
         self._signature = signature
@@ -94,8 +118,14 @@ class CertificateFiles:
 
 def server_credentials(settings: CommonSettings) -> grpc.ServerCredentials | None:
     """TLS credentials of a gRPC server, requiring client certificates when tls_client_ca is set, and
-    following the files as they are renewed (CertificateFiles); None for plaintext."""
+    following the files as they are renewed (CertificateFiles); None for plaintext. Raises
+    SecurityConfigError for files that cannot work (check_certificate_files), and for health_port
+    without TLS."""
     if not tls_enabled(settings):
+        if settings.health_port:  # it would be ignored: health checks are on the plaintext port itself
+            raise SecurityConfigError(f"FASHION_HEALTH_PORT={settings.health_port} (plaintext health checks beside "
+                                      "a TLS port) needs FASHION_TLS_CERT and FASHION_TLS_KEY; without TLS, probe "
+                                      "the service's own port")
         return None
     files = CertificateFiles(settings)
     return grpc.dynamic_ssl_server_credentials(files.initial, files.changed,
@@ -106,14 +136,16 @@ class TokenSource:
     """The bearer tokens a server accepts: auth_token, or every line of auth_token_file as it is now."""
 
     def __init__(self, settings: CommonSettings) -> None:
-        fixed = settings.auth_token.get_secret_value() if settings.auth_token else None
-        self._fixed = (fixed.encode(),) if fixed else None
-        self._file = token_file(settings.auth_token_file) if fixed is None and settings.auth_token_file else None
-        if self._file is not None:
-            try:
+        fixed = settings.auth_token.get_secret_value() if settings.auth_token else None  # "": unset
+        self._fixed: tuple[bytes, ...] | None = None
+        self._file = token_file(settings.auth_token_file) if not fixed and settings.auth_token_file else None
+        try:
+            if fixed:  # cleaned as clients clean it (ChannelOptions.from_settings), or refused
+                self._fixed = (setting_token(fixed).encode(),)
+            if self._file is not None:
                 self._file.tokens()
-            except TokenFileError as exc:
-                raise SecurityConfigError(str(exc)) from exc
+        except TokenFileError as exc:
+            raise SecurityConfigError(str(exc)) from exc
 
     @property
     def enabled(self) -> bool:

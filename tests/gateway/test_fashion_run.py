@@ -174,6 +174,8 @@ def test_fashion_run_starts_nothing_when_two_listeners_want_one_port(tmp_path: P
           "FASHION_TLS_KEY": "s.key", "FASHION_HEALTH_PORT": health},
          [f"error: port {health} is set for 3 listeners (inference's FASHION_HEALTH_PORT, batch's FASHION_HEALTH_PORT, "
           "monitor's FASHION_HEALTH_PORT): each needs a port of its own"]),
+        # A certificate without its key: one line, not a traceback from reading where each service listens.
+        ({**ports, "FASHION_TLS_CERT": "s.pem"}, ["error: FASHION_TLS_CERT and FASHION_TLS_KEY must be set together"]),
     ]
     for settings, expected in cases:
         done = subprocess.run([sys.executable, "-m", "fashion.cli", "run"], cwd=tmp_path, env={**inherited, **settings},

@@ -12,7 +12,7 @@ do, and a program may use tritonclient beside these clients.
 from typing import TYPE_CHECKING, Any
 
 from fashion.client._channel import ChannelOptions, TlsFileError
-from fashion.client._token import TokenFile, TokenFileError, token_file
+from fashion.client._token import TokenFile, TokenFileError, setting_token, token_file
 from fashion.client.batch import AsyncBatchClient, BatchClient
 from fashion.client.inference import AsyncInferenceClient, InferenceClient
 from fashion.client.monitor import AsyncMonitorClient, MonitorClient
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncBatchClient", "AsyncInferenceClient", "AsyncKServeClient", "AsyncMonitorClient", "BatchClient",
     "ChannelOptions", "InferenceClient", "KServeClient", "MonitorClient", "TlsFileError", "TokenFile", "TokenFileError",
-    "token_file",
+    "setting_token", "token_file",
 ]
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from fashion.client._token import token_file
+from fashion.client._token import setting_token, token_file
 
 MIB = 1024 * 1024
 
@@ -133,7 +133,8 @@ class ChannelOptions:
         return context
 
     def credentials(self) -> grpc.ChannelCredentials | None:
-        """gRPC's TLS credentials (None: plaintext). Raises TlsFileError for a file that cannot be read."""
+        """gRPC's TLS credentials (None: plaintext). Raises TlsFileError for a file that cannot be read, or
+        a client certificate without its key (or the reverse)."""
         if not self.tls:
             return None
         root_ca, client_cert, client_key = self._tls_files()
@@ -142,6 +143,9 @@ class ChannelOptions:
 
     def _tls_files(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         """The CA bundle, client certificate and key, as they are now (None: not set)."""
+        if (self.client_cert is None) != (self.client_key is None):  # grpc aborts the process on either alone
+            raise TlsFileError("FASHION_TLS_CERT and FASHION_TLS_KEY must be set together")
+
         def read(path: Path | None, variable: str) -> bytes | None:
             if path is None:
                 return None
@@ -155,8 +159,8 @@ class ChannelOptions:
 
 
 class TlsFileError(ValueError):
-    """A TLS file of the settings (CA bundle, client certificate or key) cannot be read; the message
-    names the file and its variable."""
+    """A TLS file of the settings (CA bundle, client certificate or key) cannot be read, or the client
+    certificate comes without its key (or the reverse); the message names the file and its variable."""
 
 
 class _Environment:
@@ -178,6 +182,10 @@ def _path(value: object) -> Path:
     return Path(value)  # type: ignore[arg-type]
 
 
+def _token(value: object) -> str:
+    return setting_token(str(value))  # cleaned, or TokenFileError naming FASHION_AUTH_TOKEN
+
+
 # The one mapping from settings to ChannelOptions, used by from_env and from_settings alike: each
 # setting (FASHION_<NAME> in the environment, <name> on the services' settings objects) and the
 # option it sets, with how a value written in the environment is read.
@@ -187,7 +195,7 @@ CHANNEL_SETTINGS: dict[str, tuple[str, Callable[[object], object]]] = {
     "tls_cert": ("client_cert", _path),
     "tls_key": ("client_key", _path),
     "tls_server_name": ("server_name", str),
-    "auth_token": ("token", str),
+    "auth_token": ("token", _token),
     "auth_token_file": ("token_file", _path),
     "max_message_bytes": ("max_message_bytes", int),  # type: ignore[dict-item]
     "grpc_lb_policy": ("lb_policy", str),
