@@ -24,6 +24,32 @@ MODES = {"move": pb.TRANSFER_MODE_MOVE, "copy": pb.TRANSFER_MODE_COPY}
 MODE_OF = {pb.TRANSFER_MODE_MOVE: "move", pb.TRANSFER_MODE_COPY: "copy"}
 
 
+class UnknownValue(ValueError):
+    """A request carries an enum number this server does not define (proto3 enums are open)."""
+
+
+def mode_of(mode: int) -> str:
+    """A request's TransferMode: "move", "copy", or "" (unspecified: the server's default). Raises UnknownValue,
+    never a default: an unknown mode taken as a move would move the caller's files."""
+    if mode == pb.TRANSFER_MODE_UNSPECIFIED:
+        return ""
+    if mode not in MODE_OF:
+        raise UnknownValue(f"unknown transfer mode {mode}: use TRANSFER_MODE_MOVE ({pb.TRANSFER_MODE_MOVE}), "
+                           f"TRANSFER_MODE_COPY ({pb.TRANSFER_MODE_COPY}) or leave it unspecified (the server's "
+                           "default)")
+    return MODE_OF[mode]
+
+
+def state_of(state: int) -> JobState | None:
+    """A request's JobState filter (None: unspecified, all states). Raises UnknownValue."""
+    if state == pb.JOB_STATE_UNSPECIFIED:
+        return None
+    if state not in STATE_OF:
+        raise UnknownValue(f"unknown job state {state}: use one of {', '.join(pb.JobState.keys()[1:])}, or "
+                           "leave it unspecified (all states)")
+    return STATE_OF[state]
+
+
 def timestamp(ts: float | None) -> Timestamp | None:
     if ts is None:
         return None

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fashion.client.text import printable
-from services.batch.paths import DataRoot, PathRefused
+from services.batch.paths import DataRoot, PathRefused, shown
 from services.batch.records import JobRecord, JobSpec, JobState
 from services.batch.reports import prune_run_files
 from services.batch.runner import JobBusy, JobRunner
@@ -35,18 +35,25 @@ log = logging.getLogger(__name__)
 PRUNE_INTERVAL_S = 30.0  # per-file records older than FASHION_BATCH_HISTORY_DAYS
 FILE_SWEEP_INTERVAL_S = 3600.0  # per-run files older than FASHION_RETENTION_DAYS
 CANCEL_WAIT_S = 10.0
+MAX_IDEMPOTENCY_KEY = 256
 
 
 def job_spec(root: DataRoot, store_dir: Path | None, input_dir: str, output_dir: str = "", mode: str = "move",
              min_confidence: float | None = None, recursive: bool = False, idempotency_key: str = "") -> JobSpec:
     """A checked job request, folders relative to the data root.
 
-    Raises PathRefused (bad or escaping path, bad option) or FolderMissing (input folder absent).
+    Raises PathRefused (bad or escaping path, bad option, an idempotency key over MAX_IDEMPOTENCY_KEY
+    characters) or FolderMissing (input folder absent).
     """
     if min_confidence is not None and not (math.isfinite(min_confidence) and 0.0 <= min_confidence <= 1.0):
         raise PathRefused(f"min_confidence must be between 0 and 1, got {min_confidence}")
     if mode not in ("move", "copy"):
         raise PathRefused(f"mode must be move or copy, got {mode!r}")
+    key = idempotency_key.strip()
+    if len(key) > MAX_IDEMPOTENCY_KEY:  # a unique index holds it (PostgreSQL's b-tree: about 2.7 KB at most)
+        raise PathRefused(f"idempotency_key has {len(key)} characters: at most {MAX_IDEMPOTENCY_KEY}")
+    if "\x00" in key:
+        raise PathRefused("idempotency_key contains a NUL byte")
     source = root.folder(input_dir, "input_dir")
     target = root.resolve(output_dir, "output_dir")
     if store_dir is not None:  # the SQLite file's folder
@@ -54,13 +61,12 @@ def job_spec(root: DataRoot, store_dir: Path | None, input_dir: str, output_dir:
         for what, path in (("input_dir", source), ("output_dir", target)):
             if path.is_relative_to(store_real):
                 raise PathRefused(f"{what} lies in {store_real}, the jobs database folder")
-    if target.exists() and not target.is_dir():
-        raise PathRefused(f"output_dir {output_dir!r} exists and is not a folder")
+    if root.not_a_folder(target, output_dir, "output_dir"):
+        raise PathRefused(f"output_dir {shown(output_dir)} exists and is not a folder")
     if source == target:
         raise PathRefused(f"input_dir and output_dir are the same folder ({source}): sorted images would be "
                           "sorted again")
-    return JobSpec(root.relative(source), root.relative(target), mode, min_confidence, recursive,
-                   idempotency_key.strip())
+    return JobSpec(root.relative(source), root.relative(target), mode, min_confidence, recursive, key)
 
 
 class JobQueue:

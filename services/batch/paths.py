@@ -11,9 +11,25 @@ are reached through folder descriptors (tree.py).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path, PurePosixPath
+
+SHOWN_MAX = 512
+"""Longer names are shown cut (a message quoting a 5,000-character name whole helps nobody)."""
+
+
+def shown(raw: str) -> str:
+    """`raw` quoted for a message; cut after 200 characters, with its length, when over SHOWN_MAX."""
+    return repr(raw) if len(raw) <= SHOWN_MAX else f"{raw[:200]!r}... ({len(raw)} characters)"
+
+
+def _cut(path: Path) -> str:
+    """A resolved path for a message, cut as shown() cuts."""
+    text = str(path)
+    return text if len(text) <= SHOWN_MAX else f"{text[:200]}... ({len(text)} characters)"
 
 
 class PathRefused(ValueError):
@@ -44,23 +60,42 @@ class DataRoot:
             raise PathRefused(f"{what} contains a NUL byte")
         root = self.real
         candidate = Path(raw) if os.path.isabs(raw) else root / raw
-        real = Path(os.path.realpath(candidate))
+        with self._refusing(raw, what):
+            real = Path(os.path.realpath(candidate))
         if not real.is_relative_to(root):
             raise PathRefused(
-                f"{what} {raw!r} resolves to {real}, outside the data root {root}: only folders under the "
-                f"data root can be processed")
+                f"{what} {shown(raw)} resolves to {_cut(real)}, outside the data root {root}: only folders "
+                f"under the data root can be processed")
         return real
 
     def folder(self, raw: str, what: str, create: bool = False) -> Path:
         """Like resolve(), and the result must be a folder (created when `create`)."""
         real = self.resolve(raw, what)
-        if create:
-            real.mkdir(parents=True, exist_ok=True)
-        if not real.exists():
-            raise FolderMissing(f"{what} {raw!r} does not exist under the data root ({real})")
-        if not real.is_dir():
-            raise PathRefused(f"{what} {raw!r} is not a folder ({real})")
+        with self._refusing(raw, what):
+            if create:
+                real.mkdir(parents=True, exist_ok=True)
+            if not real.exists():
+                raise FolderMissing(f"{what} {shown(raw)} does not exist under the data root ({_cut(real)})")
+            if not real.is_dir():
+                raise PathRefused(f"{what} {shown(raw)} is not a folder ({_cut(real)})")
         return real
+
+    def not_a_folder(self, real: Path, raw: str, what: str) -> bool:
+        """Whether `real` (from resolve()) exists as something other than a folder. Raises PathRefused."""
+        with self._refusing(raw, what):
+            return real.exists() and not real.is_dir()
+
+    @staticmethod
+    @contextmanager
+    def _refusing(raw: str, what: str) -> Iterator[None]:
+        """A folder the file system will not look at (name too long, permission denied, ...) is the caller's
+        problem: PathRefused naming the folder and the reason, never the raw OSError (its text holds the path)."""
+        try:
+            yield
+        except (PathRefused, FolderMissing):
+            raise
+        except OSError as exc:
+            raise PathRefused(f"{what} {shown(raw)} cannot be used: {exc.strerror or type(exc).__name__}") from None
 
     def relative(self, path: Path) -> str:
         """`path` (under the real root) as stored in records: posix, relative to the root."""

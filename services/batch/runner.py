@@ -355,7 +355,8 @@ class _JobRun:
         self.log.finished(job, self.files)
         metrics.BATCH_JOBS.labels(state.value).inc()
         metrics.BATCH_JOB_DURATION.observe(job.duration_s())
-        metrics.BATCH_LAST_RUN.set(now)
+        if state != JobState.CANCELLED:  # a cancelled job is no run (JobStore.last_finished)
+            metrics.BATCH_LAST_RUN.set(now)
         log.info("Job %s %s: %d processed (%d successful, %d uncertain, %d failed), %d skipped in %.1fs%s",
                  job_id, state.name, job.counts.processed, job.counts.successful, job.counts.uncertain,
                  job.counts.failed, job.skipped, job.duration_s(), f": {error}" if error else "")

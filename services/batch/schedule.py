@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, tzinfo
 
 from croniter import croniter
+from dateutil import tz
 
 from services.batch.jobs import JobQueue
 from services.batch.paths import FolderMissing, PathRefused
@@ -30,6 +32,29 @@ _INTERVAL = re.compile(r"^(?:@?every\s+)?(\d+(?:\.\d+)?)\s*(s|sec|secs|m|min|min
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MIN_INTERVAL_S = 1.0
 JOB_POLL_S = 0.2
+MAX_SLEEP_S = 60.0
+"""The longest single sleep before a run: the wall clock is read again after each (set back or forward)."""
+
+
+def local_zone() -> tzinfo:
+    """The service's local time zone (TZ, else the system's), with its daylight-saving rules."""
+    return tz.tzlocal()
+
+
+def local_time(ts: float) -> datetime:
+    """Unix time `ts` as an aware local datetime (which of a repeated hour's two 01:30s it is, too)."""
+    return datetime.fromtimestamp(ts, local_zone())
+
+
+class Clock:
+    """The wall clock scheduled runs read and sleep by: the one seam a test replaces with a clock it moves."""
+
+    def time(self) -> float:
+        """Unix time now."""
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 @dataclass(frozen=True)
@@ -40,7 +65,8 @@ class Schedule:
 
     @classmethod
     def parse(cls, text: str) -> Schedule | None:
-        """None for an empty text. Raises ValueError naming the problem."""
+        """None for an empty text. Raises ValueError naming the problem, also for a schedule whose due times
+        cannot be computed (February 30, an interval beyond the calendar)."""
         text = (text or "").strip()
         if not text:
             return None
@@ -49,22 +75,33 @@ class Schedule:
             seconds = float(m.group(1)) * _UNIT_S[(m.group(2) or "s")[0].lower()]
             if seconds < MIN_INTERVAL_S:
                 raise ValueError(f"batch schedule {text!r}: the interval must be at least {MIN_INTERVAL_S:g}s")
-            return cls(text, interval_s=seconds)
-        if len(text.split()) == 5 and croniter.is_valid(text):
-            return cls(text, cron=text)
-        raise ValueError(f"batch schedule {text!r} is neither a 5-field cron expression (e.g. \"0 2 * * *\") "
-                         "nor an interval (e.g. \"every 30m\", \"90s\")")
+            schedule = cls(text, interval_s=seconds)
+        elif len(text.split()) == 5 and croniter.is_valid(text):
+            schedule = cls(text, cron=text)
+        else:
+            raise ValueError(f"batch schedule {text!r} is neither a 5-field cron expression (e.g. \"0 2 * * *\") "
+                             "nor an interval (e.g. \"every 30m\", \"90s\")")
+        now = local_time(time.time())
+        try:  # what the scheduled runs compute, once at start: a schedule that cannot be computed never runs
+            schedule.next_after(now)
+            schedule.previous_due(now)
+        except (ValueError, OverflowError, OSError) as exc:
+            raise ValueError(f"batch schedule {text!r} never comes due: its next or previous run time cannot be "
+                             f"computed ({exc}): a date that does not exist (February 30, April 31) or an "
+                             "interval too long") from None
+        return schedule
 
     def next_after(self, when: datetime) -> datetime:
-        if self.interval_s is not None:
-            return when + timedelta(seconds=self.interval_s)
+        """The first due time after `when` (aware: in its zone; naive: local time, naive)."""
+        if self.interval_s is not None:  # in elapsed time, whatever the clocks of the zone do meanwhile
+            return datetime.fromtimestamp(when.timestamp() + self.interval_s, when.tzinfo)
         assert self.cron is not None
         return croniter(self.cron, when).get_next(datetime)
 
     def previous_due(self, when: datetime) -> datetime:
         """The last due time before `when` (for an interval: one interval ago)."""
         if self.interval_s is not None:
-            return when - timedelta(seconds=self.interval_s)
+            return datetime.fromtimestamp(when.timestamp() - self.interval_s, when.tzinfo)
         assert self.cron is not None
         return croniter(self.cron, when).get_prev(datetime)
 
@@ -75,32 +112,43 @@ class Schedule:
 
 
 class ScheduledRuns:
-    """Submits a job for the inbox whenever the schedule comes due."""
+    """Submits a job for the inbox whenever the schedule comes due. Due times are aware local datetimes
+    (croniter's in the local zone: a night the clocks change runs at the wall time it names); each is waited
+    for in sleeps of at most MAX_SLEEP_S against the wall clock, never one long sleep of a computed length."""
 
-    def __init__(self, schedule: Schedule, queue: JobQueue) -> None:
+    def __init__(self, schedule: Schedule, queue: JobQueue, clock: Clock | None = None) -> None:
         self.schedule = schedule
         self.queue = queue
         self.settings = queue.settings
+        self.clock = clock or Clock()
         self._last_job: str | None = None
         self._runs: set[asyncio.Task[None]] = set()
 
     async def run_forever(self) -> None:
-        last_due = datetime.now()
-        if (missed := await asyncio.to_thread(self.missed_run, last_due)) is not None:
+        """Until cancelled. Never ends silently: a failure is logged as an error, with the reason."""
+        try:
+            await self._run()
+        except Exception:
+            log.exception("Scheduled runs of %s stopped: no scheduled run happens until the service restarts",
+                          self.settings.batch_inbox)
+        finally:
+            for task in list(self._runs):
+                task.cancel()
+
+    async def _run(self) -> None:
+        last_due = self.clock.time()
+        if (missed := await asyncio.to_thread(self.missed_run, local_time(last_due))) is not None:
             log.warning("The scheduled run due at %s did not happen (the service was down): running it now",
                         missed.strftime("%Y-%m-%d %H:%M:%S"))
             self._start(missed, caught_up=True)
         log.info("Scheduled runs of %s: %s", self.settings.batch_inbox, self.schedule.describe())
-        try:
-            while True:
-                # From the previous due time too: a sleep ending a hair early must not fire twice.
-                due = self.schedule.next_after(max(datetime.now(), last_due))
-                await asyncio.sleep(max(0.0, (due - datetime.now()).total_seconds()))
-                last_due = due
-                self._start(due)
-        finally:
-            for task in list(self._runs):
-                task.cancel()
+        while True:
+            # From the previous due time too: a run is never due twice.
+            due = self.schedule.next_after(local_time(max(self.clock.time(), last_due)))
+            while (left := due.timestamp() - self.clock.time()) > 0:
+                await self.clock.sleep(min(left, MAX_SLEEP_S))
+            last_due = due.timestamp()
+            self._start(due)
 
     def missed_run(self, now: datetime) -> datetime | None:
         """The due time of the last run missed before `now` (None: none, catching up is off, or no scheduled
@@ -121,8 +169,9 @@ class ScheduledRuns:
         task.add_done_callback(self._runs.discard)
 
     async def fire(self, due: datetime | None = None, caught_up: bool = False) -> JobRecord | None:
-        """One scheduled run, with its own batch_runner log. Returns the job (None when skipped). Replicas
-        sharing a PostgreSQL jobs database submit the run of one due time as one job (its idempotency key)."""
+        """One scheduled run, with its own batch_runner log. Returns the job (None when skipped or failed: the
+        runner log and the service log say why). Replicas sharing a PostgreSQL jobs database submit the run of
+        one due time as one job (its idempotency key)."""
         runner_log = RunnerLog(self.settings)
         job: JobRecord | None = None
         try:
@@ -163,6 +212,12 @@ class ScheduledRuns:
                 runner_log.line("Batch runner stopped with the service%s", f"; job {job.job_id} resumes at the next "
                                 "start" if job is not None else "")
             raise
+        except Exception as exc:  # anything else (the jobs database lost, a bug): said, never a silent task
+            runner_log.line("✗ Batch failed: %s%s", str(exc) or type(exc).__name__,
+                            f" (job {job.job_id} goes on)" if job is not None else "")
+            log.exception("Scheduled run failed%s", f" (job {job.job_id})" if job is not None else "")
+            return None
         finally:
-            runner_log.line("Next run: %s", self.schedule.next_after(datetime.now()).strftime("%Y-%m-%d %H:%M:%S"))
+            runner_log.line("Next run: %s", self.schedule.next_after(local_time(self.clock.time())).strftime(
+                "%Y-%m-%d %H:%M:%S"))
             runner_log.close()

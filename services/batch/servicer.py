@@ -15,7 +15,7 @@ from services.batch.events import JobEvents, JobUpdate
 from services.batch.jobs import JobQueue
 from services.batch.paths import FolderMissing, PathRefused
 from services.batch.records import JobRecord
-from services.batch.store import JobFinished, JobNotFound, StoreUnavailable
+from services.batch.store import JobFinished, JobNotFound, KeyReused, StoreUnavailable
 from services.common.server import ErrorStatuses
 
 T = TypeVar("T")
@@ -26,8 +26,9 @@ WATCH_POLL_S = 2.0  # re-read the job when no event came (a job run by another p
 
 
 ERRORS = ErrorStatuses({
-    PathRefused: grpc.StatusCode.INVALID_ARGUMENT,
+    (PathRefused, converters.UnknownValue): grpc.StatusCode.INVALID_ARGUMENT,
     (FolderMissing, JobNotFound): grpc.StatusCode.NOT_FOUND,
+    KeyReused: grpc.StatusCode.ALREADY_EXISTS,
     JobFinished: grpc.StatusCode.FAILED_PRECONDITION,
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
 })
@@ -60,7 +61,7 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         await _required(context, request.input_dir, "input_dir")
         spec = await call(context, lambda: self._job_queue.spec(
-            request.input_dir, request.output_dir, converters.MODE_OF.get(request.mode, ""),
+            request.input_dir, request.output_dir, converters.mode_of(request.mode),
             request.min_confidence if request.HasField("min_confidence") else None, request.recursive,
             request.idempotency_key))
         return self._job(await ERRORS.call(context, lambda: self._job_queue.submit(spec, trigger="api")))
@@ -73,10 +74,8 @@ class BatchServicer(pb_grpc.BatchServiceServicer):
         if not 0 <= request.limit <= MAX_LIST_LIMIT:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"limit must be between 0 and {MAX_LIST_LIMIT}, got {request.limit}")
-        state = converters.STATE_OF.get(request.state)
-        if request.state and state is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown job state {request.state}")
-        jobs = await call(context, lambda: self._job_queue.list(request.limit or DEFAULT_LIST_LIMIT, state))
+        jobs = await call(context, lambda: self._job_queue.list(request.limit or DEFAULT_LIST_LIMIT,
+                                                                converters.state_of(request.state)))
         return pb.ListJobsResponse(jobs=[self._job(j) for j in jobs])
 
     async def WatchJob(self, request: pb.WatchJobRequest,

@@ -3,6 +3,9 @@ Monitor service's dashboards and alerts read.
 
 A run is a job that ended (succeeded, failed or cancelled) inside the window; the window is
 the last `days` local calendar days, today included, so the daily rows add up to the totals.
+The last run (its time and age, what batch health and the no_recent_batch_run alert judge) is the
+last job that succeeded or failed (JobStore.last_finished): a cancelled job is no run, or cancelling
+a job would hide a batch that has not run. A failed one counts: its failure is reported on its own.
 Recent errors are those of the last 24 hours: images that could not be classified or moved,
 and failed jobs.
 """

@@ -29,6 +29,7 @@ Paths are stored relative to the data root. Times are Unix seconds.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -71,6 +72,10 @@ class JobNotFound(LookupError):
     pass
 
 
+class KeyReused(Exception):
+    """An idempotency key already names a job asked with other arguments: the request is not that job's."""
+
+
 class JobFinished(RuntimeError):
     """The job already ended (it cannot be cancelled)."""
 
@@ -89,8 +94,11 @@ class StoreUnavailable(RuntimeError):
     stop where they are, resumable from their records, and resume when it is back."""
 
 
+JOB_ID_LENGTH = 16
+
+
 def new_job_id() -> str:
-    return uuid.uuid4().hex[:16]
+    return uuid.uuid4().hex[:JOB_ID_LENGTH]
 
 
 def default_db_path(settings: BatchSettings) -> Path:
@@ -201,14 +209,19 @@ class JobStore(ABC):
     # --- jobs ----------------------------------------------------------------------------------
 
     def create(self, spec: JobSpec, trigger: str, now: float | None = None, job_id: str | None = None) -> JobRecord:
-        """A new QUEUED job, or the existing one with the same idempotency key. `job_id` lets a caller
-        lock the job (lock_job) before it exists, so that no other process adopts it meanwhile."""
+        """A new QUEUED job, or the existing one with the same idempotency key when it was asked with the same
+        arguments (KeyReused when not). `job_id` lets a caller lock the job (lock_job) before it exists, so
+        that no other process adopts it meanwhile."""
         now = now or time.time()
         job_id = job_id or new_job_id()
         with self._transaction(durable=True, serialized=True) as tx:
-            row = tx.one("SELECT job_id FROM jobs WHERE idempotency_key = ?", (spec.idempotency_key,)) \
+            row = tx.one("SELECT * FROM jobs WHERE idempotency_key = ?", (spec.idempotency_key,)) \
                 if spec.idempotency_key else None
             if row is not None:
+                if differences := _spec_differences(row, spec):
+                    raise KeyReused(
+                        f"idempotency key {spec.idempotency_key!r} already names job {row['job_id']}, asked with "
+                        f"other arguments ({'; '.join(differences)}): use another key for this request")
                 job_id = row["job_id"]
             else:
                 tx.run(
@@ -220,6 +233,12 @@ class JobStore(ABC):
 
     def get(self, job_id: str) -> JobRecord:
         """By id, or by a unique prefix of at least 6 characters. Raises JobNotFound."""
+        # Before any query: ids are new_job_id()'s (a long one is never stored, and SQLite refuses a LIKE
+        # pattern of a million characters as too complex); never quoted whole.
+        if len(job_id) > JOB_ID_LENGTH:
+            raise JobNotFound(f"no job with an id of {len(job_id)} characters: a job id has {JOB_ID_LENGTH}")
+        if not job_id.isalnum():  # PostgreSQL refuses a NUL byte in a query's text
+            raise JobNotFound(f"no job {job_id!r}: a job id has only letters and digits")
         with self._reading() as tx:
             rows = tx.all("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
             if not rows and len(job_id) >= 6 and job_id.isalnum():
@@ -479,8 +498,11 @@ class JobStore(ABC):
             return [self._record(tx, r) for r in rows]
 
     def last_finished(self) -> JobRecord | None:
+        """The last run: the job that ended last, cancelled ones left out (a job cancelled before it sorted
+        anything is no run; batch health must not call a batch that never ran recent)."""
         with self._reading() as tx:
-            rows = tx.all("SELECT * FROM jobs WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT 1")
+            rows = tx.all("SELECT * FROM jobs WHERE finished_at IS NOT NULL AND state != ?"
+                          " ORDER BY finished_at DESC LIMIT 1", (JobState.CANCELLED.value,))
             return self._record(tx, rows[0]) if rows else None
 
     def failed_files_since(self, since: float, limit: int) -> list[FileRecord]:
@@ -510,6 +532,20 @@ class JobStore(ABC):
                "recursive": bool(data["recursive"]),
                "scanned": bool(data["scanned"]), "cancel_requested": bool(data["cancel_requested"])},
             counts=counts)
+
+
+def _spec_differences(row: Row, spec: JobSpec) -> list[str]:
+    """What `spec` asks otherwise than the job of `row`, one "<field> <job's value>, not <asked>" each. An
+    unset min_confidence asks for the model's default, which the job records when it runs: it matches any."""
+    job = {"input_dir": row["input_dir"], "output_dir": row["output_dir"], "mode": row["mode"],
+           "recursive": bool(row["recursive"])}
+    differences = [f"{name} {value!r}, not {getattr(spec, name)!r}" for name, value in job.items()
+                   if value != getattr(spec, name)]
+    recorded = row["min_confidence"]
+    if spec.min_confidence is not None and (recorded is None or not math.isclose(
+            recorded, spec.min_confidence, abs_tol=1e-6)):  # a request's float32 against the model's rounded one
+        differences.append(f"min_confidence {recorded!r}, not {spec.min_confidence!r}")
+    return differences
 
 
 def _counts(tx: Tx, job_id: str) -> Counts:

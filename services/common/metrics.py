@@ -87,8 +87,8 @@ BATCH_SORT_DURATION = Histogram(
 BATCH_INFERENCE_WAITS = Counter(
     "fashion_batch_inference_waits", "Retries scheduled because the Inference service was unavailable",
 )
-BATCH_LAST_RUN = Gauge("fashion_batch_last_run_timestamp_seconds", "Unix time the last job ended",
-                       multiprocess_mode="max")
+BATCH_LAST_RUN = Gauge("fashion_batch_last_run_timestamp_seconds",
+                       "Unix time the last job that was not cancelled ended", multiprocess_mode="max")
 
 # --- Monitor service -----------------------------------------------------------------------
 MONITOR_CHECK_DURATION = Histogram(

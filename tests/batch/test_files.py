@@ -25,7 +25,7 @@ from services.batch.records import FileDone, FilePlan, JobSpec, JobState, Outcom
 from services.batch.scanner import scan_folder
 from services.batch.schedule import Schedule
 from services.batch.sqlite_store import SqliteJobStore
-from services.batch.store import DestinationTaken, JobClosed, JobStore, StoreUnavailable
+from services.batch.store import DestinationTaken, JobClosed, JobStore, KeyReused, StoreUnavailable
 from services.batch.tree import MAX_OPEN, Entry, FolderRefused, OpenFolders
 from tests.postgres import PASSWORD, PostgresServer
 from tests.support import LABELS
@@ -254,7 +254,9 @@ def test_store_keeps_jobs_apart_and_write_ahead_records(open_store: Callable[[],
     a = store.create(JobSpec("inbox", "out"), "api")
     b = store.create(JobSpec("inbox", "out"), "cli")
     keyed = store.create(JobSpec("x", "out", idempotency_key="k"), "api")
-    assert keyed.job_id == store.create(JobSpec("y", "out", idempotency_key="k"), "api").job_id
+    assert keyed.job_id == store.create(JobSpec("x", "out", idempotency_key="k"), "api").job_id
+    with pytest.raises(KeyReused, match="idempotency key 'k' already names job"):
+        store.create(JobSpec("y", "out", idempotency_key="k"), "api")
     a = store.start(a.job_id, now=datetime(2025, 10, 7, 2, 0, 0).timestamp())
     b = store.start(b.job_id, now=datetime(2025, 10, 7, 2, 0, 0).timestamp())
     assert (a.stamp, b.stamp) == ("20251007_020000", "20251007_020001")  # files of two runs never collide
