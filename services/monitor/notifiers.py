@@ -174,6 +174,11 @@ class EmailNotifier:
             raise ValueError("FASHION_SMTP_USER is set but the connection has no TLS, so the password would cross "
                              "in clear text: set FASHION_SMTP_STARTTLS=true or FASHION_SMTP_SSL=true (or "
                              "FASHION_SMTP_ALLOW_PLAINTEXT_AUTH=true on a network you trust)")
+        if not settings.smtp_user and (settings.smtp_password or settings.smtp_password_file):
+            # Without a user there is no login: the password would be ignored and every send refused.
+            raise ValueError("FASHION_SMTP_PASSWORD (or FASHION_SMTP_PASSWORD_FILE) is set but FASHION_SMTP_USER "
+                             "is not: set the user to log in with it (or remove the password for a server "
+                             "without login)")
         self.settings = settings
 
     @property

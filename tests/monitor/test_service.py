@@ -135,6 +135,8 @@ def test_list_alerts_shows_rules_and_the_batch_alert(monitor: ServiceProcess) ->
 @pytest.mark.parametrize(("env", "message"), [
     ({"FASHION_ALERT_DISABLED_RULES": "api_down,api_dwon"}, "unknown alert rule(s) ['api_dwon']"),
     ({"FASHION_SMTP_HOST": "mail.example"}, "FASHION_SMTP_TO has no recipient"),
+    ({"FASHION_SMTP_HOST": "mail.example", "FASHION_SMTP_TO": "ops@example.com", "FASHION_SMTP_PASSWORD": "pw"},
+     "FASHION_SMTP_PASSWORD (or FASHION_SMTP_PASSWORD_FILE) is set but FASHION_SMTP_USER is not"),
     ({"FASHION_REPORT_CRON": "daily"}, "not a cron expression: 'daily'"),
 ])
 def test_a_wrong_setting_stops_the_start_with_the_reason(tmp_path: Path, env: dict[str, str], message: str) -> None:
