@@ -48,7 +48,8 @@ def listeners() -> dict[str, Listening]:
 
     def grpc_service(name: str, settings: InferenceSettings | BatchSettings | MonitorSettings, host: str | None,
                      port: int, metrics_port: int) -> Listening:
-        metrics = (f"metrics http://{settings.listen_address(host, metrics_port)}/metrics" if metrics_port > 0
+        scheme = "https" if tls_enabled(settings) else "http"  # the metrics port serves TLS as the gRPC port does
+        metrics = (f"metrics {scheme}://{settings.listen_address(host, metrics_port)}/metrics" if metrics_port > 0
                    else "metrics off")
         ports = grpc_service_ports(name, settings.listen_host(host), port, metrics_port)
         if tls_enabled(settings) and settings.health_port:  # the plaintext grpc.health.v1 port for probes

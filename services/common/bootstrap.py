@@ -43,6 +43,7 @@ from services.common.security import (
     SecurityConfigError,
     TokenSource,
     client_options,
+    metrics_tls,
     metrics_token_check,
     server_credentials,
     tls_enabled,
@@ -221,7 +222,7 @@ async def serve(service: GrpcService[S], settings: S) -> None:
     observe(settings, service.log_name, service.name)
     listener = service.listener(settings)
     start_metrics_server(service.name, listener.metrics_port, settings.listen_host(listener.host),
-                         metrics_token_check(settings))
+                         metrics_token_check(settings), tls=metrics_tls(settings))
 
     parts = service.build(settings)
     reuse_port = service.reuse_port is not None and service.reuse_port(settings)

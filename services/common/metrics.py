@@ -7,7 +7,9 @@ metrics port (`start_metrics_server(registry=...)`); the gauges say how processe
 (multiprocess_mode: in-flight and queue depth summed over live processes, model loaded their minimum).
 
 Each service process exposes them on its own HTTP port (see README), on the service's bind
-address, and behind its bearer token when one is set (unless FASHION_METRICS_PUBLIC=true); names
+address, and behind its bearer token when one is set (unless FASHION_METRICS_PUBLIC=true); over TLS
+(HTTPS, client certificates required with FASHION_TLS_CLIENT_CA) when the process serves TLS, with the
+certificate its gRPC port shows, renewed alike (security.metrics_tls); names
 follow Prometheus conventions, and queue time is kept apart from compute time, as Triton does.
 
 Every family is defined here, but a process exposes only its own (`expose(service)`): a Batch
@@ -20,10 +22,11 @@ import json
 import logging
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -154,8 +157,48 @@ TokenCheck = Callable[[str | None], str | None]
 """An Authorization header value -> None when it is accepted, else why not (security.TokenSource.check)."""
 
 
+class ServerTls(Protocol):
+    """What a metrics port serves TLS with (security.ServerSslContext)."""
+
+    require_client_auth: bool
+
+    def current(self) -> ssl.SSLContext:
+        """The context for a new connection (the certificate as renewed)."""
+        ...
+
+
+TLS_HANDSHAKE_TIMEOUT_S = 10.0
+"""How long a TLS connection may take to complete its handshake, and then each read or write."""
+
+
 class _MetricsServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    tls: ServerTls | None = None
+    """None: plain HTTP."""
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """With TLS, the handshake first, here in the connection's own thread (ThreadingMixIn: the
+        serving thread only accepts), with a timeout: a client that connects and sends nothing, or
+        speaks plain HTTP, costs its own thread a few seconds and holds up no other scrape."""
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(TLS_HANDSHAKE_TIMEOUT_S)
+        try:  # a failed handshake closes the connection (ssl.SSLSocket does)
+            connection = self.tls.current().wrap_socket(request, server_side=True)
+        except (OSError, ValueError) as exc:  # ssl.SSLError, timeout, reset: that client's problem only
+            log.debug("Metrics port: TLS handshake with %s failed: %s", client_address[0], exc)
+            return
+        try:
+            super().finish_request(connection, client_address)
+        finally:
+            self.shutdown_request(connection)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if self.tls is None:
+            super().handle_error(request, client_address)  # as before: socketserver's traceback on stderr
+            return
+        log.debug("Metrics port: connection from %s failed", client_address[0], exc_info=True)
 
 
 class _MetricsServer6(_MetricsServer):
@@ -165,6 +208,12 @@ class _MetricsServer6(_MetricsServer):
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass  # a scrape every few seconds is not worth a log line
+
+    def get_environ(self) -> dict[str, str]:
+        environ = super().get_environ()
+        if isinstance(self.connection, ssl.SSLSocket):
+            environ["HTTPS"] = "on"  # wsgi.url_scheme https
+        return environ
 
 
 class _OwnFamilies:
@@ -202,10 +251,11 @@ def retire_process() -> None:
 
 
 def start_metrics_server(service: str, port: int, addr: str, token_check: TokenCheck | None = None,
-                         registry: CollectorRegistry | None = None) -> int:
+                         registry: CollectorRegistry | None = None, tls: ServerTls | None = None) -> int:
     """Serve `service`'s own metrics (expose()), or those `registry` collects, on `addr`:`port` (port 0
     disables it) in a background thread; with `token_check`, scrapes without an accepted bearer token
-    get 401. Returns the port, or 0 when disabled."""
+    get 401; with `tls` (security.metrics_tls), HTTPS only, each connection with the context
+    `tls.current()` gives at its start. Returns the port, or 0 when disabled."""
     expose(service)
     if port <= 0:
         return 0
@@ -214,9 +264,12 @@ def start_metrics_server(service: str, port: int, addr: str, token_check: TokenC
         app = _requiring_token(app, token_check)
     server = make_server(addr, port, app, _MetricsServer6 if ":" in addr else _MetricsServer,
                          handler_class=_QuietHandler)
+    server.tls = tls
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    log.info("Prometheus metrics on http://%s:%d/metrics%s", f"[{addr}]" if ":" in addr else addr, port,
-             " (bearer token required)" if token_check is not None else "")
+    required = [what for what, needed in (("client certificate", tls is not None and tls.require_client_auth),
+                                          ("bearer token", token_check is not None)) if needed]
+    log.info("Prometheus metrics on %s://%s:%d/metrics%s", "https" if tls is not None else "http",
+             f"[{addr}]" if ":" in addr else addr, port, f" ({' and '.join(required)} required)" if required else "")
     return port
 
 

@@ -1,6 +1,6 @@
-"""Transport security shared by the gRPC services and the REST gateway: TLS (optionally mutual)
-from certificate files, and an optional bearer token checked on every call but health checks and
-reflection (and on metrics ports unless metrics_public).
+"""Transport security shared by the gRPC services, their metrics ports and the REST gateway: TLS
+(optionally mutual) from certificate files, and an optional bearer token checked on every call but
+health checks and reflection (and on metrics ports unless metrics_public).
 
 One set of settings (FASHION_TLS*, FASHION_AUTH_TOKEN[_FILE], see config.CommonSettings) configures
 a process's server side and its calls to the other services. A token file may list several tokens,
@@ -16,6 +16,7 @@ import hmac
 import logging
 import os
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,23 @@ def tls_enabled(settings: CommonSettings) -> bool:
     return settings.tls_cert is not None
 
 
+_VARIABLES = ("FASHION_TLS_KEY", "FASHION_TLS_CERT", "FASHION_TLS_CLIENT_CA")
+"""The settings naming a server's TLS files, in the order of CertificateFiles.paths."""
+
+
+def _signature(paths: list[Path]) -> tuple[tuple[int, ...], ...]:
+    """What tells a renewal of the files at `paths` (inode, size, modification time of each, links
+    followed); () while one of them is missing."""
+    signature = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return ()  # one file missing while a Secret is swapped: try again at the next connection
+        signature.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(signature)
+
+
 class CertificateFiles:
     """A server's TLS files (key, certificate chain, client CA), read again when one of them changes:
     grpcio asks before every new connection's handshake (dynamic server credentials), so a renewed
@@ -82,17 +100,11 @@ class CertificateFiles:
         self.paths = [p for p in (settings.tls_key, settings.tls_cert, settings.tls_client_ca) if p is not None]
         self.require_client_auth = settings.tls_client_ca is not None
         self._signature = self._stat()
+        self._refused: tuple[tuple[int, ...], ...] | None = None  # the files as last refused (read, logged once)
         self.initial = self._configuration()
 
     def _stat(self) -> tuple[tuple[int, ...], ...]:
-        signature = []
-        for path in self.paths:
-            try:
-                st = os.stat(path)
-            except OSError:
-                return ()  # one file missing while a Secret is swapped: try again at the next connection
-            signature.append((st.st_ino, st.st_size, st.st_mtime_ns))
-        return tuple(signature)
+        return _signature(self.paths)
 
     def _configuration(self) -> grpc.ServerCertificateConfiguration:
         """The files as they are now, read and checked (SecurityConfigError when they cannot work)."""
@@ -104,11 +116,12 @@ class CertificateFiles:
     def changed(self) -> grpc.ServerCertificateConfiguration | None:
         """The new configuration when the files changed (and read whole), else None: keep the current."""
         signature = self._stat()
-        if not signature or signature == self._signature:
+        if not signature or signature in (self._signature, self._refused):
             return None
         try:
             configuration = self._configuration()
         except SecurityConfigError as exc:  # e.g. a new key beside the old certificate
+            self._refused = signature  # not read again, nor logged, at every connection until they change
             log.error("Keeping the current TLS certificate until the files agree: %s", exc)
             return None
         self._signature = signature
@@ -130,6 +143,65 @@ def server_credentials(settings: CommonSettings) -> grpc.ServerCredentials | Non
     files = CertificateFiles(settings)
     return grpc.dynamic_ssl_server_credentials(files.initial, files.changed,
                                                require_client_authentication=files.require_client_auth)
+
+
+class ServerSslContext:
+    """The TLS of a process's servers that grpcio does not run (the metrics ports), as an ssl.SSLContext
+    from the same files as CertificateFiles: FASHION_TLS_CERT and FASHION_TLS_KEY, and with
+    FASHION_TLS_CLIENT_CA client certificates signed by it required. `current()`, asked before each new
+    connection's handshake, builds a new context when the files changed, so a renewed certificate is
+    served from the next connection on, without a restart; files that do not agree (a new key beside
+    the old certificate) are not used: the current context stays, and an ERROR says so once."""
+
+    def __init__(self, settings: CommonSettings) -> None:
+        assert settings.tls_cert is not None and settings.tls_key is not None
+        self.paths = [p for p in (settings.tls_key, settings.tls_cert, settings.tls_client_ca) if p is not None]
+        self.require_client_auth = settings.tls_client_ca is not None
+        self._lock = threading.Lock()  # connections are handled in threads of their own
+        self._signature = _signature(self.paths)
+        self._refused: tuple[tuple[int, ...], ...] = ()
+        self._context = self._build()
+
+    def _build(self) -> ssl.SSLContext:
+        """A context from the files as they are now (SecurityConfigError when they cannot work)."""
+        for path, variable in zip(self.paths, _VARIABLES, strict=False):
+            _read(path, variable)  # a missing or unreadable file, named as CertificateFiles names it
+        key, chain, *ca = self.paths
+        check_certificate_files(key, chain, ca[0] if ca else None)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(chain, key)
+            if ca:
+                context.load_verify_locations(cafile=ca[0])
+                context.verify_mode = ssl.CERT_REQUIRED
+        except OSError as exc:  # ssl.SSLError too: the files changed again since they were checked
+            raise SecurityConfigError(f"the TLS files changed while they were read: {exc}") from None
+        return context
+
+    def current(self) -> ssl.SSLContext:
+        """The context for a new connection: the files' as they are now when they changed and agree,
+        else the one in use."""
+        signature = _signature(self.paths)
+        with self._lock:
+            if not signature or signature in (self._signature, self._refused):
+                return self._context
+            try:
+                context = self._build()
+            except SecurityConfigError as exc:
+                self._refused = signature  # logged once for these files, not at every connection
+                log.error("Keeping the current TLS certificate of the metrics port until the files agree: %s", exc)
+                return self._context
+            self._context, self._signature, self._refused = context, signature, ()
+        log.info("TLS certificate files changed: new metrics connections get the new certificate")
+        return context
+
+
+def metrics_tls(settings: CommonSettings) -> ServerSslContext | None:
+    """The TLS of a process's metrics port: the certificate and key of its gRPC port (and its client CA:
+    client certificates required), followed as they are renewed, when the process serves TLS; None:
+    plain HTTP. Raises SecurityConfigError for files that cannot work (check_certificate_files)."""
+    return ServerSslContext(settings) if tls_enabled(settings) else None
 
 
 class TokenSource:

@@ -10,7 +10,7 @@ services.inference.cpus), and what must stay one is kept one:
             LogWriter writes logs/api.log, api_errors.log and stdout, rotating as with one process
   metrics   the children write prometheus-client's multiprocess files (PROMETHEUS_MULTIPROC_DIR, set
             in their environment before they import it); the parent serves their sum on the one
-            metrics port and marks the files of a child that died (mark_process_dead)
+            metrics port (HTTPS when TLS is on) and marks the files of a child that died (mark_process_dead)
   stats     GetStats and KServe ModelStatistics: summed across the children through the run folder
             (services.inference.siblings)
   health    each child reports SERVING once every child's model is warm
@@ -44,7 +44,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from services.common.config import InferenceSettings
 from services.common.logs import FORWARD_FD_ENV, forward_lines, setup_logging, shutdown_logging
 from services.common.metrics import start_metrics_server, summed_registry
-from services.common.security import metrics_token_check
+from services.common.security import metrics_tls, metrics_token_check
 from services.inference.siblings import RUN_DIR_ENV, STARTED_ENV
 
 log = logging.getLogger(__name__)
@@ -200,7 +200,8 @@ def supervise(settings: InferenceSettings, processes: int) -> int:
         signal.signal(sig, stop)
     registry = summed_registry("inference", str(supervisor.metrics_dir))
     start_metrics_server("inference", settings.inference_metrics_port,
-                         settings.listen_host(settings.inference_host), metrics_token_check(settings), registry)
+                         settings.listen_host(settings.inference_host), metrics_token_check(settings), registry,
+                         metrics_tls(settings))
     log.info("Inference service: %d server processes on %s (run folder %s)", processes,
              settings.listen_address(settings.inference_host, settings.inference_port), supervisor.run_dir)
     try:

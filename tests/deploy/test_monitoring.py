@@ -324,15 +324,15 @@ def test_operator_component_on_the_secure_overlay_sends_the_token_and_a_client_c
         assert endpoint["authorization"]["type"] == "Bearer" and credentials["name"] in secrets, job
         # The key is the file the services read their token from (FASHION_AUTH_TOKEN_FILE).
         assert config["data"]["FASHION_AUTH_TOKEN_FILE"].endswith("/" + credentials["key"])
-        if job == "fashion-gateway":
-            tls = endpoint["tlsConfig"]
-            assert endpoint["scheme"] == "https" and tls["serverName"] == "fashion-gateway"
-            for key, setting in (("ca", "FASHION_TLS_CA"), ("cert", "FASHION_TLS_CERT")):
-                assert tls[key]["secret"]["name"] in secrets
-                assert config["data"][setting].endswith("/" + tls[key]["secret"]["key"])
-            assert config["data"]["FASHION_TLS_KEY"].endswith("/" + tls["keySecret"]["key"])
-        else:
-            assert endpoint.get("scheme", "http") == "http", job  # the metrics ports are plain HTTP
+        # Every scrape is HTTPS with a client certificate: the gateway's port, and the gRPC services' metrics
+        # ports, which serve TLS with the same files (their shared certificate carries every Service name).
+        tls = endpoint["tlsConfig"]
+        assert endpoint["scheme"] == "https", job
+        assert tls["serverName"] == ("fashion-gateway" if job == "fashion-gateway" else "fashion-inference"), job
+        for key, setting in (("ca", "FASHION_TLS_CA"), ("cert", "FASHION_TLS_CERT")):
+            assert tls[key]["secret"]["name"] in secrets
+            assert config["data"][setting].endswith("/" + tls[key]["secret"]["key"])
+        assert config["data"]["FASHION_TLS_KEY"].endswith("/" + tls["keySecret"]["key"])
 
 
 # --- the dashboard ---------------------------------------------------------------------------------------
