@@ -61,6 +61,27 @@ def test_a_client_certificate_without_its_key_is_one_line_not_an_abort(tmp_path:
         assert (done.returncode, done.stderr.splitlines()) == (2, [TOGETHER]), (command, done.returncode, done.stderr)
 
 
+def test_client_tls_files_that_cannot_work_are_one_line_not_unavailable(tmp_path: Path, pki: Pki) -> None:
+    """A CA bundle that is not PEM (or empty), a client key that is not the certificate's: the CLI says which
+    file in one line, exit 2, before any call (each call failed UNAVAILABLE, after its retries, before)."""
+    junk, empty = tmp_path / "junk.pem", tmp_path / "empty.pem"
+    junk.write_text("not a certificate\n")
+    empty.write_text("")
+    cases = [
+        ({"FASHION_TLS_CA": str(junk)}, f"error: the TLS CA bundle {junk} (FASHION_TLS_CA) holds no PEM certificate"),
+        ({"FASHION_TLS_CA": str(empty)}, f"error: the TLS CA bundle {empty} (FASHION_TLS_CA) holds no PEM certificate"),
+        ({"FASHION_TLS_CA": str(pki.ca), "FASHION_TLS_CERT": str(pki.client_cert),
+          "FASHION_TLS_KEY": str(pki.server_key)},
+         f"error: the TLS key {pki.server_key} (FASHION_TLS_KEY) and certificate {pki.client_cert} (FASHION_TLS_CERT) "
+         "are not a PEM certificate and its private key"),
+    ]
+    for settings, line in cases:
+        done = subprocess.run([sys.executable, "-m", "fashion.cli", "monitor", "alerts", "--address",
+                               f"127.0.0.1:{free_port()}"], cwd=tmp_path, env={**os.environ, **settings},
+                              capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr.splitlines()) == (2, [line]), (settings, done.returncode, done.stderr)
+
+
 def tls_cases(pki: Pki, folder: Path) -> dict[str, tuple[dict[str, str], str]]:
     """Settings that cannot work, and the line that says why."""
     junk, empty = folder / "junk.pem", folder / "empty.pem"

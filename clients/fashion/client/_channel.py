@@ -154,8 +154,28 @@ class ChannelOptions:
             except OSError as exc:
                 raise TlsFileError(f"cannot read the TLS file {path} ({variable}): {exc.strerror}") from exc
 
-        return (read(self.root_ca, "FASHION_TLS_CA"), read(self.client_cert, "FASHION_TLS_CERT"),
-                read(self.client_key, "FASHION_TLS_KEY"))
+        files = (read(self.root_ca, "FASHION_TLS_CA"), read(self.client_cert, "FASHION_TLS_CERT"),
+                 read(self.client_key, "FASHION_TLS_KEY"))
+        self._check_pem(files[0])
+        return files
+
+    def _check_pem(self, root_ca: bytes | None) -> None:
+        """Raises TlsFileError naming the variable and file unless the CA bundle holds PEM certificates and the
+        key is the client certificate's: gRPC would otherwise fail each call with UNAVAILABLE, and only its
+        own log would say why."""
+        if root_ca is not None:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=root_ca.decode("latin-1"))
+            except (ssl.SSLError, ValueError):  # ValueError: an empty file
+                raise TlsFileError(f"the TLS CA bundle {self.root_ca} (FASHION_TLS_CA) holds no PEM "
+                                   "certificate") from None
+        if self.client_cert is not None and self.client_key is not None:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(self.client_cert, self.client_key)
+            except ssl.SSLError:
+                raise TlsFileError(f"the TLS key {self.client_key} (FASHION_TLS_KEY) and certificate "
+                                   f"{self.client_cert} (FASHION_TLS_CERT) are not a PEM certificate and its "
+                                   "private key") from None
 
 
 class TlsFileError(ValueError):
