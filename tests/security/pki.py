@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,3 +90,21 @@ def renew_server_certificate(pki: Pki, folder: Path) -> tuple[Path, Path, int]:
         x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
     cert_path, key_path = _write(folder, "tls", cert, key)
     return cert_path, key_path, cert.serial_number
+
+
+def mount_version(mount: Path, version: str) -> None:
+    """Make `mount`/current point at `mount`/<version>, as a Kubernetes Secret volume changes: a new link
+    renamed over the old one, in one step."""
+    (mount / "next").symlink_to(version)
+    os.replace(mount / "next", mount / "current")
+
+
+def renew_carelessly(pki: Pki, mount: Path) -> int:
+    """A renewal that first lands half-done: the new key beside the old certificate (`mount`/half, made
+    current, from `mount`/v1), the good pair in `mount`/v2 (not yet current). Returns v2's serial number."""
+    _, second_key, second_serial = renew_server_certificate(pki, mount / "v2")
+    (mount / "half").mkdir()
+    (mount / "half" / "tls.crt").write_bytes((mount / "v1" / "tls.crt").read_bytes())
+    (mount / "half" / "tls.key").write_bytes(second_key.read_bytes())
+    mount_version(mount, "half")
+    return second_serial

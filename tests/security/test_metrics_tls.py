@@ -7,7 +7,6 @@ test_metrics_need_the_token_unless_made_public."""
 from __future__ import annotations
 
 import http.client
-import os
 import socket
 import ssl
 import time
@@ -20,7 +19,7 @@ from cryptography import x509
 
 from services.common.metrics import TLS_HANDSHAKE_TIMEOUT_S
 from tests.conftest import start_inference
-from tests.security.pki import Pki, make_pki, renew_server_certificate
+from tests.security.pki import Pki, make_pki, mount_version, renew_carelessly, renew_server_certificate
 from tests.support import ServiceProcess, free_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -168,16 +167,10 @@ def test_a_renewed_certificate_reaches_new_metrics_connections_without_a_restart
                                     mount / "current" / "tls.key", pki)
     try:
         assert served(port, pki) == (first_serial, 200)
-        _, second_key, second_serial = renew_server_certificate(pki, mount / "v2")
-        (mount / "half").mkdir()
-        (mount / "half" / "tls.crt").write_bytes((mount / "v1" / "tls.crt").read_bytes())
-        (mount / "half" / "tls.key").write_bytes(second_key.read_bytes())
-        (mount / "next").symlink_to("half")
-        os.replace(mount / "next", mount / "current")
+        second_serial = renew_carelessly(pki, mount)
         for _ in range(3):
             assert served(port, pki) == (first_serial, 200)
-        (mount / "next").symlink_to("v2")
-        os.replace(mount / "next", mount / "current")
+        mount_version(mount, "v2")
         assert served(port, pki) == (second_serial, 200)  # the very next connection
         with pytest.raises(httpx.TransportError):  # client certificates still required
             scrape(port, client_context(pki, certificate=False))

@@ -25,7 +25,7 @@ from tests.batch.conftest import BatchHome, wait_for, write_images
 from tests.conftest import start_inference
 from tests.gateway.conftest import start_gateway
 from tests.images import encode, fashion_images
-from tests.security.pki import make_pki, renew_server_certificate
+from tests.security.pki import make_pki, mount_version, renew_carelessly, renew_server_certificate
 from tests.support import ServiceProcess, free_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -193,15 +193,9 @@ def test_a_renewed_certificate_reaches_new_connections_without_a_restart_or_a_fa
         caller.start()
         time.sleep(0.5)
         # A careless renewal first: the new key beside the old certificate. Not used: the old pair stays.
-        _, second_key, second_serial = renew_server_certificate(pki, mount / "v2")
-        (mount / "half").mkdir()
-        (mount / "half" / "tls.crt").write_bytes((mount / "v1" / "tls.crt").read_bytes())
-        (mount / "half" / "tls.key").write_bytes(second_key.read_bytes())
-        (mount / "next").symlink_to("half")
-        os.replace(mount / "next", mount / "current")
+        second_serial = renew_carelessly(pki, mount)
         assert served_serial(port, pki.ca) == first_serial
-        (mount / "next").symlink_to("v2")
-        os.replace(mount / "next", mount / "current")
+        mount_version(mount, "v2")
         assert served_serial(port, pki.ca) == second_serial  # the very next connection
         with InferenceClient(ChannelOptions(inference.address, root_ca=pki.ca, server_name="localhost")) as fresh:
             assert fresh.classify(image).category
