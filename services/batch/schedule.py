@@ -121,7 +121,6 @@ class ScheduledRuns:
         self.queue = queue
         self.settings = queue.settings
         self.clock = clock or Clock()
-        self._last_job: str | None = None
         self._runs: set[asyncio.Task[None]] = set()
 
     async def run_forever(self) -> None:
@@ -163,6 +162,13 @@ class ScheduledRuns:
         previous = self.schedule.previous_due(now)
         return previous if latest is not None and latest < previous.timestamp() else None
 
+    def unfinished_run(self, key: str) -> JobRecord | None:
+        """An earlier scheduled run's job not finished yet, whichever process started it (read from the jobs
+        database: one interrupted by a restart and resumed counts too); the job of this due time's key, submitted
+        by another replica a moment ago, does not."""
+        return next((job for job in self.queue.store.unfinished()
+                     if job.trigger == "schedule" and not (key and job.idempotency_key == key)), None)
+
     def _start(self, due: datetime, caught_up: bool = False) -> None:
         task = asyncio.ensure_future(self.fire(due, caught_up))
         self._runs.add(task)
@@ -180,15 +186,13 @@ class ScheduledRuns:
             if caught_up and due is not None:
                 runner_log.line("Catching up the run due at %s, missed while the service was down",
                                 due.strftime("%Y-%m-%d %H:%M:%S"))
-            if self._last_job is not None:
-                previous = await asyncio.to_thread(self.queue.get, self._last_job)
-                if not previous.state.finished:
-                    runner_log.line("✗ Previous run (job %s) is still %s: this run is skipped", previous.job_id,
-                                    previous.state.name)
-                    return None
+            key = f"schedule {due.isoformat()}" if due is not None and self.queue.store.shared else ""
+            if (previous := await asyncio.to_thread(self.unfinished_run, key)) is not None:
+                runner_log.line("✗ Previous run (job %s) is still %s: this run is skipped", previous.job_id,
+                                previous.state.name)
+                return None
             try:
                 self.queue.root.folder(self.settings.batch_inbox, "inbox", create=True)
-                key = f"schedule {due.isoformat()}" if due is not None and self.queue.store.shared else ""
                 spec = self.queue.spec(self.settings.batch_inbox, recursive=self.settings.batch_recursive,
                                        idempotency_key=key)
             except (PathRefused, FolderMissing) as exc:
@@ -196,7 +200,6 @@ class ScheduledRuns:
                 log.error("Scheduled run skipped: %s", exc)
                 return None
             job = await self.queue.submit(spec, trigger="schedule")
-            self._last_job = job.job_id
             runner_log.line("Started batch job %s", job.job_id)
             while not job.state.finished:
                 await asyncio.sleep(JOB_POLL_S)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.batch.conftest import BatchHome
+from tests.batch.conftest import BatchHome, write_images
 from tests.support import ServiceProcess, health_status, start_service
 
 pytestmark = pytest.mark.timeout(120)
@@ -47,3 +47,41 @@ def test_an_inbox_name_too_long_makes_each_scheduled_run_say_why(
     errors = (home.workdir / "logs" / "batch_service_errors.log").read_text(encoding="utf-8")
     assert "ERROR services.batch.schedule" in errors and "Scheduled run skipped: inbox 'iii" in errors, errors
     assert "Traceback" not in batch.output() and "never retrieved" not in batch.output(), batch.output()
+
+
+def test_after_a_restart_a_scheduled_run_still_going_makes_the_next_ones_skip(tmp_path: Path) -> None:
+    """A scheduled job that waits for an Inference service that is down, the Batch service killed and started
+    again: the job resumes, and every run that comes due meanwhile is skipped, naming it (a second job for the
+    same inbox was submitted at the first due time after the restart)."""
+    home = BatchHome(tmp_path)
+    write_images(home.data / "inbox", 3)
+    schedule = {"FASHION_BATCH_SCHEDULE": "every 1s", "FASHION_BATCH_CATCH_UP": "false"}
+
+    def scheduled_jobs() -> list[tuple[str, str]]:
+        return home.query("SELECT job_id, state FROM jobs WHERE trigger = 'schedule'")
+
+    def runner_logs_done() -> list[str]:
+        return [text for p in (home.workdir / "logs").glob("batch_runner_*.log")
+                if "Next run: " in (text := p.read_text(encoding="utf-8"))]
+
+    batch = home.start("127.0.0.1:1", **schedule)  # nothing listens there: the job waits for it
+    try:
+        deadline = time.monotonic() + 30
+        while not scheduled_jobs():
+            assert time.monotonic() < deadline, batch.output()
+            time.sleep(0.1)
+    finally:
+        batch.kill()
+    ((job_id, _),) = scheduled_jobs()
+    logs_before = len(runner_logs_done())
+    batch = home.start("127.0.0.1:1", **schedule)
+    try:
+        deadline = time.monotonic() + 30
+        while len(runner_logs_done()) < logs_before + 3:
+            assert time.monotonic() < deadline, batch.output()
+            time.sleep(0.1)
+    finally:
+        batch.terminate()
+    assert [job for job, _ in scheduled_jobs()] == [job_id], batch.output()
+    skipped = [text for text in runner_logs_done() if "this run is skipped" in text]
+    assert len(skipped) >= 3 and all(f"✗ Previous run (job {job_id}) is still " in text for text in skipped), skipped
