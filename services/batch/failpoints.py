@@ -13,7 +13,8 @@ across filesystems, linked to its destination; staging file and source not yet r
 "replanned" (a taken destination replaced by a new one in the record, not yet tried), "moved" (a
 group moved, not yet recorded as done), "recorded" (recorded as done, not yet in the log and CSV),
 "recovering" (an interrupted transfer finished by recovery, not yet recorded), "finishing" (the
-end state and the reports written, the job not yet marked finished).
+end state and the reports written, the job not yet marked finished), "ended" (`fashion batch run`'s job
+ended and reported, the command not yet returned).
 """
 
 from __future__ import annotations

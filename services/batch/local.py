@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 from fashion.v1 import batch_pb2 as pb
-from services.batch import converters, health
+from services.batch import converters, failpoints, health
 from services.batch.events import JobEvents
 from services.batch.jobs import job_spec
 from services.batch.paths import FolderMissing, PathRefused, check_log_dir_outside
@@ -50,16 +50,21 @@ def run_folder(folder: str, output: str = "", copy: bool = False, min_confidence
     settings = load_settings(BatchSettings, **overrides)
     Shard.resolve(settings.batch_shard_index, settings.batch_shard_count)  # ValueError names the problem
     check_log_dir_outside(settings.data_root, settings.log_dir)
+    ended: list[pb.Job] = []
     try:
         return asyncio.run(_run_folder(settings, folder, output, copy, min_confidence, recursive, on_start,
-                                       on_update, on_resumed))
+                                       on_update, on_resumed, ended))
     except StoreUnavailable as exc:  # the job resumes when the same command runs again
         raise ValueError(str(exc)) from None
+    except KeyboardInterrupt:
+        if ended:  # Ctrl-C while closing: the job had ended, and its outcome is what the command reports
+            return ended[0]
+        raise
 
 
 async def _run_folder(settings: BatchSettings, folder: str, output: str, copy: bool, min_confidence: float | None,
                       recursive: bool, on_start: Callable[[str, bool], None], on_update: JobUpdate,
-                      on_resumed: Callable[[pb.Job], None]) -> pb.Job:
+                      on_resumed: Callable[[pb.Job], None], ended: list[pb.Job]) -> pb.Job:
     try:
         store = open_job_store(settings)
     except (ValueError, StoreUnavailable) as exc:
@@ -98,7 +103,9 @@ async def _run_folder(settings: BatchSettings, folder: str, output: str, copy: b
         record = await _run_job(runner, job_id, lock, on_update)
         runner_log.outcome(record)
         job_id = ""
-        return converters.job_to_pb(record, settings)
+        ended.append(converters.job_to_pb(record, settings))
+        failpoints.reached("ended")
+        return ended[0]
     except (asyncio.CancelledError, KeyboardInterrupt):
         if job_id:
             runner_log.line("Batch runner interrupted: job %s resumes when the same command runs again", job_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -383,3 +384,30 @@ def test_status_of_a_cancelled_job_exits_1_as_documented(tmp_path: Path) -> None
     finally:
         batch.terminate()
     assert status.returncode == 1 and "CANCELLED" in status.stdout, status.stdout + status.stderr
+
+
+def test_ctrl_c_after_the_job_ended_reports_its_outcome_not_an_interruption(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """Ctrl-C (SIGINT) landing while `fashion batch run` closes, its job already succeeded: the command reports
+    the job (exit 0, its summary); before, it said "Interrupted: run the same command again" and exited 130,
+    which cron mails as a failure, and the next run found nothing to resume."""
+    home = BatchHome(tmp_path)
+    images = write_images(home.data / "inbox", 4)
+    env = {**os.environ, "COLUMNS": "200", **home.env(inference_server.address), "FASHION_BATCH_STOP_AT": "ended"}
+    proc = subprocess.Popen([FASHION, "batch", "run", "inbox", "--json"], cwd=home.workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), f"the run ended before the job did: {os.waitstatus_to_exitcode(status)}"
+        os.kill(proc.pid, signal.SIGINT)  # pending while stopped: delivered as the run goes on
+        os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out + err
+    assert "Interrupted" not in err, err
+    document = json.loads(out)
+    assert (document["state"], document["processed"]) == ("succeeded", 4), document
+    assert sorted(files_under(home.output)) == sorted(images)
