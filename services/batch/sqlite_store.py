@@ -136,7 +136,7 @@ class FileJobLock(JobLock):
             os.close(folder_fd)
         path = database_folder / "locks" / f"{job_id}.lock"
         try:
-            fd = os.open(path.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644,
+            fd = os.open(path.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600,
                          dir_fd=locks)
         except OSError as exc:
             os.close(locks)
@@ -144,6 +144,10 @@ class FileJobLock(JobLock):
                 raise DatabaseFolderRefused(f"the job lock {path} is a symbolic link: not followed") from None
             raise
         try:
+            # Anyone who can open the file can hold its lock (read access is enough for flock) and so stop the
+            # job: only the service's user may; a lock file of an earlier release (0644) is narrowed too.
+            if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+                os.fchmod(fd, 0o600)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)

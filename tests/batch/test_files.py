@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
+import subprocess
 import tempfile
 import threading
 import time
@@ -448,3 +450,32 @@ def test_schedules_cron_and_interval() -> None:
     for bad in ("every day", "0 2 * *", "61 * * * *", "0.5s"):
         with pytest.raises(ValueError, match="batch schedule"):
             Schedule.parse(bad)
+
+
+def test_only_the_services_user_can_hold_a_job_lock(tmp_path: Path) -> None:
+    """flock needs only read access: a job lock file others may read (0644, as before) let any local user hold
+    it and so keep the job from running. Lock files are 0600 now, an earlier release's narrowed when taken."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a process as another user")
+    shared = Path(tempfile.mkdtemp(dir="/tmp"))  # a folder another user can reach (tmp_path's parents cannot)
+    try:
+        shared.chmod(0o755)
+        store = SqliteJobStore(shared / "db" / "jobs.db")
+        (shared / "db").chmod(0o755)
+        (shared / "db" / "locks").mkdir(mode=0o755)
+        (shared / "db" / "locks" / "older.lock").touch(mode=0o644)
+        try:
+            for job_id in ("newjob", "older"):
+                lock = store.lock_job(job_id)
+                assert lock is not None
+                lock_file = shared / "db" / "locks" / f"{job_id}.lock"
+                assert stat.S_IMODE(lock_file.stat().st_mode) == 0o600
+                lock.release()
+                other_user = subprocess.run(  # nobody, trying to hold the lock while the job is not running
+                    ["/usr/bin/python3", "-c", "import fcntl, sys; fcntl.flock(open(sys.argv[1]), fcntl.LOCK_EX)",
+                     str(lock_file)], user=65534, group=65534, capture_output=True, text=True, timeout=30)
+                assert other_user.returncode == 1 and "PermissionError" in other_user.stderr, other_user
+        finally:
+            store.close()
+    finally:
+        shutil.rmtree(shared)
