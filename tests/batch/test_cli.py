@@ -118,6 +118,9 @@ def test_submit_wait_status_list_watch_cancel_health_against_the_service(
     assert "  Total runs: 1" in health.stdout and "Recent Errors: ✓ No errors detected" in health.stdout
     down = fashion(batch_home, inference_server.address, "health", "--address", f"127.0.0.1:{free_port()}")
     assert down.returncode == 2 and "did not answer" in down.stderr
+    down = fashion(batch_home, inference_server.address, "health", "--json", "--address", f"127.0.0.1:{free_port()}")
+    assert down.returncode == 2 and "did not answer" in down.stderr  # and a document for `| jq -e .healthy`
+    assert json.loads(down.stdout) == {"healthy": False, "status": "unknown", "error": down.stderr[7:].strip()}
 
 
 def test_scheduled_runs_process_the_inbox_with_a_runner_log(

@@ -316,8 +316,10 @@ def health(args: argparse.Namespace) -> int:
             with BatchClient(args.address) as client:
                 report = client.batch_health(args.days, args.max_age_hours)
     except grpc.RpcError as exc:
-        print(f"error: the Batch service at {args.address} did not answer: {exc.code().name}: {exc.details()}",
-              file=sys.stderr)
+        reason = f"the Batch service at {args.address} did not answer: {exc.code().name}: {exc.details()}"
+        print(f"error: {reason}", file=sys.stderr)
+        if args.json:  # a health check read by a script gets a document either way
+            print(dumps({"healthy": False, "status": "unknown", "error": reason}))
         return EXIT_ERROR
     healthy = report.status != health_pb2.HEALTH_STATUS_UNHEALTHY  # degraded: warnings, still exit 0
     if args.json:
