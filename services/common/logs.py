@@ -16,6 +16,7 @@ request stays cheap at thousands of requests per second.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -27,6 +28,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -128,45 +130,96 @@ class _DeferredQueueHandler(logging.handlers.QueueHandler):
         return record
 
 
+def _say_on_stderr(message: str) -> None:
+    sys.stderr.write(f"{time.strftime(DATE_FORMAT)} ERROR {message}\n")
+    sys.stderr.flush()
+
+
 class RotatingFile:
     """Appends lines to `path`, rotating like logging.handlers.RotatingFileHandler (path.1 ..
-    path.N, N = backups) when the next line would pass `max_bytes`. The writer thread buffers a
-    burst of lines and flushes once, where the stdlib handler's per-line stat, tell, double
-    formatting and flush made an access-log line expensive next to a classification."""
+    path.N, N = backups) when the next line would pass `max_bytes`. Lines are buffered and written
+    with one system call per flush, where the stdlib handler's per-line stat, tell, double
+    formatting and flush made an access-log line expensive next to a classification.
 
-    def __init__(self, path: Path, max_bytes: int, backups: int, level: int) -> None:
+    A flush that cannot be written (a full disk, an I/O error) never fails the caller: the lines of that
+    flush are lost, none written in part (the file is cut back to its last whole line), the first failure
+    is said once (`report`, stderr by default) and, once a flush is written again, a warning says how many
+    lines were lost and why."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int, level: int,
+                 report: Callable[[str], None] = _say_on_stderr) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
         self.level = level
-        self._file = open(path, "ab")
-        self._size = self._file.tell()
+        self.report = report
+        self._fd = self._open()
+        self._size = os.fstat(self._fd).st_size
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self.failure: OSError | None = None
+        """Why the last flush was not written; None while the file is written."""
+        self.lost = 0
+        """Lines lost since the failure."""
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
 
     def write(self, line: str) -> None:
         data = line.encode("utf-8", "replace")
-        if self.max_bytes > 0 and self._size > 0 and self._size + len(data) > self.max_bytes:
+        if self.max_bytes > 0 and self._size + self._pending_size > 0 and \
+                self._size + self._pending_size + len(data) > self.max_bytes:
+            self.flush()
             self._rotate()
-        self._file.write(data)
-        self._size += len(data)
+        self._pending.append(data)
+        self._pending_size += len(data)
 
     def _rotate(self) -> None:
-        self._file.close()
-        if self.backups > 0:
-            for i in range(self.backups - 1, 0, -1):
-                older = self.path.with_name(f"{self.path.name}.{i}")
-                if older.exists():
-                    older.replace(self.path.with_name(f"{self.path.name}.{i + 1}"))
-            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
-        else:
-            self.path.unlink(missing_ok=True)
-        self._file = open(self.path, "ab")
-        self._size = 0
+        try:
+            os.close(self._fd)
+            if self.backups > 0:
+                for i in range(self.backups - 1, 0, -1):
+                    older = self.path.with_name(f"{self.path.name}.{i}")
+                    if older.exists():
+                        older.replace(self.path.with_name(f"{self.path.name}.{i + 1}"))
+                self.path.replace(self.path.with_name(f"{self.path.name}.1"))
+            else:
+                self.path.unlink(missing_ok=True)
+        finally:  # the file stays open (the same one when the rotation failed), as lines keep coming
+            self._fd = self._open()
+            self._size = os.fstat(self._fd).st_size
 
     def flush(self) -> None:
-        self._file.flush()
+        if not self._pending:
+            return
+        data, lines = b"".join(self._pending), len(self._pending)
+        self._pending, self._pending_size = [], 0
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+        except OSError as exc:
+            if written:  # no half line left for the next to continue
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._size)
+            if self.failure is None:
+                self.report(f"cannot write the log file {self.path}: {exc.strerror or exc}; its lines are lost "
+                            "until it can be written again")
+            self.failure = exc
+            self.lost += lines
+            return
+        self._size += len(data)
+        if self.failure is not None:
+            failure, lost = self.failure, self.lost
+            self.failure, self.lost = None, 0
+            logging.getLogger(__name__).warning("%d line(s) of %s were lost while it could not be written (%s)",
+                                                lost, self.path, failure.strerror or failure)
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
 
 
 class _Stdout:
@@ -424,11 +477,35 @@ def shutdown_logging() -> None:
         writer.stop()
 
 
-def _rotating(path: Path, settings: CommonSettings, level: int,
-              formatter: logging.Formatter) -> logging.handlers.RotatingFileHandler:
-    handler = logging.handlers.RotatingFileHandler(
-        path, maxBytes=settings.log_max_bytes, backupCount=settings.log_backup_count, encoding="utf-8")
-    handler.setLevel(level)
+class RunLogHandler(logging.Handler):
+    """A per-run log file (logs/batch_<timestamp>.log), each line written as it is logged: a disk that
+    fills up never fails the run whose log it is; the service's logs say what was lost (RotatingFile)."""
+
+    def __init__(self, path: Path, settings: CommonSettings, level: int) -> None:
+        super().__init__(level)
+        self.file = RotatingFile(path, settings.log_max_bytes, settings.log_backup_count, level,
+                                 report=lambda message: logging.getLogger(__name__).error("%s", message))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        self.file.write(line)
+        self.file.flush()
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError:
+            pass  # said when it failed to write; the descriptor is closed either way
+        finally:
+            super().close()
+
+
+def _rotating(path: Path, settings: CommonSettings, level: int, formatter: logging.Formatter) -> RunLogHandler:
+    handler = RunLogHandler(path, settings, level)
     handler.setFormatter(formatter)
     return handler
 

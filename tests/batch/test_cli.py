@@ -19,7 +19,7 @@ from croniter import croniter
 
 from fashion.client import BatchClient
 from fashion.v1 import batch_pb2 as pb
-from tests.batch.conftest import BatchHome, files_under, read_csv, wait_for, write_images
+from tests.batch.conftest import BatchHome, files_under, fill, read_csv, tmpfs, wait_for, write_images
 from tests.support import ServiceProcess, free_port, start_service
 
 FASHION = str(Path(sys.executable).with_name("fashion"))
@@ -414,3 +414,26 @@ def test_ctrl_c_after_the_job_ended_reports_its_outcome_not_an_interruption(
     document = json.loads(out)
     assert (document["state"], document["processed"]) == ("succeeded", 4), document
     assert sorted(files_under(home.output)) == sorted(images)
+
+
+def test_a_run_whose_log_disk_is_full_still_sorts_and_says_so_once_per_log(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """The logs folder on a disk that is full: the run sorts every image and exits 0, each of its two logs is
+    said once to be unwritable; before, every line printed a 'Logging error' traceback and closing the log
+    ended the command with a traceback and exit 1, files already sorted."""
+    home = BatchHome(tmp_path)
+    images = write_images(home.data / "inbox", 6)
+    with tmpfs(home.workdir / "logs", "64k") as logs:
+        filler = fill(logs)
+        run = fashion(home, inference_server.address, "run", "inbox", "--json")
+        filler.unlink()
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["processed"] == 6
+        said = [line for line in run.stderr.splitlines() if "cannot write the log file" in line]
+        assert sorted(line.split("logs/")[1].split("_2")[0] for line in said) == ["batch", "batch_runner"], said
+        assert "Traceback" not in run.stderr and "Logging error" not in run.stderr, run.stderr
+        assert sorted(files_under(home.output)) == sorted(images)
+        again = fashion(home, inference_server.address, "run", "inbox")  # space again: the next run's logs whole
+        assert again.returncode == 0 and "cannot write" not in again.stderr, again.stderr
+        runner_logs = sorted(logs.glob("batch_runner_*.log"))
+        assert "✓ Batch completed successfully" in runner_logs[-1].read_text(encoding="utf-8")

@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
 from fashion.client import BatchClient
+from fashion.client.batch import FINISHED
 from fashion.v1 import batch_pb2 as pb
 from tests.batch.conftest import (
     BatchHome,
     expected_sorting,
     files_under,
+    fill,
     read_csv,
     read_summary,
+    tmpfs,
+    wait_for,
     write_images,
 )
 from tests.images import encode, fashion_images
@@ -262,3 +267,37 @@ def test_batch_stats_add_up_to_the_jobs(batch_home: BatchHome, batch_server: Ser
     assert any("fake.jpg: not an image" in line for line in stats.recent_errors), stats.recent_errors
     # SQLite: the file under the data root; PostgreSQL: nothing of the jobs database there.
     assert os.path.exists(batch_home.data / ".batch" / "jobs.db") == (batch_home.store == "sqlite")
+
+
+def test_a_full_log_disk_stops_no_job_and_the_service_says_what_was_lost(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """The Batch service's logs folder fills up: jobs still run and succeed, the service keeps serving, a log
+    file that cannot be written is said once; once there is space again its log says how many lines were lost."""
+    home = BatchHome(tmp_path)
+    with tmpfs(home.workdir / "logs", "256k") as logs:
+        batch = home.start(inference_server.address)
+        try:
+            filler = fill(logs)
+            service_log_full = "cannot write the log file logs/batch_service.log: No space left on device"
+            with BatchClient(batch.address) as client:
+                deadline = time.monotonic() + 60
+                for round_ in range(100):  # until the service's own log has filled its last page too
+                    images = write_images(home.data / f"inbox{round_}", 2)
+                    job = client.submit(f"inbox{round_}", "", 0.5, False, f"out{round_}", "")
+                    job = wait_for(client, job.job_id, lambda j: j.state in FINISHED, what="the job")
+                    assert job.state == pb.JOB_STATE_SUCCEEDED, job
+                    assert sorted(files_under(home.data / f"out{round_}")) == sorted(images)
+                    if service_log_full in batch.output():
+                        break
+                    assert time.monotonic() < deadline, batch.output()
+                assert health_status(batch.address, "fashion.v1.BatchService") == "SERVING"
+                said = [line for line in batch.output().splitlines() if "cannot write the log file" in line]
+                assert len(said) == len(set(said)) and len(said) >= 3, said  # once per file
+                assert "Traceback" not in batch.output(), batch.output()
+                filler.unlink()
+                while "were lost while it could not be written" not in (logs / "batch_service.log").read_text():
+                    client.list(1)  # something to log
+                    assert time.monotonic() < deadline, batch.output()
+                    time.sleep(0.1)
+        finally:
+            batch.terminate()
