@@ -110,6 +110,11 @@ async def _run_folder(settings: BatchSettings, folder: str, output: str, copy: b
         if job_id:
             runner_log.line("Batch runner interrupted: job %s resumes when the same command runs again", job_id)
         raise
+    except StoreUnavailable as exc:
+        if not job_id:
+            raise
+        runner_log.line("✗ Batch runner stopped: %s; job %s resumes when the same command runs again", str(exc), job_id)
+        raise StoreUnavailable(f"{exc}; job {job_id} resumes when the same command runs again") from None
     finally:
         runner_log.close()
         await runner.close()

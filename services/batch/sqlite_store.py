@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import sqlite3
 import stat
 import threading
@@ -76,6 +77,8 @@ CREATE INDEX IF NOT EXISTS files_errors ON files(finished_at) WHERE outcome = 'f
 INDEXES = "CREATE INDEX IF NOT EXISTS files_open ON files(job_id, seq) WHERE state != 'done';"
 ADDED_COLUMNS = {"jobs": {"ending": "TEXT"}, "files": {"worker": "TEXT NOT NULL DEFAULT ''"}}
 DATABASE_SUFFIXES = ("", "-wal", "-shm", "-journal")  # the database's file and those SQLite adds next to it
+DISK_REFUSED = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN}
+"""SQLite's primary result codes for a disk that refuses the database (full, failing, read-only, gone)."""
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -193,7 +196,26 @@ class SqliteJobStore(JobStore):
         self.folder = self.path.parent
         self.worker = uuid.uuid4().hex[:16]
         self._lock = threading.RLock()
-        self._db = self._connect()
+        try:
+            self._db = self._connect()
+        except sqlite3.Error as exc:  # a full disk, a file that is not a database, a folder it may not write
+            raise StoreUnavailable(f"the jobs database {self.path} cannot be opened: {self._unusable(exc)}") from None
+        try:
+            self._prepare()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreUnavailable(f"the jobs database {self.path} cannot be opened: {self._unusable(exc)}") from None
+
+    def _unusable(self, exc: sqlite3.Error) -> str:
+        """SQLite's reason, and whether the disk is full (SQLite calls a refused -shm file "disk I/O error")."""
+        try:
+            full = shutil.disk_usage(self.folder).free == 0
+        except OSError:
+            full = False
+        return f"{exc}{' (its disk is full)' if full and 'full' not in str(exc) else ''}"
+
+    def _prepare(self) -> None:
+        """The schema, created or brought up to this release's."""
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
@@ -250,25 +272,37 @@ class SqliteJobStore(JobStore):
         """BEGIN IMMEDIATE takes the write lock up front (no upgrade deadlocks), which also serializes
         every write transaction. Every commit survives a crash of the process (WAL); `durable` ones also
         a power loss (fsync)."""
-        with self._lock:
+        with self._lock, self._unwritable_said():
             if durable:
                 self._db.execute("PRAGMA synchronous=FULL")
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield _SqliteTx(self._db)
+                    self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # SQLite may have rolled it back itself (a full disk)
+                        self._db.execute("ROLLBACK")
                     raise
-                self._db.execute("COMMIT")
             finally:
                 if durable:
                     self._db.execute("PRAGMA synchronous=NORMAL")
 
     @contextmanager
     def _reading(self) -> Iterator[_SqliteTx]:
-        with self._lock:
+        with self._lock, self._unwritable_said():
             yield _SqliteTx(self._db)
+
+    @contextmanager
+    def _unwritable_said(self) -> Iterator[None]:
+        """A database its disk refuses (full, failing, read-only) is StoreUnavailable, as a lost PostgreSQL is: the
+        job stops and resumes from its records once the database can be written again (nothing else changed)."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode & 0xFF not in DISK_REFUSED:
+                raise
+            raise StoreUnavailable(f"the jobs database {self.path} cannot be written: {self._unusable(exc)}") from None
 
     def lock_job(self, job_id: str) -> FileJobLock | None:
         return FileJobLock.try_acquire(self.folder, job_id)

@@ -14,11 +14,13 @@ import csv
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from fashion.client import BatchClient
+from fashion.client.batch import FINISHED
 from fashion.v1 import batch_pb2 as pb
 from services.batch.paths import DataRoot
 from services.batch.scanner import scan_folder
@@ -290,6 +292,42 @@ def test_a_full_disk_while_finishing_fails_the_job_and_no_restart_turns_it_into_
     assert_conserved(home, images)
     assert job.processed == 10  # the images themselves were sorted
     assert "BATCH PROCESSING FAILED" in (home.workdir / job.log_file).read_text(encoding="utf-8")
+
+
+def test_a_data_disk_that_fills_up_mid_job_pauses_the_job_until_there_is_space(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """The data root's disk (the SQLite jobs database's too) fills up between a job's plan and its moves: the
+    job stops with the reason (no traceback, the service keeps serving) and finishes by itself once there is
+    space again, every image sorted once. Before, the SQLite error escaped as a traceback at every attempt."""
+    home = BatchHome(tmp_path)
+    with tmpfs(home.data, "2m"):
+        images = write_images(home.data / "inbox", 12)
+        batch = home.start(inference_server.address, FASHION_BATCH_STOP_AT="planned",
+                           FASHION_BATCH_POLL_INTERVAL_S="0.5")
+        try:
+            with BatchClient(batch.address) as client:
+                job = client.submit("inbox")
+                _, status = os.waitpid(batch.proc.pid, os.WUNTRACED)
+                assert os.WIFSTOPPED(status), batch.output()
+                filler = fill(home.data)
+                os.kill(batch.proc.pid, signal.SIGCONT)
+                reason = "the jobs database data/.batch/jobs.db cannot be written: database or disk is full"
+                deadline = time.monotonic() + 30
+                while batch.output().count(reason) < 2:  # stopped, and tried again at least once
+                    assert time.monotonic() < deadline, batch.output()
+                    os.kill(batch.proc.pid, signal.SIGCONT)  # a retry may reach the stop point again
+                    time.sleep(0.1)
+                assert client.get(job.job_id).state not in FINISHED
+                assert "Traceback" not in batch.output(), batch.output()
+                filler.unlink()
+                while (job := client.get(job.job_id)).state not in FINISHED:
+                    assert time.monotonic() < deadline + 30, batch.output()
+                    os.kill(batch.proc.pid, signal.SIGCONT)
+                    time.sleep(0.1)
+        finally:
+            batch.terminate()
+        assert job.state == pb.JOB_STATE_SUCCEEDED and job.processed == 12, job
+        assert_conserved(home, images)
 
 
 # --- 7: scan errors are per entry ---------------------------------------------------------------------------
