@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import drop_file_privileges
+
 BAD = {"FASHION_BATCH_CHUNK_SIZE": "abc"}
 LINE = "error: FASHION_BATCH_CHUNK_SIZE='abc': Input should be a valid integer, unable to parse string as an integer"
 
@@ -158,3 +160,20 @@ def test_a_tls_file_the_process_may_not_read_is_named_with_the_reason(tmp_path: 
         done = subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True, text=True, env=env,
                               timeout=60, preexec_fn=drop_file_privileges)
         assert done.returncode == 2 and done.stderr.splitlines() == [line], (command, done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("module", ["services.batch", "services.monitor", "services.inference", "services.gateway"])
+def test_a_log_folder_it_may_not_write_is_one_line_naming_it_and_exit_2(tmp_path: Path, module: str) -> None:
+    """FASHION_LOG_DIR in a folder the service may not write (run without root's right to ignore file
+    permissions): one line naming the folder and the variable, exit 2, before anything listens; it was a
+    traceback and exit 1. A full disk is no reason to stop (the logs say what they lost)."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    env = {k: v for k, v in os.environ.items() if k not in BAD}
+    env.update(FASHION_LOG_DIR=str(locked / "logs"), FASHION_LOG_FILES="true", FASHION_DATA_ROOT=str(tmp_path / "data"),
+               FASHION_MONITOR_STATE_DB=str(tmp_path / "monitor.db"), OTEL_SDK_DISABLED="true")
+    done = subprocess.run([sys.executable, "-m", module], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60, preexec_fn=drop_file_privileges)
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert done.stderr.splitlines() == [
+        f"error: cannot write log files in {locked / 'logs'} (FASHION_LOG_DIR): Permission denied"], done.stderr

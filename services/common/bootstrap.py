@@ -36,7 +36,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from fashion.client import TlsFileError, TokenFileError
 from services.common import server as grpc_server
 from services.common.config import CommonSettings, GatewaySettings, load_settings
-from services.common.logs import setup_logging
+from services.common.logs import log_folder_problem, setup_logging
 from services.common.metrics import start_metrics_server
 from services.common.ports import listen_problem
 from services.common.security import (
@@ -142,7 +142,7 @@ def load(settings_class: type[S], check: Callable[[S], None] | None = None) -> S
     on stderr and exit code 2."""
     settings = load_settings(settings_class)
     try:
-        if (problem := tracing_problem()) is not None:
+        if (problem := tracing_problem() or log_folder_problem(settings)) is not None:
             raise StartupError(problem)
         server_credentials(settings)  # reads and checks the certificate files when TLS is on
         client_options(settings, "").credentials()  # and those of the calls to other services
@@ -203,7 +203,11 @@ def run(service: GrpcService[S]) -> None:
     """The entry point of a service process (`python -m services.<name>`, `fashion serve <name>`)."""
     settings = load(service.settings_class, service.check)
     refuse_unusable_ports(settings, service_ports(service, settings))
-    run_loop(serve(service, settings))
+    try:
+        run_loop(serve(service, settings))
+    except StartupError as exc:  # found while building its parts: the same one line and exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def run_loop(main: Coroutine[object, object, None]) -> None:

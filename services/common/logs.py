@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import logging
 import logging.handlers
@@ -25,6 +26,7 @@ import queue
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -398,6 +400,24 @@ def log_line(logger: logging.Logger, level: int, message: str) -> None:
         return
     writer.queue.put((level, f"[{_clock()}] {logging.getLevelName(level)} {logger.name} "
                              f"[trace_id={current_trace_id()}] {message}\n"))
+
+
+def log_folder_problem(settings: CommonSettings) -> str | None:
+    """Why this process could not write its log files in FASHION_LOG_DIR (a folder it may not make or write
+    in, a read-only filesystem, a file in the way); None when it can, or when it writes none. A full disk is
+    no reason: the service serves, and says what its logs lost (RotatingFile)."""
+    if not settings.log_files or os.environ.get(FORWARD_FD_ENV):
+        return None
+    folder = Path(settings.log_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return None
+        return f"cannot write log files in {folder} (FASHION_LOG_DIR): {exc.strerror or exc}"
+    return None
 
 
 def setup_logging(settings: CommonSettings, name: str, service: str = "") -> Path:
