@@ -159,7 +159,9 @@ class Classifier:
         if processes:
             worker_model = None
             if self._workers_run_model(model.provider):
-                worker_model = WorkerModel(manifest, max(1, self._intra_op_threads() // processes))
+                # The bytes this process loaded: a worker restarted later runs the same model, never a file
+                # replaced since (new labels, another version) or one now truncated.
+                worker_model = WorkerModel(manifest, max(1, self._intra_op_threads() // processes), model.onnx)
             self._workers = await WorkerPool.open(pre, processes, worker_model, nice=self.settings.worker_nice)
         self._batcher = DynamicBatcher(model.run, prepare=pre, workers=self._workers,
                                        max_batch_size=self.settings.max_batch_size,

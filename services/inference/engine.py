@@ -52,8 +52,10 @@ class OnnxModel:
     """Runs a batch of preprocessed images through the model; returns class probabilities."""
 
     def __init__(self, manifest: ModelManifest, execution_provider: str = "auto",
-                 intra_op_threads: int = 0, inter_op_threads: int = 1, cuda_batch: int = 0) -> None:
-        """`cuda_batch`: on CUDA, smaller batches are padded to this many rows (0: not padded).
+                 intra_op_threads: int = 0, inter_op_threads: int = 1, cuda_batch: int = 0,
+                 onnx: bytes | None = None) -> None:
+        """`onnx`: the model file's contents as read before (None: read now).
+        `cuda_batch`: on CUDA, smaller batches are padded to this many rows (0: not padded).
         There a change of input shape costs more than the rows: ONNX Runtime's convolutions set
         up cuDNN again whenever the batch size differs from the last run's (docs/performance.md
         has the measurements). `intra_op_threads` 0: one per CPU the container may use (its CPU
@@ -69,7 +71,10 @@ class OnnxModel:
         if providers[0] == CUDA:
             preload_cuda_libraries()
         path = manifest.model_path_for(providers[0])
-        self.session = ort.InferenceSession(str(path), options, providers=[_with_options(p) for p in providers])
+        # Read once and kept: the worker processes' sessions, started and restarted later, run these
+        # same bytes, whatever happens to the file meanwhile (replaced, truncated, made unreadable).
+        self.onnx = path.read_bytes() if onnx is None else onnx
+        self.session = ort.InferenceSession(self.onnx, options, providers=[_with_options(p) for p in providers])
         self.provider = self.session.get_providers()[0]
         self.intra_op_threads = options.intra_op_num_threads
         if execution_provider == "cuda" and self.provider != CUDA:

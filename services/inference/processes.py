@@ -58,6 +58,9 @@ PARENT_PID_ENV = "_FASHION_INFERENCE_PARENT"
 REPLACEMENT_ENV = "_FASHION_INFERENCE_REPLACEMENT"
 """Set for a child started in place of one that died: it gets ready before it binds the shared port."""
 PR_SET_PDEATHSIG = 1
+RUN_FOLDER_NEEDS_BYTES = 4 * 1024 * 1024
+"""Free space a server process needs in the run folder: its prometheus-client files are mapped in memory,
+and a page of them that the full filesystem cannot give kills it with SIGBUS, saying nothing."""
 
 
 def is_child() -> bool:
@@ -130,6 +133,23 @@ class Supervisor:
         log.info("Inference server process %d of %d %s (pid %d)", index + 1, self.processes,
                  "restarted" if replacement else "started", proc.pid)
 
+    def room_for_child(self, index: int) -> bool:
+        """Whether the run folder has RUN_FOLDER_NEEDS_BYTES free for server process `index`; when not,
+        logs why it is not started (and is tried again later)."""
+        try:
+            free = shutil.disk_usage(self.run_dir).free
+        except OSError as exc:
+            log.error("Inference server process %d not started: cannot look at its run folder %s: %s",
+                      index + 1, self.run_dir, exc)
+            return False
+        if free >= RUN_FOLDER_NEEDS_BYTES:
+            return True
+        log.error("Inference server process %d not started: its run folder %s (under TMPDIR) has %d KiB free and "
+                  "a server process needs %d KiB there for its metrics files (PROMETHEUS_MULTIPROC_DIR); free "
+                  "space on that filesystem or set TMPDIR to another", index + 1, self.run_dir, free // 1024,
+                  RUN_FOLDER_NEEDS_BYTES // 1024)
+        return False
+
     def _child_exited(self, child: _Child) -> None:
         pid = child.proc.pid
         mark_process_dead(pid, str(self.metrics_dir))
@@ -155,13 +175,19 @@ class Supervisor:
                 delay = 0 if self.failures[index] == 0 else RESTART_DELAYS_S[
                     min(self.failures[index], len(RESTART_DELAYS_S)) - 1]
                 log.error("Inference server process %d (pid %d) exited with %s after %.0fs; restarting it%s",
-                          index + 1, child.proc.pid, child.proc.returncode, ran,
+                          index + 1, child.proc.pid, exit_status(child.proc.returncode), ran,
                           f" in {delay}s" if delay else "")
                 restart_at[index] = time.monotonic() + delay
             for index, when in list(restart_at.items()):
-                if time.monotonic() >= when:
-                    del restart_at[index]
-                    self.start_child(index, replacement=True)
+                if time.monotonic() < when:
+                    continue
+                if not self.room_for_child(index):  # started now, it would die of SIGBUS: try again later
+                    self.failures[index] += 1
+                    restart_at[index] = time.monotonic() + RESTART_DELAYS_S[
+                        min(self.failures[index], len(RESTART_DELAYS_S)) - 1]
+                    continue
+                del restart_at[index]
+                self.start_child(index, replacement=True)
         return self.stop_all()
 
     def stop_all(self) -> int:
@@ -186,6 +212,16 @@ class Supervisor:
         self.children.clear()
         shutil.rmtree(self.run_dir, ignore_errors=True)
         return code
+
+
+def exit_status(code: int | None) -> str:
+    """A child's exit status as the log shows it: the signal's name beside a negative one (-7 (SIGBUS))."""
+    if code is not None and code < 0:
+        try:
+            return f"{code} ({signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return str(code)
 
 
 def supervise(settings: InferenceSettings, processes: int) -> int:

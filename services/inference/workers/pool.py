@@ -25,6 +25,12 @@ from services.inference.workers.wire import WorkerModel
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[3]
 WORKER_MAIN = "services.inference.workers.process"
+STALL_S = 5.0
+"""A worker that used no CPU time for this long while a batch waits on it is hung (SIGSTOPped, or blocked
+for good): it is killed, so that its batch is retried in a fresh worker instead of holding its callers
+until their deadlines (or forever) while health says SERVING."""
+WATCH_INTERVAL_S = 1.0
+"""How often the pool looks at the CPU time of its workers that have a batch out."""
 
 
 class WorkerCrashed(RuntimeError):
@@ -46,6 +52,8 @@ class _Worker(asyncio.Protocol):
         self._buffer = bytearray()
         self._reply: asyncio.Future[bytes] | None = None
         self._abandoned = 0
+        self.stalled = ""
+        """Why the pool killed this worker as hung ("": it did not)."""
 
     @classmethod
     async def start(cls, prepare: Preprocessor, name: str, model: WorkerModel | None, nice: int) -> _Worker:
@@ -90,7 +98,23 @@ class _Worker(asyncio.Protocol):
             self._reply.set_exception(self._died())
 
     def _died(self) -> WorkerCrashed:
+        if self.stalled:
+            return WorkerCrashed(f"worker process {self.name} (pid {self.proc.pid}) {self.stalled}")
         return WorkerCrashed(f"worker process {self.name} (pid {self.proc.pid}) died: exit status {self.proc.poll()}")
+
+    @property
+    def awaited(self) -> bool:
+        """Whether a caller waits for this worker's answer to a batch."""
+        return self._reply is not None and not self._reply.done()
+
+    def cpu_ticks(self) -> int | None:
+        """The CPU time the process used so far (user + system, clock ticks); None once it is gone."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            return None
+        return int(fields[11]) + int(fields[12])
 
     def _send(self, payload: bytes) -> None:
         assert self.transport is not None
@@ -134,6 +158,7 @@ class WorkerPool:
         self.nice = nice
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._workers: list[_Worker] = []
+        self._watchdog: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, prepare: Preprocessor, processes: int, model: WorkerModel | None = None,
@@ -158,6 +183,7 @@ class WorkerPool:
             raise
         for worker in pool._workers:
             pool._idle.put_nowait(worker)
+        pool._watchdog = asyncio.ensure_future(pool._watch())
         log.info("Decoding images%s in %d worker processes (pids %s)",
                  f" and running the model ({model.threads} ONNX Runtime thread(s) each)" if model else "",
                  processes, ", ".join(map(str, pool.pids)))
@@ -213,6 +239,32 @@ class WorkerPool:
         n = len(encoded_images(items))
         return Decoded(None, dict.fromkeys(range(n), reason), [0.0] * n)
 
+    async def _watch(self) -> None:
+        """Every WATCH_INTERVAL_S, kill the workers that a batch waits on and that used no CPU time for
+        STALL_S: their callers' batch fails over to a fresh worker (run's retry). Off the batches' path:
+        one read of /proc per awaited worker per interval, none while the pool is idle."""
+        progress: dict[_Worker, tuple[int, float]] = {}  # per awaited worker: its CPU time, and since when
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            now = loop.time()
+            for worker in list(self._workers):
+                ticks = worker.cpu_ticks() if worker.awaited and not worker.dead else None
+                if ticks is None:
+                    progress.pop(worker, None)
+                    continue
+                seen, since = progress.get(worker, (-1, now))
+                if ticks != seen:
+                    progress[worker] = (ticks, now)
+                elif now - since >= STALL_S:
+                    progress.pop(worker, None)
+                    worker.stalled = (f"made no progress for {now - since:.0f}s on a batch (stopped or hung): "
+                                      "killed it")
+                    worker.proc.kill()  # its socket closes: the batch's call ends with WorkerCrashed
+
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         workers, self._workers = self._workers, []
         await asyncio.gather(*(worker.close() for worker in workers))

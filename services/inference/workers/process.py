@@ -25,7 +25,7 @@ def serve(fd: int) -> None:
     if spec is not None:
         from services.inference.engine import OnnxModel  # workers that only decode never load ONNX Runtime
 
-        model = OnnxModel(spec.manifest, "cpu", intra_op_threads=spec.threads)
+        model = OnnxModel(spec.manifest, "cpu", intra_op_threads=spec.threads, onnx=spec.onnx)
     while True:
         try:
             message = conn.recv_bytes()

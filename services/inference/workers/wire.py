@@ -24,10 +24,12 @@ Reply = tuple[np.ndarray | None, list[tuple[int, bool, str]], list[float], float
 
 @dataclass(frozen=True)
 class WorkerModel:
-    """The model a worker runs on the CPU after decoding, with `threads` ONNX Runtime threads."""
+    """The model a worker runs on the CPU after decoding, with `threads` ONNX Runtime threads: the
+    file's contents `onnx` as the service read them at load (None: the worker reads the file)."""
 
     manifest: ModelManifest
     threads: int = 1
+    onnx: bytes | None = None
 
 
 def start_message(prepare: Preprocessor, model: WorkerModel | None) -> bytes:
