@@ -43,6 +43,9 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 OPEN_INFERENCE_PREFIX = "/v2"
 MESSAGE_TOO_LARGE = "message larger than max"
 """In gRPC's RESOURCE_EXHAUSTED details when a message is over a channel's size limit."""
+DISK_FULL = ("No space left on device", "Disk quota exceeded")
+"""In RESOURCE_EXHAUSTED details when a service's disk is full (the operating system's words, which the
+services quote): HTTP 507, not 429, whose Retry-After would have clients retry every second."""
 # HTTP statuses the gateway answers itself, and the code name its body carries.
 HTTP_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
               413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE", 500: "INTERNAL", 503: "UNAVAILABLE"}
@@ -99,6 +102,8 @@ def from_grpc(exc: grpc.RpcError, service: str = "", path: str = "") -> JSONResp
         # A message over a channel's size limit: retrying cannot help (no 429 and Retry-After).
         status = 413
         message = f"{details}: a gRPC message is over FASHION_MAX_MESSAGE_BYTES; split the request into smaller ones"
+    elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and any(words in details for words in DISK_FULL):
+        status = 507  # Insufficient Storage: an operator must make room
     elif code == grpc.StatusCode.UNAVAILABLE and service:
         message = f"{service} service unavailable: {details}"
     elif status == 502:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sqlite3
+from pathlib import Path
 
 from fashion.v1 import monitor_pb2_grpc as pb_grpc
 from services.common.bootstrap import GrpcService, Listener, ServiceParts, StartupError, run
@@ -15,17 +18,42 @@ from services.monitor.monitor import Monitor
 from services.monitor.notifiers import NotificationError, build_notifiers
 from services.monitor.rules import build_rules
 from services.monitor.servicer import MonitorServicer
+from services.monitor.store import MonitorStore
 
 log = logging.getLogger(__name__)
 
 
 def check(settings: MonitorSettings) -> None:
-    """Unknown alert rules or notifiers that cannot work stop the start, with the reason."""
+    """Unknown alert rules, notifiers that cannot work and an alert state file that cannot be opened for
+    writing stop the start, with the reason."""
     try:
         build_rules(settings)
         build_notifiers(settings)
     except (ValueError, NotificationError) as exc:
         raise StartupError(str(exc)) from exc
+    check_state_file(settings.monitor_state_db)
+
+
+def check_state_file(path: Path) -> None:
+    """Open (creating it if new) the alert state file as the service will, so that a folder it may not
+    write, a full disk or a file that is no database is one line naming the file and its setting, not a
+    traceback after the start."""
+    try:
+        store = MonitorStore(path)
+        try:
+            store.check_writable()
+        finally:
+            store.close()
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        raise StartupError(f"cannot open the alert state file {path} (FASHION_MONITOR_STATE_DB): "
+                           f"{exc.strerror or exc}{where}") from None
+    except sqlite3.Error as exc:
+        folder = path.parent
+        hint = (f"; its folder {folder} is not writable by this user" if folder.is_dir()
+                and not os.access(folder, os.W_OK | os.X_OK) else "")
+        raise StartupError(f"cannot open the alert state file {path} (FASHION_MONITOR_STATE_DB): {exc}{hint}") \
+            from None
 
 
 class MonitorParts(ServiceParts):

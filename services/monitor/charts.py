@@ -30,8 +30,12 @@ DPI = 110
 def write_png(fig: Figure, path: Path) -> None:
     """`fig` as a PNG at `path`, complete or not at all."""
     tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=DPI, facecolor="white")
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI, facecolor="white")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no partial temporary file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _figure(width: float = 11.0, height: float = 5.2) -> Figure:

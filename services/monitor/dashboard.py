@@ -11,6 +11,7 @@ The charts are drawn by charts.py.
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import itertools
 import logging
@@ -58,6 +59,18 @@ class ReportData:
     alerts: list[AlertRecord] | None = None
     """Firing alerts; None when the alert state is not available (embedded run without a state file)."""
     batch_error: str = ""
+
+
+class ReportNotWritten(OSError):
+    """The report folder did not take the report (full, read-only, not a folder); nothing of it is left
+    there. `filename` is the folder; the text names it and its setting."""
+
+    def __str__(self) -> str:
+        return f"cannot write the report in {self.filename} (FASHION_REPORT_DIR): {self.strerror}"
+
+
+class ReportDiskFull(ReportNotWritten):
+    """The report folder's disk (or the quota) is full: the report can be written once there is room."""
 
 
 @dataclass(frozen=True)
@@ -159,23 +172,34 @@ class Dashboard:
         return prune_files(self.report_dir, names, self.keep_days, now)
 
     def _write(self, data: ReportData, text_only: bool) -> ReportFiles:
-        self.report_dir.mkdir(parents=True, exist_ok=True)
-        text = render_text(data)
-        stamp, text_path = self._claim(data.generated_at, text.encode())
-        if text_only:
-            return ReportFiles(text_path, text, data.generated_at)
-        figures = [daily_volume_chart(data.history),
-                   success_failure_chart(data.history, self.success_rate_min),
-                   category_chart(data.history, self.min_images),
-                   summary_chart(data.generated_at, data.system, data.batch_health, data.alerts)]
-        pngs = []
-        for name, fig in zip(self.CHARTS, figures, strict=True):
-            path = self.report_dir / f"{name}_{stamp}.png"
-            write_png(fig, path)
-            pngs.append(path)
-        html_path = self.report_dir / f"dashboard_{stamp}.html"
-        _write_atomic(html_path, render_html(data, text, pngs).encode())
-        return ReportFiles(text_path, text, data.generated_at, html_path, pngs)
+        """The report's files, or none of them: a failure part-way (a full disk) removes those already
+        written, so no text report is left without its charts and page, and raises ReportNotWritten."""
+        written: list[Path] = []
+        try:
+            self.report_dir.mkdir(parents=True, exist_ok=True)
+            text = render_text(data)
+            stamp, text_path = self._claim(data.generated_at, text.encode())
+            written.append(text_path)
+            if text_only:
+                return ReportFiles(text_path, text, data.generated_at)
+            figures = [daily_volume_chart(data.history),
+                       success_failure_chart(data.history, self.success_rate_min),
+                       category_chart(data.history, self.min_images),
+                       summary_chart(data.generated_at, data.system, data.batch_health, data.alerts)]
+            pngs = []
+            for name, fig in zip(self.CHARTS, figures, strict=True):
+                path = self.report_dir / f"{name}_{stamp}.png"
+                write_png(fig, path)
+                written.append(path)
+                pngs.append(path)
+            html_path = self.report_dir / f"dashboard_{stamp}.html"
+            _write_atomic(html_path, render_html(data, text, pngs).encode())
+            return ReportFiles(text_path, text, data.generated_at, html_path, pngs)
+        except OSError as exc:
+            for path in written:
+                path.unlink(missing_ok=True)
+            kind = ReportDiskFull if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ReportNotWritten
+            raise kind(exc.errno, exc.strerror or str(exc), str(self.report_dir)) from exc
 
     def _claim(self, at: datetime, text: bytes) -> tuple[str, Path]:
         """Write the text report as report_YYYYMMDD_HHMMSS.txt, as the monitoring guide names it (a suffix when
@@ -243,11 +267,20 @@ def _staged(folder: Path, content: bytes) -> Path:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         except FileExistsError:
             continue
-        with os.fdopen(fd, "wb") as staged:
-            staged.write(content)
+        try:
+            with os.fdopen(fd, "wb") as staged:
+                staged.write(content)
+        except BaseException:  # a full disk: no partial temporary file left to fill it further
+            name.unlink(missing_ok=True)
+            raise
         return name
 
 
 def _write_atomic(path: Path, content: bytes) -> None:
     """`path` replaced by a complete file; two writers never share a temporary file."""
-    os.replace(_staged(path.parent, content), path)
+    staged = _staged(path.parent, content)
+    try:
+        os.replace(staged, path)
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise

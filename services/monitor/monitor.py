@@ -17,7 +17,7 @@ from croniter import croniter
 from services.common import metrics
 from services.common.config import MonitorSettings
 from services.monitor.alerting import AlertEngine
-from services.monitor.dashboard import Dashboard, ReportData, ReportFiles
+from services.monitor.dashboard import Dashboard, ReportData, ReportFiles, ReportNotWritten
 from services.monitor.health import (
     STATS_DAYS,
     BatchHealthResult,
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 MAX_DAYS = 366
 MAX_HISTORY = 10_000
 DEFAULT_HISTORY = 50
+REPORT_CLOCK_CHECK_S = 60.0
+"""Longest wait between two readings of the wall clock while a scheduled report is due later."""
 
 
 CHANNELS = ("email", "slack")
@@ -57,6 +59,18 @@ class TestDelivery:
 
 class InvalidRequest(ValueError):
     """A caller's argument is out of range; the message names it."""
+
+
+MAX_QUOTED_CHARS = 64
+"""Characters of a caller's string quoted back in an error: a whole megabyte would not fit the status's
+metadata (the caller would get RESOURCE_EXHAUSTED about metadata instead of the reason) nor a log line."""
+
+
+def quoted(value: str) -> str:
+    """`value` as an error message quotes it: repr(), cut to MAX_QUOTED_CHARS with its length said."""
+    if len(value) <= MAX_QUOTED_CHARS:
+        return repr(value)
+    return f"{value[:MAX_QUOTED_CHARS]!r}... ({len(value):,} characters)"
 
 
 @dataclass(frozen=True)
@@ -163,7 +177,7 @@ class Monitor:
         notifiers (all, or `channel`'s) now, bypassing the outbox, and says how each went. Raises
         InvalidRequest for an unknown channel, NotConfigured when no notifier of it is configured."""
         if channel and channel not in CHANNELS:
-            raise InvalidRequest(f"channel must be one of {', '.join(CHANNELS)}, got {channel!r}")
+            raise InvalidRequest(f"channel must be one of {', '.join(CHANNELS)}, got {quoted(channel)}")
         notifiers = build_notifiers(self.settings)
         chosen = {name: n for name, n in notifiers.items() if not channel or name == channel}
         if not chosen:
@@ -195,7 +209,7 @@ class Monitor:
             raise InvalidRequest(f"history_limit must be between 0 and {MAX_HISTORY}, got {history_limit}")
         names = [r.name for r in self.rules]
         if rule and rule not in names:
-            raise InvalidRequest(f"unknown rule {rule!r}; rules are {', '.join(names)}")
+            raise InvalidRequest(f"unknown rule {quoted(rule)}; rules are {', '.join(names)}")
         active = [a for a in self.active_alerts() or [] if not rule or a.rule == rule]
         if self.store is None:
             return AlertListing(active, [], self.rules, 0)
@@ -217,12 +231,17 @@ class Monitor:
     async def run_scheduled_reports(self) -> None:
         """Write the dashboard and send the text report (HTML attached to the email) at each time of
         FASHION_REPORT_CRON, until cancelled: the daily `dashboard.py && mail` cron job
-        of the monitoring guide (docs/monitoring-and-logging-guide.md)."""
+        of the monitoring guide (docs/monitoring-and-logging-guide.md).
+
+        The wall clock is read at least every REPORT_CLOCK_CHECK_S while waiting, so a clock that is
+        set (NTP, a resumed virtual machine) moves the report with it; one that jumps past several due
+        times sends one report, not one per time missed, and one set back never repeats a report."""
         assert self.store is not None and self.outbox is not None
-        schedule = croniter(self.settings.report_cron, datetime.now())
+        cron = self.settings.report_cron
+        last_due = datetime.now()
         while True:
-            due = schedule.get_next(datetime)
-            await asyncio.sleep(max(0.0, (due - datetime.now()).total_seconds()))
+            due = croniter(cron, last_due).get_next(datetime)
+            last_due = max(due, await _wall_clock_reaches(due))
             try:
                 files, status = await self.generate_report()
                 title = f"Monitoring Report {files.generated_at:%Y-%m-%d %H:%M} ({status})"
@@ -230,6 +249,8 @@ class Monitor:
                                     attachment=str(files.html_path or "")).to_json()
                 await asyncio.to_thread(self.store.enqueue, [(n, text) for n in self.outbox.notifiers])
                 self.outbox.wake()
+            except ReportNotWritten as exc:  # a full or read-only report folder: one line says which
+                log.error("Scheduled report not written: %s; the next one runs at its time", exc)
             except Exception:
                 log.exception("Scheduled report failed; the next one runs at its time")
 
@@ -252,3 +273,13 @@ class Monitor:
             if delay < 0:  # a slow cycle: skip the missed ticks instead of running them back to back
                 next_at, delay = loop.time() + interval, interval
             await asyncio.sleep(delay)
+
+
+async def _wall_clock_reaches(due: datetime) -> datetime:
+    """Sleep until the wall clock shows `due` or later, reading it at least every REPORT_CLOCK_CHECK_S
+    (asyncio sleeps on the monotonic clock, which a clock set forward or back does not move); the time then."""
+    while True:
+        now = datetime.now()
+        if now >= due:
+            return now
+        await asyncio.sleep(min(REPORT_CLOCK_CHECK_S, (due - now).total_seconds()))

@@ -25,18 +25,20 @@ import math
 import re
 import smtplib
 import socket
+import sqlite3
 import ssl
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import SecretStr
 
@@ -160,6 +162,71 @@ def _url_secrets(url: str) -> list[str]:
     return [p for p in set(pieces) if len(p) >= 4]
 
 
+class Deadline:
+    """The whole-delivery deadline (FASHION_NOTIFY_TIMEOUT_S): socket timeouts bound each read, not a
+    server that trickles a byte at a time, so when the deadline passes the delivery's sockets are shut
+    down, which ends any read or write blocked on them. `watch` registers a getter of the current
+    socket (STARTTLS replaces it)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[Callable[[], socket.socket | None]] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def watch(self, current_socket: Callable[[], socket.socket | None]) -> None:
+        with self._lock:
+            self._sockets.append(current_socket)
+            expired = self.expired
+        if expired:
+            _shut(current_socket())
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            getters = list(self._sockets)
+        for getter in getters:
+            _shut(getter())
+
+    def failure(self, what: str) -> NotificationError:
+        return NotificationError(f"{what} did not finish within FASHION_NOTIFY_TIMEOUT_S ({self.seconds:g} s)")
+
+
+def _shut(sock: socket.socket | None) -> None:
+    """End every blocked read and write on `sock` (the plain socket's shutdown, also under TLS: the
+    SSL object stays to the thread using it)."""
+    if sock is not None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib.SMTP whose sockets a Deadline watches."""
+
+    def __init__(self, deadline: Deadline, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        deadline.watch(lambda: getattr(self, "sock", None))
+
+
+class _SMTPS(smtplib.SMTP_SSL):
+    """smtplib.SMTP_SSL whose sockets a Deadline watches."""
+
+    def __init__(self, deadline: Deadline, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        deadline.watch(lambda: getattr(self, "sock", None))
+
+
 class EmailNotifier:
     """Sends each notification as a plain-text email (smtplib), with STARTTLS or implicit TLS,
     logging in when a user is configured."""
@@ -220,14 +287,18 @@ class EmailNotifier:
                 msg.add_attachment(page, maintype="text", subtype="html", filename=Path(notification.attachment).name)
             except OSError as exc:  # the report folder was cleaned up: send the text anyway
                 log.warning("Not attaching %s: %s", notification.attachment, exc.strerror)
+        deadline = Deadline(s.notify_timeout_s)
+        smtp: smtplib.SMTP | None = None
         try:
-            context = ssl.create_default_context(cafile=str(s.smtp_ca_file) if s.smtp_ca_file else None)
-            smtp: smtplib.SMTP
-            if s.smtp_ssl:
-                smtp = smtplib.SMTP_SSL(s.smtp_host, self.port, timeout=s.notify_timeout_s, context=context)
-            else:
-                smtp = smtplib.SMTP(s.smtp_host, self.port, timeout=s.notify_timeout_s)
-            with smtp:
+            with deadline:
+                context = ssl.create_default_context(cafile=str(s.smtp_ca_file) if s.smtp_ca_file else None)
+                # Made unconnected, so that the deadline watches the socket from the server's greeting on.
+                smtp = (_SMTPS(deadline, timeout=s.notify_timeout_s, context=context) if s.smtp_ssl
+                        else _SMTP(deadline, timeout=s.notify_timeout_s))
+                smtp._host = s.smtp_host  # type: ignore[attr-defined]  # the TLS server name, as connecting by the constructor sets it
+                code, reply = smtp.connect(s.smtp_host, self.port)
+                if code != 220:
+                    raise smtplib.SMTPConnectError(code, reply)
                 if s.smtp_starttls and not s.smtp_ssl:
                     smtp.starttls(context=context)
                 if s.smtp_user:
@@ -240,9 +311,22 @@ class EmailNotifier:
                 try:
                     refused = smtp.send_message(msg)
                 except smtplib.SMTPException as exc:  # the server's answer to this message
+                    if deadline.expired:
+                        raise deadline.failure("the email delivery") from None
                     raise NotificationError(_scrubbed(exc, [password]), permanent=_refused_for_good(exc)) from None
+                # Accepted: what the server says to QUIT (garbage, a hang) cannot undo the delivery, and
+                # a retry would send the email twice.
+                try:
+                    smtp.quit()
+                except (OSError, smtplib.SMTPException):
+                    pass
         except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
+            if deadline.expired:
+                raise deadline.failure("the email delivery") from None
             raise NotificationError(_scrubbed(exc, [password])) from None
+        finally:
+            if smtp is not None:
+                smtp.close()
         if refused:  # the others got it: delivered, but a recipient is wrong and someone must know
             log.warning("Email %r was not delivered to %s (sent to the other recipients)", notification.subject,
                         "; ".join(f"{rcpt} ({code} {reply.decode(errors='replace')})"
@@ -254,10 +338,16 @@ def _refused_for_good(exc: smtplib.SMTPException) -> bool:
     MAIL FROM (e.g. 552 too large), of every recipient, or at DATA. Connecting and logging in are not
     judged here: their failures hold for every message and are retried (a password file may be fixed)."""
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
-        return bool(exc.recipients) and all(code >= 500 for code, _ in exc.recipients.values())
+        return bool(exc.recipients) and all(_server_refused(code, reply) for code, reply in exc.recipients.values())
     if isinstance(exc, smtplib.SMTPResponseException):  # SMTPSenderRefused, SMTPDataError
-        return exc.smtp_code >= 500
+        return _server_refused(exc.smtp_code, exc.smtp_error)
     return False
+
+
+def _server_refused(code: int, reply: bytes | str) -> bool:
+    """A 5xx the server sent. smtplib makes up a 500 ("Line too long.", a str) for a reply it could not
+    read: garbage from the server, or a cut connection, no refusal; codes past 599 are garbage too."""
+    return 500 <= code < 600 and isinstance(reply, bytes)
 
 
 def webhook_url_problem(url: str) -> str | None:
@@ -306,7 +396,6 @@ class SlackNotifier:
 
     def __init__(self, settings: MonitorSettings) -> None:
         self.settings = settings
-        self._opener = urllib.request.build_opener(_RefuseRedirects)
         try:
             self._url()  # a wrong URL stops the start, with the reason (never the URL)
         except NotificationError as exc:
@@ -346,18 +435,52 @@ class SlackNotifier:
 
     def send(self, notification: Notification) -> None:
         url = self._url()
-        try:
-            request = urllib.request.Request(
-                url, data=json.dumps(self.payload(notification)).encode(), method="POST",
-                headers={"Content-Type": "application/json; charset=utf-8"})
-            with self._opener.open(request, timeout=self.settings.notify_timeout_s) as resp:
-                resp.read()
-        except urllib.error.HTTPError as exc:
-            with exc:  # closes the reply
-                raise _http_failure(exc, url) from None
-        except Exception as exc:  # URLError, timeouts, malformed URLs: all become a retryable failure
-            raise NotificationError(_scrubbed(exc, [url, *urllib.parse.urlsplit(url)[1:], *_url_secrets(url)])) \
-                from None
+        deadline = Deadline(self.settings.notify_timeout_s)
+        opener = urllib.request.build_opener(_RefuseRedirects, _WatchedHTTPHandler(deadline),
+                                             _WatchedHTTPSHandler(deadline))
+        with deadline:  # the error reply's excerpt is read under it too
+            try:
+                request = urllib.request.Request(
+                    url, data=json.dumps(self.payload(notification)).encode(), method="POST",
+                    headers={"Content-Type": "application/json; charset=utf-8"})
+                with opener.open(request, timeout=self.settings.notify_timeout_s) as resp:
+                    # A 2xx status is the delivery: the reply's body (Slack's "ok") is read only in part,
+                    # and a body that never ends or breaks off changes nothing.
+                    try:
+                        resp.read(MAX_REPLY_READ)
+                    except Exception:
+                        pass
+            except urllib.error.HTTPError as exc:
+                with exc:  # closes the reply
+                    raise _http_failure(exc, url) from None
+            except Exception as exc:  # URLError, timeouts, malformed URLs: all become a retryable failure
+                if deadline.expired:
+                    raise deadline.failure("the Slack webhook's answer") from None
+                raise NotificationError(_scrubbed(exc, [url, *urllib.parse.urlsplit(url)[1:],
+                                                        *_url_secrets(url)])) from None
+
+
+class _WatchedConnections(urllib.request.AbstractHTTPHandler):
+    """urllib's HTTP(S) handler whose connections' sockets a Deadline watches."""
+
+    def __init__(self, deadline: Deadline, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._deadline = deadline
+
+    def do_open(self, http_class, req, **http_conn_args):  # type: ignore[no-untyped-def,override]
+        def connection(*args: Any, **kwargs: Any) -> Any:
+            conn = http_class(*args, **kwargs)
+            self._deadline.watch(lambda: conn.sock)
+            return conn
+        return super().do_open(connection, req, **http_conn_args)
+
+
+class _WatchedHTTPHandler(_WatchedConnections, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHTTPSHandler(_WatchedConnections, urllib.request.HTTPSHandler):
+    pass
 
 
 def _http_failure(exc: urllib.error.HTTPError, url: str) -> NotificationError:
@@ -417,6 +540,11 @@ class NotificationOutbox:
         self.settings = settings
         self._wake = asyncio.Event()
         self._stopping = threading.Event()  # read by deliver_due in its worker thread
+        self._unrecorded: set[int] = set()
+        """Outbox rows sent (or dropped) whose removal the store refused (its disk full): never sent
+        again by this process, removed once the store takes writes again."""
+        self._held_until: dict[int, float] = {}
+        """Retry times of failed rows whose new time the store refused: the backoff holds all the same."""
 
     def wake(self) -> None:
         """Deliver now (new notifications were queued)."""
@@ -432,20 +560,22 @@ class NotificationOutbox:
         """Attempt every notification that is due; returns how many were sent. Blocking."""
         sent = 0
         progress = True
+        for item_id in list(self._unrecorded):
+            self._record_done(item_id)
         while progress and not self._stopping.is_set():
             progress = False
             now = time.time()
             for item in self.store.outbox_heads():
                 if self._stopping.is_set():
                     break
-                if item.next_attempt_at > now:
+                if item.id in self._unrecorded or max(item.next_attempt_at, self._held_until.get(item.id, 0)) > now:
                     continue
                 notification = Notification.from_json(item.notification)
                 notifier = self.notifiers.get(item.notifier)
                 if notifier is None:
                     log.warning("Dropping %s notification %r: that notifier is no longer configured",
                                 item.notifier, notification.subject)
-                    self.store.outbox_done(item.id)
+                    self._record_done(item.id)
                     continue
                 try:
                     notifier.send(notification)
@@ -454,13 +584,38 @@ class NotificationOutbox:
                     progress |= self._failed(item.id, item.attempts + 1, item.created_at, notifier.name,
                                              notification, exc)
                     continue
-                self.store.outbox_done(item.id)
                 metrics.MONITOR_NOTIFICATIONS.labels(notifier.name, "sent").inc()
                 log.info("Sent %s notification %r", notifier.name, notification.subject)
                 sent += 1
-                progress = True
-        metrics.MONITOR_PENDING_NOTIFICATIONS.set(self.store.outbox_size())
+                progress = self._record_done(item.id) or progress
+        metrics.MONITOR_PENDING_NOTIFICATIONS.set(max(0, self.store.outbox_size() - len(self._unrecorded)))
         return sent
+
+    def _record_done(self, item_id: int) -> bool:
+        """Remove a sent or dropped notification from the outbox; whether the store took it. When it does
+        not (a full disk), the row is remembered as done, so it is not sent again while the disk is full."""
+        try:
+            self.store.outbox_done(item_id)
+        except sqlite3.Error as exc:
+            if item_id not in self._unrecorded:
+                log.error("A notification sent (or given up) could not be removed from the outbox in %s "
+                          "(FASHION_MONITOR_STATE_DB): %s; it is not sent again, and removed once the file "
+                          "takes writes (if the Monitor is restarted before, it is sent once more)",
+                          self.store.path, exc)
+            self._unrecorded.add(item_id)
+            return False
+        self._unrecorded.discard(item_id)
+        self._held_until.pop(item_id, None)
+        return True
+
+    def next_due(self) -> float | None:
+        """When the next queued notification is due (its backoff included), None when none waits."""
+        heads = [h for h in self.store.outbox_heads() if h.id not in self._unrecorded]
+        if self._unrecorded:  # try their removal again soon
+            heads_due = [time.time() + self.settings.notify_retry_initial_s]
+        else:
+            heads_due = []
+        return min([max(h.next_attempt_at, self._held_until.get(h.id, 0)) for h in heads] + heads_due, default=None)
 
     def _failed(self, item_id: int, attempts: int, created_at: float, notifier: str,
                 notification: Notification, exc: Exception) -> bool:
@@ -483,14 +638,21 @@ class NotificationOutbox:
             delay, asked = min(exc.retry_after, self.settings.notify_retry_max_s), " (the server's Retry-After)"
         log.warning("%s notification %r failed (attempt %d): %s; retrying in %.1f s%s",
                     notifier, notification.subject, attempts, error, delay, asked)
-        self.store.outbox_retry(item_id, now + delay, error)
         metrics.MONITOR_NOTIFICATIONS.labels(notifier, "failed").inc()
+        try:
+            self.store.outbox_retry(item_id, now + delay, error)
+        except sqlite3.Error as exc:  # a full disk: the backoff is kept here instead
+            log.warning("The next attempt of %s notification %r could not be recorded in %s: %s", notifier,
+                        notification.subject, self.store.path, exc)
+            self._held_until[item_id] = now + delay
+        else:
+            self._held_until.pop(item_id, None)
         return False
 
     def _drop(self, item_id: int, notifier: str, notification: Notification, why: str) -> None:
         """Give a notification up: an error in the log (and monitor_errors.log), the dropped counter."""
         log.error("Dropping %s notification %r %s", notifier, notification.subject, why)
-        self.store.outbox_done(item_id)
+        self._record_done(item_id)
         metrics.MONITOR_NOTIFICATIONS.labels(notifier, "dropped").inc()
 
     async def run(self) -> None:
@@ -499,7 +661,7 @@ class NotificationOutbox:
             self._wake.clear()
             try:
                 await asyncio.to_thread(self.deliver_due)
-                next_due = await asyncio.to_thread(self.store.outbox_next_due)
+                next_due = await asyncio.to_thread(self.next_due)
             except Exception:  # e.g. the disk is full: keep the loop alive, try again shortly
                 log.exception("Notification delivery failed unexpectedly")
                 next_due = time.time() + self.settings.notify_retry_initial_s

@@ -11,6 +11,7 @@ from fashion.v1 import batch_pb2, health_pb2
 from fashion.v1 import monitor_pb2 as pb
 from fashion.v1 import monitor_pb2_grpc as pb_grpc
 from services.common.server import ErrorStatuses
+from services.monitor.dashboard import ReportDiskFull, ReportNotWritten
 from services.monitor.health import BatchHealthResult, BatchUnavailable, Health, ServiceCheck, SystemCheck
 from services.monitor.monitor import InvalidRequest, Monitor, NotConfigured, TestDelivery
 from services.monitor.store import AlertRecord, HistoryEntry
@@ -21,6 +22,8 @@ HEALTH = {Health.HEALTHY: health_pb2.HEALTH_STATUS_HEALTHY, Health.DEGRADED: hea
 
 ERRORS = ErrorStatuses({
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
+    ReportDiskFull: grpc.StatusCode.RESOURCE_EXHAUSTED,  # before its base class: the first match wins
+    ReportNotWritten: grpc.StatusCode.FAILED_PRECONDITION,
     NotConfigured: grpc.StatusCode.FAILED_PRECONDITION,
     BatchUnavailable: grpc.StatusCode.UNAVAILABLE,
 })

@@ -131,6 +131,12 @@ class MonitorStore:
             row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else default
 
+    def check_writable(self) -> None:
+        """Write one row (when this file was last opened): raises what a write raises here (a read-only
+        file, a full disk), which opening alone does not."""
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_opened_at', ?)", (repr(time.time()),))
+
     def meta_setdefault(self, key: str, value: str) -> str:
         with self._transaction() as db:
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
@@ -198,10 +204,6 @@ class MonitorStore:
     def outbox_size(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
-
-    def outbox_next_due(self) -> float | None:
-        heads = self.outbox_heads()
-        return min((h.next_attempt_at for h in heads), default=None)
 
     def outbox_done(self, item_id: int) -> None:
         with self._transaction() as db:
