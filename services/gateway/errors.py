@@ -9,6 +9,7 @@ google.rpc.Code to HTTP, except where noted).
 from __future__ import annotations
 
 import logging
+import re
 
 import grpc
 from fastapi import FastAPI, Request
@@ -43,6 +44,9 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 OPEN_INFERENCE_PREFIX = "/v2"
 MESSAGE_TOO_LARGE = "message larger than max"
 """In gRPC's RESOURCE_EXHAUSTED details when a message is over a channel's size limit."""
+INTERNAL_ADDRESS = re.compile(r"(?:ipv4:|ipv6:|unix:|dns:/*)?(?:\[[0-9A-Fa-f:.%]+\]|%5B[0-9A-Fa-f:.%]+?%5D|"
+                              r"[\w-]*[A-Za-z.][\w.-]*):\d{1,5}\b")
+"""A host:port (or ipv4:/ipv6:/dns: target) in gRPC's UNAVAILABLE details."""
 DISK_FULL = ("No space left on device", "Disk quota exceeded")
 """In RESOURCE_EXHAUSTED details when a service's disk is full (the operating system's words, which the
 services quote): HTTP 507, not 429, whose Retry-After would have clients retry every second."""
@@ -105,7 +109,8 @@ def from_grpc(exc: grpc.RpcError, service: str = "", path: str = "") -> JSONResp
     elif code == grpc.StatusCode.RESOURCE_EXHAUSTED and any(words in details for words in DISK_FULL):
         status = 507  # Insufficient Storage: an operator must make room
     elif code == grpc.StatusCode.UNAVAILABLE and service:
-        message = f"{service} service unavailable: {details}"
+        # The reason without the addresses of the services behind the gateway (the gateway's log has them).
+        message = f"{service} service unavailable: {INTERNAL_ADDRESS.sub('<address>', details)}"
     elif status == 502:
         message = f"the {service or 'backend'} service refused the gateway's credentials: {details}"
     if status >= 500:

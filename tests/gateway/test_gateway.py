@@ -176,7 +176,8 @@ def test_openapi_and_metrics(gateway: GatewayProcess) -> None:
 
 
 def test_inference_down_gives_unhealthy_and_503(tmp_path) -> None:
-    gw = start_gateway(tmp_path, f"127.0.0.1:{free_port()}", FASHION_GATEWAY_TIMEOUT_S="3")
+    inference_port = free_port()
+    gw = start_gateway(tmp_path, f"127.0.0.1:{inference_port}", FASHION_GATEWAY_TIMEOUT_S="3")
     try:
         gw.wait_ready()
         resp = httpx.get(f"{gw.url}/health", timeout=30)
@@ -187,10 +188,13 @@ def test_inference_down_gives_unhealthy_and_503(tmp_path) -> None:
         resp = httpx.post(f"{gw.url}/predict", files={"file": ("a.png", images(1)[0])}, timeout=30)
         assert_error(resp, 503, "UNAVAILABLE", "Inference service unavailable")
         assert resp.headers.get("retry-after") == "1"
+        # The reason stays, the address of the service behind the gateway does not (its log has it).
+        assert str(inference_port) not in resp.text and "<address>" in resp.text, resp.text
         assert_error(httpx.get(f"{gw.url}/stats", timeout=30), 503, "UNAVAILABLE", "Inference")
         assert_error(httpx.get(f"{gw.url}/batch/jobs", timeout=30), 503, "UNAVAILABLE", "Batch service")
         assert_error(httpx.get(f"{gw.url}/monitor/health", timeout=30), 503, "UNAVAILABLE", "Monitor service")
         assert "ERROR" in (tmp_path / "logs" / "gateway_errors.log").read_text()
+        assert f"127.0.0.1:{inference_port}" in (tmp_path / "logs" / "gateway_errors.log").read_text()
     finally:
         code = gw.terminate()
     assert code == 0 and "Application shutdown complete" in gw.output(), gw.output()
