@@ -61,6 +61,10 @@ class ReportData:
     batch_error: str = ""
 
 
+STALE_TEMPORARY_DAYS = 1 / 24
+"""A report's temporary file this old (an hour: a report takes seconds) is a writer's killed mid-write."""
+
+
 class ReportNotWritten(OSError):
     """The report folder did not take the report (full, read-only, not a folder); nothing of it is left
     there. `filename` is the folder; the text names it and its setting."""
@@ -166,10 +170,11 @@ class Dashboard:
         return files
 
     def prune(self, now: float | None = None) -> int:
-        """Delete this dashboard's files (by their names) older than keep_days; how many."""
-        names = ("report_*.txt", "dashboard_*.html", *(f"{chart}_*.png" for chart in self.CHARTS),
-                 ".report-*.tmp", "*.png.tmp")  # and what a writer killed mid-write left
-        return prune_files(self.report_dir, names, self.keep_days, now)
+        """Delete this dashboard's files (by their names) older than keep_days, and the temporary files of a
+        writer killed mid-write older than STALE_TEMPORARY_DAYS whatever keep_days is; how many."""
+        names = ("report_*.txt", "dashboard_*.html", *(f"{chart}_*.png" for chart in self.CHARTS))
+        return (prune_files(self.report_dir, names, self.keep_days, now)
+                + prune_files(self.report_dir, (".report-*.tmp", "*.png.tmp"), STALE_TEMPORARY_DAYS, now))
 
     def _write(self, data: ReportData, text_only: bool) -> ReportFiles:
         """The report's files, or none of them: a failure part-way (a full disk) removes those already

@@ -172,6 +172,27 @@ def test_report_files_get_the_mode_the_umask_leaves(tmp_path: Path, umask: int) 
     assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o666 & ~umask)}, files
     assert not list(out.glob(".report-*"))
 
+def test_temporary_files_of_a_writer_killed_mid_report_are_swept_whatever_the_retention(tmp_path: Path) -> None:
+    """A Monitor killed while writing a report leaves its hidden temporary files; with FASHION_RETENTION_DAYS=0
+    (keep every report) they stayed for good. An hour old, they are a dead writer's and go with the next
+    report; a fresh one may be another writer's, at work now, and stays."""
+    out = tmp_path / "reports"
+    out.mkdir()
+    dead = [out / ".report-0123456789abcdef.tmp", out / "daily_volume_20261201_020000.png.tmp"]
+    for path in dead:
+        path.write_bytes(b"half a report")
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    at_work = out / ".report-fedcba9876543210.tmp"
+    at_work.write_bytes(b"being written")
+    env = {"FASHION_INFERENCE_ADDRESS": unused_address(), "FASHION_BATCH_ADDRESS": unused_address(),
+           "FASHION_GATEWAY_ADDRESS": "", "FASHION_MONITOR_STATE_DB": str(tmp_path / "none.db"),
+           "FASHION_RETENTION_DAYS": "0"}
+    run = fashion("dashboard", "--text-only", "--output-dir", str(out), cwd=tmp_path, **env)
+    assert run.returncode in (0, 1), run.stderr  # 1: the services are down (unhealthy), the report is written
+    assert not any(path.exists() for path in dead) and at_work.exists()
+    assert len(list(out.glob("report_*.txt"))) == 1
+
+
 WRITE_REPORTS = """
 import sys
 import time
