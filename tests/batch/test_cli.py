@@ -437,3 +437,38 @@ def test_a_run_whose_log_disk_is_full_still_sorts_and_says_so_once_per_log(
         assert again.returncode == 0 and "cannot write" not in again.stderr, again.stderr
         runner_logs = sorted(logs.glob("batch_runner_*.log"))
         assert "✓ Batch completed successfully" in runner_logs[-1].read_text(encoding="utf-8")
+
+
+def test_submit_wait_follows_the_job_across_a_restart_of_the_batch_service(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """`fashion batch submit --wait` while the Batch service is killed and started again on its address (a crash,
+    a rolling update): the command says it lost the service, follows the resumed job once it is back and ends
+    with the job's outcome (exit 0); it ended at once with UNAVAILABLE (exit 2) while the job went on."""
+    home = BatchHome(tmp_path)
+    images = write_images(home.data / "inbox", 6)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = home.env(f"127.0.0.1:{free_port()}", FASHION_BATCH_HOST="127.0.0.1", FASHION_BATCH_PORT=str(port))
+    batch = start_service("services.batch", home.workdir, env, address)  # no Inference there: the job waits
+    batch.wait_serving(timeout=60)
+    cli_env = {**os.environ, "COLUMNS": "200", **home.env(inference_server.address)}
+    submit = subprocess.Popen([FASHION, "batch", "submit", "inbox", "--wait", "--address", address],
+                              cwd=home.workdir, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not home.query("SELECT job_id FROM jobs WHERE state = 'waiting'"):
+            assert time.monotonic() < deadline and submit.poll() is None, batch.output()
+            time.sleep(0.1)
+        batch.kill()
+        time.sleep(1)  # the command meets a service that is down
+        env["FASHION_INFERENCE_ADDRESS"] = inference_server.address
+        batch = start_service("services.batch", home.workdir, env, address)
+        out, err = submit.communicate(timeout=90)
+    finally:
+        batch.terminate()
+        if submit.poll() is None:
+            submit.kill()
+    assert submit.returncode == 0, out + err
+    assert "SUCCEEDED" in out and "│ Processed    │ 6 " in out, out
+    assert "Lost the Batch service" in out + err, out + err
+    assert sorted(files_under(home.output)) == sorted(images)
