@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Callable
 
 from fashion.v1 import batch_pb2 as pb
@@ -33,11 +34,11 @@ def run_folder(folder: str, output: str = "", copy: bool = False, min_confidence
                recursive: bool = False, inference_address: str | None = None, shard_count: int | None = None,
                shard_index: int | None = None, on_start: Callable[[str, bool], None] = lambda job_id, resumed: None,
                on_update: JobUpdate = lambda job, event: None,
-               on_resumed: Callable[[pb.Job], None] = lambda job: None) -> pb.Job:
+               on_resumed: Callable[[pb.Job], None] = lambda job: None, max_wait_s: float | None = None) -> pb.Job:
     """Resume this folder's interrupted runs, then run it as a new job; returns the new job as it ended.
 
     `on_start(job_id, resumed)` announces each job before it runs, `on_update` follows it, `on_resumed` gets
-    each resumed job as it ended. Raises
+    each resumed job as it ended. `max_wait_s` overrides FASHION_BATCH_RUN_MAX_WAIT_S. Raises
     ValueError, with the reason, when the folders or options are refused or the jobs database cannot be
     used; unusable FASHION_* values end the process with exit code 2 (config.load_settings).
     """
@@ -47,6 +48,8 @@ def run_folder(folder: str, output: str = "", copy: bool = False, min_confidence
         overrides["batch_shard_count"] = shard_count
     if shard_index is not None:
         overrides["batch_shard_index"] = shard_index
+    if max_wait_s is not None:
+        overrides["batch_run_max_wait_s"] = max_wait_s
     settings = load_settings(BatchSettings, **overrides)
     Shard.resolve(settings.batch_shard_index, settings.batch_shard_count)  # ValueError names the problem
     check_log_dir_outside(settings.data_root, settings.log_dir)
@@ -121,14 +124,37 @@ async def _run_folder(settings: BatchSettings, folder: str, output: str, copy: b
         store.close()
 
 
+WAIT_CHECK_S = 1.0
+"""How often a job run by `fashion batch run` is looked at while nothing happens (is it waiting too long?)."""
+
+
+class InferenceGone(StoreUnavailable):
+    """The Inference service did not answer within batch_run_max_wait_s: the job stops where it is and resumes
+    at the next run, as when the jobs database cannot be used."""
+
+
 async def _run_job(runner: JobRunner, job_id: str, lock: JobLock, on_update: JobUpdate) -> JobRecord:
+    """Run the job, following it; raises InferenceGone once it has waited batch_run_max_wait_s for the
+    Inference service (the job stops where it is, as on Ctrl-C)."""
     updates = runner.events.subscribe(job_id)
     task = asyncio.ensure_future(runner.run(job_id, lock=lock))
+    max_wait_s = runner.settings.batch_run_max_wait_s
+    waiting_since: float | None = None
     try:
         on_update(converters.job_to_pb(runner.store.get(job_id), runner.settings), None)
         while not task.done():
             getter = asyncio.ensure_future(updates.get())
-            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, getter}, timeout=WAIT_CHECK_S, return_when=asyncio.FIRST_COMPLETED)
+            if max_wait_s > 0 and not task.done():
+                job = await asyncio.to_thread(runner.store.get, job_id)
+                if job.state != JobState.WAITING:
+                    waiting_since = None
+                elif waiting_since is None:
+                    waiting_since = time.monotonic()
+                elif time.monotonic() - waiting_since >= max_wait_s:
+                    getter.cancel()
+                    raise InferenceGone(f"the Inference service at {runner.settings.inference_address} has not "
+                                        f"answered for {max_wait_s:g} s (FASHION_BATCH_RUN_MAX_WAIT_S): {job.error}")
             if not getter.done():
                 getter.cancel()
                 continue

@@ -289,6 +289,10 @@ class BatchSettings(CommonSettings):
     """First wait before retrying when the Inference service is unavailable; doubles per failure."""
     batch_retry_max_s: float = Field(default=30.0, gt=0)
     """Longest wait between two attempts to reach the Inference service."""
+    batch_run_max_wait_s: float = Field(default=1800.0, ge=0)
+    """How long `fashion batch run` waits for an Inference service that does not answer before it stops
+    (exit 2; its job resumes when the same command runs again), so that a nightly cron run does not hang
+    into the next one; 0: as long as it takes. Jobs of the Batch service wait as long as it takes."""
     batch_fsync: bool = True
     """fsync copied files and the folders of every move before recording them done (survives power loss)."""
     batch_csv_escape_formulas: bool = True

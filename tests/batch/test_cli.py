@@ -472,3 +472,26 @@ def test_submit_wait_follows_the_job_across_a_restart_of_the_batch_service(
     assert "SUCCEEDED" in out and "│ Processed    │ 6 " in out, out
     assert "Lost the Batch service" in out + err, out + err
     assert sorted(files_under(home.output)) == sorted(images)
+
+
+def test_a_run_stops_when_the_inference_service_does_not_answer_for_its_max_wait(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """`fashion batch run` from cron with the Inference service down: it stopped never (a nightly run hung into
+    the next one). After FASHION_BATCH_RUN_MAX_WAIT_S (--max-wait) it stops with one line naming the service and
+    exit 2, every image in place; the same command, the service back, resumes the job and sorts them."""
+    home = BatchHome(tmp_path)
+    images = write_images(home.data / "inbox", 4)
+    down = f"127.0.0.1:{free_port()}"
+    stopped = fashion(home, down, "run", "inbox", "--max-wait", "2")
+    assert stopped.returncode == 2, stopped.stdout + stopped.stderr
+    assert (f"error: the Inference service at {down} has not answered for 2 s (FASHION_BATCH_RUN_MAX_WAIT_S): "
+            f"waiting for the Inference service at {down}: UNAVAILABLE") in stopped.stderr, stopped.stderr
+    assert "resumes when the same command runs again" in stopped.stderr
+    assert sorted(p.name for p in (home.data / "inbox").iterdir()) == sorted(images)
+    runner_log = max((home.workdir / "logs").glob("batch_runner_*.log")).read_text(encoding="utf-8")
+    assert "✗ Batch runner stopped: the Inference service at" in runner_log, runner_log
+    again = fashion(home, inference_server.address, "run", "inbox", "--json")
+    assert again.returncode == 0, again.stderr
+    [resumed] = json.loads(again.stdout)["resumed_jobs"]
+    assert (resumed["state"], resumed["processed"]) == ("succeeded", 4)
+    assert sorted(files_under(home.output)) == sorted(images)

@@ -103,6 +103,9 @@ def _batch(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--inference-address", default=None, help="Inference service host:port "
                                                              "(FASHION_INFERENCE_ADDRESS)")
     p.add_argument("--json", action="store_true", help="print the final job as JSON instead of a table")
+    p.add_argument("--max-wait", type=float, default=None, metavar="SECONDS",
+                   help="stop (exit 2; the job resumes at the next run) when the Inference service has not "
+                        "answered for this long; 0: wait as long as it takes (FASHION_BATCH_RUN_MAX_WAIT_S, 1800)")
     p.add_argument("--shard-count", type=int, default=None, metavar="N",
                    help="scale-out: split the images into N shards by a stable hash of their path "
                         "(FASHION_BATCH_SHARD_COUNT)")

@@ -311,7 +311,8 @@ def run_embedded(args: argparse.Namespace) -> int:
         with display:
             job = run_folder(_folder_arg(args.dir), _folder_arg(args.output), args.copy, args.min_confidence,
                              args.recursive, args.inference_address, args.shard_count, args.shard_index,
-                             on_start=started, on_update=display.update, on_resumed=resumed_job_ended)
+                             on_start=started, on_update=display.update, on_resumed=resumed_job_ended,
+                             max_wait_s=args.max_wait)
     except KeyboardInterrupt:
         console.print("Interrupted: run the same command again to resume the job where it stopped")
         return EXIT_INTERRUPTED
