@@ -46,6 +46,14 @@ def local_time(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, local_zone())
 
 
+def _second_of_a_repeated_time(due: datetime) -> bool:
+    """Whether aware `due` is the second time its zone shows its wall time (the hour the clocks go back)."""
+    if due.tzinfo is None:
+        return False
+    wall = due.replace(tzinfo=None).replace(tzinfo=due.tzinfo)
+    return tz.datetime_ambiguous(wall) and due.utcoffset() != tz.enfold(wall, fold=0).utcoffset()
+
+
 class Clock:
     """The wall clock scheduled runs read and sleep by: the one seam a test replaces with a clock it moves."""
 
@@ -96,7 +104,12 @@ class Schedule:
         if self.interval_s is not None:  # in elapsed time, whatever the clocks of the zone do meanwhile
             return datetime.fromtimestamp(when.timestamp() + self.interval_s, when.tzinfo)
         assert self.cron is not None
-        return croniter(self.cron, when).get_next(datetime)
+        due = croniter(self.cron, when).get_next(datetime)
+        if "*" not in self.cron.split()[1] and _second_of_a_repeated_time(due):
+            # The night the clocks go back a wall time comes twice (01:30 EDT, then 01:30 EST): a run at fixed
+            # hours happens at the first only, as cron's; one on every hour ("0 * * * *") runs in both.
+            due = croniter(self.cron, due).get_next(datetime)
+        return due
 
     def previous_due(self, when: datetime) -> datetime:
         """The last due time before `when` (for an interval: one interval ago)."""

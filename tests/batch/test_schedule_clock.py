@@ -115,7 +115,6 @@ def test_the_night_clocks_go_back_a_nightly_run_fires_at_its_wall_time_not_an_ho
 
 @pytest.mark.parametrize(("schedule", "start"), [
     ("0 * * * *", datetime(2026, 11, 1, 0, 30, tzinfo=NEW_YORK)),  # hourly through the repeated hour
-    ("30 1 * * *", datetime(2026, 10, 31, 12, 0, tzinfo=NEW_YORK)),  # a wall time the night has twice
     ("0 2 * * *", datetime(2026, 3, 7, 12, 0, tzinfo=NEW_YORK)),  # a wall time the spring night skips
     ("every 90m", datetime(2026, 11, 1, 0, 30, tzinfo=NEW_YORK)),  # elapsed time, whatever the clocks do
 ])
@@ -128,6 +127,17 @@ def test_due_times_are_croniters_in_the_local_zone(
         it = croniter(schedule, start)
         expected = [it.get_next(datetime).timestamp() for _ in range(4)]
     assert [_utc(at) for at, _ in scheduled.fired] == [_utc(ts) for ts in expected]
+
+
+def test_a_daily_time_the_night_has_twice_runs_once_as_with_cron(new_york: None, tmp_path: Path) -> None:
+    """01:30 comes twice the night the clocks go back (EDT, then EST): a run at fixed hours happens at the first
+    only, as cron's (croniter gives both, and the nightly job ran twice that night); an hourly one runs in both."""
+    start = datetime(2026, 10, 31, 12, 0, tzinfo=NEW_YORK)
+    daily, _ = _fire("30 1 * * *", start, 3, tmp_path / "daily")
+    assert [due.strftime("%Y-%m-%d %H:%M %Z") for _, due in daily.fired] == [
+        "2026-11-01 01:30 EDT", "2026-11-02 01:30 EST", "2026-11-03 01:30 EST"]
+    hourly, _ = _fire("0 * * * *", start.replace(day=1, month=11, hour=0, minute=30), 2, tmp_path / "hourly")
+    assert [due.strftime("%H:%M %Z") for _, due in hourly.fired] == ["01:00 EDT", "01:00 EST"]
 
 
 def test_a_scheduler_that_cannot_go_on_says_so_as_an_error(
