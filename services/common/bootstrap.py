@@ -142,13 +142,15 @@ def load(settings_class: type[S], check: Callable[[S], None] | None = None) -> S
     on stderr and exit code 2."""
     settings = load_settings(settings_class)
     try:
-        if (problem := tracing_problem() or log_folder_problem(settings)) is not None:
+        if (problem := tracing_problem()) is not None:
             raise StartupError(problem)
         server_credentials(settings)  # reads and checks the certificate files when TLS is on
         client_options(settings, "").credentials()  # and those of the calls to other services
         TokenSource(settings)  # checks the token, or reads the token file when one is set
         if check is not None:
             check(settings)
+        if (problem := log_folder_problem(settings)) is not None:  # after the checks: it makes the folder
+            raise StartupError(problem)
     except (StartupError, SecurityConfigError, TlsFileError, TokenFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
