@@ -4,7 +4,9 @@
 socket in that folder, password authentication over TCP. One server per test session; a fresh
 database per test (CREATE DATABASE is a file copy of template1).
 
-Durability is off (fsync=off): the tests kill Batch service processes, never the database server.
+Durability is off (fsync=off) unless a test asks for it: most tests kill Batch service processes, never
+the database server; those that stop, hang or restart the server (tests/batch/test_postgres_faults.py)
+run their own one with fsync on (`PostgresServer(durable=True)`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import itertools
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -55,12 +58,17 @@ def _unprivileged_user() -> pwd.struct_passwd | None:
 class PostgresServer:
     """initdb + postgres in a temporary folder; `url(database)` connects as the test role."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Path | None = None, durable: bool = False, max_connections: int = 200) -> None:
+        """`folder`: where the server keeps everything (an empty folder, e.g. a small tmpfs), else a new
+        temporary one; `durable`: fsync on (a server that is stopped and restarted keeps every commit)."""
         bindir = binaries()
         assert bindir is not None, missing_reason()
         self.bindir = bindir
         self.port = free_port()
-        self.folder = Path(tempfile.mkdtemp(prefix="fashion-pg-"))
+        self.folder = folder if folder is not None else Path(tempfile.mkdtemp(prefix="fashion-pg-"))
+        self.options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 "
+                        f"-c max_connections={max_connections} -c shared_buffers=32MB -c deadlock_timeout=200ms "
+                        + ("" if durable else "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"))
         self.data = self.folder / "data"
         self.log = self.folder / "postgres.log"
         self._names = itertools.count(1)
@@ -92,13 +100,42 @@ class PostgresServer:
         pwfile.unlink()
         if done.returncode != 0:
             raise RuntimeError(f"initdb failed: {done.stdout}{done.stderr}")
-        options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
-                   "-c shared_buffers=32MB -c deadlock_timeout=200ms")
+        self.start_again()
+
+    def start_again(self) -> None:
+        """Start the server on its data folder (after stop_server)."""
         done = self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60",
-                         "-o", options, "start")
+                         "-o", self.options, "start")
         if done.returncode != 0:
             raise RuntimeError(f"PostgreSQL did not start: {done.stdout}{done.stderr}\n{self.output()}")
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """pg_ctl stop -m fast (sessions terminated, a clean shutdown) or immediate (a crash: every process
+        quits at once, the next start recovers from the write-ahead log); the data folder stays."""
+        done = self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+        if done.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not stop: {done.stdout}{done.stderr}")
+
+    def processes(self) -> list[int]:
+        """The postmaster and its children (backends, background workers): what a hung server stops."""
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        return [postmaster, *(int(pid) for pid in children)]
+
+    def pause(self) -> list[int]:
+        """Hang the server: SIGSTOP to the postmaster and every child (connections stay open, nothing answers).
+        Returns the processes stopped, for resume()."""
+        stopped = self.processes()
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        return stopped
+
+    @staticmethod
+    def resume(stopped: list[int]) -> None:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -17,8 +17,18 @@
 - Durable commits use the server's synchronous_commit (on unless the server turned it off: then
   on for them); the others are committed with synchronous_commit=off.
 - If the connection is lost, every call raises StoreUnavailable while this process still holds a
-  job (its runs stop where they are: a takeover finishes their transfers); once none is held, the
-  next call connects again, as a new worker.
+  job or helps with one (its runs stop where they are: a takeover finishes their transfers); once
+  none is, the next call connects again, as a new worker. Before each file it moves, a run asks
+  check_session, which notices a session the server ended (a terminated backend, a restart: the
+  server's last words wait unread on the socket) without a query, so a run never moves a file
+  another replica may be taking over.
+- A server that stops answering (hung) is given up: when a call has waited `connect_timeout` (the
+  URL's, else CONNECT_TIMEOUT_S) and a new connection is not answered within as long either, the
+  connection is shut down (StoreUnavailable, "did not answer"), never waited on forever; a server
+  that answers new connections is only busy, and its call goes on.
+- What the database cannot do now (a full disk, out of memory, too many connections, a shutdown, a
+  read-only standby) is StoreUnavailable too, with the server's reason: the runs stop and resume
+  later; it never fails a job.
 - Schema: created or upgraded at connect, in one transaction under an advisory lock (replicas
   starting together wait for each other); a database of a newer release is refused.
 """
@@ -30,8 +40,11 @@ import hashlib
 import logging
 import os
 import re
+import select
 import socket
+import struct
 import threading
+import time
 import urllib.parse
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -52,6 +65,14 @@ WORKER_LOCKS = 0x62617401
 SCHEMA_LOCK = 0x62617402
 SERIAL_LOCK = 0x62617403
 CONNECT_TIMEOUT_S = 10
+WATCH_EVERY_S = 0.5  # how often the watchdog looks at the call waiting for the server
+SESSION_CHECK_WAIT_S = 1.0  # check_session waits this long at most for a call in progress
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)  # any live server answers it at once, before any login
+# What the server cannot do now rather than what was asked wrongly: connection (08), insufficient
+# resources (53: disk full, out of memory, too many connections), operator intervention (57: shutdown,
+# cancel), system errors (58: I/O), and a read-only transaction (25006: a standby after a failover).
+UNAVAILABLE_CLASSES = ("08", "53", "57", "58")
+UNAVAILABLE_STATES = ("25006",)
 # Client and server notice a peer that vanished (no FIN: a machine lost) within about a minute.
 KEEPALIVES = {"keepalives": "1", "keepalives_idle": "20", "keepalives_interval": "10", "keepalives_count": "3"}
 SERVER_KEEPALIVES = ("SET tcp_keepalives_idle = 20", "SET tcp_keepalives_interval = 10",
@@ -190,9 +211,25 @@ class PostgresJobStore(JobStore):
         self._session = 0
         """Which connection this is (counts reconnections): job locks of an earlier one are gone."""
         self._held: set[str] = set()
+        self._working = 0
+        """Runs of this process (helpers' too) that act on records of the current session."""
         self._lost = ""
         self._durable_sync = ""
         self.worker = ""
+        self._answer_wait_s = float(CONNECT_TIMEOUT_S)
+        with contextlib.suppress(psycopg.ProgrammingError, ValueError):
+            self._answer_wait_s = float(conninfo_to_dict(url).get("connect_timeout") or CONNECT_TIMEOUT_S)
+        self._asked_at: float | None = None
+        """When the call now waiting for the server began (None: none waits)."""
+        self._asking: psycopg.Connection[Row] | None = None
+        """The connection that call waits on."""
+        self._hung = ""
+        """Why the watchdog gave the connection up (the server did not answer)."""
+        self._slow_call: float | None = None
+        """The call in progress (its _asked_at) that check_session found slow: it does not wait for it again."""
+        self._poll = select.poll()
+        self._closed = threading.Event()
+        self._watchdog: threading.Thread | None = None
         with self._lock:
             self._connect()
 
@@ -213,19 +250,26 @@ class PostgresJobStore(JobStore):
         except psycopg.Error as exc:
             raise StoreUnavailable(f"cannot connect to the jobs database {self.target}: "
                                    f"{_scrubbed(str(exc), self._url).strip()}") from None
+        self._hung = ""
         try:
-            for statement in SERVER_KEEPALIVES:
-                conn.execute(statement)  # type: ignore[arg-type]
-            setting = conn.execute("SELECT current_setting('synchronous_commit') AS s").fetchone()
-            self._durable_sync = "on" if setting and setting["s"] == "off" else ""
-            _migrate(conn)
-            worker = self._become_worker(conn)
+            with self._waiting_on(conn):
+                for statement in SERVER_KEEPALIVES:
+                    conn.execute(statement)  # type: ignore[arg-type]
+                setting = conn.execute("SELECT current_setting('synchronous_commit') AS s").fetchone()
+                self._durable_sync = "on" if setting and setting["s"] == "off" else ""
+                _migrate(conn)
+                worker = self._become_worker(conn)
         except psycopg.Error as exc:
             conn.close()
             raise StoreUnavailable(f"cannot use the jobs database {self.target}: "
-                                   f"{_scrubbed(str(exc), self._url).strip()}") from None
+                                   f"{self._hung or _scrubbed(str(exc), self._url).strip()}") from None
         self._conn, self.worker, self._lost = conn, worker, ""
         self._session += 1
+        self._poll = select.poll()
+        self._poll.register(conn.pgconn.socket, select.POLLIN | select.POLLPRI)
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._watch, name="jobs-database-watchdog", daemon=True)
+            self._watchdog.start()
         log.info("Jobs database: PostgreSQL %s, this process is worker %s (%s, pid %d)", self.target, worker,
                  socket.gethostname(), os.getpid())
 
@@ -240,10 +284,12 @@ class PostgresJobStore(JobStore):
                 return str(number)
 
     def _usable(self) -> psycopg.Connection[Row]:
-        """The connection; connects again after a loss once no job is held. Raises StoreUnavailable."""
+        """The connection; connects again after a loss once no job is held and no run works with the lost
+        session's records (a run going on as a new worker would act on rows it no longer holds). Raises
+        StoreUnavailable."""
         if self._conn is not None and not self._conn.closed and not self._lost:
             return self._conn
-        if self._held:
+        if self._held or self._working:
             raise StoreUnavailable(self._lost or "the jobs database connection is closed")
         if self._conn is not None:
             self._conn.close()
@@ -254,18 +300,91 @@ class PostgresJobStore(JobStore):
 
     @contextmanager
     def _guarded(self) -> Iterator[psycopg.Connection[Row]]:
-        """The connection under the lock; a lost connection becomes StoreUnavailable (and is replaced later)."""
+        """The connection under the lock; a lost connection becomes StoreUnavailable (and is replaced later),
+        and so does what the server cannot do now (UNAVAILABLE_CLASSES: the connection is kept)."""
         with self._lock:
-            conn = self._usable()
+            conn = self._usable()  # connecting again: bounded by connect_timeout, then watched (_connect)
             try:
-                yield conn
+                with self._waiting_on(conn):
+                    yield conn
             except psycopg.Error as exc:
+                reason = self._hung or _one_line(_scrubbed(str(exc), self._url))
                 if not (conn.broken or conn.closed):
-                    raise
-                self._lost = (f"lost the connection to the jobs database {self.target}: "
-                              f"{_scrubbed(str(exc), self._url).strip()}")
+                    state = exc.sqlstate or ""
+                    if not (state[:2] in UNAVAILABLE_CLASSES or state in UNAVAILABLE_STATES):
+                        raise
+                    refused = f"the jobs database {self.target} cannot do this now: {reason}"
+                    log.error("%s", refused)
+                    raise StoreUnavailable(refused) from None
+                self._lost = f"lost the connection to the jobs database {self.target}: {reason}"
                 log.error("%s", self._lost)
                 raise StoreUnavailable(self._lost) from None
+
+    @contextmanager
+    def _waiting_on(self, conn: psycopg.Connection[Row] | None) -> Iterator[None]:
+        """A call waiting for the server on `conn`, for the watchdog (calls are one at a time: the lock)."""
+        self._asking, self._asked_at = conn, time.monotonic()
+        try:
+            yield
+        finally:
+            self._asked_at = None
+
+    def _watch(self) -> None:
+        """The watchdog: a call that waited _answer_wait_s, when a new connection is not answered within as
+        long either, is ended by shutting its socket down (the server is hung: its call would wait forever);
+        then the server ends the session as soon as it runs again. A server that answers is only busy."""
+        probed: float | None = None
+        while not self._closed.wait(WATCH_EVERY_S):
+            asked, conn = self._asked_at, self._asking
+            if asked is None or conn is None or asked == probed or time.monotonic() - asked < self._answer_wait_s:
+                continue
+            probed = asked
+            if _answers(conn, self._answer_wait_s):
+                continue
+            waited = time.monotonic() - asked
+            if self._asked_at != asked:
+                continue  # it was answered meanwhile
+            self._hung = (f"the server did not answer for {waited:.0f} s, nor a new connection within "
+                          f"{self._answer_wait_s:.0f} s (hung or unreachable): the connection was given up")
+            log.error("Jobs database %s: %s", self.target, self._hung)
+            with contextlib.suppress(OSError, psycopg.Error), socket.socket(fileno=os.dup(conn.pgconn.socket)) as ours:
+                ours.shutdown(socket.SHUT_RDWR)
+
+    def check_session(self) -> None:
+        # After the call in progress, if any: a call on a lost connection fails at once (and says so), and
+        # its answer is never mistaken for the server's last words. A call still running after
+        # SESSION_CHECK_WAIT_S is a live server's: checks skip it rather than wait for it at every file.
+        asked = self._asked_at
+        if asked is not None and asked == self._slow_call:
+            got = self._lock.acquire(blocking=False)
+        elif not (got := self._lock.acquire(timeout=SESSION_CHECK_WAIT_S)):
+            self._slow_call = asked
+        try:
+            if self._lost or self._hung:
+                raise StoreUnavailable(self._lost or f"lost the connection to the jobs database {self.target}: "
+                                                     f"{self._hung}")
+            if not got:
+                return
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                raise StoreUnavailable(f"the connection to the jobs database {self.target} is closed")
+            if self._poll.poll(0):  # unasked words from the server: its last before it ended the session
+                with self._guarded() as conn:
+                    conn.execute("SELECT 1")  # raises with the server's reason; passes when it was only a notice
+        finally:
+            if got:
+                self._lock.release()
+
+    @contextmanager
+    def working(self) -> Iterator[None]:
+        """While a run that holds no job lock (a helper) acts on this session's records: a lost connection
+        is not replaced meanwhile (see _usable)."""
+        with self._lock:
+            self._working += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._working -= 1
 
     @contextmanager
     def _transaction(self, durable: bool = False, serialized: bool = False) -> Iterator[_PgTx]:
@@ -287,6 +406,7 @@ class PostgresJobStore(JobStore):
         return f"PostgreSQL {self.target} (worker {self.worker})"
 
     def close(self) -> None:
+        self._closed.set()
         with self._lock:
             if self._conn is not None:
                 self._conn.close()  # the session's advisory locks end with it
@@ -311,7 +431,8 @@ class PostgresJobStore(JobStore):
             if session != self._session or conn is None or conn.closed or conn.broken or self._lost:
                 return  # that session is over: so is the lock
             try:
-                _unlock(conn, JOB_LOCKS, lock_key(job_id))
+                with self._waiting_on(conn):
+                    _unlock(conn, JOB_LOCKS, lock_key(job_id))
             except psycopg.Error as exc:
                 log.warning("Could not release the lock of job %s: %s", job_id, _scrubbed(str(exc), self._url))
 
@@ -364,6 +485,26 @@ class PostgresJobStore(JobStore):
                         _unlock(conn, WORKER_LOCKS, int(name))
             log.info("Job %s: took over %d files of workers that stopped (%s)", job_id, taken, ", ".join(dead))
             return taken
+
+
+def _one_line(text: str) -> str:
+    """A server's message on one log line (its DETAIL and HINT lines joined with "; ")."""
+    return re.sub(r"\s*\n\s*", "; ", text.strip())
+
+
+def _answers(conn: psycopg.Connection[Row], wait_s: float) -> bool:
+    """Whether the server `conn` is connected to answers a new connection within `wait_s` (an SSLRequest,
+    answered before any login, taking no connection slot)."""
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as ours:
+            family, address = ours.family, ours.getpeername()
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.settimeout(wait_s)
+            probe.connect(address)
+            probe.sendall(SSL_REQUEST)
+            return bool(probe.recv(1))
+    except (OSError, psycopg.Error):
+        return False
 
 
 def _try_lock(conn: psycopg.Connection[Row], space: int, key: int) -> bool:

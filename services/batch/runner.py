@@ -48,14 +48,14 @@ from services.batch import failpoints, reports
 from services.batch.classifying import ImageAnswer, InferenceRefused, RemoteClassifier
 from services.batch.events import FileUpdate, JobEvents, JobUpdate
 from services.batch.filing import JobFiling, joined_reasons
-from services.batch.mover import FileMover
+from services.batch.mover import FileMover, Resume
 from services.batch.paths import DataRoot
-from services.batch.records import FileRecord, JobRecord, JobState, Outcome
+from services.batch.records import FileIdentity, FileRecord, JobRecord, JobState, Outcome
 from services.batch.reports import RunFiles, RunLog
 from services.batch.scanner import FolderScan, scan_folder
 from services.batch.sharding import Shard
 from services.batch.store import JobClosed, JobLock, JobStore, StoreUnavailable
-from services.batch.tree import FolderRefused, OpenFolders
+from services.batch.tree import Entry, FolderRefused, OpenFolders
 from services.common import metrics
 from services.common.config import BatchSettings
 from services.common.security import client_options, token_refused
@@ -66,6 +66,27 @@ MESSAGE_OVERHEAD = 64 * 1024  # room for protobuf framing around the image bytes
 CANCEL_POLL_S = 1.0
 SORT_GROUP_MAX = 1024  # images sorted (recorded, moved, fsynced) together at most
 HELPERS_POLL_S = 0.2  # the job's runner waiting for its helpers (other replicas) to finish their files
+
+
+class SessionBoundMover(FileMover):
+    """A FileMover that starts no transfer (nor the finishing of one) once the store says this process's hold
+    on its records is over (JobStore.check_session, StoreUnavailable): on PostgreSQL another replica may then
+    be finishing the same transfers from their records, and two processes moving one file can leave it under
+    two names or recorded as gone."""
+
+    def __init__(self, fsync: bool, store: JobStore) -> None:
+        super().__init__(fsync)
+        self._store = store
+
+    def transfer(self, source: Entry, destination: Entry, copy: bool, tag: str,
+                 classified: FileIdentity | None = None) -> None:
+        self._store.check_session()
+        super().transfer(source, destination, copy, tag, classified)
+
+    def complete(self, source: Entry, destination: Entry, copy: bool, tag: str,
+                 classified: FileIdentity | None = None) -> Resume:
+        self._store.check_session()
+        return super().complete(source, destination, copy, tag, classified)
 
 
 class JobBusy(RuntimeError):
@@ -98,7 +119,7 @@ class JobRunner:
         self.store = store
         self.events = events or JobEvents()
         self.root = DataRoot(Path(settings.data_root))
-        self.mover = FileMover(settings.batch_fsync)
+        self.mover = SessionBoundMover(settings.batch_fsync, store)
         self._inference = inference
         self.max_image_bytes = settings.max_message_bytes - MESSAGE_OVERHEAD
 
@@ -138,7 +159,8 @@ class JobRunner:
         if (not self.store.shared or job.state not in (JobState.RUNNING, JobState.WAITING) or not job.scanned
                 or job.stamp is None or job.ending is not None or job.cancel_requested):
             return 0
-        return await _JobRun(self, job, cancel or asyncio.Event(), leader=False).assist()
+        with self.store.working():  # its claims and plans are this session's: no reconnecting meanwhile
+            return await _JobRun(self, job, cancel or asyncio.Event(), leader=False).assist()
 
 
 class _JobRun:

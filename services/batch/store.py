@@ -28,6 +28,7 @@ Paths are stored relative to the data root. Times are Unix seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -187,6 +188,18 @@ class JobStore(ABC):
         """Give the caller (the job's runner: it holds lock_job) the job's rows held by workers that died:
         their pending rows are unclaimed again, their moving rows become the caller's (in_flight), to be
         finished from their records. Returns how many rows changed hands."""
+
+    def check_session(self) -> None:
+        """Raise StoreUnavailable when this process's hold on its records is over (on PostgreSQL: its session
+        ended, so other replicas may be taking its transfers over): called before each file is moved, it
+        touches no database, only what this process already knows. Stores whose locks end only with the
+        process never raise."""
+        return None
+
+    def working(self) -> AbstractContextManager[None]:
+        """Held by a run that holds no job lock (a helper) while it acts on records of this process's session:
+        a store that may lose its session (PostgreSQL) does not connect again as a new worker meanwhile."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def describe(self) -> str:
