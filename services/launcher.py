@@ -1,18 +1,21 @@
 """Running the services: one in the foreground (`fashion serve NAME`) or the whole local stack
 (`fashion run`, what `make run` calls).
 
-In the stack each service runs in its own process (as in production, one per container); Ctrl-C or
-SIGTERM stops them all gracefully. If one exits on its own, the others are stopped too.
+In the stack each service runs in its own process (as in production, one per container); Ctrl-C,
+SIGTERM or SIGHUP (the terminal closed) stops them all gracefully, a second Ctrl-C at once. If one exits
+on its own, the others are stopped too (exit 1); if the launcher dies, so do they.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from services.common.bootstrap import Port, gateway_port, grpc_service_ports, refuse_unusable_ports
@@ -89,19 +92,66 @@ def port_clashes(where: dict[str, Listening], names: list[str]) -> list[str]:
     return lines
 
 
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
+
+
+def die_with_launcher(launcher_pid: int) -> None:
+    """In a service's process before exec: SIGTERM when the launcher dies (SIGKILL, a crash), so that no
+    service is left holding its ports; exit at once if it died before the prctl took effect."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != launcher_pid:
+        os._exit(1)
+
+
+def give_closed_outputs_devnull() -> None:
+    """Started with stdout or stderr closed (`fashion run >&-`, a daemon manager): the services would
+    inherit no such descriptor and their log writers fail on it; /dev/null takes its place."""
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:  # EBADF: closed
+            devnull = os.open(os.devnull, os.O_WRONLY)  # may be given `fd` itself, the lowest free number
+            if devnull == fd:
+                os.set_inheritable(fd, True)  # os.open's descriptors are close-on-exec
+            else:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
+
+def announce(line: str) -> None:
+    """One line of the launcher's own on stdout. A reader gone (`fashion run | head`, a closed terminal)
+    must not end supervision with a BrokenPipeError: the output goes quiet and the stack runs on."""
+    try:
+        print(line, flush=True)
+    except OSError:  # EPIPE, or EIO from a hung-up terminal
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def exit_description(returncode: int) -> str:
+    """How a child ended, in words: "exited with status 1", "was killed by SIGKILL"."""
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"was killed by signal {-returncode}"
+
+
 def run_stack(only: list[str] | None = None) -> int:
     """Start the services (all, or `only` these) as child processes and supervise them; returns 1 when one
-    exited on its own, 0 when stopped by a signal."""
+    exited on its own, 0 when stopped by a signal (SIGINT, SIGTERM, SIGHUP), 130 when a second one
+    cut the stop short by killing what was still running."""
     names = only or list(SERVICES)
     procs: dict[str, subprocess.Popen[bytes]] = {}
-    stopping = False
+    stop_requests = 0  # signals received: the first stops gracefully, a second kills
 
     def request_stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal stop_requests
+        stop_requests += 1
 
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    # SIGHUP too: a closed terminal must stop the services, which run in sessions of their own.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, request_stop)
     try:
         where = listeners()
     except SecurityConfigError as exc:  # e.g. a certificate without its key: each service would refuse it
@@ -112,30 +162,48 @@ def run_stack(only: list[str] | None = None) -> int:
         return 2
     # Every port first: a port another program holds stops the stack before any service starts.
     refuse_unusable_ports(load_settings(GatewaySettings), [port for name in names for port in where[name].ports])
-    for name in names:
-        # Own process group: the terminal's Ctrl-C reaches us once; we stop the children in order.
-        procs[name] = subprocess.Popen([sys.executable, "-m", "fashion.cli", "serve", name],
-                                       env=os.environ.copy(), start_new_session=True)
-        print(f"fashion run: started {name} (pid {procs[name].pid}): {where[name].description}", flush=True)
-    print("fashion run: Ctrl-C stops everything", flush=True)
+    give_closed_outputs_devnull()
     exit_code = 0
-    while not stopping:
-        for name, proc in procs.items():
-            if proc.poll() is not None:
-                print(f"fashion run: {name} exited with status {proc.returncode}; stopping the rest", flush=True)
-                exit_code = 1
-                stopping = True
-        time.sleep(0.2)
+    try:
+        launcher_pid = os.getpid()
+        for name in names:
+            # Own process group: the terminal's Ctrl-C reaches us once; we stop the children in order.
+            procs[name] = subprocess.Popen([sys.executable, "-m", "fashion.cli", "serve", name],
+                                           env=os.environ.copy(), start_new_session=True,
+                                           preexec_fn=lambda: die_with_launcher(launcher_pid))
+            announce(f"fashion run: started {name} (pid {procs[name].pid}): {where[name].description}")
+        announce("fashion run: Ctrl-C stops everything")
+        while not stop_requests:
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    announce(f"fashion run: {name} {exit_description(proc.returncode)}; stopping the rest")
+                    exit_code = 1
+                    stop_requests = max(stop_requests, 1)
+            time.sleep(0.2)
+    finally:  # whatever ended supervision, no service outlives the launcher
+        if stop_requests == 1 and exit_code == 0:
+            announce("fashion run: stopping (Ctrl-C again kills at once)")
+        if not stop_gracefully(procs, lambda: stop_requests >= 2):
+            exit_code = exit_code or 130
+    announce("fashion run: stopped")
+    return exit_code
+
+
+def stop_gracefully(procs: dict[str, subprocess.Popen[bytes]], cut_short: Callable[[], bool]) -> bool:
+    """SIGTERM to every running service, then wait up to STOP_TIMEOUT_S for all; kill (with its process
+    group: its worker processes) any still running then, or at once when `cut_short()` (a second Ctrl-C).
+    Returns False when a service was killed because the stop was cut short."""
     for proc in procs.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT_S
+    while any(proc.poll() is None for proc in procs.values()) and time.monotonic() < deadline and not cut_short():
+        time.sleep(0.1)
+    cut = False
     for name, proc in procs.items():
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            print(f"fashion run: {name} did not stop in time; killing it", flush=True)
-            proc.kill()
+        if proc.poll() is None:
+            cut = cut or cut_short()
+            announce(f"fashion run: {name} {'is still stopping' if cut else 'did not stop in time'}; killing it")
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the group is it and its workers
             proc.wait()
-    print("fashion run: stopped", flush=True)
-    return exit_code
+    return not cut
