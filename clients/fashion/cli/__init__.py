@@ -7,7 +7,6 @@ reported by the server package's entry points: one line per variable, exit 2."""
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 from fashion.cli.arguments import build_parser
@@ -25,7 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `fashion ... | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit stays quiet
+        from fashion.cli.terminal import silence_stdout  # here only: parsing stays free of grpc and rich
+
+        silence_stdout()  # Python's flush at exit stays quiet
         return 0
     except ServerNotInstalled as exc:
         print(f"error: {exc}", file=sys.stderr)

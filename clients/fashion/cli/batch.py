@@ -37,7 +37,7 @@ from rich.text import Text
 from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
 from fashion.cli.terminal import console as new_console
-from fashion.cli.terminal import literal
+from fashion.cli.terminal import literal, silence_stdout
 from fashion.client.batch import FINISHED, BatchClient, state_name
 from fashion.client.protojson import dumps, to_json
 from fashion.client.text import printable
@@ -326,7 +326,7 @@ def run_embedded(args: argparse.Namespace) -> int:
         try:
             print(dumps(document), flush=True)
         except BrokenPipeError:  # the reader has gone: the exit code still tells how the jobs went
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            silence_stdout()
     else:
         for earlier, failures in resumed:
             print_summary(console, earlier, failures)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -13,11 +17,16 @@ from rich.table import Table
 from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
 from fashion.cli.terminal import console as new_console
-from fashion.cli.terminal import literal
+from fashion.cli.terminal import literal, silence_stdout
 from fashion.client import InferenceClient
 from fashion.client.protojson import dumps
 
-BATCH = 64
+BATCH = 64  # images per ClassifyBatch call
+MIB = 1024 * 1024
+CHUNK_BYTES = 8 * MIB  # image bytes per call, as the Batch service sends (FASHION_BATCH_CHUNK_BYTES)
+MESSAGE_OVERHEAD = 64 * 1024  # room for the protobuf framing around one call's image bytes
+MAX_TOP_K = 2**32 - 1
+FOLDER = "a folder: name its images (fashion classify DIR/*), or sort all of it with fashion batch submit"
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -33,51 +42,117 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_image(path: Path, limit: int) -> bytes | str:
+    """The file's bytes, or why it cannot be classified (one line). Only regular files are read, and never
+    past `limit`: a FIFO would block the command, /dev/zero fill the memory, and a file over what one call
+    can carry would fail every image of its call."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: a FIFO opens at once
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            return FOLDER
+        if not stat.S_ISREG(st.st_mode):
+            return "cannot read: not a regular file"
+        if st.st_size > limit:
+            return f"too large to classify: {st.st_size / MIB:.1f} MiB (limit {limit / MIB:.1f} MiB)"
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(st.st_size + 1)
+            if len(data) > st.st_size:  # still growing: read on, never past the limit
+                data += f.read(limit + 1 - len(data))
+        if len(data) > limit:
+            return f"too large to classify: {len(data) / MIB:.1f} MiB or more (limit {limit / MIB:.1f} MiB)"
+        return data
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+
+
+def chunks(paths: list[Path], limit: int) -> Iterator[tuple[list[dict[str, object]], list[bytes]]]:
+    """The files in order as ClassifyBatch calls: each call's answers (one per file, "error" set for a file
+    that could not be read) and the images to send, at most BATCH of them and CHUNK_BYTES together
+    (an image larger than that alone). Only one call's images are in memory at a time."""
+    answers: list[dict[str, object]] = []
+    images: list[bytes] = []
+    size = 0
+    for path in paths:
+        data = read_image(path, limit)
+        if isinstance(data, bytes) and images and (len(images) == BATCH or size + len(data) > CHUNK_BYTES):
+            yield answers, images
+            answers, images, size = [], [], 0
+        answers.append({"file": str(path)})
+        if isinstance(data, bytes):
+            answers[-1]["image"] = len(images)  # its index among the call's images, until answered
+            images.append(data)
+            size += len(data)
+        else:
+            answers[-1]["error"] = data
+    if answers:
+        yield answers, images
+
+
 def classify(args: argparse.Namespace) -> int:
+    """Classify the files in the order given, BATCH or CHUNK_BYTES per call: 0 all classified, 1 some could
+    not be (each says why), 2 the service failed a call (the answers before it are printed). A reader that
+    goes away (`| head -1`) changes no exit code: the command carries on to it, silently."""
+    if not 0 <= args.top_k <= MAX_TOP_K:  # a uint32 on the wire: protobuf would raise ValueError
+        print(f"error: --top-k {args.top_k}: how many categories to show, 1 or more (0: the service's default, 3)",
+              file=sys.stderr)
+        return 2
     failures = 0
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, object]] = []  # the table's, printed at the end; JSON lines go out as answered
+    code = 0
     with InferenceClient(args.address) as client:
-        paths: list[Path] = args.images
-        for start in range(0, len(paths), BATCH):
-            chunk = paths[start: start + BATCH]
-            answers: list[dict[str, object]] = [{"file": str(path)} for path in chunk]  # in the order given
-            readable: list[tuple[dict[str, object], bytes]] = []
-            for path, answer in zip(chunk, answers, strict=True):
+        limit = client.options.max_message_bytes - MESSAGE_OVERHEAD
+        for answers, images in chunks(args.images, limit):
+            results = []
+            if images:
                 try:
-                    readable.append((answer, path.read_bytes()))
-                except IsADirectoryError:
-                    answer["error"] = "a folder: name its images (fashion classify DIR/*), or sort all of it with " \
-                                      "fashion batch submit"
-                except OSError as exc:
-                    answer["error"] = f"cannot read: {exc.strerror}"
-            if readable:
-                try:
-                    resp = client.classify_batch([data for _, data in readable], top_k=args.top_k)
+                    results = list(client.classify_batch(images, top_k=args.top_k).results)
                 except grpc.RpcError as exc:
                     print(rpc_failure(exc, "Inference", args.address), file=sys.stderr)
-                    return 2
-                for (answer, _), r in zip(readable, resp.results, strict=True):
+                    code = 2
+                    break
+            for answer in answers:
+                if "image" in answer:
+                    r = results[int(answer.pop("image"))]  # type: ignore[call-overload]
                     if r.HasField("error"):
                         answer["error"] = r.error.message
                     else:
                         answer.update(category=r.category, confidence=round(r.confidence, 4), uncertain=r.uncertain,
-                                      top_k=[{"label": c.label, "confidence": round(c.confidence, 4)} for c in r.top_k])
+                                      top_k=[{"label": c.label, "confidence": round(c.confidence, 4)}
+                                             for c in r.top_k])
             failures += sum("error" in answer for answer in answers)
-            rows.extend(answers)
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
-    else:
-        table = Table("file", "category", "confidence", "top-k")
-        for row in rows:
-            if "error" in row:
-                table.add_row(literal(str(row["file"])), literal("error", "red"), "", literal(str(row["error"])))
+            if args.json:
+                write_out(partial(print, "\n".join(json.dumps(answer) for answer in answers), flush=True))
             else:
-                conf = f"{100 * float(row['confidence']):.1f}%" + (" (uncertain)" if row["uncertain"] else "")
-                top = ", ".join(f"{c['label']} {100 * c['confidence']:.1f}%" for c in row["top_k"])  # type: ignore[attr-defined]
-                table.add_row(literal(str(row["file"])), literal(str(row["category"])), conf, literal(top))
-        new_console().print(table)
-    return 1 if failures else 0
+                rows.extend(answers)
+    if rows:
+        write_out(partial(print_table, rows))
+    return code or (1 if failures else 0)
+
+
+def write_out(print_it: Callable[[], None]) -> None:
+    """`print_it()`, and if the reader has gone, nothing more ever reaches stdout (no BrokenPipeError)."""
+    try:
+        print_it()
+    except BrokenPipeError:
+        silence_stdout()
+
+
+def print_table(rows: list[dict[str, object]]) -> None:
+    table = Table("file", "category", "confidence", "top-k")
+    for row in rows:
+        if "error" in row:
+            table.add_row(literal(str(row["file"])), literal("error", "red"), "", literal(str(row["error"])))
+        else:
+            conf = f"{100 * float(row['confidence']):.1f}%" + (" (uncertain)" if row["uncertain"] else "")
+            top = ", ".join(f"{c['label']} {100 * c['confidence']:.1f}%" for c in row["top_k"])  # type: ignore[attr-defined]
+            table.add_row(literal(str(row["file"])), literal(str(row["category"])), conf, literal(top))
+    new_console().print(table)
 
 
 def stats(args: argparse.Namespace) -> int:

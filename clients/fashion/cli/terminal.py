@@ -5,6 +5,7 @@ MarkupError, "[red]x.jpg" would hide its brackets) and with control characters e
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -22,6 +23,12 @@ def literal(text: str, style: str = "") -> Text:
 def markup_free(text: str) -> str:
     """`text` for an f-string that also holds markup of our own: brackets and controls escaped."""
     return escape(printable(text))
+
+
+def silence_stdout() -> None:
+    """The reader of stdout has gone (`| head -1`): what is still printed, and Python's flush at exit, go
+    nowhere instead of raising BrokenPipeError again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class PipeConsole(Console):
