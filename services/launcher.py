@@ -18,7 +18,13 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from services.common.bootstrap import Port, gateway_port, grpc_service_ports, refuse_unusable_ports
+from services.common.bootstrap import (
+    Port,
+    gateway_port,
+    give_closed_outputs_devnull,
+    grpc_service_ports,
+    refuse_unusable_ports,
+)
 from services.common.config import BatchSettings, GatewaySettings, InferenceSettings, MonitorSettings, load_settings
 from services.common.security import SecurityConfigError, tls_enabled
 
@@ -101,21 +107,6 @@ def die_with_launcher(launcher_pid: int) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != launcher_pid:
         os._exit(1)
-
-
-def give_closed_outputs_devnull() -> None:
-    """Started with stdout or stderr closed (`fashion run >&-`, a daemon manager): the services would
-    inherit no such descriptor and their log writers fail on it; /dev/null takes its place."""
-    for fd in (1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:  # EBADF: closed
-            devnull = os.open(os.devnull, os.O_WRONLY)  # may be given `fd` itself, the lowest free number
-            if devnull == fd:
-                os.set_inheritable(fd, True)  # os.open's descriptors are close-on-exec
-            else:
-                os.dup2(devnull, fd)
-                os.close(devnull)
 
 
 def announce(line: str) -> None:

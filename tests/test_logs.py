@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import grpc
 import pytest
 
+from fashion.client import BatchClient
 from services.common.logs import RotatingFile
 from tests.batch.conftest import fill, tmpfs
+from tests.support import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -41,3 +47,41 @@ def test_a_full_disk_loses_whole_lines_says_so_once_and_then_what_was_lost(
     assert lines == ["[first] written", "[after] written"], lines
     assert [r.getMessage() for r in caplog.records] == [
         f"300 line(s) of {logs / 'api.log'} were lost while it could not be written (No space left on device)"]
+
+
+@pytest.mark.parametrize("stdout", ["a reader that goes away", "closed"])
+def test_a_service_whose_stdout_is_gone_serves_on_and_logs_to_its_files(tmp_path: Path, stdout: str) -> None:
+    """`fashion serve batch | head -1`, or started with stdout closed: each log line gave a BrokenPipeError (or
+    AttributeError) traceback on stderr; now stdout is dropped quietly and the log files go on."""
+    port = free_port()
+    env = {**os.environ, "FASHION_DATA_ROOT": "data", "FASHION_LOG_DIR": "logs", "FASHION_BATCH_HOST": "127.0.0.1",
+           "FASHION_BATCH_PORT": str(port), "FASHION_BATCH_METRICS_PORT": "0", "FASHION_LOG_STDOUT": "true",
+           "FASHION_BATCH_SCHEDULE": "", "OTEL_SDK_DISABLED": "true", "PYTHONUNBUFFERED": "1"}
+    closed = stdout == "closed"
+    proc = subprocess.Popen([sys.executable, "-m", "services.batch"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL if closed else subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=(lambda: os.close(1)) if closed else None)
+    try:
+        if not closed:
+            assert proc.stdout is not None
+            proc.stdout.readline()
+            proc.stdout.close()  # the reader goes away
+        deadline = time.monotonic() + 30
+        with BatchClient(f"127.0.0.1:{port}") as client:
+            while True:
+                try:
+                    for _ in range(20):  # access lines, each to stdout and the log file
+                        client.list(1)
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.2)
+        time.sleep(0.5)  # the writer's burst
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()[-2000:]
+    log = (tmp_path / "logs" / "batch_service.log").read_text(encoding="utf-8")
+    assert log.count("method=/fashion.v1.BatchService/ListJobs status=OK") >= 20, log[-2000:]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -134,12 +135,29 @@ class GrpcService(Generic[S]):
         return f"{self.name.capitalize()} service"
 
 
+def give_closed_outputs_devnull() -> None:
+    """Started with stdout or stderr closed (`fashion run >&-`, a daemon manager): the next file or socket
+    opened would take descriptor 1 or 2 (uvloop aborts on that; a child inherits no such output); /dev/null
+    takes its place, and the logs' stdout sink goes quiet (sys.stdout is None)."""
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:  # EBADF: closed
+            devnull = os.open(os.devnull, os.O_WRONLY)  # may be given `fd` itself, the lowest free number
+            if devnull == fd:
+                os.set_inheritable(fd, True)  # os.open's descriptors are close-on-exec
+            else:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
+
 def load(settings_class: type[S], check: Callable[[S], None] | None = None) -> S:
     """The settings of a process's entry point. An unusable FASHION_* value, TLS or token settings
     that cannot work (a key without its certificate or not its own, a file that is not PEM, an empty
     CA bundle, FASHION_HEALTH_PORT without TLS, an unreadable or group-writable token file, a token
     that is not printable ASCII) and what `check` refuses end the process with one line per problem
     on stderr and exit code 2."""
+    give_closed_outputs_devnull()
     settings = load_settings(settings_class)
     try:
         if (problem := tracing_problem()) is not None:

@@ -225,14 +225,26 @@ class RotatingFile:
 
 
 class _Stdout:
+    """stdout as a sink, until it is gone (its reader went away: `fashion serve ... | head`; closed or none at
+    start): then it is dropped quietly, the log files going on, instead of a traceback per line."""
+
     def __init__(self, level: int) -> None:
         self.level = level
+        self.gone = False
 
     def write(self, line: str) -> None:
-        sys.stdout.write(line)
+        if not self.gone:
+            try:
+                sys.stdout.write(line)
+            except (OSError, ValueError, AttributeError):  # EPIPE, a closed file, sys.stdout None
+                self.gone = True
 
     def flush(self) -> None:
-        sys.stdout.flush()
+        if not self.gone:
+            try:
+                sys.stdout.flush()
+            except (OSError, ValueError, AttributeError):
+                self.gone = True
 
     def close(self) -> None:
         self.flush()
