@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 from fashion.client._base import AsyncServiceClient, ServiceClient
@@ -19,15 +20,20 @@ from fashion.v1 import batch_pb2_grpc as pb_grpc
 SERVICE = "fashion.v1.BatchService"
 MODES = {"": pb.TRANSFER_MODE_UNSPECIFIED, "move": pb.TRANSFER_MODE_MOVE, "copy": pb.TRANSFER_MODE_COPY}
 FINISHED = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
+CALL_KEY_PREFIX = "call-"
+"""The idempotency key a submission without one gets: this prefix and a random UUID."""
 
 
 def submit_request(input_dir: str, mode: str = "", min_confidence: float | None = None, recursive: bool = False,
                    output_dir: str = "", idempotency_key: str = "") -> pb.SubmitJobRequest:
-    """`mode` is "move", "copy" or "" (the server's default); folders are relative to the server's data root."""
+    """`mode` is "move", "copy" or "" (the server's default); folders are relative to the server's data root.
+    Without an `idempotency_key` the request gets one of its own: the channel retries a call that failed
+    UNAVAILABLE, also one the server carried out before the connection broke, and the key makes that retry
+    return the job it made instead of starting a second."""
     if mode not in MODES:
         raise ValueError(f"mode must be move or copy, got {mode!r}")
     req = pb.SubmitJobRequest(input_dir=input_dir, mode=MODES[mode], recursive=recursive, output_dir=output_dir,
-                              idempotency_key=idempotency_key)
+                              idempotency_key=idempotency_key or f"{CALL_KEY_PREFIX}{uuid.uuid4().hex}")
     if min_confidence is not None:
         req.min_confidence = min_confidence
     return req
