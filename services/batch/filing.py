@@ -50,6 +50,9 @@ class Untouchable(str):
     left exactly where it is, not moved to _failed/."""
 
 
+OUT_OF_SPACE = {errno.ENOSPC, errno.EDQUOT}
+"""A transfer refused for want of space (a full disk, a quota): no other file will fare better."""
+
 class JobFiling:
     """The per-file work of one job run. `job` is kept current by the runner (its counts, total and
     min_confidence change as the run goes)."""
@@ -73,6 +76,9 @@ class JobFiling:
         """Images this run sorted (recorded as done)."""
         self._classified: dict[int, FileIdentity] = {}
         """The file each row's bytes were read from (by seq), until the row is planned."""
+        self.out_of_space = ""
+        """Why a destination's disk refused a transfer for want of space ("": none did): the job stops, and
+        the images it has not sorted stay where they are for the next run."""
 
     # --- reading -------------------------------------------------------------------------------------
 
@@ -237,6 +243,10 @@ class JobFiling:
             except FileExistsError:
                 pass
             except OSError as exc:
+                if exc.errno in OUT_OF_SPACE and not self.out_of_space:
+                    self.out_of_space = (f"the disk of {self.root.display(parent(destination))} is full "
+                                         f"({exc.strerror}): the images not sorted yet stay where they are for "
+                                         "the next run")
                 return self._left_in_place(plan, row, destination, exc, folders)
             try:
                 destination = self._replan(plan.seq, row.source, parent(destination), folders)

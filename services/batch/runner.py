@@ -97,6 +97,10 @@ class _Cancelled(Exception):
     """The job's cancellation was requested."""
 
 
+class _OutOfSpace(Exception):
+    """A destination's disk is full: every further transfer would fail as well; the job fails, saying so."""
+
+
 class _InputMissing(Exception):
     """The job's input folder does not exist (any more)."""
 
@@ -234,6 +238,8 @@ class _JobRun:
             pass
         except (asyncio.CancelledError, StoreUnavailable):
             raise
+        except _OutOfSpace as exc:  # the job's runner meets it too, and fails the job saying so
+            log.warning("Job %s: stopped helping: %s", self.job.job_id, exc)
         except Exception:
             log.exception("Job %s: helping failed", self.job.job_id)
         finally:
@@ -295,7 +301,7 @@ class _JobRun:
             if exc.code == grpc.StatusCode.UNAUTHENTICATED:
                 return JobState.FAILED, token_refused(self.settings, "the Inference service", exc.details)
             return JobState.FAILED, f"the Inference service refused the job: {exc}"
-        except _InputMissing as exc:
+        except (_InputMissing, _OutOfSpace) as exc:
             return JobState.FAILED, str(exc)
         except StoreUnavailable:
             raise  # not the job's failure: it stops where it is and resumes later
@@ -452,6 +458,8 @@ class _JobRun:
                 job, updates = await _shielded_io(self.filing.sort, group)
                 if updates:
                     self._publish(job, files=tuple(updates))
+                if self.filing.out_of_space:
+                    raise _OutOfSpace(self.filing.out_of_space)
         finally:
             producer.cancel()
             for pending in [*taken, *(in_flight.get_nowait() for _ in range(in_flight.qsize()))]:

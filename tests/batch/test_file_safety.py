@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -41,6 +45,7 @@ from tests.batch.conftest import (
 from tests.conftest import start_inference
 from tests.support import ServiceProcess, free_port
 
+FASHION = str(Path(sys.executable).with_name("fashion"))
 pytestmark = pytest.mark.timeout(240)
 SLOW = {"FASHION_BATCH_CHUNK_SIZE": "2", "FASHION_BATCH_IN_FLIGHT": "1"}  # many small steps: time to interfere
 
@@ -116,8 +121,13 @@ def test_a_folder_swapped_for_a_link_mid_job_touches_nothing_outside(
                 (inbox / "b").symlink_to(elsewhere, target_is_directory=True)
             else:  # the fullest destination folder: later images of the job go there too
                 category = max(home.output.iterdir(), key=lambda p: len(list(p.iterdir())))
-                category.rename(home.data / "category_moved")
-                category.symlink_to(elsewhere, target_is_directory=True)
+                for attempt in range(50):  # the job may make the folder again between the rename and the link
+                    category.rename(home.data / f"category_moved_{attempt}")
+                    try:
+                        category.symlink_to(elsewhere, target_is_directory=True)
+                        break
+                    except FileExistsError:
+                        continue
             job = client.wait(job.job_id, timeout_s=120)
     finally:
         batch.terminate()
@@ -477,3 +487,30 @@ def test_a_crash_at_every_step_loses_and_duplicates_nothing(
     log = (home.workdir / job.log_file).read_text(encoding="utf-8")
     assert log.count("BATCH PROCESSING COMPLETED") == 1
     assert {rel: (home.data / rel).read_bytes() for rel in planted} == planted  # untouched, beside the images
+
+
+def test_a_full_output_disk_fails_the_job_saying_so_and_leaves_the_images_for_the_next_run(
+        tmp_path: Path, inference_server: ServiceProcess) -> None:
+    """The output folder on a disk of its own that is full: every move (a copy across filesystems) is refused.
+    The job SUCCEEDED before with every image "failed" (exit 0 from fashion batch run, as if all was well);
+    now it FAILS naming the folder and the reason, every image stays in the inbox, and once there is space
+    the next run sorts them all."""
+    home = BatchHome(tmp_path)
+    images = write_images(home.data / "inbox", 12)
+    with tmpfs(home.data / "sorted", "256k") as sorted_disk:
+        filler = fill(sorted_disk)
+        env = {**os.environ, "COLUMNS": "200", **home.env(inference_server.address)}
+        failed = subprocess.run([FASHION, "batch", "run", "inbox", "--output", "sorted", "--json"], cwd=home.workdir,
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        job = json.loads(failed.stdout)
+        assert job["state"] == "failed" and re.fullmatch(
+            r"the disk of data/sorted/\w+ is full \(No space left on device\): the images not sorted yet stay where "
+            r"they are for the next run", job["error"]), job
+        assert sorted(p.name for p in (home.data / "inbox").iterdir()) == sorted(images)
+        filler.unlink()
+        again = subprocess.run([FASHION, "batch", "run", "inbox", "--output", "sorted", "--json"], cwd=home.workdir,
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert json.loads(again.stdout)["processed"] == 12
+        assert_conserved(home, images)
