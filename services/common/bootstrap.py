@@ -30,7 +30,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, NoReturn, TypeVar
 
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -167,12 +167,19 @@ def load(settings_class: type[S], check: Callable[[S], None] | None = None) -> S
         TokenSource(settings)  # checks the token, or reads the token file when one is set
         if check is not None:
             check(settings)
-        if (problem := log_folder_problem(settings)) is not None:  # after the checks: it makes the folder
+        if (problem := log_folder_problem(settings)) is not None:
             raise StartupError(problem)
     except (StartupError, SecurityConfigError, TlsFileError, TokenFileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_before_start(f"error: {exc}")
     return settings
+
+
+def exit_before_start(lines: str) -> NoReturn:
+    """`lines` on stderr, then exit code 2, before anything started. Through os._exit: checking the TLS
+    settings made gRPC credentials, whose threads may run, and an interpreter exiting under them can end in
+    SIGABRT (its poller finds its descriptor closed) instead of exit 2."""
+    print(lines, file=sys.stderr, flush=True)
+    os._exit(2)
 
 
 def refuse_unusable_ports(settings: CommonSettings, ports: list[Port]) -> None:
@@ -181,8 +188,7 @@ def refuse_unusable_ports(settings: CommonSettings, ports: list[Port]) -> None:
     problems = [f"error: cannot listen on {settings.listen_address(p.host, p.port)} ({p.setting}): {problem}"
                 for p in ports if p.port > 0 and (problem := listen_problem(p.host, p.port, p.shared))]
     if problems:
-        print("\n".join(problems), file=sys.stderr)
-        raise SystemExit(2)
+        exit_before_start("\n".join(problems))
 
 
 def grpc_service_ports(name: str, host: str, port: int, metrics_port: int, shared: bool = False) -> list[Port]:

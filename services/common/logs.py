@@ -416,15 +416,23 @@ def log_line(logger: logging.Logger, level: int, message: str) -> None:
 
 def log_folder_problem(settings: CommonSettings) -> str | None:
     """Why this process could not write its log files in FASHION_LOG_DIR (a folder it may not make or write
-    in, a read-only filesystem, a file in the way); None when it can, or when it writes none. A full disk is
-    no reason: the service serves, and says what its logs lost (RotatingFile)."""
+    in, a read-only filesystem, a file in the way); None when it can, or when it writes none. Nothing is made:
+    a process refused for another reason leaves no folder behind. A full disk is no reason (the service
+    serves, and says what its logs lost: RotatingFile)."""
     if not settings.log_files or os.environ.get(FORWARD_FD_ENV):
         return None
     folder = Path(settings.log_dir)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:  # the folder, or where it would be made
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if existing == folder:
+            with tempfile.TemporaryFile(dir=folder):  # a real write: read-only filesystems, ACLs
+                pass
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return None
