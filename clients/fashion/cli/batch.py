@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -38,7 +37,7 @@ from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
 from fashion.cli.terminal import console as new_console
 from fashion.cli.terminal import literal, silence_stdout
-from fashion.client.batch import FINISHED, BatchClient, state_name
+from fashion.client.batch import FINISHED, RECONNECT_S, BatchClient, state_name
 from fashion.client.protojson import dumps, to_json
 from fashion.client.text import printable
 from fashion.v1 import batch_pb2 as pb
@@ -47,9 +46,6 @@ from fashion.v1 import health_pb2
 RULE = "=" * 60
 ERROR_WINDOW_H = 24.0
 EXIT_OK, EXIT_UNHEALTHY, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
-RECONNECT_S = 300.0
-"""How long `--wait` and `watch` wait for a Batch service that went away (restarted) to answer again."""
-RECONNECT_POLL_S = 1.0
 
 
 def _folder_arg(raw: str) -> str:
@@ -106,17 +102,15 @@ def _follow(client: BatchClient, job: pb.Job, as_json: bool) -> int:
     try:
         with display:
             display.update(job)
-            while True:
-                try:
-                    for event in client.watch(job.job_id):  # ends after the job's last event
-                        job = event.job
-                        display.update(job, event)
-                    break
-                except grpc.RpcError as exc:  # a restart (a crash, a rolling update): the job goes on there
-                    if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise
-                    job = _reconnected(client, job, console, exc)
-                    display.update(job)
+
+            def lost(exc: grpc.RpcError) -> None:  # a restart (a crash, a rolling update): the job goes on there
+                console.print(f"Lost the Batch service ({exc.details()}); job {job.job_id} goes on there: following "
+                              f"it again once the service answers (up to {RECONNECT_S / 60:g} minutes; Ctrl-C stops "
+                              "watching)", markup=False, highlight=False)
+
+            for event in client.follow(job.job_id, on_lost=lost):  # ends after the job's last event
+                job = event.job
+                display.update(job, event)
     except KeyboardInterrupt:
         console.print(f"Stopped watching; job {job.job_id} goes on. Follow it with: fashion batch watch "
                       f"{job.job_id}, stop it with: fashion batch cancel {job.job_id}")
@@ -126,23 +120,6 @@ def _follow(client: BatchClient, job: pb.Job, as_json: bool) -> int:
     else:
         print_summary(console, job, display.failures)
     return EXIT_OK if job.state == pb.JOB_STATE_SUCCEEDED else EXIT_UNHEALTHY
-
-
-def _reconnected(client: BatchClient, job: pb.Job, console: Console, lost: grpc.RpcError) -> pb.Job:
-    """The job as the Batch service reports it once it answers again, asked every RECONNECT_POLL_S for up to
-    RECONNECT_S; raises the last UNAVAILABLE when it does not come back."""
-    console.print(f"Lost the Batch service ({lost.details()}); job {job.job_id} goes on there: following it again "
-                  f"once the service answers (up to {RECONNECT_S / 60:g} minutes; Ctrl-C stops watching)",
-                  markup=False, highlight=False)
-    deadline = time.monotonic() + RECONNECT_S
-    while True:
-        try:
-            return client.get(job.job_id, timeout_s=RECONNECT_POLL_S)
-        except grpc.RpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
-                    or time.monotonic() >= deadline:
-                raise
-        time.sleep(RECONNECT_POLL_S)
 
 
 class RateColumn(ProgressColumn):

@@ -9,8 +9,11 @@
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import grpc
 
 from fashion.client._base import AsyncServiceClient, ServiceClient
 from fashion.client._channel import ChannelOptions
@@ -20,6 +23,9 @@ from fashion.v1 import batch_pb2_grpc as pb_grpc
 SERVICE = "fashion.v1.BatchService"
 MODES = {"": pb.TRANSFER_MODE_UNSPECIFIED, "move": pb.TRANSFER_MODE_MOVE, "copy": pb.TRANSFER_MODE_COPY}
 FINISHED = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
+RECONNECT_S = 300.0
+"""How long `follow` and `wait` wait for a Batch service that went away (a restart) to answer again."""
+RECONNECT_POLL_S = 1.0
 CALL_KEY_PREFIX = "call-"
 """The idempotency key a submission without one gets: this prefix and a random UUID."""
 
@@ -80,10 +86,42 @@ class BatchClient(ServiceClient[pb_grpc.BatchServiceStub]):
         return self._stub.GetBatchHealth(pb.GetBatchHealthRequest(days=days, max_age_hours=max_age_hours),
                                          **self._kw(timeout_s))
 
+    def follow(self, job_id: str, reconnect_s: float = RECONNECT_S,
+               on_lost: Callable[[grpc.RpcError], None] = lambda exc: None) -> Iterator[pb.JobEvent]:
+        """The job's current state, then its events until it ends, across restarts of the Batch service (a
+        crash, a rolling update): when the stream breaks (UNAVAILABLE) `on_lost` is told, the job is asked for
+        every RECONNECT_POLL_S until the service answers (an event with the job as it is then; after
+        `reconnect_s` the last error is raised), and watched again."""
+        while True:
+            try:
+                yield from self.watch(job_id)  # the server closes the stream after the job's last event
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                on_lost(exc)
+            yield pb.JobEvent(job=self._answered(job_id, reconnect_s))
+
+    def _answered(self, job_id: str, reconnect_s: float) -> pb.Job:
+        deadline = time.monotonic() + reconnect_s
+        while True:
+            try:
+                return self.get(job_id, timeout_s=RECONNECT_POLL_S)
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                        or time.monotonic() >= deadline:
+                    raise
+            time.sleep(RECONNECT_POLL_S)
+
     def wait(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
-        """Block until the job ends; its final state."""
+        """Block until the job ends (across restarts of the Batch service, as `follow`); its final state.
+        `timeout_s`: at most this long in all (DEADLINE_EXCEEDED)."""
         job = self.get(job_id)
-        for event in self.watch(job_id, timeout_s):  # the server closes the stream after the job's last event
+        if timeout_s is None:
+            for event in self.follow(job_id):
+                job = event.job
+            return job
+        for event in self.watch(job_id, timeout_s):
             job = event.job
         return job
 
