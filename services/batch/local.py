@@ -140,12 +140,14 @@ async def _run_job(runner: JobRunner, job_id: str, lock: JobLock, on_update: Job
     task = asyncio.ensure_future(runner.run(job_id, lock=lock))
     max_wait_s = runner.settings.batch_run_max_wait_s
     waiting_since: float | None = None
+    next_look = time.monotonic() + WAIT_CHECK_S
     try:
         on_update(converters.job_to_pb(runner.store.get(job_id), runner.settings), None)
         while not task.done():
             getter = asyncio.ensure_future(updates.get())
             await asyncio.wait({task, getter}, timeout=WAIT_CHECK_S, return_when=asyncio.FIRST_COMPLETED)
-            if max_wait_s > 0 and not task.done():
+            if max_wait_s > 0 and not task.done() and time.monotonic() >= next_look:  # once a second at most
+                next_look = time.monotonic() + WAIT_CHECK_S
                 job = await asyncio.to_thread(runner.store.get, job_id)
                 if job.state != JobState.WAITING:
                     waiting_since = None
