@@ -311,6 +311,23 @@ def serving(server: socketserver.BaseServer) -> Iterator[None]:
         server.server_close()
 
 
+@contextlib.contextmanager
+def inference_stand_in(servicer: Any) -> Iterator[str]:
+    """`servicer` (an InferenceService implementation of a test's own) answering on a free loopback port until
+    the block ends; yields its address."""
+    from fashion.v1 import inference_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(servicer, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
 class OtlpHttpCollector(SpanRecorder):
     """A real OTLP/HTTP (protobuf) trace receiver on a free loopback port, like OtlpCollector."""
 

@@ -12,7 +12,6 @@ import resource
 import subprocess
 import sys
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -21,7 +20,7 @@ import pytest
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
 from tests.images import encode, fashion_images
-from tests.support import drop_file_privileges, free_port
+from tests.support import drop_file_privileges, inference_stand_in
 
 MEMORY_LIMIT = 3 << 30  # address space of the command: reading /dev/zero must end in its own line, not the OOM killer
 
@@ -120,15 +119,8 @@ class Restarting(pb_grpc.InferenceServiceServicer):
 @pytest.fixture
 def restarting() -> Iterator[tuple[Restarting, str]]:
     servicer = Restarting()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    try:
-        yield servicer, f"127.0.0.1:{port}"
-    finally:
-        server.stop(0)
+    with inference_stand_in(servicer) as address:
+        yield servicer, address
 
 
 def test_answers_before_the_service_went_away_are_printed(restarting: tuple[Restarting, str], tmp_path: Path

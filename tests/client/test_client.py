@@ -16,7 +16,7 @@ import pytest
 from fashion.client import AsyncInferenceClient, ChannelOptions, InferenceClient
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
-from tests.support import REPO, free_port
+from tests.support import REPO, inference_stand_in
 
 
 class Flaky(pb_grpc.InferenceServiceServicer):
@@ -41,18 +41,9 @@ class Flaky(pb_grpc.InferenceServiceServicer):
 
 @pytest.fixture
 def flaky() -> Iterator[tuple[Flaky, str]]:
-    from concurrent import futures
-
     servicer = Flaky()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    pb_grpc.add_InferenceServiceServicer_to_server(servicer, server)
-    port = free_port()
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    try:
-        yield servicer, f"127.0.0.1:{port}"
-    finally:
-        server.stop(0)
+    with inference_stand_in(servicer) as address:
+        yield servicer, address
 
 
 def test_retries_unavailable_with_backoff_then_answers(flaky: tuple[Flaky, str]) -> None:
