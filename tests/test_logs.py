@@ -85,3 +85,24 @@ def test_a_service_whose_stdout_is_gone_serves_on_and_logs_to_its_files(tmp_path
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()[-2000:]
     log = (tmp_path / "logs" / "batch_service.log").read_text(encoding="utf-8")
     assert log.count("method=/fashion.v1.BatchService/ListJobs status=OK") >= 20, log[-2000:]
+
+
+def test_a_rotation_that_fails_is_said_once_and_loses_no_line(tmp_path: Path) -> None:
+    """The rename of a rotation refused (here `api.log.1` is a folder in the way): each line tried the rotation
+    again and raised, printing a traceback and losing the line. Now it is said once, the file grows on, and
+    the next rotation that works goes back to the rule."""
+    (tmp_path / "api.log.1").mkdir()
+    (tmp_path / "api.log.1" / "in the way").touch()
+    reports: list[str] = []
+    log_file = RotatingFile(tmp_path / "api.log", 100, 1, logging.INFO, report=reports.append)
+    for i in range(10):
+        log_file.write(f"line {i} " + "x" * 40 + "\n")
+        log_file.flush()
+    assert reports == [f"cannot rotate the log file {tmp_path / 'api.log'}: Is a directory; it grows past "
+                       "100 bytes until it can be rotated"], reports
+    assert len((tmp_path / "api.log").read_text().splitlines()) == 10
+    (tmp_path / "api.log.1" / "in the way").unlink()
+    (tmp_path / "api.log.1").rmdir()
+    log_file.write("after\n")
+    log_file.close()
+    assert (tmp_path / "api.log").read_text() == "after\n" and log_file.rotation_failure is None

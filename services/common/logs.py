@@ -163,6 +163,8 @@ class RotatingFile:
         """Why the last flush was not written; None while the file is written."""
         self.lost = 0
         """Lines lost since the failure."""
+        self.rotation_failure: OSError | None = None
+        """Why the last rotation failed; None once one succeeds."""
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
@@ -172,7 +174,15 @@ class RotatingFile:
         if self.max_bytes > 0 and self._size + self._pending_size > 0 and \
                 self._size + self._pending_size + len(data) > self.max_bytes:
             self.flush()
-            self._rotate()
+            try:
+                self._rotate()
+            except OSError as exc:  # e.g. a folder made read-only: the line goes on in the file as it is
+                if self.rotation_failure is None:
+                    self.report(f"cannot rotate the log file {self.path}: {exc.strerror or exc}; it grows past "
+                                f"{self.max_bytes} bytes until it can be rotated")
+                self.rotation_failure = exc
+            else:
+                self.rotation_failure = None
         self._pending.append(data)
         self._pending_size += len(data)
 
