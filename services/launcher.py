@@ -23,6 +23,7 @@ from services.common.bootstrap import (
     gateway_port,
     give_closed_outputs_devnull,
     grpc_service_ports,
+    killing_signal,
     refuse_unusable_ports,
 )
 from services.common.config import BatchSettings, GatewaySettings, InferenceSettings, MonitorSettings, load_settings
@@ -120,12 +121,8 @@ def announce(line: str) -> None:
 
 def exit_description(returncode: int) -> str:
     """How a child ended, in words: "exited with status 1", "was killed by SIGKILL"."""
-    if returncode >= 0:
-        return f"exited with status {returncode}"
-    try:
-        return f"was killed by {signal.Signals(-returncode).name}"
-    except ValueError:
-        return f"was killed by signal {-returncode}"
+    name = killing_signal(returncode)
+    return f"was killed by {name}" if name else f"exited with status {returncode}"
 
 
 def run_stack(only: list[str] | None = None) -> int:

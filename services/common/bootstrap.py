@@ -174,6 +174,17 @@ def load(settings_class: type[S], check: Callable[[S], None] | None = None) -> S
     return settings
 
 
+def killing_signal(returncode: int | None) -> str | None:
+    """The signal that ended a child process, by name ("SIGKILL"), from its negative return code; None when
+    it exited (or runs)."""
+    if returncode is None or returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
 def exit_before_start(lines: str) -> NoReturn:
     """`lines` on stderr, then exit code 2, before anything started. Through os._exit: checking the TLS
     settings made gRPC credentials, whose threads may run, and an interpreter exiting under them can end in

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from prometheus_client.multiprocess import mark_process_dead
 
+from services.common.bootstrap import killing_signal
 from services.common.config import InferenceSettings
 from services.common.logs import FORWARD_FD_ENV, forward_lines, setup_logging, shutdown_logging
 from services.common.metrics import start_metrics_server, summed_registry
@@ -216,12 +217,8 @@ class Supervisor:
 
 def exit_status(code: int | None) -> str:
     """A child's exit status as the log shows it: the signal's name beside a negative one (-7 (SIGBUS))."""
-    if code is not None and code < 0:
-        try:
-            return f"{code} ({signal.Signals(-code).name})"
-        except ValueError:
-            pass
-    return str(code)
+    name = killing_signal(code)
+    return f"{code} ({name})" if name else str(code)
 
 
 def supervise(settings: InferenceSettings, processes: int) -> int:
