@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.support import free_port
+from tests.support import changed_command, free_port
 
 USER = "fashion"
 PASSWORD = "s3cret-pg-test-password"
@@ -77,17 +77,10 @@ class PostgresServer:
             os.chown(self.folder, self._as.pw_uid, self._as.pw_gid)
 
     def _run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        user = self._as
-
-        def drop() -> None:
-            if user is not None:
-                os.setgroups([])
-                os.setgid(user.pw_gid)
-                os.setuid(user.pw_uid)
-
+        user = None if self._as is None else (self._as.pw_uid, self._as.pw_gid)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
-        return subprocess.run(args, cwd=self.folder, env=env, preexec_fn=drop, capture_output=True, text=True,
-                              timeout=120)
+        return subprocess.run(changed_command(args, user=user), cwd=self.folder, env=env, capture_output=True,
+                              text=True, timeout=120)
 
     def start(self) -> None:
         pwfile = self.folder / "pw"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import json
 import os
@@ -14,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,22 +149,23 @@ class ServiceProcess(ChildProcess):
 
 
 
-# CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER: what lets root ignore file permissions.
-FILE_CAPABILITIES = (1, 2, 3)
-PR_CAPBSET_DROP = 24
+TRAMPOLINE = Path(__file__).with_name("trampoline.py")
 
 
-def drop_file_privileges() -> None:
-    """In a child before exec: as root, leave the capabilities that bypass file permissions out of
-    the bounding set, so the program runs as an ordinary owner of its files (read-only folders,
-    unreadable subfolders refuse it). Root's own interpreter under /root stays reachable, which a
-    setuid to another user would lose. Nothing to drop when not root."""
-    if os.geteuid() != 0:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in FILE_CAPABILITIES:
-        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+def changed_command(command: Sequence[str], *, unprivileged: bool = False, user: tuple[int, int] | None = None,
+                    memory_limit: int | None = None, stdout_closed: bool = False) -> list[str]:
+    """`command` started through tests/trampoline.py, which changes its process before exec: `unprivileged`
+    drops root's right to ignore file permissions (CI runs as root), `user` is (uid, gid), `memory_limit`
+    bounds its address space, `stdout_closed` closes descriptor 1; with none, `command` as it is. Never
+    subprocess's preexec_fn or user= here: a child forked that way from this process, while gRPC's poller
+    runs in it, may abort before exec."""
+    options = [*(["--no-file-capabilities"] if unprivileged else []),
+               *(["--user", f"{user[0]}:{user[1]}"] if user is not None else []),
+               *(["--memory-limit", str(memory_limit)] if memory_limit is not None else []),
+               *(["--close-stdout"] if stdout_closed else [])]
+    if not options:
+        return list(command)
+    return [sys.executable, "-I", "-S", str(TRAMPOLINE), *options, "--", *command]
 
 
 def start_service(module: str, workdir: Path, env: Mapping[str, str], address: str,
@@ -176,9 +176,8 @@ def start_service(module: str, workdir: Path, env: Mapping[str, str], address: s
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"{module.replace('.', '_')}.out"
     with open(log_path, "ab") as out:  # the child has its own copy of the descriptor
-        proc = subprocess.Popen([sys.executable, "-m", module], cwd=workdir, env=full_env,
-                                stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=drop_file_privileges if unprivileged else None)
+        proc = subprocess.Popen(changed_command([sys.executable, "-m", module], unprivileged=unprivileged),
+                                cwd=workdir, env=full_env, stdout=out, stderr=subprocess.STDOUT)
     return ServiceProcess(proc, address, log_path, full_env)
 
 

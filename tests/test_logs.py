@@ -17,7 +17,7 @@ import pytest
 from fashion.client import BatchClient
 from services.common.logs import RotatingFile
 from tests.batch.conftest import fill, tmpfs
-from tests.support import free_port
+from tests.support import changed_command, free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,9 +58,9 @@ def test_a_service_whose_stdout_is_gone_serves_on_and_logs_to_its_files(tmp_path
            "FASHION_BATCH_PORT": str(port), "FASHION_BATCH_METRICS_PORT": "0", "FASHION_LOG_STDOUT": "true",
            "FASHION_BATCH_SCHEDULE": "", "OTEL_SDK_DISABLED": "true", "PYTHONUNBUFFERED": "1"}
     closed = stdout == "closed"
-    proc = subprocess.Popen([sys.executable, "-m", "services.batch"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL if closed else subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=(lambda: os.close(1)) if closed else None)
+    proc = subprocess.Popen(changed_command([sys.executable, "-m", "services.batch"], stdout_closed=closed),
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL if closed else subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     try:
         if not closed:
             assert proc.stdout is not None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import drop_file_privileges
+from tests.support import changed_command
 
 BAD = {"FASHION_BATCH_CHUNK_SIZE": "abc"}
 LINE = "error: FASHION_BATCH_CHUNK_SIZE='abc': Input should be a valid integer, unable to parse string as an integer"
@@ -148,7 +148,7 @@ def test_a_command_with_an_unreadable_tls_or_token_file_says_which_in_one_line(
 def test_a_tls_file_the_process_may_not_read_is_named_with_the_reason(tmp_path: Path) -> None:
     """A CA bundle mounted without read permission for the service's user (CI runs as root: the child
     drops the right to ignore file permissions): the service refuses to start, the command says so."""
-    from tests.support import drop_file_privileges, free_port
+    from tests.support import free_port
 
     ca = tmp_path / "ca.pem"
     ca.write_text("-----BEGIN CERTIFICATE-----\n")
@@ -157,8 +157,8 @@ def test_a_tls_file_the_process_may_not_read_is_named_with_the_reason(tmp_path: 
     env = {**os.environ, "FASHION_TLS": "true", "FASHION_TLS_CA": str(ca), "FASHION_LOG_DIR": str(tmp_path / "logs")}
     nowhere = f"127.0.0.1:{free_port()}"
     for command in (["-m", "services.monitor"], ["-m", "fashion.cli", "stats", "--address", nowhere]):
-        done = subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True, text=True, env=env,
-                              timeout=60, preexec_fn=drop_file_privileges)
+        done = subprocess.run(changed_command([sys.executable, *command], unprivileged=True), cwd=tmp_path,
+                              capture_output=True, text=True, env=env, timeout=60)
         assert done.returncode == 2 and done.stderr.splitlines() == [line], (command, done.stdout, done.stderr)
 
 
@@ -172,8 +172,8 @@ def test_a_log_folder_it_may_not_write_is_one_line_naming_it_and_exit_2(tmp_path
     env = {k: v for k, v in os.environ.items() if k not in BAD}
     env.update(FASHION_LOG_DIR=str(locked / "logs"), FASHION_LOG_FILES="true", FASHION_DATA_ROOT=str(tmp_path / "data"),
                FASHION_MONITOR_STATE_DB=str(tmp_path / "monitor.db"), OTEL_SDK_DISABLED="true")
-    done = subprocess.run([sys.executable, "-m", module], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=60, preexec_fn=drop_file_privileges)
+    done = subprocess.run(changed_command([sys.executable, "-m", module], unprivileged=True), cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
     assert done.stderr.splitlines() == [
         f"error: cannot write log files in {locked / 'logs'} (FASHION_LOG_DIR): Permission denied"], done.stderr

@@ -3,7 +3,7 @@ links mid-job, folders it may not write, another (read-only, full) filesystem, l
 recovery looks, hostile file names. Every test checks conservation byte for byte: each input file
 exactly once (or, copying, its original plus at most one copy), nothing outside the data root
 touched. Permission faults run the Batch service without root's right to ignore file permissions
-(tests/support.py drop_file_privileges); other filesystems are size-limited tmpfs mounts. The
+(tests/support.py changed_command); other filesystems are size-limited tmpfs mounts. The
 tests of recovery after a crash run on each jobs database (SQLite, PostgreSQL); the others, which
 are about the filesystem, on SQLite."""
 

@@ -30,7 +30,7 @@ from services.batch.sqlite_store import SqliteJobStore
 from services.batch.store import DestinationTaken, JobClosed, JobStore, KeyReused, StoreUnavailable
 from services.batch.tree import MAX_OPEN, Entry, FolderRefused, OpenFolders
 from tests.postgres import PASSWORD, PostgresServer
-from tests.support import LABELS
+from tests.support import LABELS, changed_command
 
 
 def test_data_root_refuses_every_way_out(tmp_path: Path) -> None:
@@ -471,9 +471,9 @@ def test_only_the_services_user_can_hold_a_job_lock(tmp_path: Path) -> None:
                 lock_file = shared / "db" / "locks" / f"{job_id}.lock"
                 assert stat.S_IMODE(lock_file.stat().st_mode) == 0o600
                 lock.release()
-                other_user = subprocess.run(  # nobody, trying to hold the lock while the job is not running
+                other_user = subprocess.run(changed_command(  # nobody, holding the lock of a job that is not running
                     ["/usr/bin/python3", "-c", "import fcntl, sys; fcntl.flock(open(sys.argv[1]), fcntl.LOCK_EX)",
-                     str(lock_file)], user=65534, group=65534, capture_output=True, text=True, timeout=30)
+                     str(lock_file)], user=(65534, 65534)), capture_output=True, text=True, timeout=30)
                 assert other_user.returncode == 1 and "PermissionError" in other_user.stderr, other_user
         finally:
             store.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,20 +19,16 @@ import pytest
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
 from tests.images import encode, fashion_images
-from tests.support import drop_file_privileges, inference_stand_in
+from tests.support import changed_command, inference_stand_in
 
 MEMORY_LIMIT = 3 << 30  # address space of the command: reading /dev/zero must end in its own line, not the OOM killer
 
 
-def as_a_user() -> None:
-    """The command's process: no right to ignore file permissions (CI runs as root), bounded memory."""
-    drop_file_privileges()
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
 def fashion(*args: str, address: str, stdout: int | None = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fashion.cli", *args, "--address", address], stdout=stdout,
-                          stderr=subprocess.PIPE, text=True, timeout=60, preexec_fn=as_a_user)
+    """The command as a user runs it: no right to ignore file permissions (CI runs as root), bounded memory."""
+    command = changed_command([sys.executable, "-m", "fashion.cli", *args, "--address", address], unprivileged=True,
+                              memory_limit=MEMORY_LIMIT)
+    return subprocess.run(command, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=60)
 
 
 @pytest.fixture(scope="module")

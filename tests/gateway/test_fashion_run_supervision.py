@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import alive, free_port, health_status
+from tests.support import alive, changed_command, free_port, health_status
 
 SERVICES = ("inference", "batch")
 
@@ -34,9 +34,10 @@ class Stack:
                "FASHION_INFERENCE_ADDRESS": f"127.0.0.1:{self.ports['inference']}"}
         self.log = workdir / "run.out"
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "fashion.cli", "run", "--only", *SERVICES], cwd=workdir,
-                                         env=env, stdout=subprocess.PIPE if piped else out, stderr=out,
-                                         preexec_fn=(lambda: os.close(1)) if stdout_closed else None)
+            command = changed_command([sys.executable, "-m", "fashion.cli", "run", "--only", *SERVICES],
+                                      stdout_closed=stdout_closed)
+            self.proc = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE if piped else out,
+                                         stderr=out)
         self.pids: dict[str, int] = {}
 
     def output(self) -> str:

@@ -34,7 +34,7 @@ from tests.batch.conftest import fill, tmpfs
 from tests.gateway.conftest import start_gateway
 from tests.monitor.conftest import monitor_env, start_monitor, unused_address, wait_until
 from tests.monitor.test_notifiers import FIRED, RESOLVED, email_settings
-from tests.support import drop_file_privileges, serving, start_service
+from tests.support import changed_command, serving, start_service
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -107,9 +107,9 @@ def test_a_report_folder_it_may_not_write_is_failed_precondition_naming_it(tmp_p
 # --- the alert state file at start -------------------------------------------------------------------
 
 def start_unprivileged(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "services.monitor"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, **monitor_env(tmp_path, unused_address(), unused_address()), **env},
-                          timeout=60, preexec_fn=drop_file_privileges)
+    return subprocess.run(changed_command([sys.executable, "-m", "services.monitor"], unprivileged=True), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **monitor_env(tmp_path, unused_address(), unused_address()), **env})
 
 
 def test_an_alert_state_file_it_cannot_write_stops_the_start_with_one_line(tmp_path: Path) -> None:
