@@ -8,7 +8,6 @@ on its own, the others are stopped too (exit 1); if the launcher dies, so do the
 
 from __future__ import annotations
 
-import ctypes
 import importlib
 import os
 import signal
@@ -25,6 +24,7 @@ from services.common.bootstrap import (
     grpc_service_ports,
     killing_signal,
     refuse_unusable_ports,
+    stop_with_parent,
 )
 from services.common.config import BatchSettings, GatewaySettings, InferenceSettings, MonitorSettings, load_settings
 from services.common.security import SecurityConfigError, tls_enabled
@@ -39,8 +39,13 @@ SERVICES = {
 STOP_TIMEOUT_S = 20.0
 
 
+LAUNCHER_PID_ENV = "_FASHION_LAUNCHER_PID"
+"""Set by `fashion run` for each service it starts: the service stops when the launcher dies."""
+
+
 def serve(name: str) -> int:
     """Run one service in this process until SIGTERM or Ctrl-C."""
+    stop_with_parent(os.environ.pop(LAUNCHER_PID_ENV, None))
     importlib.import_module(SERVICES[name]).main()
     return 0
 
@@ -99,17 +104,6 @@ def port_clashes(where: dict[str, Listening], names: list[str]) -> list[str]:
     return lines
 
 
-PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
-
-
-def die_with_launcher(launcher_pid: int) -> None:
-    """In a service's process before exec: SIGTERM when the launcher dies (SIGKILL, a crash), so that no
-    service is left holding its ports; exit at once if it died before the prctl took effect."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != launcher_pid:
-        os._exit(1)
-
-
 def announce(line: str) -> None:
     """One line of the launcher's own on stdout. A reader gone (`fashion run | head`, a closed terminal)
     must not end supervision with a BrokenPipeError: the output goes quiet and the stack runs on."""
@@ -153,12 +147,11 @@ def run_stack(only: list[str] | None = None) -> int:
     give_closed_outputs_devnull()
     exit_code = 0
     try:
-        launcher_pid = os.getpid()
+        environment = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid())}
         for name in names:
             # Own process group: the terminal's Ctrl-C reaches us once; we stop the children in order.
-            procs[name] = subprocess.Popen([sys.executable, "-m", "fashion.cli", "serve", name],
-                                           env=os.environ.copy(), start_new_session=True,
-                                           preexec_fn=lambda: die_with_launcher(launcher_pid))
+            procs[name] = subprocess.Popen([sys.executable, "-m", "fashion.cli", "serve", name], env=environment,
+                                           start_new_session=True)
             announce(f"fashion run: started {name} (pid {procs[name].pid}): {where[name].description}")
         announce("fashion run: Ctrl-C stops everything")
         while not stop_requests:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -172,6 +173,24 @@ def load(settings_class: type[S], check: Callable[[S], None] | None = None) -> S
     except (StartupError, SecurityConfigError, TlsFileError, TokenFileError) as exc:
         exit_before_start(f"error: {exc}")
     return settings
+
+
+PR_SET_PDEATHSIG = 1  # prctl option: the signal a process gets when its parent dies
+
+
+def stop_with_parent(parent_pid: str | None) -> None:
+    """In a child started by a supervisor (`fashion run`, the Inference service's parent) whose pid is
+    `parent_pid`: SIGTERM when that parent dies (even SIGKILLed), so that no service is left over holding
+    its ports; SIGTERM at once when it died before the prctl took effect. Done here, after exec, rather
+    than in a preexec_fn: forking without vfork under a running gRPC poller can abort the child."""
+    if not parent_pid:
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if str(os.getppid()) != parent_pid:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def killing_signal(returncode: int | None) -> str | None:

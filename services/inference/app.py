@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from fashion.kserve.v2 import grpc_service_pb2_grpc as kserve_grpc
 from fashion.v1 import inference_pb2_grpc as pb_grpc
@@ -18,6 +19,7 @@ from services.common.bootstrap import (
     run_loop,
     serve,
     service_ports,
+    stop_with_parent,
 )
 from services.common.config import InferenceSettings
 from services.inference import processes
@@ -97,5 +99,5 @@ def main() -> None:
     if count > 1 and not processes.is_child():
         raise SystemExit(processes.supervise(settings, count))
     if processes.is_child():
-        processes.stop_with_parent()
+        stop_with_parent(os.environ.get(processes.PARENT_PID_ENV))
     run_loop(serve(SERVICE, settings))

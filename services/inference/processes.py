@@ -25,7 +25,6 @@ services.inference.cpus), and what must stay one is kept one:
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -58,7 +57,6 @@ STOP_MARGIN_S = 30.0
 PARENT_PID_ENV = "_FASHION_INFERENCE_PARENT"
 REPLACEMENT_ENV = "_FASHION_INFERENCE_REPLACEMENT"
 """Set for a child started in place of one that died: it gets ready before it binds the shared port."""
-PR_SET_PDEATHSIG = 1
 RUN_FOLDER_NEEDS_BYTES = 4 * 1024 * 1024
 """Free space a server process needs in the run folder: its prometheus-client files are mapped in memory,
 and a page of them that the full filesystem cannot give kills it with SIGBUS, saying nothing."""
@@ -72,16 +70,6 @@ def is_child() -> bool:
 def is_replacement() -> bool:
     """Whether this server process replaces one that died (its siblings already serve the port)."""
     return os.environ.get(REPLACEMENT_ENV) == "1"
-
-
-def stop_with_parent() -> None:
-    """In a child: get SIGTERM when the parent dies (even SIGKILLed), so that no server is left over."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if str(os.getppid()) != os.environ.get(PARENT_PID_ENV):  # it died before the prctl
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @dataclass
