@@ -327,8 +327,12 @@ class JobStore(ABC):
                    (round(value, 4), job_id))  # the model's float32, without its binary noise
 
     def request_cancel(self, job_id: str, now: float | None = None) -> JobRecord:
-        """Flag the job; a QUEUED job is CANCELLED at once, a running one stops at its next chunk."""
+        """Flag the job; a QUEUED job is CANCELLED at once, a running one stops at its next chunk. A job
+        already CANCELLED is returned as it is: a cancel retried after its answer was lost did what it asked.
+        Raises JobFinished for a job that ended otherwise."""
         job = self.get(job_id)
+        if job.state == JobState.CANCELLED:
+            return job
         if job.state.finished:
             raise JobFinished(f"job {job.job_id} already ended: {job.state.name}")
         with self._transaction(durable=True) as tx:

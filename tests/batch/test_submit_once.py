@@ -1,6 +1,7 @@
-"""A submission whose answer is lost: the Batch service made the job, then the connection broke before its
-answer reached the client. The channel retries the call (UNAVAILABLE); the key each submission carries makes
-that retry return the job it made instead of starting a second job on the same folder."""
+"""Calls whose answer is lost: the Batch service carried the call out, then the connection broke before its
+answer reached the client, and the channel retries the call (UNAVAILABLE). The key each submission carries
+makes that retry return the job it made instead of starting a second job on the same folder; a cancel
+retried finds its job cancelled and says so, not that the job "already ended"."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import threading
 import pytest
 
 from fashion.client import BatchClient
+from fashion.v1 import batch_pb2 as pb
 from tests.batch.conftest import BatchHome, write_images
-from tests.support import ServiceProcess
+from tests.support import ServiceProcess, free_port
 
 pytestmark = pytest.mark.timeout(120)
 HEADERS = 0x1  # HTTP/2 frame type
@@ -105,3 +107,24 @@ def test_a_submission_whose_answer_was_lost_makes_one_job(
     assert proxy.answers_lost == 1  # the first answer never arrived: the job came from the channel's retry
     jobs = batch_home.query("SELECT job_id FROM jobs WHERE input_dir = 'lost_answer'")
     assert [job_id for job_id, in jobs] == [job.job_id], jobs
+
+
+def test_a_cancel_whose_answer_was_lost_answers_the_cancelled_job(batch_home: BatchHome) -> None:
+    """The retry found the job CANCELLED by the first attempt: it answered FAILED_PRECONDITION "already ended",
+    and `fashion batch cancel` exited 2 although the cancel worked."""
+    write_images(batch_home.data / "cancel_me", 3)
+    batch = batch_home.start(f"127.0.0.1:{free_port()}")  # nothing listens there: the job waits
+    host, port = batch.address.rsplit(":", 1)
+    proxy = AnswerLosingProxy((host, int(port)))
+    try:
+        with BatchClient(batch.address) as client:
+            job = client.submit("cancel_me")
+        with BatchClient(proxy.address) as client:
+            cancelled = client.cancel(job.job_id)
+        with BatchClient(batch.address) as client:
+            again = client.cancel(job.job_id)  # and a second cancel by hand, answered the same way
+    finally:
+        proxy.close()
+        batch.terminate()
+    assert proxy.answers_lost == 1
+    assert cancelled.state == again.state == pb.JOB_STATE_CANCELLED, (cancelled, again)

@@ -102,7 +102,8 @@ class BatchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Stops a queued or running job; files already sorted stay sorted, the rest stay in place.
+        """Stops a queued or running job; files already sorted stay sorted, the rest stay in place. A job already
+        cancelled is answered as it is (a retried cancel succeeds); one that ended otherwise is FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

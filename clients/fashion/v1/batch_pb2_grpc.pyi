@@ -39,7 +39,9 @@ class BatchServiceStub:
     WatchJob: _grpc.UnaryStreamMultiCallable[_batch_pb2.WatchJobRequest, _batch_pb2.JobEvent]
     """The job's current state, then one event per processed file and state change, until it ends."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_batch_pb2.CancelJobRequest, _batch_pb2.Job]
-    """Stops a queued or running job; files already sorted stay sorted, the rest stay in place."""
+    """Stops a queued or running job; files already sorted stay sorted, the rest stay in place. A job already
+    cancelled is answered as it is (a retried cancel succeeds); one that ended otherwise is FAILED_PRECONDITION.
+    """
     GetBatchStats: _grpc.UnaryUnaryMultiCallable[_batch_pb2.GetBatchStatsRequest, _batch_pb2.BatchStats]
     """Run history over the last `days`: what batch health checks, dashboards and alerts read."""
     GetBatchHealth: _grpc.UnaryUnaryMultiCallable[_batch_pb2.GetBatchHealthRequest, _batch_pb2.BatchHealth]
@@ -59,7 +61,9 @@ class BatchServiceAsyncStub(BatchServiceStub):
     WatchJob: _aio.UnaryStreamMultiCallable[_batch_pb2.WatchJobRequest, _batch_pb2.JobEvent]  # type: ignore[assignment]
     """The job's current state, then one event per processed file and state change, until it ends."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_batch_pb2.CancelJobRequest, _batch_pb2.Job]  # type: ignore[assignment]
-    """Stops a queued or running job; files already sorted stay sorted, the rest stay in place."""
+    """Stops a queued or running job; files already sorted stay sorted, the rest stay in place. A job already
+    cancelled is answered as it is (a retried cancel succeeds); one that ended otherwise is FAILED_PRECONDITION.
+    """
     GetBatchStats: _aio.UnaryUnaryMultiCallable[_batch_pb2.GetBatchStatsRequest, _batch_pb2.BatchStats]  # type: ignore[assignment]
     """Run history over the last `days`: what batch health checks, dashboards and alerts read."""
     GetBatchHealth: _aio.UnaryUnaryMultiCallable[_batch_pb2.GetBatchHealthRequest, _batch_pb2.BatchHealth]  # type: ignore[assignment]
@@ -106,7 +110,9 @@ class BatchServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _batch_pb2.CancelJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_batch_pb2.Job, _abc.Awaitable[_batch_pb2.Job]]:
-        """Stops a queued or running job; files already sorted stay sorted, the rest stay in place."""
+        """Stops a queued or running job; files already sorted stay sorted, the rest stay in place. A job already
+        cancelled is answered as it is (a retried cancel succeeds); one that ended otherwise is FAILED_PRECONDITION.
+        """
 
     @_abc_1.abstractmethod
     def GetBatchStats(
