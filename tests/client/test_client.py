@@ -5,15 +5,17 @@ whose first answers are UNAVAILABLE (a restarting replica)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
-from fashion.client import AsyncInferenceClient, ChannelOptions, InferenceClient
+from fashion.client import AsyncInferenceClient, ChannelOptions, ImageFileError, InferenceClient
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
 from tests.support import REPO, inference_stand_in
@@ -105,6 +107,40 @@ def test_call_metadata_is_asked_for_as_each_call_starts(flaky: tuple[Flaky, str]
     asyncio.run(main())
     assert [md["traceparent"][3:35] for md in servicer.seen_metadata] == [f"{i:032x}" for i in range(3)]
     assert all(md["authorization"] == "Bearer t0k" for md in servicer.seen_metadata)
+
+
+@pytest.mark.timeout(60)
+def test_a_path_that_is_no_image_file_is_refused_before_any_call(flaky: tuple[Flaky, str], tmp_path: Path) -> None:
+    """A FIFO hung classify(path) (read_bytes waits for a writer), /dev/zero was read until memory ran out,
+    and a file over what a call can carry was sent whole to fail; each is now ImageFileError, no call made."""
+    servicer, address = flaky
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)
+    large = tmp_path / "large.png"
+    large.write_bytes(b"\0" * (1 << 20))
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"jpeg bytes")
+    options = ChannelOptions(address, max_message_bytes=512 * 1024)
+    with InferenceClient(options) as client:
+        for path, words in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                            (tmp_path, "a folder"), (large, "too large to classify: 1.0 MiB (limit 0.4 MiB)")):
+            with pytest.raises(ImageFileError) as err:
+                client.classify(path)
+            assert err.value.reason == words and str(path) in str(err.value)
+            with pytest.raises(ImageFileError):
+                client.classify_batch([photo, path])
+        with pytest.raises(FileNotFoundError):
+            client.classify(tmp_path / "missing.png")
+        assert servicer.calls == 0
+        assert client.classify(photo).category == "Bag"
+
+    async def main() -> None:
+        async with AsyncInferenceClient(options) as client:
+            with pytest.raises(ImageFileError, match="not a regular file"):
+                await client.classify(fifo)
+
+    asyncio.run(main())
+    assert servicer.calls == 1
 
 
 def test_client_needs_nothing_from_the_services() -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import stat
 import sys
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -19,12 +17,12 @@ from fashion.cli.server import server_function
 from fashion.cli.terminal import console as new_console
 from fashion.cli.terminal import literal, silence_stdout
 from fashion.client import InferenceClient
+from fashion.client.imagefile import MESSAGE_OVERHEAD, ImageFileError, read_image_file
 from fashion.client.protojson import dumps
 
 BATCH = 64  # images per ClassifyBatch call
 MIB = 1024 * 1024
 CHUNK_BYTES = 8 * MIB  # image bytes per call, as the Batch service sends (FASHION_BATCH_CHUNK_BYTES)
-MESSAGE_OVERHEAD = 64 * 1024  # room for the protobuf framing around one call's image bytes
 MAX_TOP_K = 2**32 - 1
 FOLDER = "a folder: name its images (fashion classify DIR/*), or sort all of it with fashion batch submit"
 
@@ -43,32 +41,15 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def read_image(path: Path, limit: int) -> bytes | str:
-    """The file's bytes, or why it cannot be classified (one line). Only regular files are read, and never
-    past `limit`: a FIFO would block the command, /dev/zero fill the memory, and a file over what one call
-    can carry would fail every image of its call."""
+    """The file's bytes, or why it cannot be classified (one line): a file over what one call can carry would
+    fail every image of its call, so it gets its own line (fashion.client.imagefile reads it safely)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # O_NONBLOCK: a FIFO opens at once
+        return read_image_file(path, limit)
+    except ImageFileError as exc:
+        return FOLDER if exc.folder else exc.reason if exc.reason.startswith("too large") else \
+            f"cannot read: {exc.reason}"
     except OSError as exc:
         return f"cannot read: {exc.strerror or exc}"
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            return FOLDER
-        if not stat.S_ISREG(st.st_mode):
-            return "cannot read: not a regular file"
-        if st.st_size > limit:
-            return f"too large to classify: {st.st_size / MIB:.1f} MiB (limit {limit / MIB:.1f} MiB)"
-        with open(fd, "rb", closefd=False) as f:
-            data = f.read(st.st_size + 1)
-            if len(data) > st.st_size:  # still growing: read on, never past the limit
-                data += f.read(limit + 1 - len(data))
-        if len(data) > limit:
-            return f"too large to classify: {len(data) / MIB:.1f} MiB or more (limit {limit / MIB:.1f} MiB)"
-        return data
-    except OSError as exc:
-        return f"cannot read: {exc.strerror or exc}"
-    finally:
-        os.close(fd)
 
 
 def chunks(paths: list[Path], limit: int) -> Iterator[tuple[list[dict[str, object]], list[bytes]]]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from fashion.client._channel import ChannelOptions, TlsFileError
 from fashion.client._token import TokenFile, TokenFileError, setting_token, token_file
 from fashion.client.batch import AsyncBatchClient, BatchClient
+from fashion.client.imagefile import ImageFileError
 from fashion.client.inference import AsyncInferenceClient, InferenceClient
 from fashion.client.monitor import AsyncMonitorClient, MonitorClient
 
@@ -22,8 +23,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncBatchClient", "AsyncInferenceClient", "AsyncKServeClient", "AsyncMonitorClient", "BatchClient",
-    "ChannelOptions", "InferenceClient", "KServeClient", "MonitorClient", "TlsFileError", "TokenFile", "TokenFileError",
-    "setting_token", "token_file",
+    "ChannelOptions", "ImageFileError", "InferenceClient", "KServeClient", "MonitorClient", "TlsFileError", "TokenFile",
+    "TokenFileError", "setting_token", "token_file",
 ]
 
 

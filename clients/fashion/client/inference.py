@@ -9,6 +9,7 @@ import grpc
 
 from fashion.client._base import AsyncServiceClient, ServiceClient
 from fashion.client._channel import ChannelOptions
+from fashion.client.imagefile import MESSAGE_OVERHEAD, read_image_file
 from fashion.v1 import inference_pb2 as pb
 from fashion.v1 import inference_pb2_grpc as pb_grpc
 
@@ -20,35 +21,43 @@ def image_error_code(error: pb.ImageError) -> grpc.StatusCode:
     return next((c for c in grpc.StatusCode if c.value[0] == error.code), grpc.StatusCode.UNKNOWN)
 
 
-def _request(image: bytes | str | Path, top_k: int = 0, request_id: str = "") -> pb.ClassifyRequest:
-    data = image if isinstance(image, bytes) else Path(image).read_bytes()
+def _request(image: bytes | str | Path, limit: int, top_k: int = 0, request_id: str = "") -> pb.ClassifyRequest:
+    """A path is read with read_image_file: a FIFO or a file over `limit` raises ImageFileError at once."""
+    data = image if isinstance(image, bytes) else read_image_file(image, limit)
     return pb.ClassifyRequest(image=data, top_k=top_k, request_id=request_id)
 
 
-def _batch(images: Iterable[bytes | str | Path | pb.ClassifyRequest], top_k: int,
+def _batch(images: Iterable[bytes | str | Path | pb.ClassifyRequest], limit: int, top_k: int,
            requests: int) -> pb.ClassifyBatchRequest:
-    reqs = [img if isinstance(img, pb.ClassifyRequest) else _request(img, request_id=str(i))
+    reqs = [img if isinstance(img, pb.ClassifyRequest) else _request(img, limit, request_id=str(i))
             for i, img in enumerate(images)]
     return pb.ClassifyBatchRequest(images=reqs, top_k=top_k, requests=requests)
 
 
+def _image_limit(options: ChannelOptions) -> int:
+    """The most bytes of one image file read for a call: what the channel's largest message can carry."""
+    return options.max_message_bytes - MESSAGE_OVERHEAD
+
+
 class InferenceClient(ServiceClient[pb_grpc.InferenceServiceStub]):
     """Blocking client. Images are bytes or file paths. Errors raise grpc.RpcError with the
-    server's status code and message (INVALID_ARGUMENT for unusable images, ...)."""
+    server's status code and message (INVALID_ARGUMENT for unusable images, ...); a path that is no
+    regular file, or one over what a call can carry, raises ImageFileError before any call."""
 
     def __init__(self, address: str | ChannelOptions = "localhost:50051") -> None:
         super().__init__(address, pb_grpc.InferenceServiceStub)
 
     def classify(self, image: bytes | str | Path, top_k: int = 0,
                  timeout_s: float | None = None) -> pb.ClassifyResponse:
-        return self._stub.Classify(_request(image, top_k), **self._kw(timeout_s))
+        return self._stub.Classify(_request(image, _image_limit(self.options), top_k), **self._kw(timeout_s))
 
     def classify_batch(self, images: Iterable[bytes | str | Path | pb.ClassifyRequest], top_k: int = 0,
                        timeout_s: float | None = None, requests: int = 0) -> pb.ClassifyBatchResponse:
         """One result per image, in order. Images are bytes, paths, or ClassifyRequest messages
         (sent as they are: a top_k of their own). `requests`: how many client requests the images
         stand for in the service's statistics (0: this one)."""
-        return self._stub.ClassifyBatch(_batch(images, top_k, requests), **self._kw(timeout_s))
+        return self._stub.ClassifyBatch(_batch(images, _image_limit(self.options), top_k, requests),
+                                        **self._kw(timeout_s))
 
     def classify_stream(self, requests: Iterable[pb.ClassifyRequest],
                         timeout_s: float | None = None) -> Iterator[pb.ClassifyResponse]:
@@ -69,11 +78,13 @@ class AsyncInferenceClient(AsyncServiceClient[pb_grpc.InferenceServiceStub]):
 
     async def classify(self, image: bytes | str | Path, top_k: int = 0,
                        timeout_s: float | None = None) -> pb.ClassifyResponse:
-        return await self._stub.Classify(_request(image, top_k), **self._kw(timeout_s))
+        return await self._stub.Classify(_request(image, _image_limit(self.options), top_k),
+                                         **self._kw(timeout_s))
 
     async def classify_batch(self, images: Iterable[bytes | str | Path | pb.ClassifyRequest], top_k: int = 0,
                              timeout_s: float | None = None, requests: int = 0) -> pb.ClassifyBatchResponse:
-        return await self._stub.ClassifyBatch(_batch(images, top_k, requests), **self._kw(timeout_s))
+        return await self._stub.ClassifyBatch(_batch(images, _image_limit(self.options), top_k, requests),
+                                              **self._kw(timeout_s))
 
     async def classify_stream(self, requests: AsyncIterable[pb.ClassifyRequest] | Iterable[pb.ClassifyRequest],
                               timeout_s: float | None = None) -> AsyncIterator[pb.ClassifyResponse]:
