@@ -130,8 +130,8 @@ class CommonSettings(BaseSettings):
     excepted, metrics unless metrics_public) and clients send it. Unset with auth_token_file unset: no
     authentication."""
     auth_token_file: Path | None = None
-    """File of bearer tokens (a mounted secret), one per line, used when auth_token is unset: servers
-    accept any, clients send the first; followed as it changes."""
+    """File of bearer tokens (a mounted secret), one per line (`#` starts a comment line), used when
+    auth_token is unset: servers accept any, clients send the first; followed as it changes."""
     metrics_public: bool = False
     """Serve /metrics without the bearer token even when one is set (by default scrapes must send it:
     Prometheus' `authorization: credentials_file`)."""

@@ -145,6 +145,8 @@ def test_a_token_file_is_followed_through_every_way_it_is_rewritten(tmp_path: Pa
     assert tokens.tokens() == (NEW, OLD)
     path.unlink()
     assert tokens.tokens() == (NEW, OLD)
+    replace(path, f"# rotated on 2026-12-01: {OLD} retired\n\n  # the current one\n{NEW}\n")
+    assert tokens.tokens() == (NEW,)  # a comment line was a token: "Bearer # rotated ..." was let in
 
 
 def served_serial(port: int, ca: Path) -> int:

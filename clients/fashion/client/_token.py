@@ -1,8 +1,9 @@
 """Bearer tokens from a file (a mounted Secret), read again whenever the file changes.
 
-The file holds one token per line. A client sends the first; a server accepts any of them, so a
-token is rotated without a failed call: add the new token as a second line everywhere (servers now
-accept both), move it to the first line (clients send it), then remove the old one. Every use
+The file holds one token per line (a line starting with `#` is a comment). A client sends the first;
+a server accepts any of them, so a token is rotated without a failed call: add the new token as a
+second line everywhere (servers now accept both), move it to the first line (clients send it), then
+remove the old one. Every use
 costs one stat(), so a replaced file is seen by the very next call, on clients and servers alike
 (and the file is read again at least every RECHECK_S, for an in-place rewrite that keeps its size
 and timestamp). A file briefly empty or missing while it is being replaced keeps the last tokens
@@ -114,7 +115,7 @@ class TokenFile:
         tokens = []
         for number, line in enumerate(text.splitlines(), 1):
             token = clean_token(line)
-            if not token:  # blank lines separate nothing: skipped
+            if not token or token.startswith("#"):  # blank lines and comments: skipped (never a token)
                 continue
             if (problem := token_problem(token)) is not None:
                 raise _Refused(f"line {number} {problem}")
