@@ -25,6 +25,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from socketserver import ThreadingMixIn
 from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -248,6 +249,31 @@ def retire_process() -> None:
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if folder:
         mark_process_dead(os.getpid(), folder)
+
+
+def retire_dead_processes(folder: str) -> None:
+    """Take the live gauges (requests in flight) of processes sharing `folder` that died without stopping
+    (SIGKILL, an OOM kill: the gateway's workers) out of the sums: nothing else does, and their requests
+    would stay "in flight" for good. Their counters stay. Run on each scrape, off the requests' path."""
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[1]
+        if pid.isdigit() and not _running(int(pid)):
+            mark_process_dead(int(pid), folder)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        try:
+            os.kill(pid, 0)  # no /proc here: ask the kernel
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return stat.rsplit(b")", 1)[1].split()[0] != b"Z"
 
 
 def start_metrics_server(service: str, port: int, addr: str, token_check: TokenCheck | None = None,

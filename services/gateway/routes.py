@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import pathlib
 from datetime import datetime
 from typing import Annotated
 
@@ -14,7 +13,6 @@ import grpc
 from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from prometheus_client.multiprocess import mark_process_dead
 from pydantic import BeforeValidator
 
 from fashion.client import AsyncInferenceClient, AsyncKServeClient
@@ -26,7 +24,7 @@ from fashion.kserve.v2 import grpc_service_pb2 as kserve_pb
 from fashion.v1 import batch_pb2, monitor_pb2
 from fashion.v1 import inference_pb2 as pb
 from services.common.config import GatewaySettings
-from services.common.metrics import summed_registry
+from services.common.metrics import retire_dead_processes, summed_registry
 from services.common.tensors import TensorError
 from services.gateway import openinference, uploads
 from services.gateway.backends import Backends
@@ -141,33 +139,8 @@ async def prometheus_metrics() -> Response:
     """Prometheus metrics of the gateway: HTTP requests by route and status, latency, in flight (with
     several workers, summed over all of them, whichever answers)."""
     if folder := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        retire_dead_workers(folder)
+        retire_dead_processes(folder)
     return Response(generate_latest(summed_registry("gateway") or REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
-
-def retire_dead_workers(folder: str) -> None:
-    """Take the live gauges (requests in flight) of gateway workers that died without stopping (SIGKILL, an
-    OOM kill) out of the sums: nothing else does, and their requests would stay "in flight" for good. Their
-    counters stay. Run on each scrape, off the requests' path."""
-    for path in pathlib.Path(folder).glob("gauge_live*_*.db"):
-        pid = path.stem.rsplit("_", 1)[1]
-        if pid.isdigit() and not _running(int(pid)):
-            mark_process_dead(int(pid), folder)
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` exists and is not a zombie."""
-    try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        try:
-            os.kill(pid, 0)  # no /proc here: ask the kernel
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    return stat.rsplit(b")", 1)[1].split()[0] != b"Z"
 
 
 # --- Inference -------------------------------------------------------------------------------
