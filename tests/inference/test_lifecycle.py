@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -134,6 +136,13 @@ def test_bad_model_folder_keeps_not_serving_and_says_why(tmp_path: Path) -> None
         assert "not valid JSON" in err.value.details()
         assert not stats.model_loaded and "not valid JSON" in stats.model_error
         assert "Model load failed" in (tmp_path / "run" / "logs" / "api_errors.log").read_text()
+        (tmp_path / "shoe.png").write_bytes(encode(fashion_images(1)[0][0]))
+        command = subprocess.run([sys.executable, "-m", "fashion.cli", "classify", str(tmp_path / "shoe.png"),
+                                  "--address", svc.address], capture_output=True, text=True, timeout=60)
+        # It asked "is it running?" of a service that runs: the operator looked for a stopped process.
+        assert command.returncode == 2 and "not valid JSON" in command.stderr, command.stderr
+        assert f"the Inference service at {svc.address} runs but is NOT_SERVING" in command.stderr, command.stderr
+        assert "is it running" not in command.stderr
     finally:
         svc.terminate()
 
