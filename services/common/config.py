@@ -468,10 +468,10 @@ class GatewaySettings(CommonSettings):
     answers, sums every worker's counters."""
     gateway_timeout_s: float = Field(default=30.0, gt=0)
     """Deadline of each gRPC call the gateway makes (HTTP 504 when it passes)."""
-    gateway_classify_calls: int = Field(default=2, ge=0, le=64)
+    gateway_classify_calls: int = Field(default=3, ge=0, le=64)
     """POST /predict requests that arrive together go to the Inference service together, as
     ClassifyBatch calls, at most this many at a time (raise it with several Inference replicas);
-    while calls are out, another starts once 16 requests wait. 0: one Classify call per request.
+    while calls are out, another starts once 8 requests wait. 0: one Classify call per request.
     Requests carrying a traceparent always get their own call."""
     max_upload_bytes: int = Field(default=10 * MIB, ge=1024)
     """Largest request body of POST /predict (one image); larger: HTTP 413 before the body is read."""

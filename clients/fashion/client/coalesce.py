@@ -54,8 +54,8 @@ class ClassifyCoalescer:
     """Single-image Classify semantics over at most `max_calls` ClassifyBatch calls at a time, each
     with at most `max_batch` images and `max_message_bytes` (the channel's) of them."""
 
-    def __init__(self, client: AsyncInferenceClient, max_calls: int = 2, max_batch: int = 64,
-                 max_waiting: int = 4096, min_beside: int = 16) -> None:
+    def __init__(self, client: AsyncInferenceClient, max_calls: int = 3, max_batch: int = 64,
+                 max_waiting: int = 4096, min_beside: int = 8) -> None:
         if max_calls < 1 or max_batch < 1 or min_beside < 1:
             raise ValueError("max_calls, max_batch and min_beside must be at least 1")
         self.client = client
