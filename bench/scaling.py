@@ -111,16 +111,22 @@ def measure(load: Load, address: str, service_pid: int, server_cpus: list[int], 
             "loadgen_busy": busy_share(ticks_before, ticks_after, load.cpus)}
 
 
-def start_pinned(work: Path, model: Path, processes: int, cpus: list[int]) -> tuple[str, int, object]:
-    """The service with `processes` server processes, every process of it on `cpus` (it inherits this
-    process's affinity, set only while it starts, and sizes its processes from it)."""
+def start_pinned(work: Path, model: Path, processes: int, cpus: list[int]) -> tuple[str, int, object, str]:
+    """The service with `processes` server processes (0: the service's default), every process of it
+    on `cpus` (it inherits this process's affinity, set only while it starts, and sizes its processes
+    from it); with the row label naming the count it runs."""
+    from services.common.config import InferenceSettings
+    from services.inference.cpus import server_processes
+
     mine = os.sched_getaffinity(0)
     os.sched_setaffinity(0, cpus)
     try:
         service = start_inference(work / f"inference-{processes}", model, FASHION_INFERENCE_PROCESSES=str(processes))
+        label = str(processes) if processes else \
+            f"{server_processes(InferenceSettings(inference_processes=0))} (default)"
     finally:
         os.sched_setaffinity(0, mine)
-    return service.address, service.proc.pid, service
+    return service.address, service.proc.pid, service, label
 
 
 def main() -> None:
@@ -128,7 +134,7 @@ def main() -> None:
     default_load = cores[: max(1, len(cores) // 4)]
     default_server = [c for c in cores if c not in default_load] or cores
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--processes", type=int, nargs="+",
+    p.add_argument("--processes", type=int, nargs="+", help="server process counts (0: the default)",
                    default=[n for n in (1, 2, 4, 8, 16, 32) if n <= max(1, len(default_server))])
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--loadgen-cpus", default=cpu_text(default_load), help="taskset CPU list of the load generator")
@@ -152,12 +158,12 @@ def main() -> None:
     one = None
     for processes in args.processes:
         print(f"{processes} processes ...", flush=True)
-        address, pid, service = start_pinned(work, model, processes, server_cpus)
+        address, pid, service, label = start_pinned(work, model, processes, server_cpus)
         try:
             for _ in range(args.rounds):
                 r = measure(load, address, pid, server_cpus, args.concurrency, args.seconds, args.warmup)
                 one = one or r["images_per_s"]
-                rows.append([processes, r["images_per_s"], f"{r['images_per_s'] / one:.2f}x", r["p50_ms"],
+                rows.append([label, r["images_per_s"], f"{r['images_per_s'] / one:.2f}x", r["p50_ms"],
                              r["p99_ms"], int(r["errors"]), f"{r['service_cores']:.1f}",
                              f"{100 * r['server_busy']:.0f}%", f"{100 * r['loadgen_busy']:.0f}%"])
                 print(rows[-1], flush=True)
@@ -170,7 +176,7 @@ def main() -> None:
         f"{args.seconds:g} s after {args.warmup:g} s warm-up per run. Load generator: {load.kind}, on CPUs "
         f"{cpu_text(load_cpus)}; the service (its server processes and their worker processes) on CPUs "
         f"{cpu_text(server_cpus)} ({len(server_cpus)} cores).\n",
-        table(["processes", "images/s", f"x {args.processes[0]} process{'es' if args.processes[0] > 1 else ''}",
+        table(["processes", "images/s", "x first row",
                "p50 ms", "p99 ms", "errors", "service cores used", "service CPUs busy", "load CPUs busy"], rows),
     ])
     out = args.out or RESULTS / f"scaling_{stamp}.md"

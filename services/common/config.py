@@ -183,7 +183,7 @@ class InferenceSettings(CommonSettings):
     inference_processes: int = Field(default=0, ge=0, le=64)
     """Inference server processes sharing the one gRPC port (SO_REUSEPORT), each with its own batcher
     and worker processes, the cores split between them (0: from the core count: 1 on up to 2 cores,
-    then one per 2 cores). With more than one, a parent process starts them, writes their logs,
+    then one per core). With more than one, a parent process starts them, writes their logs,
     serves their metrics summed on the one metrics port, restarts one that dies (the replacement
     listens once its model is warm), and stops them all on SIGTERM; GetStats and ModelStatistics sum
     them and health says SERVING once all are warm (docs/architecture.md)."""

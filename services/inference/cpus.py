@@ -18,11 +18,12 @@ def machine_cpus() -> int:
 
 
 def server_processes(settings: InferenceSettings) -> int:
-    """FASHION_INFERENCE_PROCESSES, or for 0 the default: 1 on up to 2 cores, then one per 2 cores."""
+    """FASHION_INFERENCE_PROCESSES, or for 0 the default: 1 on up to 2 cores, then one per core (each
+    process tops out near one core of gRPC work, so fewer leave cores idle: docs/performance.md)."""
     if settings.inference_processes > 0:
         return settings.inference_processes
     cpus = machine_cpus()
-    return 1 if cpus <= 2 else cpus // 2
+    return 1 if cpus <= 2 else cpus
 
 
 def process_cpus(settings: InferenceSettings) -> int:

@@ -310,7 +310,7 @@ def test_one_process_is_the_default_here_and_has_no_parent(tmp_path: Path, linea
         assert svc.terminate() == 0
 
 
-@pytest.mark.parametrize(("cpus", "setting", "want"), [(1, 0, 1), (2, 0, 1), (3, 0, 1), (4, 0, 2), (16, 0, 8),
+@pytest.mark.parametrize(("cpus", "setting", "want"), [(1, 0, 1), (2, 0, 1), (3, 0, 3), (4, 0, 4), (16, 0, 16),
                                                        (2, 3, 3)])
 def test_the_process_count_and_each_ones_share_of_the_cores(monkeypatch, cpus: int, setting: int, want: int) -> None:
     from services.common.config import InferenceSettings
