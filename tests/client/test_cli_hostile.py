@@ -1,8 +1,9 @@
 """`fashion classify` as a user runs it (its own process, a real Inference service on a real port) against
 what the world hands it: files that are no files (a FIFO, /dev/zero, a folder), a file larger than a call
 carries, more bytes than one call carries, an unreadable file, a reader that goes away (`| head -1`),
-and a service that goes away mid-command. Each file gets its own answer, in the order given, and the exit
-code is the documented one: 0 all classified, 1 some could not be, 2 the service failed."""
+a service that goes away mid-command, and one too slow for the --timeout given. Each file gets its own
+answer, in the order given, and the exit code is the documented one: 0 all classified, 1 some could
+not be, 2 the service failed."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,3 +144,46 @@ def test_a_top_k_the_wire_cannot_carry_is_a_bad_argument(images: list[Path], top
     out = fashion("classify", "--top-k", top_k, str(images[0]), address="127.0.0.1:1")
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith(f"error: --top-k {top_k}: ") and len(out.stderr.splitlines()) == 1, out.stderr
+
+
+class Slow(pb_grpc.InferenceServiceServicer):
+    """Answers every call after `delay_s`: a service too slow for a short --timeout."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+
+    def _answer_late(self, answer):  # type: ignore[no-untyped-def]
+        time.sleep(self.delay_s)
+        return answer
+
+    def ClassifyBatch(self, request, context):  # type: ignore[no-untyped-def]
+        return self._answer_late(pb.ClassifyBatchResponse(
+            results=[pb.ClassifyResponse(category="Bag", confidence=0.9) for _ in request.images]))
+
+    def GetStats(self, request, context):  # type: ignore[no-untyped-def]
+        return self._answer_late(pb.Stats(total_requests=7))
+
+    def GetModelInfo(self, request, context):  # type: ignore[no-untyped-def]
+        return self._answer_late(pb.ModelInfo(name="slow-model"))
+
+
+@pytest.mark.parametrize("command", [["classify", "PHOTO"], ["stats"], ["model", "info"]])
+def test_timeout_sets_each_calls_deadline_and_a_missed_one_says_so(images: list[Path], command: list[str]) -> None:
+    """--timeout is each call's deadline (30 s before, with no way to change it): 0.3 s against a service that
+    answers after 1.5 s is exit 2 and one line naming the deadline; 10 s gets the answer."""
+    args = [str(images[0]) if word == "PHOTO" else word for word in command]
+    with inference_stand_in(Slow(1.5)) as address:
+        out = fashion(*args, "--timeout", "0.3", address=address)
+        assert out.returncode == 2 and out.stdout == "", out.stderr
+        assert out.stderr.startswith("error: DEADLINE_EXCEEDED") and len(out.stderr.splitlines()) == 1, out.stderr
+        assert f"Inference service at {address} within 0.3 s: --timeout sets it" in out.stderr
+        out = fashion(*args, "--timeout", "10", address=address)
+        answer = {"classify": "Bag", "stats": '"total_requests": 7', "model": '"name": "slow-model"'}[command[0]]
+        assert out.returncode == 0 and answer in out.stdout, out
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "soon"])
+def test_a_timeout_that_is_no_deadline_is_a_bad_argument(seconds: str) -> None:
+    out = fashion("stats", "--timeout", seconds, address="127.0.0.1:1")
+    words = "not a number of seconds" if seconds == "soon" else "must be more than 0 and at most 86400 seconds"
+    assert out.returncode == 2 and out.stdout == "" and f"--timeout: {words}" in out.stderr, out.stderr

@@ -122,11 +122,14 @@ def test_a_path_that_is_no_image_file_is_refused_before_any_call(flaky: tuple[Fl
     photo.write_bytes(b"jpeg bytes")
     options = ChannelOptions(address, max_message_bytes=512 * 1024)
     with InferenceClient(options) as client:
-        for path, words in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
-                            (tmp_path, "a folder"), (large, "too large to classify: 1.0 MiB (limit 0.4 MiB)")):
+        for path, words, kind in ((fifo, "not a regular file", ImageFileError.NOT_REGULAR),
+                                  ("/dev/zero", "not a regular file", ImageFileError.NOT_REGULAR),
+                                  (tmp_path, "a folder", ImageFileError.FOLDER),
+                                  (large, "too large to classify: 1.0 MiB (limit 0.4 MiB)", ImageFileError.TOO_LARGE)):
             with pytest.raises(ImageFileError) as err:
                 client.classify(path)
-            assert err.value.reason == words and str(path) in str(err.value)
+            assert err.value.reason == words and err.value.kind == kind and str(path) in str(err.value)
+            assert err.value.folder == (kind == ImageFileError.FOLDER)
             with pytest.raises(ImageFileError):
                 client.classify_batch([photo, path])
         with pytest.raises(FileNotFoundError):

@@ -45,8 +45,21 @@ def _system(commands: argparse._SubParsersAction) -> None:
 # --- inference -------------------------------------------------------------------------------------
 
 def _inference_address(p: argparse.ArgumentParser) -> None:
+    """--address and --timeout: where the Inference service is and how long each call may take."""
     p.add_argument("--address", default=service_address("inference"),
                    help="Inference service host:port (FASHION_INFERENCE_ADDRESS)")
+    p.add_argument("--timeout", type=_call_seconds, default=None, metavar="SECONDS",
+                   help="deadline of each call to the service (default 30)")
+
+
+def _call_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 86_400:  # float('nan') fails this too
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 86400 seconds, got {text}")
+    return value
 
 
 def _inference(commands: argparse._SubParsersAction) -> None:

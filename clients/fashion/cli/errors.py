@@ -10,9 +10,12 @@ import grpc
 HEALTH_PROBE_S = 2.0
 
 
-def rpc_failure(exc: grpc.RpcError, service: str, address: str) -> str:
-    """`service` ("Inference", "Batch", "Monitor") at `address` failed the call with `exc`."""
+def rpc_failure(exc: grpc.RpcError, service: str, address: str, timeout_s: float | None = None) -> str:
+    """`service` ("Inference", "Batch", "Monitor") at `address` failed the call with `exc`; `timeout_s`: the
+    call's deadline, named when it passed, for a command that takes --timeout."""
     line = f"error: {exc.code().name}: {exc.details()}"
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout_s is not None:
+        return line + f" (no answer from the {service} service at {address} within {timeout_s:g} s: --timeout sets it)"
     if exc.code() != grpc.StatusCode.UNAVAILABLE:
         return line
     status = health_status(address)

@@ -16,7 +16,7 @@ from fashion.cli.errors import rpc_failure
 from fashion.cli.server import server_function
 from fashion.cli.terminal import console as new_console
 from fashion.cli.terminal import literal, silence_stdout
-from fashion.client import InferenceClient
+from fashion.client import ChannelOptions, InferenceClient
 from fashion.client.imagefile import MESSAGE_OVERHEAD, ImageFileError, read_image_file
 from fashion.client.protojson import dumps
 
@@ -46,7 +46,7 @@ def read_image(path: Path, limit: int) -> bytes | str:
     try:
         return read_image_file(path, limit)
     except ImageFileError as exc:
-        return FOLDER if exc.folder else exc.reason if exc.reason.startswith("too large") else \
+        return FOLDER if exc.kind == exc.FOLDER else exc.reason if exc.kind == exc.TOO_LARGE else \
             f"cannot read: {exc.reason}"
     except OSError as exc:
         return f"cannot read: {exc.strerror or exc}"
@@ -86,7 +86,7 @@ def classify(args: argparse.Namespace) -> int:
     failures = 0
     rows: list[dict[str, object]] = []  # the table's, printed at the end; JSON lines go out as answered
     code = 0
-    with InferenceClient(args.address) as client:
+    with InferenceClient(ChannelOptions.from_env(args.address, timeout_s=args.timeout)) as client:
         limit = client.options.max_message_bytes - MESSAGE_OVERHEAD
         for answers, images in chunks(args.images, limit):
             results = []
@@ -94,7 +94,7 @@ def classify(args: argparse.Namespace) -> int:
                 try:
                     results = list(client.classify_batch(images, top_k=args.top_k).results)
                 except grpc.RpcError as exc:
-                    print(rpc_failure(exc, "Inference", args.address), file=sys.stderr)
+                    print(rpc_failure(exc, "Inference", args.address, client.options.timeout_s), file=sys.stderr)
                     code = 2
                     break
             for answer in answers:
@@ -137,19 +137,20 @@ def print_table(rows: list[dict[str, object]]) -> None:
 
 
 def stats(args: argparse.Namespace) -> int:
-    return _print_rpc(lambda c: c.stats(), args.address)
+    return _print_rpc(lambda c: c.stats(), args.address, args.timeout)
 
 
 def model_info(args: argparse.Namespace) -> int:
-    return _print_rpc(lambda c: c.model_info(), args.address)
+    return _print_rpc(lambda c: c.model_info(), args.address, args.timeout)
 
 
-def _print_rpc(fn, address: str) -> int:  # type: ignore[no-untyped-def]
+def _print_rpc(fn, address: str, timeout_s: float | None) -> int:  # type: ignore[no-untyped-def]
+    options = ChannelOptions.from_env(address, timeout_s=timeout_s)
     try:
-        with InferenceClient(address) as client:
+        with InferenceClient(options) as client:
             msg = fn(client)
     except grpc.RpcError as exc:
-        print(rpc_failure(exc, "Inference", address), file=sys.stderr)
+        print(rpc_failure(exc, "Inference", address, options.timeout_s), file=sys.stderr)
         return 2
     print(dumps(msg))
     return 0

@@ -11,13 +11,22 @@ MESSAGE_OVERHEAD = 64 * 1024  # room for the protobuf framing around one call's 
 
 
 class ImageFileError(OSError):
-    """A path that is no image file to send: a folder, a FIFO or device, a file over the limit. `folder` is
-    True for a folder (a caller may suggest naming its images instead)."""
+    """A path that is no image file to send: `kind` says which, FOLDER (a caller may suggest naming its
+    images instead), NOT_REGULAR (a FIFO, device or socket) or TOO_LARGE (over the limit); `reason` says
+    it in words."""
 
-    def __init__(self, path: str | Path, reason: str, folder: bool = False) -> None:
+    FOLDER = "folder"
+    NOT_REGULAR = "not a regular file"
+    TOO_LARGE = "too large"
+
+    def __init__(self, path: str | Path, reason: str, kind: str) -> None:
         super().__init__(f"{path}: {reason}")
         self.reason = reason
-        self.folder = folder
+        self.kind = kind
+
+    @property
+    def folder(self) -> bool:
+        return self.kind == self.FOLDER
 
 
 def read_image_file(path: str | Path, limit: int) -> bytes:
@@ -28,19 +37,19 @@ def read_image_file(path: str | Path, limit: int) -> bytes:
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise ImageFileError(path, "a folder", folder=True)
+            raise ImageFileError(path, "a folder", ImageFileError.FOLDER)
         if not stat.S_ISREG(st.st_mode):
-            raise ImageFileError(path, "not a regular file")
+            raise ImageFileError(path, "not a regular file", ImageFileError.NOT_REGULAR)
         if st.st_size > limit:
             raise ImageFileError(path, f"too large to classify: {st.st_size / MIB:.1f} MiB "
-                                       f"(limit {limit / MIB:.1f} MiB)")
+                                       f"(limit {limit / MIB:.1f} MiB)", ImageFileError.TOO_LARGE)
         with open(fd, "rb", closefd=False) as f:
             data = f.read(st.st_size + 1)
             if len(data) > st.st_size:  # still growing: read on, never past the limit
                 data += f.read(limit + 1 - len(data))
         if len(data) > limit:
             raise ImageFileError(path, f"too large to classify: {len(data) / MIB:.1f} MiB or more "
-                                       f"(limit {limit / MIB:.1f} MiB)")
+                                       f"(limit {limit / MIB:.1f} MiB)", ImageFileError.TOO_LARGE)
         return data
     finally:
         os.close(fd)
